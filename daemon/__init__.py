@@ -1,0 +1,1 @@
+"""cryid.daemon: sources, identification, MQTT publishing, outbox, config and the `cryid` command."""

@@ -1,0 +1,1 @@
+"""cryid.enrollment: the infant registry (SQLite) and the enrollment commands."""

@@ -1,0 +1,26 @@
+"""Settings of the enrollment layer (registry and enrollment rules). Each default written once."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RegistrySettings(BaseModel):
+    """The infant registry (SQLite in ``CRYID_STATE_DIR``) and the rules enrollment applies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filename: str = Field("registry.sqlite3", description="Registry file name inside the state directory.")
+    min_cry_s: float = Field(
+        2.0, ge=0.0, le=600.0, description="Seconds of detected cry an enrollment needs at least."
+    )
+    confusable_similarity: float = Field(
+        0.85,
+        ge=-1.0,
+        le=1.0,
+        description="Warn at enrollment when a new centroid is at least this similar to another baby's.",
+    )
+    keep_audio: bool = Field(
+        False, description="Keep enrollment audio (needed for `cryid enroll reembed` after a model change)."
+    )
+    busy_timeout_ms: int = Field(10000, ge=0, le=600000, description="SQLite busy timeout.")

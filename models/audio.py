@@ -1,0 +1,62 @@
+"""Audio I/O at the edges: read any common file format, down-mix, resample to 16 kHz float32."""
+
+from __future__ import annotations
+
+import logging
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+
+class AudioError(ValueError):
+    """An audio file or buffer that cryid cannot use; the message names the problem and the fix."""
+
+
+def to_mono_float32(data: np.ndarray) -> np.ndarray:
+    """Down-mix (frames, channels) or (frames,) audio to mono float32."""
+    arr = np.asarray(data)
+    if arr.dtype == np.int16:
+        arr = arr.astype(np.float32) / 32768.0
+    arr = arr.astype(np.float32, copy=False)
+    if arr.ndim == 2:
+        arr = arr.mean(axis=1)
+    elif arr.ndim != 1:
+        raise AudioError(f"expected 1-D or 2-D audio, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Polyphase resampling (scipy.signal.resample_poly) of mono float32 audio."""
+    if orig_sr == target_sr:
+        return wav
+    if orig_sr <= 0:
+        raise AudioError(f"invalid sample rate {orig_sr}")
+    from scipy.signal import resample_poly
+
+    g = gcd(int(orig_sr), int(target_sr))
+    return resample_poly(wav, target_sr // g, orig_sr // g).astype(np.float32)
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read WAV/FLAC/OGG/... with libsndfile, down-mix to mono and resample to ``sample_rate``."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: no such file")
+    if p.is_dir():
+        raise AudioError(f"{p}: is a directory, expected an audio file")
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile raises its own error types for every bad format
+        raise AudioError(
+            f"{p}: not a readable audio file ({str(exc).splitlines()[0]}); use WAV or FLAC"
+        ) from exc
+    if data.shape[0] == 0:
+        raise AudioError(f"{p}: the file holds no audio samples")
+    return resample(to_mono_float32(data), int(sr), sample_rate)

@@ -1,0 +1,5 @@
+"""Fixture modules: each area owns one file under tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.data",
+]
