@@ -1,0 +1,443 @@
+"""The infant registry: one SQLite file in the state directory (WAL), written only by enrollment.
+
+Tables: ``infants`` (who is in the ward), ``samples`` (each enrollment recording: where it came from,
+its period, seconds of cry, optionally its audio) and ``embeddings`` (one row per cry expiration of a
+sample, per model sha256, so embeddings of different models are never mixed). A baby's centroid for a
+model is the re-normalised mean of its L2-normalised expiration embeddings (``cryid.models.scoring``).
+
+The daemon reads through ``centroids``, ``needs_reenrollment`` and ``data_version``; every write is
+one ``BEGIN IMMEDIATE`` transaction, so an enrollment is all there or not there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from cryid.enrollment.config import RegistrySettings
+from cryid.models.scoring import centroid
+
+logger = logging.getLogger(__name__)
+
+BABY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PERIODS = ("birth", "discharge")
+SOURCE_KINDS = ("file", "mic", "import")
+STATUSES = ("active", "discharged")
+CRASH_ENV = "CRYID_TEST_CRASH_AT"  # test hook: SIGKILL this process at a named point inside a write
+
+# Each entry migrates from version i to i + 1 (PRAGMA user_version); never edit a released entry.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE infants (
+            baby_id TEXT PRIMARY KEY,
+            display_name TEXT NOT NULL DEFAULT '',
+            room TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('active', 'discharged')),
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            discharged_at TEXT
+        )""",
+        """CREATE TABLE samples (
+            sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            baby_id TEXT NOT NULL REFERENCES infants(baby_id) ON DELETE CASCADE,
+            source_kind TEXT NOT NULL CHECK (source_kind IN ('file', 'mic', 'import')),
+            source TEXT NOT NULL,
+            period TEXT NOT NULL CHECK (period IN ('birth', 'discharge')),
+            duration_s REAL NOT NULL,
+            cry_s REAL NOT NULL,
+            n_expirations INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            audio_flac BLOB
+        )""",
+        "CREATE INDEX samples_by_baby ON samples(baby_id)",
+        """CREATE TABLE embeddings (
+            sample_id INTEGER NOT NULL REFERENCES samples(sample_id) ON DELETE CASCADE,
+            model_sha256 TEXT NOT NULL,
+            expiration_index INTEGER NOT NULL,
+            start_sample INTEGER NOT NULL,
+            end_sample INTEGER NOT NULL,
+            vector BLOB NOT NULL,
+            PRIMARY KEY (sample_id, model_sha256, expiration_index)
+        )""",
+        "CREATE INDEX embeddings_by_model ON embeddings(model_sha256)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class RegistryError(ValueError):
+    """Bad registry input or state; the message names the problem and the fix."""
+
+
+def check_baby_id(baby_id: str) -> str:
+    """Return ``baby_id`` if it can be an MQTT topic level, else raise ``RegistryError``."""
+    if not BABY_ID_PATTERN.fullmatch(baby_id or ""):
+        raise RegistryError(
+            f"baby id {baby_id!r} is not allowed: use 1-64 letters, digits, '_' or '-' "
+            "(it becomes an MQTT topic level)"
+        )
+    return baby_id
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: die like ``kill -9`` here when CRYID_TEST_CRASH_AT names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        logger.warning("test hook %s=%s: killing this process", CRASH_ENV, name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Infant:
+    baby_id: str
+    display_name: str
+    room: str
+    status: str
+    created_at: str
+    updated_at: str
+    discharged_at: str | None
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    sample_id: int
+    baby_id: str
+    source_kind: str
+    source: str
+    period: str
+    duration_s: float
+    cry_s: float
+    n_expirations: int
+    created_at: str
+    has_audio: bool
+    models: tuple[str, ...]  # sha256 of the models this sample has embeddings for
+
+
+@dataclass(frozen=True)
+class SampleEmbeddings:
+    """Embeddings of one sample's expirations for one model: rows of ``vectors`` match the spans."""
+
+    model_sha256: str
+    vectors: np.ndarray  # (n, dim) float32
+    start_samples: tuple[int, ...]
+    end_samples: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.start_samples)
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != n or len(self.end_samples) != n or n == 0:
+            raise RegistryError("sample embeddings need one (dim,) vector per expiration span, at least one")
+
+
+@dataclass(frozen=True)
+class NewSample:
+    """One enrollment recording, ready to be written."""
+
+    source_kind: str
+    source: str
+    period: str
+    duration_s: float
+    cry_s: float
+    embeddings: SampleEmbeddings
+    audio_flac: bytes | None = None
+    created_at: str = field(default_factory=utc_now)
+
+    def __post_init__(self) -> None:
+        if self.period not in PERIODS:
+            raise RegistryError(f"period {self.period!r} is not one of {', '.join(PERIODS)}")
+        if self.source_kind not in SOURCE_KINDS:
+            raise RegistryError(f"source kind {self.source_kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+
+
+def _vector_blob(v: np.ndarray) -> bytes:
+    return np.asarray(v, dtype="<f4").tobytes()
+
+
+def _blob_vector(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4").astype(np.float32)
+
+
+class Registry:
+    """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = threading.RLock()
+        self._version = 0
+        self._last_pragma_version: int | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    @classmethod
+    def open(cls, state_dir: Path, settings: RegistrySettings | None = None) -> Registry:
+        """Open (creating and migrating when needed) the registry in ``state_dir``."""
+        settings = settings or RegistrySettings()
+        state_dir = Path(state_dir).expanduser()
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot create state directory {state_dir} ({exc}); set CRYID_STATE_DIR"
+            ) from exc
+        path = state_dir / settings.filename
+        try:
+            timeout_s = settings.busy_timeout_ms / 1000
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"{path}: not a usable registry ({exc}); restore it from an export") from exc
+        registry = cls(conn, path)
+        try:
+            registry._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        registry.data_version()
+        return registry
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"{self.path} has schema version {version}, newer than this cryid's {SCHEMA_VERSION}; "
+                "upgrade cryid"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self.transaction() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # another process may have won
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target - 1]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+                logger.info("registry %s migrated to schema version %s", self.path, target)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                _crash_point("before-commit")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._version += 1
+
+    # ---------------------------------------------------------------- daemon interface
+    def data_version(self) -> int:
+        """A number that changes whenever this or any other process commits a change."""
+        with self._lock:
+            pragma = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            if pragma != self._last_pragma_version:
+                if self._last_pragma_version is not None:
+                    self._version += 1
+                self._last_pragma_version = pragma
+            return self._version
+
+    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]:
+        """Unit centroid of every ACTIVE baby that has embeddings for this model."""
+        rows = self._query(
+            """SELECT s.baby_id, e.vector FROM embeddings e
+               JOIN samples s ON s.sample_id = e.sample_id
+               JOIN infants i ON i.baby_id = s.baby_id
+               WHERE e.model_sha256 = ? AND i.status = 'active'
+               ORDER BY s.baby_id, e.sample_id, e.expiration_index""",
+            (model_sha256,),
+        )
+        grouped: dict[str, list[np.ndarray]] = {}
+        for baby_id, blob in rows:
+            grouped.setdefault(baby_id, []).append(_blob_vector(blob))
+        return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
+
+    def needs_reenrollment(self, model_sha256: str) -> list[str]:
+        """ACTIVE babies with no embedding for this model (enrolled with another model, audio not kept)."""
+        rows = self._query(
+            """SELECT i.baby_id FROM infants i WHERE i.status = 'active' AND NOT EXISTS (
+                   SELECT 1 FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id
+                   WHERE s.baby_id = i.baby_id AND e.model_sha256 = ?)
+               ORDER BY i.baby_id""",
+            (model_sha256,),
+        )
+        return [r[0] for r in rows]
+
+    # ---------------------------------------------------------------- reads
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def get_infant(self, baby_id: str) -> Infant | None:
+        rows = self._query(
+            "SELECT baby_id, display_name, room, status, created_at, updated_at, discharged_at "
+            "FROM infants WHERE baby_id = ?",
+            (baby_id,),
+        )
+        return Infant(*rows[0]) if rows else None
+
+    def require_infant(self, baby_id: str) -> Infant:
+        infant = self.get_infant(check_baby_id(baby_id))
+        if infant is None:
+            raise RegistryError(f"baby {baby_id!r} is not enrolled; see `cryid enroll list`")
+        return infant
+
+    def infants(self) -> list[Infant]:
+        rows = self._query(
+            "SELECT baby_id, display_name, room, status, created_at, updated_at, discharged_at "
+            "FROM infants ORDER BY baby_id"
+        )
+        return [Infant(*r) for r in rows]
+
+    def samples(self, baby_id: str | None = None) -> list[SampleInfo]:
+        rows = self._query(
+            """SELECT s.sample_id, s.baby_id, s.source_kind, s.source, s.period, s.duration_s, s.cry_s,
+                      s.n_expirations, s.created_at, s.audio_flac IS NOT NULL,
+                      (SELECT group_concat(DISTINCT e.model_sha256) FROM embeddings e
+                       WHERE e.sample_id = s.sample_id)
+               FROM samples s WHERE (?1 IS NULL OR s.baby_id = ?1) ORDER BY s.baby_id, s.sample_id""",
+            (baby_id,),
+        )
+        return [
+            SampleInfo(*r[:9], has_audio=bool(r[9]), models=tuple(sorted(r[10].split(","))) if r[10] else ())
+            for r in rows
+        ]
+
+    def sample_vectors(self, baby_id: str, model_sha256: str) -> np.ndarray:
+        """All expiration embeddings of one baby for one model, shape (n, dim) (n may be 0)."""
+        rows = self._query(
+            """SELECT e.vector FROM embeddings e JOIN samples s ON s.sample_id = e.sample_id
+               WHERE s.baby_id = ? AND e.model_sha256 = ? ORDER BY e.sample_id, e.expiration_index""",
+            (baby_id, model_sha256),
+        )
+        if not rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([_blob_vector(r[0]) for r in rows])
+
+    def sample_audio(self, sample_id: int) -> bytes | None:
+        rows = self._query("SELECT audio_flac FROM samples WHERE sample_id = ?", (sample_id,))
+        return rows[0][0] if rows else None
+
+    def sample_embeddings(self, sample_id: int, model_sha256: str) -> SampleEmbeddings | None:
+        rows = self._query(
+            "SELECT start_sample, end_sample, vector FROM embeddings "
+            "WHERE sample_id = ? AND model_sha256 = ? ORDER BY expiration_index",
+            (sample_id, model_sha256),
+        )
+        if not rows:
+            return None
+        return SampleEmbeddings(
+            model_sha256,
+            np.stack([_blob_vector(r[2]) for r in rows]),
+            tuple(int(r[0]) for r in rows),
+            tuple(int(r[1]) for r in rows),
+        )
+
+    def integrity_check(self) -> str:
+        return str(self._query("PRAGMA integrity_check")[0][0])
+
+    # ---------------------------------------------------------------- writes (inside a transaction)
+    @staticmethod
+    def insert_infant(
+        conn: sqlite3.Connection, baby_id: str, display_name: str, room: str, status: str = "active"
+    ) -> None:
+        check_baby_id(baby_id)
+        if status not in STATUSES:
+            raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        now = utc_now()
+        conn.execute(
+            "INSERT INTO infants (baby_id, display_name, room, status, created_at, updated_at, "
+            "discharged_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (baby_id, display_name, room, status, now, now, now if status == "discharged" else None),
+        )
+
+    @staticmethod
+    def insert_sample(conn: sqlite3.Connection, baby_id: str, sample: NewSample) -> int:
+        cur = conn.execute(
+            "INSERT INTO samples (baby_id, source_kind, source, period, duration_s, cry_s, n_expirations, "
+            "created_at, audio_flac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                baby_id,
+                sample.source_kind,
+                sample.source,
+                sample.period,
+                float(sample.duration_s),
+                float(sample.cry_s),
+                len(sample.embeddings.start_samples),
+                sample.created_at,
+                sample.audio_flac,
+            ),
+        )
+        sample_id = int(cur.lastrowid or 0)
+        Registry.insert_embeddings(conn, sample_id, sample.embeddings)
+        _crash_point("after-sample")
+        return sample_id
+
+    @staticmethod
+    def insert_embeddings(conn: sqlite3.Connection, sample_id: int, emb: SampleEmbeddings) -> None:
+        conn.execute(
+            "DELETE FROM embeddings WHERE sample_id = ? AND model_sha256 = ?", (sample_id, emb.model_sha256)
+        )
+        conn.executemany(
+            "INSERT INTO embeddings (sample_id, model_sha256, expiration_index, start_sample, end_sample, "
+            "vector) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (sample_id, emb.model_sha256, i, int(s), int(e), _vector_blob(v))
+                for i, (s, e, v) in enumerate(
+                    zip(emb.start_samples, emb.end_samples, emb.vectors, strict=True)
+                )
+            ],
+        )
+
+    @staticmethod
+    def touch_infant(conn: sqlite3.Connection, baby_id: str) -> None:
+        conn.execute("UPDATE infants SET updated_at = ? WHERE baby_id = ?", (utc_now(), baby_id))
+
+    @staticmethod
+    def delete_infant(conn: sqlite3.Connection, baby_id: str) -> bool:
+        """Delete a baby with its samples and embeddings (cascade); False if it was not there."""
+        return conn.execute("DELETE FROM infants WHERE baby_id = ?", (baby_id,)).rowcount > 0
+
+    @staticmethod
+    def set_status(conn: sqlite3.Connection, baby_id: str, status: str) -> None:
+        if status not in STATUSES:
+            raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        now = utc_now()
+        conn.execute(
+            "UPDATE infants SET status = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
+            (status, now, now if status == "discharged" else None, baby_id),
+        )
