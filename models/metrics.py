@@ -1,0 +1,115 @@
+"""Verification and identification metrics in NumPy (no torch).
+
+``eer`` and ``min_dcf`` reproduce ``speechbrain.utils.metric_stats.EER`` and ``minDCF`` bit for bit
+(same candidate thresholds, same float32 rates, same tie-breaking), so figures computed with the ONNX
+backend are the paper's figures. ``tests/test_metrics.py`` proves the equality on many random score sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class MetricError(ValueError):
+    """Scores that no metric can be computed from (empty, NaN, wrong shape)."""
+
+
+def _as_scores(scores: np.ndarray | list[float], name: str) -> np.ndarray:
+    arr = np.asarray(scores)
+    if arr.ndim != 1:
+        raise MetricError(f"{name} must be a 1-D array of scores, got shape {arr.shape}")
+    if arr.size == 0:
+        raise MetricError(f"{name} is empty: EER needs at least one positive and one negative pair")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)  # torch.tensor(ints) would not even run speechbrain's EER
+    if not np.all(np.isfinite(arr)):
+        raise MetricError(f"{name} holds NaN or infinite scores")
+    return arr
+
+
+def _candidate_thresholds(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Sorted unique scores plus the midpoints between neighbours, in the scores' own precision."""
+    dtype = np.result_type(pos.dtype, neg.dtype)
+    unique = np.unique(np.concatenate([pos, neg]).astype(dtype))
+    mids = ((unique[:-1] + unique[1:]) / dtype.type(2)).astype(dtype)
+    return np.sort(np.concatenate([unique, mids]))
+
+
+def _rates(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 FRR (pos <= t) and FAR (neg > t) at every threshold, as torch computes them."""
+    n_miss = np.searchsorted(np.sort(pos), thresholds, side="right")
+    n_fa = neg.size - np.searchsorted(np.sort(neg), thresholds, side="right")
+    frr = n_miss.astype(np.float32) / np.float32(pos.size)
+    far = n_fa.astype(np.float32) / np.float32(neg.size)
+    return frr, far
+
+
+def eer(
+    positive_scores: np.ndarray | list[float], negative_scores: np.ndarray | list[float]
+) -> tuple[float, float]:
+    """Equal error rate (fraction 0-1) and its threshold, exactly as speechbrain's ``EER``.
+
+    speechbrain keeps the first threshold whose float32 ``|FAR - FRR|`` is strictly below the
+    double-precision gap of the threshold kept so far; the loop below repeats that comparison.
+    """
+    pos = _as_scores(positive_scores, "positive scores")
+    neg = _as_scores(negative_scores, "negative scores")
+    thresholds = _candidate_thresholds(pos, neg)
+    frr, far = _rates(pos, neg, thresholds)
+    gap32 = np.abs(far - frr).astype(np.float64).tolist()  # float32 difference, as torch's .abs().item()
+    far64 = far.astype(np.float64).tolist()
+    frr64 = frr.astype(np.float64).tolist()
+    best = 0
+    best_gap = abs(far64[0] - frr64[0])
+    for i in range(1, len(gap32)):
+        if gap32[i] < best_gap:
+            best = i
+            best_gap = abs(far64[i] - frr64[i])
+    return float((far64[best] + frr64[best]) / 2), float(thresholds[best])
+
+
+def min_dcf(
+    positive_scores: np.ndarray | list[float],
+    negative_scores: np.ndarray | list[float],
+    c_miss: float = 1.0,
+    c_fa: float = 1.0,
+    p_target: float = 0.01,
+) -> tuple[float, float]:
+    """Minimum detection cost and its threshold, exactly as speechbrain's ``minDCF``."""
+    pos = _as_scores(positive_scores, "positive scores")
+    neg = _as_scores(negative_scores, "negative scores")
+    thresholds = _candidate_thresholds(pos, neg)
+    p_miss, p_fa = _rates(pos, neg, thresholds)
+    f32 = np.float32
+    c_det = (f32(c_miss) * p_miss * f32(p_target)) + (f32(c_fa) * p_fa * f32(1 - p_target))
+    idx = int(np.argmin(c_det))
+    return float(c_det[idx]), float(thresholds[idx])
+
+
+@dataclass(frozen=True)
+class Identification:
+    """Closed-set identification rates (fractions 0-1) over ``queries`` queries."""
+
+    top1: float
+    top5: float
+    queries: int
+
+
+def identification_rates(scores: np.ndarray, true_index: np.ndarray) -> Identification:
+    """Top-1 / top-5 rates of a (queries, candidates) score matrix; ``true_index``: each query's column."""
+    s = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(true_index, dtype=np.int64)
+    if s.ndim != 2 or truth.shape != (s.shape[0],):
+        raise MetricError(f"score matrix {s.shape} and truth {truth.shape} do not match")
+    if s.shape[0] == 0:
+        raise MetricError("no queries to identify")
+    if np.any((truth < 0) | (truth >= s.shape[1])):
+        raise MetricError("a query's true identity is not among the candidates")
+    true_scores = s[np.arange(s.shape[0]), truth]
+    # rank = how many candidates score strictly higher than the truth (ties count in the truth's favour)
+    rank = (s > true_scores[:, None]).sum(axis=1)
+    return Identification(
+        top1=float(np.mean(rank < 1)), top5=float(np.mean(rank < 5)), queries=int(s.shape[0])
+    )
