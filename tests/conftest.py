@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.data",
+    "tests.fixtures.broker",
+    "tests.fixtures.cryceleb",
 ]
