@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cryid.enrollment import cli as enrollment_cli
     from cryid.models import cli as models_cli
 
-    parser = argparse.ArgumentParser(prog="cryid", description="Which newborn is crying? Live cry identification.")
+    parser = argparse.ArgumentParser(
+        prog="cryid", description="Which newborn is crying? Live cry identification."
+    )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (or CRYID_CONFIG).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="More log output (-vv: debug).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

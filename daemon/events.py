@@ -1,0 +1,117 @@
+"""MQTT payloads, defined once as pydantic models; ``cryid schema`` prints their JSON Schema.
+
+Topics (prefix ``cryid/<room>`` unless ``mqtt.topic_prefix`` is set):
+
+- ``<prefix>/status``: retained availability, ``online`` / ``offline`` (plain text; the last will is
+  ``offline``).
+- ``<prefix>/baby/<baby_id>``: :class:`CryEvent` for every expiration or episode identified as that baby.
+- ``<prefix>/unknown``: :class:`CryEvent` for cries that match no enrolled baby well enough.
+- ``<prefix>/stats``: :class:`Stats`, periodically.
+
+Two kinds of :class:`CryEvent`:
+
+- ``expiration`` (provisional): one per detected cry expiration, right after it ends. Its decision uses
+  every expiration of the current crying episode so far, so it firms up as the baby keeps crying;
+  its times are those of the expiration.
+- ``episode`` (final): one per crying episode (expirations less than ``identifier.episode_gap_s``
+  apart), once the episode is over; its decision uses all of its expirations, its times span the episode.
+
+Every event has a unique ``event_id``: delivery is at-least-once (QoS 1 and the outbox), so a
+consumer de-duplicates by ``event_id``. Provisional and final events of one episode share ``episode_id``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class RunnerUp(BaseModel):
+    """The second-best enrolled baby."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    baby_id: str = Field(..., description="Id of the runner-up baby.")
+    score: float = Field(..., description="Cosine similarity of the cry to the runner-up's centroid.")
+
+
+class CryEvent(BaseModel):
+    """One identification: a provisional ``expiration`` event or a final ``episode`` event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
+    event_id: str = Field(..., description="Unique id (UUID4) of this event, for de-duplication.")
+    episode_id: str = Field(..., description="Id (UUID4) of the crying episode this event belongs to.")
+    kind: Literal["expiration", "episode"] = Field(
+        ..., description="`expiration`: provisional, per expiration; `episode`: final, per crying episode."
+    )
+    decision: Literal["identified", "unknown"] = Field(
+        ..., description="`identified` when score and margin meet the configured thresholds."
+    )
+    baby_id: str | None = Field(..., description="The identified baby; null when unknown.")
+    best_baby_id: str | None = Field(
+        ..., description="Best-matching enrolled baby, also when unknown; null if none enrolled."
+    )
+    score: float | None = Field(..., description="Cosine to the best centroid; null if none enrolled.")
+    runner_up: RunnerUp | None = Field(..., description="Second-best baby; null if fewer than two enrolled.")
+    margin: float | None = Field(
+        ..., description="score - runner_up.score; equals score with one enrolled baby; null if none."
+    )
+    started_at: datetime = Field(..., description="UTC start (ISO 8601) of the expiration / episode.")
+    ended_at: datetime = Field(..., description="UTC end (ISO 8601) of the expiration / episode.")
+    stream_offset_s: float = Field(..., description="Start, in seconds from the start of the audio source.")
+    duration_s: float = Field(..., description="ended_at - started_at in seconds.")
+    n_expirations: int = Field(..., ge=1, description="Expirations the decision is based on.")
+    level_dbfs: float = Field(..., description="Loudest expiration level (RMS, dBFS) in the decision.")
+    model_sha256: str = Field(..., description="sha256 of the model.onnx that made the embeddings.")
+    room: str = Field(..., description="Ward room of the microphone.")
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+class Stats(BaseModel):
+    """Periodic health figures of the daemon."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
+    at: datetime = Field(..., description="UTC time of these figures.")
+    room: str = Field(..., description="Ward room of the microphone.")
+    uptime_s: float = Field(..., description="Seconds since the daemon started.")
+    stream_offset_s: float = Field(..., description="Seconds of audio read from the source so far.")
+    realtime_factor: float | None = Field(
+        ..., description="Processing seconds per second of audio since the last stats (<1: keeps up)."
+    )
+    queue_depth: int = Field(..., description="Audio chunks waiting between source and pipeline.")
+    dropped_frames: int = Field(..., description="Audio frames lost so far (source overruns + full queue).")
+    outbox_size: int = Field(..., description="Events not yet acknowledged by the broker.")
+    outbox_dropped: int = Field(..., description="Events dropped because the outbox was full (ever).")
+    input_level_dbfs: float | None = Field(..., description="RMS input level since the last stats, dBFS.")
+    source_ok: bool = Field(..., description="False while the audio source fails (e.g. microphone gone).")
+    source_error: str | None = Field(..., description="Last source error, when source_ok is false.")
+    expirations: int = Field(..., description="Expirations identified so far.")
+    episodes: int = Field(..., description="Episodes closed so far.")
+    enrolled: int = Field(..., description="Babies with a centroid for the current model.")
+    needs_reenrollment: list[str] = Field(..., description="Babies without embeddings for the current model.")
+    model_sha256: str = Field(..., description="sha256 of the model in use.")
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schemas of every payload, keyed by the topic they appear on."""
+    return {
+        "<prefix>/status": {"type": "string", "enum": ["online", "offline"], "description": "Retained."},
+        "<prefix>/baby/<baby_id> and <prefix>/unknown": CryEvent.model_json_schema(),
+        "<prefix>/stats": Stats.model_json_schema(),
+    }
+
+
+def schema_text() -> str:
+    """What ``cryid schema`` prints."""
+    return json.dumps(json_schemas(), indent=2)
