@@ -150,7 +150,8 @@ class NewSample:
     period: str
     duration_s: float
     cry_s: float
-    embeddings: SampleEmbeddings
+    n_expirations: int
+    embeddings: SampleEmbeddings | None  # None only for an imported sample of a baby needing re-enrollment
     audio_flac: bytes | None = None
     created_at: str = field(default_factory=utc_now)
 
@@ -397,13 +398,14 @@ class Registry:
                 sample.period,
                 float(sample.duration_s),
                 float(sample.cry_s),
-                len(sample.embeddings.start_samples),
+                int(sample.n_expirations),
                 sample.created_at,
                 sample.audio_flac,
             ),
         )
         sample_id = int(cur.lastrowid or 0)
-        Registry.insert_embeddings(conn, sample_id, sample.embeddings)
+        if sample.embeddings is not None:
+            Registry.insert_embeddings(conn, sample_id, sample.embeddings)
         _crash_point("after-sample")
         return sample_id
 

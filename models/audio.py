@@ -60,3 +60,21 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if data.shape[0] == 0:
         raise AudioError(f"{p}: the file holds no audio samples")
     return resample(to_mono_float32(data), int(sr), sample_rate)
+
+
+def record(seconds: float, device: int | str | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Record ``seconds`` of mono audio from an input device (sounddevice, blocking) as float32."""
+    if not 0 < seconds <= 600:
+        raise AudioError(f"cannot record {seconds} s; give --seconds between 0 and 600")
+    try:
+        import sounddevice as sd
+
+        data = sd.rec(round(seconds * sample_rate), samplerate=sample_rate, channels=1,
+                      dtype="float32", device=device)
+        sd.wait()
+    except Exception as exc:  # PortAudio raises its own error types (no device, busy device, ...)
+        raise AudioError(
+            f"cannot record from input device {device!r} ({(str(exc).splitlines() or [repr(exc)])[0]}); "
+            "see `cryid devices` and set the device"
+        ) from exc
+    return to_mono_float32(data)

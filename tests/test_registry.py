@@ -37,6 +37,7 @@ def _sample(vectors: np.ndarray, sha: str = SHA_A, period: str = "birth") -> New
         period=period,
         duration_s=7.0,
         cry_s=0.5 * n,
+        n_expirations=n,
         embeddings=SampleEmbeddings(sha, vectors.astype(np.float32), tuple(range(n)), tuple(range(1, n + 1))),
     )
 
