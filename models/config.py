@@ -7,6 +7,7 @@ evaluation receive the same objects, so all three cut and embed audio the same w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,30 +15,44 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
 
 class SegmenterSettings(BaseModel):
-    """Energy gate (following the room's noise floor) + WebRTC VAD -> cry expirations."""
+    """Energy gate (following the room's noise floor) + WebRTC VAD -> cry expirations.
+
+    A frame is a cry frame when its level is ``gate_margin_db`` above the noise floor (and above
+    ``min_level_dbfs``) and WebRTC VAD calls it voiced; the VAD never runs on frames the gate rejects.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     vad_aggressiveness: int = Field(
-        2, ge=0, le=3, description="WebRTC VAD aggressiveness, 0 (least) to 3 (most aggressive)."
+        3, ge=0, le=3, description="WebRTC VAD aggressiveness, 0 (least) to 3 (most aggressive)."
     )
-    frame_ms: int = Field(
+    frame_ms: Literal[10, 20, 30] = Field(
         30, description="Analysis frame for the gate and the VAD (WebRTC VAD accepts 10, 20 or 30 ms)."
     )
     gate_margin_db: float = Field(
-        12.0, ge=0.0, le=60.0, description="A frame opens the gate when it is this much above the noise floor."
+        10.0, ge=0.0, le=60.0, description="A frame passes the gate this far above the noise floor."
     )
     min_level_dbfs: float = Field(
         -50.0, ge=-120.0, le=0.0, description="Frames quieter than this never open the gate."
     )
     noise_floor_window_s: float = Field(
-        3.0, gt=0.0, le=60.0, description="Time constant with which the noise floor follows the room."
+        5.0, gt=0.0, le=120.0,
+        description="The noise floor is a low percentile of the frame levels of the last this-many seconds.",
     )
-    pre_roll_ms: int = Field(90, ge=0, le=1000, description="Audio kept before the gate opens.")
-    hangover_ms: int = Field(150, ge=0, le=2000, description="Gate stays open this long after the last cry frame.")
+    noise_floor_percentile: float = Field(
+        10.0, ge=0.0, le=50.0,
+        description="Percentile of recent frame levels taken as the noise floor (low: robust to crying).",
+    )
+    pre_roll_ms: int = Field(60, ge=0, le=1000, description="Audio kept before the first cry frame.")
+    post_roll_ms: int = Field(60, ge=0, le=1000, description="Audio kept after the last cry frame.")
+    hangover_ms: int = Field(
+        150, ge=0, le=2000,
+        description="An expiration ends after this long without a cry frame (shorter pauses are bridged).",
+    )
     min_expiration_ms: int = Field(300, ge=30, le=10000, description="Shorter expirations are dropped.")
     max_expiration_ms: int = Field(
-        4000, ge=500, le=60000, description="Longer expirations are split (0.3% of CryCeleb's exceed 4 s)."
+        4000, ge=500, le=60000,
+        description="Longer expirations are split at their quietest frame (0.3% of CryCeleb's exceed 4 s).",
     )
 
 

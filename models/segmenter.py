@@ -1,0 +1,286 @@
+"""Cut a 16 kHz stream into cry expirations: noise-floor energy gate, then WebRTC VAD.
+
+Per frame (``frame_ms``), in this order:
+
+1. Level in dBFS (RMS, full scale = 0 dB). The noise floor is the ``noise_floor_percentile``-th
+   percentile of the levels of the last ``noise_floor_window_s`` seconds (a low percentile, so a baby
+   crying most of the time does not raise it; digital silence, i.e. a muted or padded input, is left
+   out so that it cannot drag the floor down; levels below ``min_level_dbfs - gate_margin_db`` count
+   as that value).
+2. Gate: the frame passes when its level is ``gate_margin_db`` above the floor and above
+   ``min_level_dbfs``. Frames that fail cost one dot product: silence and steady noise never reach
+   the VAD (nor the embedder).
+3. WebRTC VAD (``vad_aggressiveness``) on the frames that pass; a frame that passes both is a cry frame.
+4. An expiration starts at a cry frame (with ``pre_roll_ms`` of audio before it) and ends when
+   ``hangover_ms`` pass without a cry frame; it keeps ``post_roll_ms`` after its last cry frame.
+   Longer than ``max_expiration_ms``: split at the quietest frame of its second half. Shorter than
+   ``min_expiration_ms``: dropped. Also dropped: an expiration whose cry frames, measured against the
+   noise floor at its end, no longer stand ``gate_margin_db`` out (the gate opened on a rising noise
+   floor, e.g. at the start of a stream or when a fan starts).
+
+Everything works on whole frames, and a partial frame is carried to the next call, so the same audio
+gives the same expirations whatever the chunk sizes. Time is the sample index from the stream start.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cryid.models.audio import SAMPLE_RATE, AudioError
+from cryid.models.config import SegmenterSettings
+
+logger = logging.getLogger(__name__)
+
+DIGITAL_SILENCE_DBFS = -90.0
+"""Frames below this are a muted or zero-padded input, not a room: they do not enter the noise floor."""
+_FLOOR_DBFS = -100.0
+_VAD_RATES = (8000, 16000, 32000, 48000)
+
+
+@dataclass(frozen=True)
+class Expiration:
+    """One cry expiration: its audio (float32 mono) and where it lies in the stream (samples)."""
+
+    start_sample: int
+    end_sample: int
+    audio: np.ndarray = field(repr=False)
+    level_dbfs: float
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_sample - self.start_sample) / self.sample_rate
+
+    @property
+    def start_s(self) -> float:
+        return self.start_sample / self.sample_rate
+
+    @property
+    def end_s(self) -> float:
+        return self.end_sample / self.sample_rate
+
+
+def level_dbfs(audio: np.ndarray) -> float:
+    """RMS level of ``audio`` in dBFS (full-scale = 0 dB; digital silence = -100 dB)."""
+    if audio.size == 0:
+        return _FLOOR_DBFS
+    power = float(np.mean(np.square(audio, dtype=np.float64)))
+    return max(_FLOOR_DBFS, 10.0 * np.log10(power + 1e-12))
+
+
+class NoiseFloor:
+    """Low running percentile of frame levels over a fixed number of frames (sorted window)."""
+
+    def __init__(self, window_frames: int, percentile: float, clamp_dbfs: float) -> None:
+        self._window: deque[float | None] = deque()
+        self._window_frames = max(1, window_frames)
+        self._sorted: list[float] = []
+        self._fraction = percentile / 100.0
+        self._clamp_dbfs = clamp_dbfs
+
+    def update(self, level: float) -> None:
+        value: float | None = None if level < DIGITAL_SILENCE_DBFS else max(level, self._clamp_dbfs)
+        self._window.append(value)
+        if value is not None:
+            bisect.insort(self._sorted, value)
+        if len(self._window) > self._window_frames:
+            old = self._window.popleft()
+            if old is not None:
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+    @property
+    def value(self) -> float | None:
+        """The floor in dBFS, or None before any non-silent frame was seen."""
+        if not self._sorted:
+            return None
+        return self._sorted[int(self._fraction * (len(self._sorted) - 1))]
+
+    def reset(self) -> None:
+        self._window.clear()
+        self._sorted.clear()
+
+
+class Segmenter:
+    """Streaming expiration segmenter: ``process(chunk)`` any number of times, then ``flush()``."""
+
+    def __init__(self, settings: SegmenterSettings | None = None, sample_rate: int = SAMPLE_RATE) -> None:
+        import webrtcvad
+
+        if sample_rate not in _VAD_RATES:
+            raise AudioError(f"segmenter sample rate {sample_rate} Hz unsupported; resample to 16000 Hz")
+        self.settings = settings or SegmenterSettings()
+        s = self.settings
+        self.sample_rate = sample_rate
+        self.frame_len = sample_rate * s.frame_ms // 1000
+        ms = self._ms_to_frames
+        self._pre_frames = ms(s.pre_roll_ms)
+        self._post_frames = ms(s.post_roll_ms)
+        self._hang_frames = max(1, ms(s.hangover_ms))
+        self._min_len = s.min_expiration_ms * sample_rate // 1000
+        self._max_frames = max(2, ms(s.max_expiration_ms))
+        self._vad = webrtcvad.Vad(s.vad_aggressiveness)
+        self._floor = NoiseFloor(
+            window_frames=max(1, round(s.noise_floor_window_s * 1000 / s.frame_ms)),
+            percentile=s.noise_floor_percentile,
+            clamp_dbfs=s.min_level_dbfs - s.gate_margin_db,
+        )
+        self.frames_vad = 0  # frames that reached the VAD (the gate let them through)
+        self.frames_total = 0
+        self.reset()
+
+    def _ms_to_frames(self, ms: int) -> int:
+        return -(-ms // self.settings.frame_ms)  # ceil
+
+    def reset(self) -> None:
+        """Forget everything: the next sample is sample 0 of a new stream."""
+        self._carry = np.zeros(0, dtype=np.float32)
+        self._next_sample = 0  # stream index of the first sample of the next whole frame
+        self._floor.reset()
+        self._pre: deque[np.ndarray] = deque(maxlen=max(1, self._pre_frames))
+        self._pre_levels: deque[float] = deque(maxlen=max(1, self._pre_frames))
+        self._active = False
+        self._start = 0
+        self._frames: list[np.ndarray] = []
+        self._levels: list[float] = []
+        self._cry: list[bool] = []
+        self._since_cry = 0
+        self.last_level_dbfs = _FLOOR_DBFS
+
+    @property
+    def noise_floor_dbfs(self) -> float | None:
+        return self._floor.value
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples consumed so far (whole frames plus the carried partial frame)."""
+        return self._next_sample + self._carry.size
+
+    def process(self, chunk: np.ndarray) -> list[Expiration]:
+        """Feed float32 mono audio of any length; returns the expirations completed by it."""
+        x = np.asarray(chunk)
+        if x.ndim != 1:
+            raise AudioError(f"segmenter expects 1-D mono audio, got shape {x.shape}; down-mix first")
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        buf = np.concatenate([self._carry, x]) if self._carry.size else x
+        n = buf.size // self.frame_len
+        if n == 0:
+            self._carry = buf.copy()
+            return []
+        frames = buf[: n * self.frame_len].reshape(n, self.frame_len)
+        self._carry = buf[n * self.frame_len :].copy()
+        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / self.frame_len
+        levels = np.maximum(_FLOOR_DBFS, 10.0 * np.log10(power + 1e-12))
+        out: list[Expiration] = []
+        for i in range(n):
+            self._frame(frames[i], float(levels[i]), out)
+        self.last_level_dbfs = float(levels[-1])
+        return out
+
+    def flush(self) -> list[Expiration]:
+        """End of stream: close the open expiration (the trailing partial frame is ignored)."""
+        out: list[Expiration] = []
+        if self._active:
+            self._close(out)
+        return out
+
+    def _threshold(self) -> float:
+        s = self.settings
+        floor = self._floor.value
+        return s.min_level_dbfs if floor is None else max(s.min_level_dbfs, floor + s.gate_margin_db)
+
+    def _frame(self, frame: np.ndarray, level: float, out: list[Expiration]) -> None:
+        self.frames_total += 1
+        is_cry = False
+        if level >= self._threshold():
+            self.frames_vad += 1
+            pcm = np.clip(frame * 32768.0, -32768.0, 32767.0).astype(np.int16)
+            is_cry = self._vad.is_speech(pcm.tobytes(), self.sample_rate)
+        self._floor.update(level)
+        start = self._next_sample
+        self._next_sample += self.frame_len
+        if not self._active:
+            if is_cry:
+                self._active = True
+                self._frames = [*self._pre, frame]
+                self._levels = [*self._pre_levels, level]
+                self._cry = [False] * len(self._pre) + [True]
+                self._start = start - len(self._pre) * self.frame_len
+                self._since_cry = 0
+                self._pre.clear()
+                self._pre_levels.clear()
+            elif self._pre_frames:
+                self._pre.append(frame)
+                self._pre_levels.append(level)
+            return
+        self._frames.append(frame)
+        self._levels.append(level)
+        self._cry.append(is_cry)
+        self._since_cry = 0 if is_cry else self._since_cry + 1
+        if self._since_cry >= self._hang_frames:
+            self._close(out)
+        elif len(self._frames) >= self._max_frames:
+            self._split(out)
+
+    def _split(self, out: list[Expiration]) -> None:
+        """Over-long: emit up to the quietest frame of the second half, keep the rest open."""
+        half = len(self._frames) // 2
+        cut = half + int(np.argmin(self._levels[half:]))
+        cut = max(cut, 1)
+        self._emit(self._start, self._frames[:cut], self._levels[:cut], self._cry[:cut], out)
+        self._start += cut * self.frame_len
+        self._frames = self._frames[cut:]
+        self._levels = self._levels[cut:]
+        self._cry = self._cry[cut:]
+        if not any(self._cry):  # nothing left worth keeping open
+            self._active = False
+            self._frames, self._levels, self._cry = [], [], []
+
+    def _close(self, out: list[Expiration]) -> None:
+        last_cry = max(i for i, c in enumerate(self._cry) if c) if any(self._cry) else -1
+        keep = min(len(self._frames), last_cry + 1 + self._post_frames)
+        self._emit(self._start, self._frames[:keep], self._levels[:keep], self._cry[:keep], out)
+        # frames after the post-roll become the pre-roll of the next expiration
+        for f, lv in zip(self._frames[keep:], self._levels[keep:]):
+            if self._pre_frames:
+                self._pre.append(f)
+                self._pre_levels.append(lv)
+        self._active = False
+        self._frames, self._levels, self._cry = [], [], []
+
+    def _emit(
+        self, start: int, frames: list[np.ndarray], levels: list[float], cry: list[bool], out: list[Expiration]
+    ) -> None:
+        if not frames:
+            return
+        length = len(frames) * self.frame_len
+        if length < self._min_len:
+            return
+        cry_levels = np.asarray([lv for lv, c in zip(levels, cry) if c])
+        if cry_levels.size == 0:
+            return
+        cry_level = 10.0 * float(np.log10(np.mean(10.0 ** (cry_levels / 10.0))))
+        if cry_level < self._threshold():
+            logger.debug("expiration at sample %s dropped: %.1f dBFS no longer above the gate", start, cry_level)
+            return
+        audio = np.concatenate(frames)
+        out.append(
+            Expiration(
+                start_sample=start,
+                end_sample=start + length,
+                audio=audio,
+                level_dbfs=level_dbfs(audio),
+                sample_rate=self.sample_rate,
+            )
+        )
+
+
+def segment(wav: np.ndarray, settings: SegmenterSettings | None = None, sample_rate: int = SAMPLE_RATE) -> list[Expiration]:
+    """Segment a whole buffer: ``process`` then ``flush`` on a fresh ``Segmenter``."""
+    seg = Segmenter(settings, sample_rate)
+    return seg.process(wav) + seg.flush()
