@@ -30,7 +30,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from cryid.models.audio import SAMPLE_RATE, AudioError
 from cryid.models.config import SegmenterSettings
 
@@ -246,7 +245,7 @@ class Segmenter:
         keep = min(len(self._frames), last_cry + 1 + self._post_frames)
         self._emit(self._start, self._frames[:keep], self._levels[:keep], self._cry[:keep], out)
         # frames after the post-roll become the pre-roll of the next expiration
-        for f, lv in zip(self._frames[keep:], self._levels[keep:]):
+        for f, lv in zip(self._frames[keep:], self._levels[keep:], strict=True):
             if self._pre_frames:
                 self._pre.append(f)
                 self._pre_levels.append(lv)
@@ -254,19 +253,26 @@ class Segmenter:
         self._frames, self._levels, self._cry = [], [], []
 
     def _emit(
-        self, start: int, frames: list[np.ndarray], levels: list[float], cry: list[bool], out: list[Expiration]
+        self,
+        start: int,
+        frames: list[np.ndarray],
+        levels: list[float],
+        cry: list[bool],
+        out: list[Expiration],
     ) -> None:
         if not frames:
             return
         length = len(frames) * self.frame_len
         if length < self._min_len:
             return
-        cry_levels = np.asarray([lv for lv, c in zip(levels, cry) if c])
+        cry_levels = np.asarray([lv for lv, c in zip(levels, cry, strict=True) if c])
         if cry_levels.size == 0:
             return
         cry_level = 10.0 * float(np.log10(np.mean(10.0 ** (cry_levels / 10.0))))
         if cry_level < self._threshold():
-            logger.debug("expiration at sample %s dropped: %.1f dBFS no longer above the gate", start, cry_level)
+            logger.debug(
+                "expiration at sample %s dropped: %.1f dBFS no longer above the gate", start, cry_level
+            )
             return
         audio = np.concatenate(frames)
         out.append(
@@ -280,7 +286,9 @@ class Segmenter:
         )
 
 
-def segment(wav: np.ndarray, settings: SegmenterSettings | None = None, sample_rate: int = SAMPLE_RATE) -> list[Expiration]:
+def segment(
+    wav: np.ndarray, settings: SegmenterSettings | None = None, sample_rate: int = SAMPLE_RATE
+) -> list[Expiration]:
     """Segment a whole buffer: ``process`` then ``flush`` on a fresh ``Segmenter``."""
     seg = Segmenter(settings, sample_rate)
     return seg.process(wav) + seg.flush()
