@@ -15,7 +15,8 @@ from cryid.models.segmenter import Expiration
 
 SR = 16000
 RNG = np.random.default_rng(7)
-BASIS = {b: v / np.linalg.norm(v) for b, v in zip(("ada", "ben", "cy"), RNG.normal(size=(3, 64)), strict=True)}
+_VECS = RNG.normal(size=(3, 64))
+BASIS = {b: v / np.linalg.norm(v) for b, v in zip(("ada", "ben", "cy"), _VECS, strict=True)}
 
 
 def _item(start_s: float, dur_s: float, vec: np.ndarray, level: float = -20.0) -> EmbeddedExpiration:
