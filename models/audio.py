@@ -78,3 +78,65 @@ def record(seconds: float, device: int | str | None = None, sample_rate: int = S
             "see `cryid devices` and set the device"
         ) from exc
     return to_mono_float32(data)
+
+
+class StreamResampler:
+    """Chunk-by-chunk polyphase resampling, equal (to float rounding) to ``resample`` of the whole signal.
+
+    Input is processed in blocks whose length is a multiple of the decimation factor, each with enough
+    history and look-ahead for the anti-aliasing filter, so chunk boundaries leave no trace. The price
+    is a latency of a few milliseconds (the look-ahead). ``flush()`` returns the tail at end of stream.
+    """
+
+    def __init__(self, orig_sr: int, target_sr: int = SAMPLE_RATE) -> None:
+        if orig_sr <= 0 or target_sr <= 0:
+            raise AudioError(f"invalid sample rate {orig_sr} -> {target_sr}")
+        g = gcd(int(orig_sr), int(target_sr))
+        self.orig_sr, self.target_sr = int(orig_sr), int(target_sr)
+        self._up, self._down = self.target_sr // g, self.orig_sr // g
+        # resample_poly's filter reaches 10 * max(up, down) upsampled samples each side
+        reach = 10 * max(self._up, self._down) / self._up + 2
+        self._pad = self._down * int(np.ceil(reach / self._down))
+        self.reset()
+
+    def reset(self) -> None:
+        self._buf = np.zeros(self._pad, dtype=np.float32)  # history (zeros: the signal's left edge)
+        self._n_in = 0
+        self._n_out = 0
+
+    def _run(self, ready: int) -> np.ndarray:
+        from scipy.signal import resample_poly
+
+        seg = self._buf[: self._pad + ready + self._pad]
+        y = resample_poly(seg, self._up, self._down)
+        first = self._pad * self._up // self._down
+        out = y[first : first + ready * self._up // self._down].astype(np.float32)
+        self._buf = self._buf[ready:]
+        return out
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        x = np.asarray(chunk, dtype=np.float32)
+        if self._up == self._down:
+            self._n_in += x.size
+            self._n_out += x.size
+            return x
+        self._buf = np.concatenate([self._buf, x])
+        self._n_in += x.size
+        ready = (self._buf.size - 2 * self._pad) // self._down * self._down
+        if ready <= 0:
+            return np.zeros(0, dtype=np.float32)
+        out = self._run(ready)
+        self._n_out += out.size
+        return out
+
+    def flush(self) -> np.ndarray:
+        """The remaining output at end of stream (the right edge padded with zeros, as ``resample``)."""
+        if self._up == self._down:
+            return np.zeros(0, dtype=np.float32)
+        total = -(-self._n_in * self._up // self._down)
+        pending = self._buf.size - self._pad
+        ready = -(-pending // self._down) * self._down
+        self._buf = np.concatenate([self._buf, np.zeros(ready - pending + self._pad, dtype=np.float32)])
+        out = self._run(ready)[: max(0, total - self._n_out)] if ready > 0 else np.zeros(0, np.float32)
+        self._n_out += out.size
+        return out
