@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cryid.daemon.sources import SourceSettings
 from cryid.enrollment.config import RegistrySettings
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -145,6 +146,7 @@ class Settings(BaseSettings):
     identifier: IdentifierSettings = IdentifierSettings()
     outbox: OutboxSettings = OutboxSettings()
     service: ServiceSettings = ServiceSettings()
+    source: SourceSettings = SourceSettings()
 
     @classmethod
     def settings_customise_sources(
