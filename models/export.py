@@ -1,0 +1,349 @@
+"""``cryid model export``: speechbrain ECAPA-TDNN to ``model.onnx`` + ``manifest.json`` (torch lazily).
+
+The ONNX graph maps normalised features (batch, frames, n_mels) to the embedding (batch, dim):
+the ECAPA-TDNN, plus a learned back-end ``(embedding - mean) @ transform`` appended inside the
+graph when one is given (or SRC holds ``backend.npz``). The NumPy front end (``frontend.Fbank``)
+computes the features at run time. Before anything is written, the NumPy front end + ONNX model
+are compared with speechbrain's ``encode_batch(wav, normalize=False)`` on a few clips; a model that
+disagrees is refused. ``--quantize int8`` applies onnxruntime dynamic quantisation and records the
+int8 model's agreement with fp32. The directory is built in a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from cryid.models.frontend import Fbank
+from cryid.models.manifest import (
+    MANIFEST_NAME,
+    ONNX_NAME,
+    BackendInfo,
+    FrontendParams,
+    Manifest,
+    ModelError,
+    ParityReport,
+    QuantizationReport,
+    TrainingInfo,
+    sha256_file,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+PARITY_MIN_COSINE = 0.9999
+INT8_MIN_COSINE = 0.99
+CHECK_CLIPS_S = (0.7, 1.6, 3.3)
+QUANTIZE_CHOICES = ("int8",)
+BACKEND_NAME = "backend.npz"
+TRAIN_INFO_NAME = "train_info.json"
+
+
+def check_clips(sample_rate: int = 16000, durations_s: tuple[float, ...] = CHECK_CLIPS_S) -> list[np.ndarray]:
+    """Deterministic cry-like test signals: a gliding harmonic tone with an envelope, plus noise."""
+    rng = np.random.default_rng(1234)
+    clips = []
+    for i, dur in enumerate(durations_s):
+        n = round(dur * sample_rate)
+        t = np.arange(n) / sample_rate
+        f0 = 380.0 + 60.0 * i + 120.0 * np.sin(2 * np.pi * (0.8 + 0.3 * i) * t)
+        phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+        tone = sum((0.6 / k) * np.sin(k * phase + k) for k in range(1, 8))
+        env = np.sin(np.pi * np.clip(t / dur, 0.0, 1.0)) ** 0.5
+        clip = 0.3 * env * tone + 0.01 * rng.standard_normal(n)
+        clips.append(clip.astype(np.float32))
+    return clips
+
+
+def load_backend(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """``mean`` (D,) and ``transform`` (D, K) of a back-end ``.npz``; ``ModelError`` if malformed."""
+    if not path.is_file():
+        raise ModelError(f"{path}: back-end file not found; pass an .npz written by `cryid model train`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile/ValueError/OSError: not an npz
+        raise ModelError(f"{path}: not a readable .npz back-end ({exc})") from exc
+    if "mean" not in arrays or "transform" not in arrays:
+        raise ModelError(f"{path}: a back-end needs arrays 'mean' (D,) and 'transform' (D, K)")
+    mean = np.asarray(arrays["mean"], dtype=np.float32)
+    transform = np.asarray(arrays["transform"], dtype=np.float32)
+    if mean.ndim != 1 or transform.ndim != 2 or transform.shape[0] != mean.shape[0]:
+        raise ModelError(
+            f"{path}: back-end shapes mean {mean.shape} and transform {transform.shape} "
+            "do not fit (D,) and (D, K)"
+        )
+    if not (np.isfinite(mean).all() and np.isfinite(transform).all()):
+        raise ModelError(f"{path}: back-end holds NaN or infinite values")
+    kind = str(arrays["kind"]) if "kind" in arrays else None
+    return mean, transform, kind
+
+
+def _read_train_info(src_dir: Path) -> TrainingInfo | None:
+    path = src_dir / TRAIN_INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return TrainingInfo(
+            command=data.get("command"),
+            metrics={
+                k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))
+            },
+        )
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path}: not a valid train_info.json ({exc}); fix or remove it") from exc
+
+
+def _graph_module(embedding_model: torch.nn.Module, backend: tuple[np.ndarray, np.ndarray] | None) -> Any:
+    import torch
+
+    class OnnxEncoder(torch.nn.Module):
+        """features (B, T, n_mels) -> embedding (B, D): ECAPA (+ back-end)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ecapa = embedding_model
+            self.has_backend = backend is not None
+            if backend is not None:
+                self.register_buffer("bk_mean", torch.from_numpy(backend[0]))
+                self.register_buffer("bk_transform", torch.from_numpy(backend[1]))
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            # Explicit full lengths: with lengths=None speechbrain builds torch.ones(batch), which
+            # the tracer would freeze to the dummy batch size.
+            lengths = torch.ones_like(features[:, 0, 0])
+            emb = self.ecapa(features, lengths).squeeze(1)
+            if self.has_backend:
+                emb = torch.matmul(emb - self.bk_mean, self.bk_transform)
+            return emb
+
+    return OnnxEncoder().eval()
+
+
+def _onnx_export(module: Any, n_mels: int, path: Path) -> None:
+    import torch
+
+    # Batch 1: speechbrain's length_to_mask uses len(lengths) as a Python int, which the tracer
+    # freezes; a (1, frames) mask broadcasts over any batch (every clip is unpadded, all-true mask).
+    dummy = torch.randn(1, 150, n_mels)
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (dummy,),
+            str(path),
+            input_names=["features"],
+            output_names=["embedding"],
+            dynamic_axes={"features": {0: "batch", 1: "frames"}, "embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _onnx_embed(sess: Any, feats: list[np.ndarray]) -> np.ndarray:
+    return np.stack([sess.run(None, {"features": f[None]})[0][0] for f in feats])
+
+
+def _check_batching(sess: Any, feats: np.ndarray, src: str) -> None:
+    """A batch of three clips must give each clip's own embedding (dynamic batch axis really works)."""
+    rng = np.random.default_rng(7)
+    batch = np.stack(
+        [feats, feats[::-1].copy(), feats + 0.1 * rng.standard_normal(feats.shape).astype(np.float32)]
+    )
+    together = sess.run(None, {"features": batch})[0]
+    alone = np.concatenate([sess.run(None, {"features": b[None]})[0] for b in batch])
+    if together.shape != alone.shape or not np.allclose(together, alone, rtol=1e-3, atol=1e-4):
+        raise ModelError(
+            f"{src}: exported graph does not batch (batch output {together.shape} differs "
+            "from single clips); nothing written"
+        )
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(an * bn, axis=1)
+
+
+def reference_embeddings(
+    clf: Any, clips: list[np.ndarray], backend: tuple[np.ndarray, np.ndarray] | None
+) -> np.ndarray:
+    """speechbrain's ``encode_batch(wav, normalize=False)`` of each clip alone (+ the back-end)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for clip in clips:
+            emb = clf.encode_batch(torch.from_numpy(clip)[None], normalize=False)[0, 0].numpy()
+            if backend is not None:
+                emb = (emb - backend[0]) @ backend[1]
+            out.append(emb.astype(np.float32))
+    return np.stack(out)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("cryid", "torch", "speechbrain", "onnx", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _quantize_int8(fp32: Path, out: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=False)
+
+
+def _place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished directory into place; an existing ``out`` is replaced only with ``overwrite``."""
+    if out.exists():
+        if not overwrite:
+            raise ModelError(f"{out}: already exists; choose another --out or pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def export_model(
+    src: str,
+    out: Path,
+    quantize: str | None = None,
+    backend: Path | None = None,
+    command: str | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export ``src`` (speechbrain dir or hub id) to ``out``; returns the manifest written there."""
+    from cryid.models.speechbrain_io import load_encoder_classifier, resolve_source
+
+    out = Path(out)
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ModelError(f"--quantize {quantize}: unsupported; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if out.exists() and not overwrite:
+        raise ModelError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: is a file; --out must be a directory")
+    src_dir = resolve_source(src)
+    if backend is None and (src_dir / BACKEND_NAME).is_file():
+        backend = src_dir / BACKEND_NAME
+    bk = load_backend(Path(backend)) if backend is not None else None
+    training = _read_train_info(src_dir)
+
+    clf = load_encoder_classifier(str(src_dir))
+    n_mels = int(getattr(clf.mods.compute_features.compute_fbanks, "n_mels", 80))
+    params = FrontendParams(n_mels=n_mels)
+    frontend = Fbank(params)
+    ecapa_dim = int(clf.mods.embedding_model.fc.conv.out_channels)
+    if bk is not None and bk[0].shape[0] != ecapa_dim:
+        raise ModelError(
+            f"{backend}: back-end expects {bk[0].shape[0]}-d embeddings but the model gives {ecapa_dim}-d"
+        )
+    clips = check_clips(params.sample_rate)
+    feats = frontend.features_batch(clips)
+    ref = reference_embeddings(clf, clips, None if bk is None else (bk[0], bk[1]))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        fp32_path = tmp / "model.fp32.onnx"
+        _onnx_export(
+            _graph_module(clf.mods.embedding_model, None if bk is None else (bk[0], bk[1])), n_mels, fp32_path
+        )
+        sess = _session(fp32_path)
+        fp32 = _onnx_embed(sess, feats)
+        _check_batching(sess, feats[0], src)
+        cos = _cosines(fp32, ref)
+        parity = ParityReport(
+            reference="speechbrain EncoderClassifier.encode_batch(wav, normalize=False)"
+            + (" + back-end" if bk is not None else ""),
+            clips_s=[round(len(c) / params.sample_rate, 3) for c in clips],
+            min_cosine=float(cos.min()),
+            max_abs_diff=float(np.abs(fp32 - ref).max()),
+            threshold=PARITY_MIN_COSINE,
+        )
+        logger.info(
+            "export parity: min cosine %.6f, max abs diff %.3g", parity.min_cosine, parity.max_abs_diff
+        )
+        if not parity.min_cosine >= PARITY_MIN_COSINE:
+            raise ModelError(
+                f"{src}: exported model disagrees with speechbrain (min cosine {parity.min_cosine:.6f} "
+                f"< {PARITY_MIN_COSINE}); nothing written; this model's layers are not exportable as is"
+            )
+        quant = None
+        if quantize == "int8":
+            _quantize_int8(fp32_path, tmp / ONNX_NAME)
+            int8 = _onnx_embed(_session(tmp / ONNX_NAME), feats)
+            qcos = _cosines(int8, fp32)
+            quant = QuantizationReport(
+                scheme="onnxruntime quantize_dynamic, QInt8 weights, per-tensor",
+                min_cosine_to_fp32=float(qcos.min()),
+                mean_cosine_to_fp32=float(qcos.mean()),
+                fp32_sha256=sha256_file(fp32_path),
+                threshold=INT8_MIN_COSINE,
+            )
+            logger.info("int8 agreement with fp32: min cosine %.6f", quant.min_cosine_to_fp32)
+            if not quant.min_cosine_to_fp32 >= INT8_MIN_COSINE:
+                raise ModelError(
+                    f"{src}: int8 model disagrees with fp32 (min cosine {quant.min_cosine_to_fp32:.4f} "
+                    f"< {INT8_MIN_COSINE}); nothing written; export without --quantize"
+                )
+            fp32_path.unlink()
+        else:
+            fp32_path.rename(tmp / ONNX_NAME)
+        manifest = Manifest(
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source=src,
+            export_command=command,
+            frontend=params,
+            embedding_dim=int(fp32.shape[1]),
+            onnx_sha256=sha256_file(tmp / ONNX_NAME),
+            opset=OPSET,
+            parity=parity,
+            quantization=quant,
+            backend=None
+            if bk is None
+            else BackendInfo(
+                file=str(backend),
+                sha256=sha256_file(Path(backend)),
+                input_dim=int(bk[1].shape[0]),
+                output_dim=int(bk[1].shape[1]),
+                kind=bk[2],
+            ),
+            training=training,
+            metrics=dict(training.metrics) if training is not None else {},
+            versions=_versions(),
+        )
+        write_manifest(manifest, tmp)
+        _place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s and %s in %s", ONNX_NAME, MANIFEST_NAME, out)
+    return manifest
