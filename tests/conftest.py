@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.data",
+    "tests.fixtures.models",
     "tests.fixtures.broker",
     "tests.fixtures.cryceleb",
 ]
