@@ -122,14 +122,12 @@ class Segmenter:
         self._hang_frames = max(1, ms(s.hangover_ms))
         self._min_len = s.min_expiration_ms * sample_rate // 1000
         self._max_frames = max(2, ms(s.max_expiration_ms))
-        self._vad = webrtcvad.Vad(s.vad_aggressiveness)
+        self._make_vad = lambda: webrtcvad.Vad(s.vad_aggressiveness)
         self._floor = NoiseFloor(
             window_frames=max(1, round(s.noise_floor_window_s * 1000 / s.frame_ms)),
             percentile=s.noise_floor_percentile,
             clamp_dbfs=s.min_level_dbfs - s.gate_margin_db,
         )
-        self.frames_vad = 0  # frames that reached the VAD (the gate let them through)
-        self.frames_total = 0
         self.reset()
 
     def _ms_to_frames(self, ms: int) -> int:
@@ -137,6 +135,9 @@ class Segmenter:
 
     def reset(self) -> None:
         """Forget everything: the next sample is sample 0 of a new stream."""
+        self._vad = self._make_vad()  # WebRTC VAD adapts to the stream: a new stream needs a new one
+        self.frames_vad = 0  # frames that reached the VAD (the gate let them through)
+        self.frames_total = 0
         self._carry = np.zeros(0, dtype=np.float32)
         self._next_sample = 0  # stream index of the first sample of the next whole frame
         self._floor.reset()
