@@ -1,0 +1,157 @@
+"""`cryid model train`: a few steps on a tiny subset of real cries, resume, export, ONNX parity.
+
+Real speechbrain training on CPU with a tiny ECAPA-TDNN (C=16), real cries from ../shared/data
+(skipped when absent), cryid's real exporter and onnxruntime Embedder; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("speechbrain", reason="speechbrain (the `train` extra) is not installed")
+
+N_TRAIN_BABIES = 5
+N_DEV_BABIES = 3
+
+
+def _tiny_set(dac_dir: Path, out: Path) -> Path:
+    """A CryCeleb-layout folder with a few train and dev infants; the audio folder is a symlink."""
+    out.mkdir()
+    (out / "audio").symlink_to(dac_dir / "audio")
+    with open(dac_dir / "metadata.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train_babies = sorted({r["baby_id"] for r in rows if r["split"] == "train"})[:N_TRAIN_BABIES]
+    dev_babies = sorted({r["baby_id"] for r in rows if r["split"] == "dev"})[:N_DEV_BABIES]
+    keep = [r for r in rows if r["baby_id"] in set(train_babies) | set(dev_babies)]
+    with open(out / "metadata.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    with open(out / "dev_pairs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["baby_id_B", "baby_id_D", "id", "label"])
+        for b in dev_babies:
+            for d in dev_babies:
+                w.writerow([b, d, f"{b}B_{d}D", int(b == d)])
+    ids = {r["file_id"] for r in keep}
+    with open(dac_dir / "provenance.csv", newline="") as fh:
+        prov = [r for r in csv.DictReader(fh) if r["file_id"] in ids]
+    with open(out / "provenance.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(prov[0]))
+        w.writeheader()
+        w.writerows(prov)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_set(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_set(dac_dir, tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _settings(epochs: int):
+    from cryid.models.train import TrainSettings
+
+    return TrainSettings(
+        channels=16,
+        embedding_dim=16,
+        epochs=epochs,
+        batch_size=4,
+        chunks_per_item=2,
+        lr=1e-3,
+        chunk_min_s=0.5,
+        chunk_max_s=1.0,
+        bandlimit_p=0.5,
+        noise_p=0.5,
+        gain_p=0.5,
+        speed_p=0.5,
+        max_freq_hz=4000,
+        backend="lda",
+        backend_dims=3,
+        device="cpu",
+        threads=1,
+        seed=3,
+    )
+
+
+def test_train_resume_export_parity(tiny_set: Path, tmp_path: Path) -> None:
+    import torch
+    from cryid.models.backend import load_backend
+    from cryid.models.embedder import Embedder
+    from cryid.models.export import export_model
+    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.train import STATE_NAME, kept_mel_bins, train
+
+    command = "cryid model train --data tiny --out run --channels 16 (test)"
+    # straight: 2 epochs; interrupted: 1 epoch, then the same run asked for 2 resumes at epoch 2
+    straight = train(_settings(2), tiny_set, tmp_path / "straight", command=command, progress=False)
+    first = train(_settings(1), tiny_set, tmp_path / "resumed", command=command, progress=False)
+    assert first.best_epoch == 1
+    resumed = train(_settings(2), tiny_set, tmp_path / "resumed", command=command, progress=False)
+    info = json.loads((tmp_path / "resumed" / "train_info.json").read_text())
+    assert [e["epoch"] for e in info["epochs"]] == [1, 2]
+    assert info["command"] == command
+    assert resumed.best_epoch == straight.best_epoch
+    a = torch.load(tmp_path / "straight" / STATE_NAME, weights_only=False)["embedding_model"]
+    b = torch.load(tmp_path / "resumed" / STATE_NAME, weights_only=False)["embedding_model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"resumed {name} differs")
+    assert {"eer", "eer_channel_matched", "top1"} <= set(resumed.metrics)
+
+    # the bands above 4 kHz are switched off inside the checkpoint itself (plain speechbrain sees it)
+    model_dir = tmp_path / "resumed"
+    weights = torch.load(model_dir / "embedding_model.ckpt", weights_only=True)["blocks.0.conv.conv.weight"]
+    assert float(weights[:, kept_mel_bins(4000) :, :].abs().max()) == 0.0
+    assert float(weights[:, : kept_mel_bins(4000), :].abs().max()) > 0.0
+
+    manifest = export_model(str(model_dir), tmp_path / "onnx")
+    assert manifest.training is not None and manifest.training.command == command
+    assert manifest.backend is not None and manifest.embedding_dim == 3
+
+    from cryid.models.audio import load_audio
+
+    wav = load_audio(next((tiny_set / "audio" / "dev").rglob("*.flac")))
+    clf = load_encoder_classifier(model_dir)
+    with torch.no_grad():
+        ref = clf.encode_batch(torch.from_numpy(wav)[None], normalize=False)[0, 0].numpy()
+    ref = load_backend(model_dir).apply(ref)
+    got = Embedder(tmp_path / "onnx").embed(wav)
+    cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert cos >= 0.9999, f"ONNX embedding disagrees with the checkpoint: cosine {cos:.6f}"
+
+
+def test_resume_with_other_settings_is_refused(tiny_set: Path, tmp_path: Path) -> None:
+    from cryid.models.train import TrainError, train
+
+    settings = _settings(1).model_copy(update={"backend": "none", "val_split": None})
+    train(settings, tiny_set, tmp_path / "run", progress=False)
+    with pytest.raises(TrainError, match="other settings"):
+        train(settings.model_copy(update={"lr": 0.5}), tiny_set, tmp_path / "run", progress=False)
+
+
+def test_cli_rejects_bad_channels(tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryid.daemon.cli import main
+
+    rc = main(
+        [
+            "model",
+            "train",
+            "--data",
+            str(tiny_set),
+            "--out",
+            str(tmp_path / "x"),
+            "--channels",
+            "12",
+            "--epochs",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "multiple of 8" in err and "\n" not in err.strip()
+    assert not (tmp_path / "x" / "train_info.json").exists()
