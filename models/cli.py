@@ -113,8 +113,135 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """issue 6: cryid model train --data DIR --out DIR [--init SRC] ..."""
+    """issue 6: cryid model train --data DIR --out DIR [--init SRC] ...
+
+    One option per field of ``cryid.models.train.TrainSettings`` (its defaults and descriptions; the
+    CLI restates none), e.g. ``--channels 256 --bandlimit-p 0.5 --backend lda``.
+    """
+    import typing
+    from pathlib import Path
+
+    from cryid.models.train import TrainSettings
+
+    p = msub.add_parser(
+        "train",
+        help="train (or fine-tune) an ECAPA-TDNN on cries in CryCeleb layout",
+        description="The CryCeleb recipe (Fbank 80, ECAPA-TDNN, AAM-softmax, Adam, random 3-5 s chunks); "
+        "validates dev EER after each epoch, keeps the best, resumes an interrupted run in the same --out.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="Data in CryCeleb layout (metadata.csv, audio/).")
+    p.add_argument("--out", type=Path, required=True, help="Output folder (speechbrain layout).")
+    p.add_argument("--init", default=None, help="Fine-tune this speechbrain model (local folder or hub id).")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    for name, field in TrainSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ann = field.annotation
+        args = typing.get_args(ann)
+        default = field.default
+        help_text = f"{field.description} (default: {default})"
+        if ann is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(ann) is typing.Literal:
+            p.add_argument(flag, choices=list(args), default=None, help=help_text)
+        elif typing.get_origin(ann) is tuple:
+            nargs = "+" if Ellipsis in args else len(args)
+            p.add_argument(flag, type=float, nargs=nargs, default=None, metavar="X", help=help_text)
+        else:
+            base = next((a for a in args if a is not type(None)), ann) if args else ann
+            p.add_argument(flag, type=lambda v, t=base: None if v.lower() == "none" else t(v), default=None,
+                           metavar=getattr(base, "__name__", "V").upper(), help=help_text)
+
+    def handler(args: argparse.Namespace, settings: object) -> int:
+        import shlex
+        import sys
+
+        from cryid.models.train import train
+
+        given = {n: getattr(args, n) for n in TrainSettings.model_fields if getattr(args, n) is not None}
+        config = TrainSettings(**given)
+        command = "cryid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+        result = train(config, args.data, args.out, init=args.init, command=command, progress=not args.quiet)
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
+        print(f"{result.out_dir}: best epoch {result.best_epoch}" + (f" ({figures})" if figures else ""))
+        return 0
+
+    p.set_defaults(func=handler)
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """issue 5: cryid eval --data DIR --split dev|test [--model DIR | --speechbrain SRC] ..."""
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "eval",
+        help="CryCeleb2023 EER (paper protocol) and the ward's identification rates",
+        description="Paper protocol: every cry of a (baby, period) concatenated in chronological order, one "
+        "embedding, cosine B vs D for every pair of <split>_pairs.csv, EER as speechbrain's. Ward protocol: "
+        "enroll each baby from its B files as `cryid enroll` does, identify each D file as the daemon does. "
+        "Embeddings are cached per (model, file), so a second run is immediate.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="CryCeleb-layout data set (holds metadata.csv)")
+    p.add_argument("--split", required=True, choices=["dev", "test"], help="split to evaluate")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", type=Path, default=None, help="cryid model directory (default CRYID_MODEL)")
+    which.add_argument("--speechbrain", metavar="SRC", default=None,
+                       help="speechbrain model directory or hub id: the reference (train extra)")
+    p.add_argument("--protocol", choices=["pairs", "ward", "both"], default=None, help="protocols to run")
+    p.add_argument("--tta", type=int, default=None, help="average the scores of N seeded shuffled orders")
+    p.add_argument("--seed", type=int, default=None, help="seed of the --tta orders")
+    p.add_argument("--score-norm", choices=["none", "asnorm"], default=None, help="normalise the pair scores")
+    p.add_argument("--cohort", default=None, help="split of the same data set used as AS-norm cohort")
+    p.add_argument("--cohort-top-k", type=int, default=None, help="AS-norm top-k cohort scores")
+    p.add_argument("--json", type=Path, default=None, help="write every figure as JSON (fractions 0-1)")
+    p.add_argument("--plot", type=Path, default=None, help="score histogram PNG (needs matplotlib)")
+    p.add_argument("--submission", type=Path, default=None, help="CSV id,score for every pair")
+    p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (~/.cache/cryid/embeddings)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+
+    def handler(args: argparse.Namespace, settings: object) -> int:
+        from cryid.models import eval_output
+        from cryid.models.eval_backends import default_cache_dir, load_backend_for_eval
+        from cryid.models.evaluate import EvalOptions, run_evaluation
+        from pydantic import ValidationError
+
+        names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k")
+        given = {k: getattr(args, k) for k in names}
+        try:
+            options = EvalOptions(split=args.split, **{k: v for k, v in given.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        if args.submission is not None and options.protocol == "ward":
+            raise ValueError("--submission needs the paper protocol; drop --protocol ward")
+        for option, path in (("--json", args.json), ("--plot", args.plot), ("--submission", args.submission)):
+            if path is not None:
+                eval_output.check_output_path(path, option)
+        if args.plot is not None:
+            eval_output.require_matplotlib()
+        model_dir = args.model if args.model is not None else settings.model  # type: ignore[attr-defined]
+        backend = load_backend_for_eval(
+            None if args.speechbrain else model_dir, args.speechbrain, settings.embedder  # type: ignore[attr-defined]
+        )
+        report = run_evaluation(
+            args.data,
+            options,
+            backend,
+            backend_name="speechbrain" if args.speechbrain else "onnx",
+            model_label=str(args.speechbrain or model_dir),
+            segmenter=settings.segmenter,  # type: ignore[attr-defined]
+            cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        )
+        for line in eval_output.summary_lines(report):
+            print(line)
+        if args.submission is not None and report.pairs is not None:
+            eval_output.write_submission(report.pairs, args.submission)
+            print(f"submission: {args.submission} ({report.pairs.pairs} pairs)")
+        if args.plot is not None:
+            eval_output.plot_scores(report, args.plot)
+            print(f"plot: {args.plot}")
+        if args.json is not None:
+            eval_output.write_json(report, args.json)
+            print(f"json: {args.json}")
+        return 0
+
+    p.set_defaults(func=handler)
