@@ -296,7 +296,7 @@ def load_sounddevice() -> ModuleType:
     """Import sounddevice, or say how to get PortAudio."""
     try:
         import sounddevice
-    except OSError as exc:
+    except (OSError, ImportError) as exc:  # no PortAudio library, or sounddevice not installed
         raise SourceError(
             f"cannot use a microphone: {exc}; install PortAudio (apt install libportaudio2) "
             "or read a file with --source PATH"
