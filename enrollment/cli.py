@@ -51,10 +51,9 @@ def _add(args: argparse.Namespace, settings: Any) -> int:
     baby_id = check_baby_id(args.baby_id)
     with _registry(settings) as reg:
         enroll.ensure_can_add(reg, baby_id, args.replace)
-        embedder = _embedder(settings)
         samples = enroll.prepare_files(
             [Path(p) for p in args.audio], period=args.period, segmenter=settings.segmenter,
-            embedder=embedder, keep_audio=_keep_audio(args, settings),
+            embedder_factory=lambda: _embedder(settings), keep_audio=_keep_audio(args, settings),
         )
         result = enroll.add(
             reg, baby_id, samples, settings.registry, room=args.room or settings.room,
@@ -68,10 +67,9 @@ def _update(args: argparse.Namespace, settings: Any) -> int:
     baby_id = check_baby_id(args.baby_id)
     with _registry(settings) as reg:
         enroll.ensure_can_update(reg, baby_id)
-        embedder = _embedder(settings)
         samples = enroll.prepare_files(
             [Path(p) for p in args.audio], period=args.period, segmenter=settings.segmenter,
-            embedder=embedder, keep_audio=_keep_audio(args, settings),
+            embedder_factory=lambda: _embedder(settings), keep_audio=_keep_audio(args, settings),
         )
         result = enroll.update(reg, baby_id, samples, settings.registry)
     _report(result, "updated", settings)

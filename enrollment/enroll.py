@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,31 +133,36 @@ def prepare_recording(
     )
 
 
+def load_files(paths: Sequence[Path]) -> list[tuple[str, np.ndarray]]:
+    """Read every file (name, 16 kHz mono audio) before any embedding, so bad input fails fast."""
+    if not paths:
+        raise EnrollmentError("no audio files given; name one or more WAV/FLAC recordings")
+    for p in paths:
+        if not Path(p).is_file():
+            raise EnrollmentError(f"{p}: no such file; check the path")
+    return [(Path(p).name, load_audio(p)) for p in paths]
+
+
 def prepare_files(
     paths: Sequence[Path],
     *,
     period: str,
     segmenter: SegmenterSettings,
-    embedder: Embedder,
+    embedder_factory: Callable[[], Embedder],
     keep_audio: bool,
 ) -> list[NewSample]:
-    """Read, segment and embed each file; every file must be audio holding some cry."""
-    if not paths:
-        raise EnrollmentError("no audio files given; name one or more WAV/FLAC recordings")
-    for p in paths:  # cheap checks first, so a typo fails before minutes of embedding
-        if not Path(p).is_file():
-            raise EnrollmentError(f"{p}: no such file; check the path")
+    """Read, segment and embed each file; every file must be audio holding some cry.
+
+    The embedder is built (``embedder_factory()``) only once every file has been read.
+    """
+    loaded = load_files(paths)
+    embedder = embedder_factory()
     return [
         prepare_recording(
-            load_audio(p),
-            source_kind="file",
-            source=Path(p).name,
-            period=period,
-            segmenter=segmenter,
-            embedder=embedder,
-            keep_audio=keep_audio,
+            wav, source_kind="file", source=name, period=period, segmenter=segmenter,
+            embedder=embedder, keep_audio=keep_audio,
         )
-        for p in paths
+        for name, wav in loaded
     ]
 
 
