@@ -3,8 +3,135 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryid.daemon.config import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the daemon's sub-commands to ``cryid``'s parser."""
-    del sub  # issue 3 adds run, devices, demo, config, schema
+    run = sub.add_parser("run", help="listen and publish identifications on MQTT (the daemon)")
+    run.add_argument(
+        "--source",
+        default="mic",
+        help="mic (default), an audio file (WAV, FLAC, ...), or - for raw s16le 16 kHz stdin",
+    )
+    run.add_argument(
+        "--realtime", action="store_true", help="play a file at real speed (default: as fast as possible)"
+    )
+    run.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="TOML config file (or CRYID_CONFIG)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    devices = sub.add_parser("devices", help="list the audio input devices")
+    devices.set_defaults(func=cmd_devices)
+
+    demo = sub.add_parser(
+        "demo", help="the whole job end to end on a fresh machine: enroll, replay, identify"
+    )
+    demo.add_argument("--babies", type=int, default=3, help="babies to enroll (2-8)")
+    demo.add_argument(
+        "--synthetic", action="store_true", help="use generated cries even when real ones exist"
+    )
+    demo.add_argument("--realtime", action="store_true", help="replay the nursery stream at real speed")
+    demo.add_argument(
+        "--keep", type=Path, default=None, help="keep the demo state (registry, outbox, stream) here"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="show or check the configuration")
+    csub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = csub.add_parser("check", help="print the effective configuration (secrets masked)")
+    check.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    check.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="TOML config file (or CRYID_CONFIG)"
+    )
+    check.set_defaults(func=cmd_config_check)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the MQTT payloads")
+    schema.set_defaults(func=cmd_schema)
+
+
+# --------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.daemon.service import build_service
+
+    service = build_service(settings, args.source, args.realtime, getattr(args, "config", None))
+    service.install_signal_handlers()
+    code = service.run()
+    service.close()
+    if code and service.fatal:
+        print(f"cryid: error: {service.fatal}", file=sys.stderr)
+    return code
+
+
+def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.daemon.sources import list_input_devices
+
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found (is a microphone connected? is the user in group 'audio'?)")
+        return 1
+    for d in devices:
+        print(d)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.daemon.demo import run_demo
+
+    return run_demo(
+        settings, babies=args.babies, synthetic=args.synthetic, realtime=args.realtime, keep=args.keep
+    )
+
+
+# ------------------------------------------------------------------------------------ config
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Settings as TOML (unset values as comments), ready to copy into a config file."""
+    lines: list[str] = []
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            continue
+        lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+    for k, v in tables.items():
+        name = f"{prefix}{k}"
+        lines.append(f"\n[{name}]")
+        lines.append(to_toml(v, name + ".").strip("\n"))
+    return "\n".join(lines) + "\n"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings with secrets replaced by ``**********``."""
+    return settings.model_dump(mode="json")  # SecretStr dumps masked
+
+
+def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
+    settings.mqtt.resolved_password()  # an unreadable password file is an error here, not at 3 a.m.
+    data = masked(settings)
+    print(json.dumps(data, indent=2) if args.json else to_toml(data), end="" if not args.json else "\n")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.daemon.events import schema_text
+
+    print(schema_text())
+    return 0

@@ -113,7 +113,7 @@ class ServiceSettings(BaseModel):
         200,
         ge=2,
         le=100000,
-        description="Audio chunks queued between source and pipeline (live sources drop when full).",
+        description="Audio chunks queued between reader and pipeline; when full, the reader waits.",
     )
     shutdown_timeout_s: float = Field(
         10.0, ge=0.0, le=600.0, description="On stop, wait this long for the broker to acknowledge events."

@@ -44,6 +44,7 @@ class MqttPublisher:
         self.status_topic = f"{self.prefix}/status"
         self.stats_topic = f"{self.prefix}/stats"
         self.fatal_error: str | None = None
+        self.ever_connected = False
         self.published = 0
         self.acknowledged = 0
         self._map_lock = threading.Lock()  # mid -> event id; never held while calling into paho
@@ -136,7 +137,8 @@ class MqttPublisher:
                 logger.warning("broker refused the connection (%s); retrying", name)
             return
         logger.info("connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
-        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self._publish(self.status_topic, ONLINE, 1, True, None)
+        self.ever_connected = True
         self._connected.set()
         self.connected_changed.set()
 

@@ -1,0 +1,478 @@
+"""The daemon's lifecycle: the only place with threads, queues and signals.
+
+Threads: a reader (``source.read()`` -> bounded queue), the pipeline (segmenter -> embedder ->
+identifier -> outbox -> MQTT pump) and the main thread (signals, registry polling, stats, systemd
+notify, outbox retries, shutdown). paho runs its own network thread (:mod:`cryid.daemon.mqtt`).
+
+Stopping (SIGTERM/SIGINT, or the end of a file): the reader stops, the pipeline drains the queue and
+flushes the segmenter (the expiration being heard is finished) and the identifier (the episode gets
+its final event), the outbox is given ``service.shutdown_timeout_s`` to be acknowledged (whatever is
+left is published at the next start), ``offline`` is published, exit 0. SIGHUP re-reads the config
+(identifier thresholds and gaps; other sections need a restart) and the registry. A broker refusing
+the credentials is fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from cryid.daemon.config import Settings, load_settings
+from cryid.daemon.events import Stats
+from cryid.daemon.identifier import Identification, Identifier
+from cryid.daemon.mqtt import MqttPublisher
+from cryid.daemon.outbox import Outbox
+from cryid.models.audio import SAMPLE_RATE
+from cryid.models.pipeline import EmbeddedExpiration
+from cryid.models.segmenter import Segmenter
+
+logger = logging.getLogger(__name__)
+
+_EOF = object()
+
+
+class ServiceError(ValueError):
+    """A fatal condition the daemon cannot recover from (bad credentials, no model, ...)."""
+
+
+class Source(Protocol):
+    """What the service needs of an audio source (``cryid.daemon.sources.AudioSource``)."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    def open(self) -> None: ...
+
+    def read(self, timeout_s: float | None = None) -> Any: ...  # AudioChunk, or None (nothing yet / eof)
+
+    def close(self) -> None: ...
+
+
+class EmbedderLike(Protocol):
+    sha256: str
+
+    def embed(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray: ...
+
+
+class RegistryLike(Protocol):
+    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]: ...
+
+    def needs_reenrollment(self, model_sha256: str) -> list[str]: ...
+
+    def data_version(self) -> int: ...
+
+
+@dataclass
+class _Counters:
+    """Figures the pipeline thread writes and the main thread reads (plain ints/floats: atomic enough)."""
+
+    samples: int = 0
+    expirations: int = 0
+    episodes: int = 0
+    events: int = 0
+    busy_s: float = 0.0
+    audio_s: float = 0.0
+    sumsq: float = 0.0
+    n_level: int = 0
+    heartbeat: float = field(default_factory=time.monotonic)
+
+
+class Notifier:
+    """systemd notify (READY, WATCHDOG, STATUS) when ``NOTIFY_SOCKET`` is set; otherwise nothing."""
+
+    def __init__(self) -> None:
+        self._n: Any = None
+        self.watchdog_s: float | None = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+            usec = os.environ.get("WATCHDOG_USEC")
+            if usec and usec.isdigit():
+                self.watchdog_s = int(usec) / 1e6 / 2
+
+    def notify(self, msg: str) -> None:
+        if self._n is not None:
+            self._n.notify(msg)
+
+
+class Service:
+    """source -> segmenter -> embedder -> identifier -> outbox -> MQTT, until stopped or the source ends."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: Source,
+        embedder: EmbedderLike,
+        registry: RegistryLike,
+        outbox: Outbox,
+        publisher: MqttPublisher,
+        config_file: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.embedder = embedder
+        self.registry = registry
+        self.outbox = outbox
+        self.publisher = publisher
+        self.config_file = config_file
+        self.sha = embedder.sha256
+        seg = settings.segmenter
+        self.segmenter = Segmenter(seg, SAMPLE_RATE)
+        settle = (seg.max_expiration_ms + seg.hangover_ms + seg.pre_roll_ms) * SAMPLE_RATE // 1000
+        self.identifier = Identifier(settings.identifier, {}, SAMPLE_RATE, settle_samples=settle)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.service.queue_chunks)
+        self.counters = _Counters()
+        self.stream_start = datetime.now(timezone.utc)
+        self.started = time.monotonic()
+        self.notifier = Notifier()
+        self.source_error: str | None = None
+        self.fatal: str | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._pipeline_done = threading.Event()
+        self._pending_centroids: dict[str, np.ndarray] | None = None
+        self._pending_identifier_settings: Any = None
+        self._registry_version: int | None = None
+        self._enrolled: list[str] = []
+        self._needs_reenrollment: list[str] = []
+        self._running = False
+        self._source_state: Any = None
+
+    # control (any thread, signal handlers) -----------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads (only possible from the main thread)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    # threads ------------------------------------------------------------------------------------
+    def _reader(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self.source.read(0.5)
+                if chunk is None:
+                    if self.source.eof:
+                        break
+                    continue
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(chunk, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as exc:  # thread boundary: a source that fails for good ends the run
+            logger.exception("audio source failed")
+            self.source_error = str(exc)
+            self.fatal = f"audio source failed: {exc}"
+        finally:
+            self.queue.put(_EOF)
+
+    def _pipeline(self) -> None:
+        c = self.counters
+        try:
+            while True:
+                c.heartbeat = time.monotonic()
+                try:
+                    item = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _EOF:
+                    break
+                self._apply_pending()
+                t0 = time.perf_counter()
+                samples = np.asarray(item.samples, dtype=np.float32)
+                for exp in self.segmenter.process(samples):
+                    self._identify(exp)
+                c.samples = self.segmenter.samples_seen
+                for r in self.identifier.advance(c.samples):
+                    self._emit(r)
+                c.busy_s += time.perf_counter() - t0
+                c.audio_s += samples.size / SAMPLE_RATE
+                c.sumsq += float(np.dot(samples, samples))
+                c.n_level += samples.size
+            for exp in self.segmenter.flush():
+                self._identify(exp)
+            for r in self.identifier.flush():
+                self._emit(r)
+        except Exception as exc:  # thread boundary
+            logger.exception("pipeline failed")
+            self.fatal = f"pipeline failed: {exc}"
+        finally:
+            self._pipeline_done.set()
+
+    def _identify(self, exp: Any) -> None:
+        try:
+            emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
+        except ValueError as exc:  # one bad expiration must not stop the ward's daemon
+            logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
+            return
+        self.counters.expirations += 1
+        for r in self.identifier.process(EmbeddedExpiration(exp, emb)):
+            self._emit(r)
+
+    def _emit(self, r: Identification) -> None:
+        ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
+        topic = self.publisher.event_topic(ev.baby_id)
+        self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self.counters.events += 1
+        if r.kind == "episode":
+            self.counters.episodes += 1
+        logger.info(
+            "event %s %s at %.2f s: %s baby=%s score=%s margin=%s n=%d",
+            ev.event_id,
+            ev.kind,
+            ev.stream_offset_s,
+            ev.decision,
+            ev.best_baby_id,
+            ev.score,
+            ev.margin,
+            ev.n_expirations,
+        )
+        self.publisher.pump()
+
+    def _apply_pending(self) -> None:
+        cents, self._pending_centroids = self._pending_centroids, None
+        if cents is not None:
+            self.identifier.set_centroids(cents)
+        ids, self._pending_identifier_settings = self._pending_identifier_settings, None
+        if ids is not None:
+            self.identifier.set_settings(ids)
+
+    # main thread ----------------------------------------------------------------------------
+    def _poll_registry(self) -> None:
+        version = self.registry.data_version()
+        if version == self._registry_version:
+            return
+        self._registry_version = version
+        cents = self.registry.centroids(self.sha)
+        added = sorted(set(cents) - set(self._enrolled))
+        removed = sorted(set(self._enrolled) - set(cents))
+        self._enrolled = sorted(cents)
+        self._needs_reenrollment = self.registry.needs_reenrollment(self.sha)
+        if self._running:
+            self._pending_centroids = cents  # the pipeline thread applies it before its next chunk
+        else:
+            self.identifier.set_centroids(cents)
+        logger.info(
+            "registry: %d babies enrolled for model %s (added %s, removed %s)",
+            len(cents),
+            self.sha[:12],
+            ", ".join(added) or "-",
+            ", ".join(removed) or "-",
+        )
+        if self._needs_reenrollment:
+            logger.warning(
+                "%d babies have no embeddings for the current model and cannot be identified: %s; "
+                "run `cryid enroll reembed`",
+                len(self._needs_reenrollment),
+                ", ".join(self._needs_reenrollment),
+            )
+
+    def _do_reload(self) -> None:
+        self._reload.clear()
+        logger.info("SIGHUP: reloading configuration and registry")
+        try:
+            new = load_settings(self.config_file)
+        except Exception as exc:  # a bad edit must not kill a running daemon
+            logger.error("configuration not reloaded, keeping the running one: %s", exc)
+        else:
+            restart = [
+                name
+                for name in ("state_dir", "model", "segmenter", "embedder", "registry", "mqtt", "outbox")
+                if getattr(new, name) != getattr(self.settings, name)
+            ]
+            if restart:
+                logger.warning("changes to %s take effect after a restart", ", ".join(restart))
+            self._pending_identifier_settings = new.identifier
+            self.settings = self.settings.model_copy(
+                update={"identifier": new.identifier, "room": self.settings.room}
+            )
+        self._registry_version = None
+        self._poll_registry()
+
+    def stats(self) -> Stats:
+        c = self.counters
+        busy, audio = c.busy_s, c.audio_s
+        c.busy_s = c.audio_s = 0.0
+        sumsq, n = c.sumsq, c.n_level
+        c.sumsq, c.n_level = 0.0, 0
+        level = 10.0 * float(np.log10(sumsq / n + 1e-12)) if n else None
+        return Stats(
+            at=datetime.now(timezone.utc),
+            room=self.settings.room,
+            uptime_s=round(time.monotonic() - self.started, 1),
+            stream_offset_s=round(c.samples / SAMPLE_RATE, 2),
+            realtime_factor=round(busy / audio, 4) if audio > 0 else None,
+            queue_depth=self.queue.qsize(),
+            dropped_frames=int(getattr(self.source, "dropped_chunks", 0))
+            + int(getattr(self.source, "overflows", 0)),
+            outbox_size=self.outbox.size(),
+            outbox_dropped=self.outbox.dropped,
+            input_level_dbfs=None if level is None else round(max(level, -120.0), 1),
+            source_ok=self.source_error is None,
+            source_error=self.source_error,
+            expirations=c.expirations,
+            episodes=c.episodes,
+            enrolled=len(self._enrolled),
+            needs_reenrollment=self._needs_reenrollment,
+            model_sha256=self.sha,
+        )
+
+    def run(self) -> int:
+        """Run until stopped (signal) or the source ends; returns the exit status."""
+        self._poll_registry()
+        self._running = True
+        left = self.outbox.size()
+        if left:
+            logger.info("%d events from a previous run wait in the outbox; publishing them first", left)
+        self.publisher.start()
+        self.stream_start = datetime.now(timezone.utc)
+        threads = [
+            threading.Thread(target=self._reader, name="cryid-reader", daemon=True),
+            threading.Thread(target=self._pipeline, name="cryid-pipeline", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        self.notifier.notify("READY=1")
+        logger.info(
+            "listening (room %s, model %s, %d babies)", self.settings.room, self.sha[:12], len(self._enrolled)
+        )
+        poll_s = self.settings.service.registry_poll_s
+        next_poll = next_stats = next_dog = time.monotonic()
+        next_stats += min(5.0, self.settings.mqtt.stats_interval_s)
+        while not self._pipeline_done.is_set():
+            if self.publisher.fatal_error:
+                self.fatal = self.publisher.fatal_error
+            if self.fatal:
+                break
+            now = time.monotonic()
+            if self._reload.is_set():
+                self._do_reload()
+            if now >= next_poll:
+                self._poll_registry()
+                next_poll = now + poll_s
+            if self._check_source_state() or now >= next_stats:
+                st = self.stats()
+                self.publisher.publish_stats(st.model_dump_json())
+                self.notifier.notify(
+                    f"STATUS={'connected' if self.publisher.connected else 'broker unreachable'}, "
+                    f"{st.enrolled} babies, {st.expirations} expirations, outbox {st.outbox_size}"
+                )
+                next_stats = now + self.settings.mqtt.stats_interval_s
+            if self.notifier.watchdog_s and now >= next_dog:
+                if now - self.counters.heartbeat < 10.0:  # only while the pipeline is alive
+                    self.notifier.notify("WATCHDOG=1")
+                next_dog = now + self.notifier.watchdog_s
+            self.publisher.pump()
+            self._stop.wait(0.1)
+            if self._stop.is_set():
+                logger.info("stopping: finishing the current expiration")
+                self._stop_source()
+                break
+        return self._shutdown(threads)
+
+    def _check_source_state(self) -> bool:
+        """A live source went down or came back (``state`` of a MicSource): True when it changed."""
+        state = getattr(self.source, "state", None)
+        if state is None or state == self._source_state:
+            return False
+        self._source_state = state
+        self.source_error = None if state.ok else state.message
+        return True
+
+    def _stop_source(self) -> None:
+        self._stop.set()
+        try:
+            self.source.close()
+        except Exception:  # closing a broken device must not prevent a clean stop
+            logger.exception("closing the audio source failed")
+
+    def _shutdown(self, threads: list[threading.Thread]) -> int:
+        self.notifier.notify("STOPPING=1")
+        if self.fatal:
+            self._stop_source()
+        for t in threads:
+            t.join(timeout=max(5.0, self.settings.service.shutdown_timeout_s))
+        deadline = time.monotonic() + self.settings.service.shutdown_timeout_s
+        while (
+            (self.outbox.size() or not self.publisher.ever_connected)
+            and time.monotonic() < deadline
+            and not self.publisher.fatal_error
+        ):
+            self.publisher.pump()
+            time.sleep(0.05)
+        self.fatal = self.fatal or self.publisher.fatal_error
+        if self.outbox.size():
+            logger.warning(
+                "%d events not acknowledged yet; they are published at the next start", self.outbox.size()
+            )
+        self.publisher.publish_stats(self.stats().model_dump_json())
+        self.publisher.stop()
+        if self.fatal:
+            logger.error("%s", self.fatal)
+            return 1
+        logger.info("stopped")
+        return 0
+
+    def close(self) -> None:
+        """Release the outbox lock, the registry and the source."""
+        for part in (self.source, self.registry, self.outbox):
+            close = getattr(part, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # closing must release the rest even if one part is broken
+                    logger.exception("closing %s failed", type(part).__name__)
+
+
+def load_embedder(settings: Settings) -> Any:
+    """The ONNX embedder of ``settings.model``; a missing model is a one-line error naming the fix."""
+    from cryid.models.embedder import Embedder
+
+    model_dir = Path(settings.model).expanduser()
+    if not (model_dir / "model.onnx").is_file():
+        raise ServiceError(
+            f"no model at {model_dir} (model.onnx missing); set CRYID_MODEL to a model directory "
+            "made by `cryid model export`"
+        )
+    return Embedder(model_dir, settings.embedder)
+
+
+def build_service(
+    settings: Settings, source_spec: str, realtime: bool = False, config_file: Path | None = None
+) -> Service:
+    """Open the real parts: the source (``mic``, ``-`` or a file), model, registry, outbox, broker client."""
+    from cryid.daemon.sources import make_source
+    from cryid.enrollment.registry import Registry
+
+    source = make_source(source_spec, settings.source, realtime=realtime)
+    opened: list[Any] = [source]
+    try:
+        source.open()  # an unreadable file or a wrong device name fails here, before the model loads
+        embedder = load_embedder(settings)
+        registry = Registry.open(Path(settings.state_dir).expanduser(), settings.registry)
+        opened.append(registry)
+        outbox = Outbox.open(settings.state_dir, settings.outbox)
+        opened.append(outbox)
+        publisher = MqttPublisher(settings.mqtt, settings.room, outbox)
+    except BaseException:
+        for part in reversed(opened):
+            part.close()
+        raise
+    return Service(settings, source, embedder, registry, outbox, publisher, config_file)
