@@ -445,8 +445,9 @@ class MicSource(AudioSource):
         self._set_state(True, f"microphone {self.device!r} capturing at {rate} Hz")
 
     def _set_state(self, ok: bool, message: str) -> None:
-        outages = self.state.outages + (1 if (not ok and self.state.ok) else 0)
-        changed = ok != self.state.ok or self.state.message == "not opened"
+        first = self.state.message == "not opened"
+        outages = self.state.outages + (1 if (not ok and (self.state.ok or first)) else 0)
+        changed = ok != self.state.ok or first
         self.state = SourceState(ok=ok, message=message, outages=outages)
         if ok:
             logger.info("%s", message)
@@ -471,6 +472,8 @@ class MicSource(AudioSource):
             self._fail(f"delivered no audio for {self.settings.stall_timeout_s:.1f} s")
 
     def read(self, timeout_s: float | None = None) -> AudioChunk | None:
+        if self._eof:  # closed
+            return None
         if self._sd is None:
             self.open()
         deadline = None if timeout_s is None else self._clock() + timeout_s

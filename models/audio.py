@@ -97,6 +97,12 @@ class StreamResampler:
         # resample_poly's filter reaches 10 * max(up, down) upsampled samples each side
         reach = 10 * max(self._up, self._down) / self._up + 2
         self._pad = self._down * int(np.ceil(reach / self._down))
+        self._fir: np.ndarray | None = None
+        if self._up != self._down:  # resample_poly's own filter, designed once instead of per call
+            from scipy.signal import firwin
+
+            rate = max(self._up, self._down)
+            self._fir = firwin(20 * rate + 1, 1.0 / rate, window=("kaiser", 5.0)).astype(np.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -108,7 +114,7 @@ class StreamResampler:
         from scipy.signal import resample_poly
 
         seg = self._buf[: self._pad + ready + self._pad]
-        y = resample_poly(seg, self._up, self._down)
+        y = resample_poly(seg, self._up, self._down, window=self._fir)
         first = self._pad * self._up // self._down
         out = y[first : first + ready * self._up // self._down].astype(np.float32)
         self._buf = self._buf[ready:]

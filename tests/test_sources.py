@@ -293,6 +293,17 @@ def test_mic_reopens_with_capped_backoff_and_reports_the_outage() -> None:
     after = mic.read(timeout_s=1.0)
     assert after is not None and after.start_sample == 1600  # the stream position continues
     mic.close()
+    assert mic.eof and mic.read(timeout_s=0.1) is None and len(sd.streams) == 2  # closed stays closed
+
+
+def test_mic_absent_at_start_is_an_outage_not_a_crash() -> None:
+    sd, clock, states = FakeSoundDevice(), FakeClock(), []
+    sd.fail_opens = 1
+    mic = MicSource(device=2, on_state=states.append, backend=sd, clock=clock, sleep=clock.sleep)
+    mic.open()
+    assert not mic.state.ok and mic.state.outages == 1 and "cannot open microphone" in mic.state.message
+    assert mic.read(timeout_s=0.6) is None and mic.state.ok
+    assert [s.ok for s in states] == [False, True]
 
 
 def test_mic_stall_is_treated_as_a_failure() -> None:
