@@ -382,3 +382,15 @@ def test_make_source(cry_file: Path) -> None:
     assert isinstance(make_source("mic", settings), MicSource)
     src = make_source(str(cry_file), settings, realtime=False)
     assert isinstance(src, FileSource) and src.chunk_ms == 50
+
+
+def test_real_portaudio_unknown_device_is_a_config_error() -> None:
+    """With the real sounddevice/PortAudio (when installed): a wrong device name fails at open, clearly."""
+    try:
+        backend = load_sounddevice()
+    except SourceError as exc:
+        pytest.skip(f"PortAudio not available here: {exc}")
+    with pytest.raises(SourceError, match="matches no input device") as err:
+        MicSource(device="no such microphone 7f3a").open()
+    assert "cryid devices" in str(err.value) or "source.device" in str(err.value)
+    assert all(d.max_input_channels >= 1 for d in list_input_devices(backend))
