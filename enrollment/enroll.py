@@ -243,6 +243,7 @@ def add(
     ensure_can_add(registry, baby_id, replace)
     total = check_min_cry(samples, settings)
     sha = _model_of(samples)
+    logger.info("writing %s (%d samples) to the registry %s", baby_id, len(samples), registry.path)
     with registry.transaction() as conn:
         existed = Registry.delete_infant(conn, baby_id) if replace else False
         if not replace and conn.execute("SELECT 1 FROM infants WHERE baby_id = ?", (baby_id,)).fetchone():
@@ -273,6 +274,7 @@ def update(
     ensure_can_update(registry, baby_id)
     total = check_min_cry(samples, settings)
     sha = _model_of(samples)
+    logger.info("writing %d samples of %s to the registry %s", len(samples), baby_id, registry.path)
     with registry.transaction() as conn:
         row = conn.execute("SELECT status FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
         if row is None or row[0] != "active":
