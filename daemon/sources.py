@@ -18,6 +18,7 @@ import logging
 import queue
 import select
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,6 +161,8 @@ class FileSource(AudioSource):
         self.chunk_ms = chunk_ms
         self._clock, self._sleep = clock, sleep
         self._file: Any = None
+        self._lock = threading.Lock()  # close() may come from another thread than read()
+        self._closed = False
         self._pending: np.ndarray | None = None
         self._t0: float | None = None
 
@@ -203,12 +206,14 @@ class FileSource(AudioSource):
                 return out
 
     def read(self, timeout_s: float | None = None) -> AudioChunk | None:
-        if self._file is None:
+        if self._file is None and not self._closed:
             self.open()
         if self._pending is None:
-            if self._eof:
-                return None
-            self._pending = self._next_samples()
+            with self._lock:
+                if self._eof or self._closed:
+                    self._eof = True
+                    return None
+                self._pending = self._next_samples()
             if self._pending is None:
                 return None
         if self.realtime:
@@ -226,9 +231,11 @@ class FileSource(AudioSource):
         return self._chunk(samples)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 class StdinSource(AudioSource):
@@ -387,6 +394,7 @@ class MicSource(AudioSource):
         self.overflows = 0  # PortAudio input overflows (audio lost inside the driver)
         self.capture_rate: int | None = None
         self.state = SourceState(ok=False, message="not opened", outages=0)
+        self._lock = threading.Lock()  # close() may come from another thread than read()
 
     # -- PortAudio thread: copy and go, never block ---------------------------------------------
     def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
@@ -409,6 +417,11 @@ class MicSource(AudioSource):
         self._try_start()
 
     def _try_start(self) -> None:
+        with self._lock:
+            if not self._eof:
+                self._start_stream()
+
+    def _start_stream(self) -> None:
         sd = self._sd
         try:
             index = resolve_device(self.device, list_input_devices(sd))
@@ -477,7 +490,7 @@ class MicSource(AudioSource):
         if self._sd is None:
             self.open()
         deadline = None if timeout_s is None else self._clock() + timeout_s
-        while True:
+        while not self._eof:
             remaining = None if deadline is None else deadline - self._clock()
             if remaining is not None and remaining <= 0:
                 return None
@@ -497,6 +510,7 @@ class MicSource(AudioSource):
             out = self._resampler.process(raw) if self._resampler is not None else raw
             if out.size:
                 return self._chunk(out)
+        return None
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -509,8 +523,9 @@ class MicSource(AudioSource):
             logger.debug("closing the failed microphone stream raised", exc_info=True)
 
     def close(self) -> None:
-        self._close_stream()
-        self._eof = True
+        with self._lock:
+            self._eof = True
+            self._close_stream()
 
 
 def make_source(

@@ -91,6 +91,36 @@ def test_realtime_file_is_paced_like_a_microphone(cry_file: Path) -> None:
     assert first is not None and first.start_sample == 0
 
 
+def test_close_from_another_thread_ends_reading_cleanly(cry_file: Path) -> None:
+    """The service closes the source from its main thread while the reader thread reads."""
+    src = FileSource(cry_file, realtime=True, chunk_ms=20)
+    src.open()
+    got: list[AudioChunk] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            got.extend(src)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.3)
+    src.close()
+    t.join(2.0)
+    assert not t.is_alive() and not errors and src.eof
+    assert 0 < sum(c.samples.size for c in got) < load_audio(cry_file).size  # stopped part-way
+
+    mic = MicSource(device=2, backend=FakeSoundDevice())
+    mic.open()
+    closer = threading.Timer(0.2, mic.close)
+    closer.start()
+    t0 = time.monotonic()
+    assert mic.read(timeout_s=5.0) is None
+    assert time.monotonic() - t0 < 2.0 and mic.eof
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
