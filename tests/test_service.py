@@ -107,6 +107,8 @@ def _cryid(*args: str) -> list[str]:
 
 
 def _outbox_ids(state: Path) -> list[str]:
+    if not (state / "outbox.sqlite3").exists():
+        return []
     db = sqlite3.connect(f"file:{state / 'outbox.sqlite3'}?mode=ro", uri=True)
     try:
         return [r[0] for r in db.execute("SELECT event_id FROM events ORDER BY seq")]
