@@ -1,0 +1,114 @@
+"""`cryid config check` and `cryid schema`: effective config, secrets masked, exact field on errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryid.daemon.config import Settings, load_settings
+from cryid.daemon.events import CryEvent
+
+
+def _run(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "cryid.daemon.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_config_check_prints_effective_toml_with_the_password_masked(tmp_path: Path) -> None:
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text('room = "ward7"\n[mqtt]\nhost = "broker.local"\nusername = "ward"\npassword = "hunter2"\n')
+    done = _run("config", "check", "--config", str(cfg), env_extra={"CRYID_MQTT__PORT": "8883"})
+    assert done.returncode == 0, done.stderr
+    assert "hunter2" not in done.stdout
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads(done.stdout)  # the output is a valid config file again
+    assert data["room"] == "ward7"
+    assert data["mqtt"]["host"] == "broker.local" and data["mqtt"]["port"] == 8883  # env beats the file
+    assert data["mqtt"]["password"] == "**********"
+    assert data["identifier"]["episode_gap_s"] == Settings().identifier.episode_gap_s
+
+
+def test_config_check_json(tmp_path: Path) -> None:
+    done = _run("config", "check", "--json", env_extra={"CRYID_STATE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state_dir"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "field"),
+    [
+        ({"CRYID_MQTT__PORT": "70000"}, "", "mqtt.port"),
+        ({"CRYID_IDENTIFIER__MIN_SCORE": "high"}, "", "identifier.min_score"),
+        ({}, "[identifier]\nepisode_gap_s = -1\n", "identifier.episode_gap_s"),
+        ({}, "[mqtt]\nhostname = 'x'\n", "mqtt.hostname"),
+        ({}, "room = 'ward 7!'\n", "room"),
+    ],
+)
+def test_bad_value_fails_naming_the_exact_field(
+    tmp_path: Path, env: dict[str, str], toml: str, field: str
+) -> None:
+    args = ["config", "check"]
+    if toml:
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text(toml)
+        args += ["--config", str(cfg)]
+    for command in (args, ["run", "--source", "x.wav", *args[2:]]):
+        done = _run(*command, env_extra=env)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("cryid: error: invalid configuration: ") and f"{field}:" in lines[0]
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    done = _run("config", "check", "--config", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr
+
+
+def test_unreadable_password_file_fails_config_check(tmp_path: Path) -> None:
+    done = _run(
+        "config",
+        "check",
+        env_extra={"CRYID_MQTT__USERNAME": "u", "CRYID_MQTT__PASSWORD_FILE": str(tmp_path / "x")},
+    )
+    assert done.returncode == 2 and "mqtt.password_file" in done.stderr
+
+
+def test_settings_from_env_nested(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYID_IDENTIFIER__EPISODE_GAP_S", "5.5")
+    monkeypatch.setenv("CRYID_OUTBOX__MAX_EVENTS", "1000")
+    s = load_settings()
+    assert s.identifier.episode_gap_s == 5.5 and s.outbox.max_events == 1000
+    assert s.mqtt.prefix(s.room) == "cryid/nursery"
+
+
+def test_schema_prints_the_payload_schemas() -> None:
+    done = _run("schema")
+    assert done.returncode == 0
+    schemas = json.loads(done.stdout)
+    event = schemas["<prefix>/baby/<baby_id> and <prefix>/unknown"]
+    assert event == CryEvent.model_json_schema()
+    for key in (
+        "event_id",
+        "kind",
+        "decision",
+        "baby_id",
+        "score",
+        "runner_up",
+        "margin",
+        "started_at",
+        "ended_at",
+        "stream_offset_s",
+        "n_expirations",
+        "model_sha256",
+    ):
+        assert key in event["properties"]
+    assert "queue_depth" in schemas["<prefix>/stats"]["properties"]
