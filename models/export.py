@@ -213,12 +213,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _quantize_int8(fp32: Path, out: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=False)
-
-
 def _place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished directory into place; an existing ``out`` is replaced only with ``overwrite``."""
     if out.exists():
@@ -298,14 +292,23 @@ def export_model(
             )
         quant = None
         if quantize == "int8":
-            _quantize_int8(fp32_path, tmp / ONNX_NAME)
+            from cryid.models.quantize import SCHEME, convs_as_matmul, quantize_int8
+
+            mm = convs_as_matmul(clf.mods.embedding_model)
+            pre_path = tmp / "model.pre-int8.onnx"
+            if mm is None:
+                fp32_path.rename(pre_path)
+            else:
+                _onnx_export(_graph_module(mm, None if bk is None else (bk[0], bk[1])), n_mels, pre_path)
+                fp32_path.unlink()
+            quantize_int8(pre_path, tmp / ONNX_NAME)
             int8 = _onnx_embed(_session(tmp / ONNX_NAME), feats)
             qcos = _cosines(int8, fp32)
             quant = QuantizationReport(
-                scheme="onnxruntime quantize_dynamic, QInt8 weights, per-tensor",
+                scheme=SCHEME if mm is not None else "onnxruntime quantize_dynamic, QInt8 weights per tensor",
                 min_cosine_to_fp32=float(qcos.min()),
                 mean_cosine_to_fp32=float(qcos.mean()),
-                fp32_sha256=sha256_file(fp32_path),
+                fp32_sha256=sha256_file(pre_path),
                 threshold=INT8_MIN_COSINE,
             )
             logger.info("int8 agreement with fp32: min cosine %.6f", quant.min_cosine_to_fp32)
@@ -314,7 +317,7 @@ def export_model(
                     f"{src}: int8 model disagrees with fp32 (min cosine {quant.min_cosine_to_fp32:.4f} "
                     f"< {INT8_MIN_COSINE}); nothing written; export without --quantize"
                 )
-            fp32_path.unlink()
+            pre_path.unlink()
         else:
             fp32_path.rename(tmp / ONNX_NAME)
         manifest = Manifest(

@@ -68,10 +68,9 @@ def resolve_source(src: str) -> Path:
     try:
         local = snapshot_download(repo_id=src, allow_patterns=[*HUB_FILES, "train_info.json", "backend.npz"])
     except Exception as exc:  # offline, unknown repo, auth: huggingface_hub has many error types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{src}: cannot download from the Hugging Face hub ({reason[:160]}); {hint}"
-        ) from exc
+        first = str(exc).strip().split(". ")[0].splitlines()[0][:120] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise ModelError(f"{src}: cannot download from the Hugging Face hub ({reason}); {hint}") from exc
     return _check_dir(Path(local), src)
 
 

@@ -1,0 +1,87 @@
+"""int8 export: ECAPA's convolutions as MatMuls, then onnxruntime dynamic quantisation (torch lazily).
+
+onnxruntime's dynamically quantised ``Conv`` (``ConvInteger``) is slower than fp32 on CPU, while a
+dynamically quantised ``MatMul`` runs on its fast int8 GEMM. A stride-1, ungrouped ``Conv1d``
+with kernel k and dilation d equals one MatMul over k shifted copies of its input (im2col), so the
+int8 model is exported from a copy of the ECAPA whose ``Conv1d`` layers are rewritten that way
+(identical results in fp32), then ``quantize_dynamic`` (QInt8 weights) is applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "onnxruntime quantize_dynamic, QInt8 weights per tensor, convolutions as MatMul"
+
+
+def _matmul_conv_class() -> Any:
+    import torch
+
+    class MatMulConv1d(torch.nn.Module):
+        """``Conv1d`` (stride 1, no groups, no padding) as im2col + MatMul; input/output (B, C, T)."""
+
+        def __init__(self, conv: torch.nn.Conv1d) -> None:
+            super().__init__()
+            self.k = int(conv.kernel_size[0])
+            self.d = int(conv.dilation[0])
+            w = conv.weight.detach()  # (C_out, C_in, k)
+            cout, cin = int(w.shape[0]), int(w.shape[1])
+            self.register_buffer("w", w.permute(2, 1, 0).reshape(self.k * cin, cout).contiguous())
+            bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(cout)
+            self.register_buffer("b", bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            k, d = self.k, self.d
+            if k == 1:
+                cols = x
+            else:
+                parts = []
+                for i in range(k):
+                    end = (k - 1 - i) * d
+                    parts.append(x[:, :, i * d : -end] if end else x[:, :, i * d :])
+                cols = torch.cat(parts, dim=1)
+            return (torch.matmul(cols.transpose(1, 2), self.w) + self.b).transpose(1, 2)
+
+    return MatMulConv1d
+
+
+def convs_as_matmul(model: Any) -> Any | None:
+    """A copy of ``model`` with every ``Conv1d`` as a MatMul; None if some conv cannot be rewritten."""
+    import torch
+
+    cls = _matmul_conv_class()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    for conv in convs:
+        if conv.stride[0] != 1 or conv.groups != 1 or conv.padding != (0,):
+            logger.warning("conv %s cannot be rewritten as MatMul; int8 keeps Conv layers", conv)
+            return None
+    rewritten = copy.deepcopy(model).eval()
+
+    def swap(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Conv1d):
+                setattr(module, name, cls(child))
+            else:
+                swap(child)
+
+    swap(rewritten)
+    return rewritten
+
+
+def quantize_int8(fp32: Path, out: Path) -> None:
+    """onnxruntime dynamic quantisation of ``fp32`` into ``out`` (QInt8 weights, per tensor)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantiser logs shape-inference chatter on the root logger; keep the CLI's output clean.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=False)
+    finally:
+        root.setLevel(level)
