@@ -1,0 +1,234 @@
+"""cryid eval: both protocols on a generated CryCeleb-layout set and on real cries, through the real CLI.
+
+The model is the seeded random ECAPA-TDNN of ``tests/fixtures/models.py`` exported to ONNX (no
+pretrained weights exist on this machine); the generated infants differ in pitch and timbre, so even
+random ECAPA weights separate them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryid.daemon.cli import main
+from cryid.models.audio import load_audio
+from cryid.models.config import SegmenterSettings
+from cryid.models.cryceleb import load_cryceleb
+from cryid.models.eval_backends import EmbeddingCache, Throughput
+from cryid.models.evaluate import concatenation_embeddings, file_expiration_embeddings
+
+
+def _eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["eval", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CRYID_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path
+
+
+def test_separable_set_reaches_low_eer_and_writes_every_output(
+    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json, plot, sub = state / "eval.json", state / "scores.png", state / "sub.csv"
+    args = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir)]
+    args += ["--cache-dir", str(state / "cache")]
+    outputs = ["--json", str(out_json), "--plot", str(plot), "--submission", str(sub)]
+    code, out, err = _eval(capsys, *args, *outputs)
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert doc["pairs"] == 64 and doc["positive_pairs"] == 8
+    assert doc["eer"] <= 0.05 and doc["min_dcf"] <= 0.2
+    assert doc["eer_channel_matched"] <= 0.05 and doc["channel_matched_pairs"] == 32
+    ident = doc["identification"]
+    assert ident["enrolled"] == 8 and ident["queries"] == 16
+    assert ident["top1"] >= 0.9 and ident["top5"] == 1.0 and ident["eer"] <= 0.1
+    for key in ("eer", "min_dcf", "eer_channel_matched"):
+        assert 0.0 <= doc[key] <= 1.0
+    assert "throughput (pairs, onnx)" in out and "s of audio per second" in out
+    assert doc["throughput"]["pairs"]["audio_s_per_wall_s"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.reader(sub.open()))
+    assert rows[0] == ["id", "score"] and len(rows) == 65 and rows[1][0] == "0000B_0000D"
+
+    # second run: every embedding comes from the cache, same figures
+    code, out, err = _eval(capsys, *args, "--json", str(out_json))
+    again = json.loads(out_json.read_text())
+    assert code == 0, err
+    assert again["cache"]["misses"] == 0 and again["cache"]["hits"] == doc["cache"]["misses"]
+    assert again["eer"] == doc["eer"] and again["identification"] == doc["identification"]
+    assert "throughput" not in out  # nothing was embedded
+
+    # control: the same scores with the identities permuted are no longer separable
+    shuffled = state / "shuffled"
+    shutil.copytree(synthetic_cryceleb_dir, shuffled, ignore=shutil.ignore_patterns("audio"))
+    (shuffled / "audio").symlink_to(synthetic_cryceleb_dir / "audio")
+    with open(shuffled / "dev_pairs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["baby_id_B", "baby_id_D", "id", "label"])
+        babies = [f"{i:04d}" for i in range(8)]
+        for i, b in enumerate(babies):
+            for d in babies:
+                w.writerow([b, d, f"{b}B_{d}D", int(d == babies[(i + 4) % 8])])
+    code, _, err = _eval(
+        capsys, "--data", str(shuffled), "--split", "dev", "--model", str(onnx_model_dir),
+        "--protocol", "pairs", "--no-cache", "--json", str(out_json),
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["eer"] >= 0.5
+
+
+def test_tta_and_asnorm(
+    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir)]
+    base += ["--protocol", "pairs", "--cache-dir", str(state / "cache")]
+    docs = {}
+    for name, extra in {
+        "plain": [],
+        "tta": ["--tta", "3", "--seed", "5"],
+        "tta_again": ["--tta", "3", "--seed", "5"],
+        "asnorm": ["--score-norm", "asnorm", "--cohort", "train", "--cohort-top-k", "4"],
+    }.items():
+        code, _, err = _eval(capsys, *base, *extra, "--json", str(state / f"{name}.json"), "--submission",
+                             str(state / f"{name}.csv"))  # fmt: skip
+        assert code == 0, err
+        docs[name] = json.loads((state / f"{name}.json").read_text())
+        docs[name]["scores"] = [float(r[1]) for r in list(csv.reader((state / f"{name}.csv").open()))[1:]]
+    assert docs["tta"]["tta"] == 3 and docs["tta"]["eer"] <= 0.05
+    assert docs["tta"]["scores"] == docs["tta_again"]["scores"]  # seeded
+    assert docs["tta"]["scores"] != docs["plain"]["scores"]  # shuffled orders change the embeddings
+    assert docs["asnorm"]["cohort_size"] == 6 and docs["asnorm"]["score_norm"] == "asnorm"
+    assert docs["asnorm"]["eer"] <= 0.05
+    assert max(abs(s) for s in docs["asnorm"]["scores"]) > 1.0  # normalised scores are not cosines
+
+
+def test_concatenation_is_chronological_and_ward_uses_the_pipeline(
+    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, tmp_path: Path
+) -> None:
+    from cryid.models.embedder import Embedder
+    from cryid.models.pipeline import embed_expirations
+
+    data = load_cryceleb(synthetic_cryceleb_dir)
+    groups = data.groups("dev")
+    embedder = Embedder(onnx_model_dir)
+    cache = EmbeddingCache(None, embedder.sha256)
+    key = ("0003", "D")
+    got = concatenation_embeddings(groups, [key], embedder, cache, Throughput())[0]
+    chronological = sorted(groups[key], key=lambda r: r.chronological_index)
+    wav = np.concatenate([load_audio(r.path) for r in chronological])
+    np.testing.assert_allclose(got, embedder.embed(wav), rtol=1e-5, atol=1e-6)
+
+    rec = groups[key][0]
+    settings = SegmenterSettings()
+    per_file = file_expiration_embeddings(rec, embedder, settings, cache, Throughput())
+    ref = np.stack([e.embedding for e in embed_expirations(load_audio(rec.path), settings, embedder)])
+    assert per_file.shape == ref.shape and per_file.shape[0] >= 2
+    np.testing.assert_allclose(per_file, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unlabelled_pairs_write_submission_and_skip_eer(
+    tmp_path: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.fixtures.cryceleb import make_cryceleb_set
+
+    root = make_cryceleb_set(tmp_path / "unlabelled", n_babies=2, files_per_period=1, split="test")
+    rows = list(csv.reader((root / "test_pairs.csv").open()))
+    with open(root / "test_pairs.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([r[:3] for r in rows])
+    sub, out_json = tmp_path / "sub.csv", tmp_path / "out.json"
+    code, out, err = _eval(
+        capsys, "--data", str(root), "--split", "test", "--model", str(onnx_model_dir), "--protocol", "pairs",
+        "--no-cache", "--submission", str(sub), "--json", str(out_json),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "no label column: EER skipped" in out
+    assert len(sub.read_text().splitlines()) == 5
+    doc = json.loads(out_json.read_text())
+    assert doc["labels"] is False and doc["eer"] is None and doc["pairs"] == 4
+
+
+@pytest.mark.parametrize(
+    "problem", ["missing_audio", "unknown_baby", "missing_column", "bad_tta", "no_folder"]
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    problem: str, tmp_path: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.fixtures.cryceleb import make_cryceleb_set
+
+    root = make_cryceleb_set(tmp_path / "bad", n_babies=2, files_per_period=1)
+    out_json = tmp_path / "out.json"
+    extra: list[str] = []
+    expected = {
+        "missing_audio": "audio file of 0001_D_000 is missing",
+        "unknown_baby": "names baby '0042' with no B recordings",
+        "missing_column": "missing column(s) baby_id_D",
+        "bad_tta": "--tta: Input should be greater than or equal to 1",
+        "no_folder": "folder",
+    }[problem]
+    if problem == "missing_audio":
+        (root / "audio/dev/0001/D/0001_D_000.wav").unlink()
+    elif problem == "unknown_baby":
+        with open(root / "dev_pairs.csv", "a", newline="") as fh:
+            csv.writer(fh).writerow(["0042", "0000", "0042B_0000D", "0"])
+    elif problem == "missing_column":
+        rows = list(csv.reader((root / "dev_pairs.csv").open()))
+        with open(root / "dev_pairs.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([[r[0], r[2], r[3]] for r in rows])
+    elif problem == "bad_tta":
+        extra = ["--tta", "0"]
+    elif problem == "no_folder":
+        out_json = tmp_path / "nope" / "out.json"
+    code, out, err = _eval(
+        capsys, "--data", str(root), "--split", "dev", "--model", str(onnx_model_dir), "--no-cache",
+        "--json", str(out_json), *extra,
+    )  # fmt: skip
+    assert code == 2
+    assert err.startswith("cryid: error:") and err.count("\n") == 1, err
+    assert expected in err
+    assert not out_json.exists() and out == ""
+
+
+def test_plot_without_matplotlib_is_one_line_error(
+    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # matplotlib is installed here; hide it (None in sys.modules makes the import fail) to test the message
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    code, _, err = _eval(
+        capsys, "--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir),
+        "--plot", str(state / "p.png"),
+    )  # fmt: skip
+    assert code == 2 and "--plot needs matplotlib" in err and err.count("\n") == 1
+    assert not (state / "p.png").exists()
+
+
+@pytest.mark.slow
+def test_onnx_and_speechbrain_agree_on_donateacry_dev(
+    dac_dir: Path, onnx_model_dir: Path, speechbrain_model_dir: Path, state: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Same weights, two backends (cryid's ONNX + NumPy EER, speechbrain's EncoderClassifier): same EER."""
+    docs = {}
+    backends = {"onnx": ["--model", str(onnx_model_dir)], "sb": ["--speechbrain", str(speechbrain_model_dir)]}
+    for name, backend in backends.items():
+        out_json = state / f"{name}.json"
+        code, out, err = _eval(
+            capsys, "--data", str(dac_dir), "--split", "dev", *backend, "--protocol", "pairs",
+            "--no-cache", "--json", str(out_json),
+        )  # fmt: skip
+        assert code == 0, err
+        print(out)
+        docs[name] = json.loads(out_json.read_text())
+    assert docs["onnx"]["pairs"] == docs["sb"]["pairs"] == 900
+    assert docs["onnx"]["positive_pairs"] == 30
+    assert abs(docs["onnx"]["eer"] - docs["sb"]["eer"]) <= 0.001
+    assert docs["onnx"]["eer_channel_matched"] is not None
+    assert docs["sb"]["throughput"]["pairs"]["audio_s_per_wall_s"] > 0
