@@ -257,3 +257,53 @@ def test_record_from_microphone(cryid, monkeypatch: pytest.MonkeyPatch, dac_dir:
     rc, out, _ = cryid("enroll", "show", "dac0018", "--json")
     (sample,) = json.loads(out)["samples"]
     assert sample["source_kind"] == "mic" and sample["has_audio"] is False
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(onnx_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture model saved again with another producer string: same function, another sha256,
+    which is all the registry knows of a model ("a model change")."""
+    onnx = pytest.importorskip("onnx")
+    from cryid.models.manifest import load_manifest, sha256_file, write_manifest
+
+    out = tmp_path_factory.mktemp("other-model") / "model"
+    out.mkdir()
+    proto = onnx.load(str(onnx_model_dir / "model.onnx"))
+    proto.producer_name = "cryid-tests-model-change"
+    onnx.save(proto, str(out / "model.onnx"))
+    manifest = load_manifest(onnx_model_dir)
+    write_manifest(manifest.model_copy(update={"onnx_sha256": sha256_file(out / "model.onnx")}), out)
+    return out
+
+
+def test_model_change_reembed_from_kept_audio(
+    ward, monkeypatch: pytest.MonkeyPatch, onnx_model_dir: Path, other_model_dir: Path
+) -> None:
+    old_sha = hashlib.sha256((onnx_model_dir / "model.onnx").read_bytes()).hexdigest()
+    new_sha = hashlib.sha256((other_model_dir / "model.onnx").read_bytes()).hexdigest()
+    assert old_sha != new_sha
+    monkeypatch.setenv("CRYID_MODEL", str(other_model_dir))
+
+    rc, out, _ = ward("enroll", "list", "--json")
+    assert {r["baby_id"]: r["needs_reenrollment"] for r in json.loads(out)["infants"]} == {
+        "dac0018": True,
+        "dac0059": True,
+    }
+    rc, out, _ = ward("enroll", "show", "dac0059")
+    assert "needs re-enrollment: yes" in out and "cryid enroll add dac0059 AUDIO... --replace" in out
+    rc, out, _ = ward("enroll", "show", "dac0018")
+    assert "needs re-enrollment: yes" in out and "`cryid enroll reembed`" in out
+
+    rc, out, err = ward("enroll", "reembed")
+    assert rc == 0, err
+    assert out.startswith(f"re-embedded 2 recording(s) of 1 babies for model {new_sha[:12]}")
+    assert "these babies need re-enrollment: dac0059" in err
+
+    with Registry.open(ward.state_dir, RegistrySettings()) as reg:
+        new, old = reg.centroids(new_sha), reg.centroids(old_sha)
+        assert set(new) == {"dac0018"} and set(old) == {"dac0018", "dac0059"}  # never mixed
+        # the same function on the same kept (16-bit) audio gives the same centroid
+        np.testing.assert_allclose(new["dac0018"], old["dac0018"], atol=1e-4)
+        assert reg.needs_reenrollment(new_sha) == ["dac0059"]
+    rc, out, _ = ward("enroll", "show", "dac0018")
+    assert "needs re-enrollment: no" in out
