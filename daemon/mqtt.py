@@ -55,6 +55,7 @@ class MqttPublisher:
         self.connected_changed = threading.Event()
         self._client = self._build_client()
         self._started = False
+        self._stopping = False
 
     # topics ---------------------------------------------------------------------------------
     def event_topic(self, baby_id: str | None) -> str:
@@ -102,6 +103,7 @@ class MqttPublisher:
         """Publish ``offline`` (retained), disconnect and stop the network thread."""
         if not self._started:
             return
+        self._stopping = True
         if self._connected.is_set():
             info = self._client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             try:
@@ -146,7 +148,7 @@ class MqttPublisher:
         was = self._connected.is_set()
         self._connected.clear()
         self.connected_changed.set()
-        if was:
+        if was and not self._stopping:
             logger.warning(
                 "disconnected from MQTT broker (%s); %d events wait in the outbox; reconnecting",
                 reason,

@@ -10,12 +10,15 @@ several babies with room noise between them and records the ground truth (who cr
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cryid.models.audio import SAMPLE_RATE, load_audio
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,16 +139,22 @@ def enroll(
     """Enroll ``baby_id`` from in-memory recordings through ``cryid.enrollment`` (segment, embed, store)."""
     from cryid.enrollment import enroll as enrollment
 
-    samples = [
-        enrollment.prepare_recording(
-            wav,
-            source_kind="file",
-            source=f"{baby_id}-{i}.wav",
-            period="birth",
-            segmenter=settings.segmenter,
-            embedder=embedder,
-            keep_audio=False,
-        )
-        for i, wav in enumerate(recordings)
-    ]
+    samples = []
+    for i, wav in enumerate(recordings):
+        try:
+            samples.append(
+                enrollment.prepare_recording(
+                    wav,
+                    source_kind="file",
+                    source=f"{baby_id}-{i}.wav",
+                    period="birth",
+                    segmenter=settings.segmenter,
+                    embedder=embedder,
+                    keep_audio=False,
+                )
+            )
+        except enrollment.EnrollmentError as exc:  # a recording without cry: use the others
+            logger.info("%s", exc)
+    if not samples:
+        raise enrollment.EnrollmentError(f"{baby_id}: no recording holds a detectable cry")
     return enrollment.add(registry, baby_id, samples, settings.registry, room=room, replace=True)
