@@ -111,7 +111,19 @@ def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], time
         time.sleep(0.1)
 
 
+def _sandbox_prefix() -> list[str]:
+    """The command prefix that applies deploy/cryid.service's seccomp sandbox (tests/unit_sandbox.py)."""
+    python = "/usr/bin/python3"
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd; .ci/run does)")
+    if subprocess.run([python, "-c", "import seccomp"], capture_output=True).returncode != 0:
+        pytest.skip("libseccomp's Python bindings are missing: apt-get install python3-seccomp (.ci/run)")
+    return [python, str(REPO / "tests" / "unit_sandbox.py"), str(REPO / "deploy" / "cryid.service"), "--"]
+
+
+@pytest.mark.parametrize("sandbox", [False, True], ids=["plain", "unit-seccomp-sandbox"])
 def test_cry_played_into_virtual_mic_is_identified(
+    sandbox: bool,
     virtual_mic: dict[str, str],
     dac_dir: Path,
     mosquitto: Broker,
@@ -142,8 +154,10 @@ def test_cry_played_into_virtual_mic_is_identified(
         assert res.returncode == 0, res.stderr
 
     sub = subscriber_factory(mosquitto, f"cryid/{ROOM}/#")
-    daemon = subprocess.Popen([*CRYID, "-v", "run", "--source", "mic"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # With sandbox: under the unit's system-call filter, address families and MemoryDenyWriteExecute.
+    prefix = _sandbox_prefix() if sandbox else []
+    daemon = subprocess.Popen([*prefix, *CRYID, "-v", "run", "--source", "mic"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         _wait(lambda: any(m.topic.endswith("/status") and m.payload == b"online" for m in sub.messages),
               "online status", daemon, 120)  # fmt: skip
