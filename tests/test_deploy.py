@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,46 @@ def test_install_refuses_bad_input(tmp_path: Path) -> None:
         )
         assert res.returncode == 1 and "is not a cryid checkout" in res.stderr
         assert list(tmp_path.iterdir()) == [], "nothing may be written on bad input"
+
+
+def test_cryid_admin_runs_as_the_service_user_with_the_credential() -> None:
+    """deploy/cryid-admin with its paths pointed into a temporary folder and the service user `nobody`."""
+    if os.geteuid() != 0:
+        pytest.skip("cryid-admin switches to the service user: the test needs root")
+    _need("runuser")
+    # Not under pytest's tmp_path: that is private to root, and `nobody` must reach the fake cryid.
+    with tempfile.TemporaryDirectory(prefix="cryid-admin-test-") as d:
+        tmp_path = Path(d)
+        tmp_path.chmod(0o755)
+        _check_cryid_admin(tmp_path)
+
+
+def _check_cryid_admin(tmp_path: Path) -> None:
+    password = tmp_path / "mqtt-password"
+    password.write_text("s3cret\n")
+    password.chmod(0o600)
+    fake = tmp_path / "cryid"  # stands in for the venv's cryid: reports who runs it with what
+    fake.write_text(
+        '#!/bin/sh\necho "user=$(id -un) args=$* config=$CRYID_CONFIG state=$CRYID_STATE_DIR"\n'
+        'echo "creds=$CREDENTIALS_DIRECTORY password=$(cat "$CREDENTIALS_DIRECTORY/mqtt-password")"\n'
+    )
+    fake.chmod(0o755)
+    script = (DEPLOY / "cryid-admin").read_text()
+    for old, new in (
+        ("CRYID=/opt/cryid/venv/bin/cryid", f"CRYID={fake}"),
+        ("SERVICE_USER=cryid", "SERVICE_USER=nobody"),
+        ("PASSWORD_FILE=/etc/cryid/mqtt-password", f"PASSWORD_FILE={password}"),
+    ):
+        assert old in script
+        script = script.replace(old, new)
+    admin = tmp_path / "cryid-admin"
+    admin.write_text(script)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(mode=0o755)
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    res = subprocess.run(["sh", str(admin), "enroll", "list"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    first, second = res.stdout.splitlines()
+    assert first == "user=nobody args=enroll list config=/etc/cryid/cryid.toml state=/var/lib/cryid"
+    assert second.startswith(f"creds={tmpdir}/cryid-admin.") and second.endswith("password=s3cret")
+    assert list(tmpdir.iterdir()) == [], "the credential copy must be removed"
