@@ -9,10 +9,13 @@ segmenter, the ONNX embedder, the registry written by ``cryid enroll add`` and a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,13 +50,13 @@ def virtual_mic(tmp_path: Path) -> Iterator[dict[str, str]]:
     _need_capture_stack()
     runtime = tmp_path / "pulse-runtime"
     runtime.mkdir(mode=0o700)
-    socket = runtime / "native"
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path), PULSE_SERVER=f"unix:{socket}")
+    sock_path = runtime / "native"
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path), PULSE_SERVER=f"unix:{sock_path}")
     env.pop("PULSE_COOKIE", None)
     args = [
         "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
         "--disable-shm=yes", "--log-target=stderr",
-        f"--load=module-native-protocol-unix auth-anonymous=1 socket={socket}",
+        f"--load=module-native-protocol-unix auth-anonymous=1 socket={sock_path}",
         "--load=module-null-sink sink_name=virtmic rate=16000 channels=1",
     ]  # fmt: skip
     log = (tmp_path / "pulseaudio.log").open("w")
@@ -111,6 +114,39 @@ def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], time
         time.sleep(0.1)
 
 
+class NotifySocket:
+    """A systemd-style NOTIFY_SOCKET (unix datagrams) that records what the daemon reports."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.extend(self._sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+def _unit_watchdog_usec() -> str:
+    unit = (REPO / "deploy" / "cryid.service").read_text()
+    m = re.search(r"^WatchdogSec=(\d+)$", unit, re.M)
+    assert m, "deploy/cryid.service has no WatchdogSec="
+    return str(int(m.group(1)) * 1_000_000)
+
+
 def _sandbox_prefix() -> list[str]:
     """The command prefix that applies deploy/cryid.service's seccomp sandbox (tests/unit_sandbox.py)."""
     python = "/usr/bin/python3"
@@ -153,6 +189,10 @@ def test_cry_played_into_virtual_mic_is_identified(
                              text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr
 
+    # As systemd runs Type=notify with WatchdogSec= (deploy/cryid.service).
+    notify = NotifySocket(tmp_path / "notify")
+    request.addfinalizer(notify.close)
+    env |= {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": _unit_watchdog_usec()}
     sub = subscriber_factory(mosquitto, f"cryid/{ROOM}/#")
     # With sandbox: under the unit's system-call filter, address families and MemoryDenyWriteExecute.
     prefix = _sandbox_prefix() if sandbox else []
@@ -183,3 +223,7 @@ def test_cry_played_into_virtual_mic_is_identified(
     # The cry was captured live: it starts after the daemon had been listening to silence.
     assert ep["stream_offset_s"] > 0.0
     assert any(e["kind"] == "expiration" for e in events)
+    notify.close()
+    assert "READY=1" in notify.messages and "WATCHDOG=1" in notify.messages, notify.messages
+    assert notify.messages.index("READY=1") < notify.messages.index("WATCHDOG=1")
+    assert "STOPPING=1" in notify.messages
