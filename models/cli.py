@@ -67,18 +67,14 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     def handler(args: argparse.Namespace, settings: object) -> int:
-        from cryid.models.manifest import ONNX_NAME, ModelError, load_manifest, sha256_file
+        from cryid.models.config import EmbedderSettings
+        from cryid.models.embedder import Embedder
+        from cryid.models.manifest import ONNX_NAME
 
         model_dir = args.dir if args.dir is not None else Path(settings.model)  # type: ignore[attr-defined]
-        m = load_manifest(model_dir)
+        # Loading the Embedder checks the manifest, the sha256 and that onnxruntime accepts the graph.
+        m = Embedder(model_dir, EmbedderSettings(warmup=False)).manifest
         onnx_path = model_dir / ONNX_NAME
-        if not onnx_path.is_file():
-            raise ModelError(f"{onnx_path}: missing; re-export the model "
-                             f"with `cryid model export SRC --out {model_dir}`")
-        actual = sha256_file(onnx_path)
-        if actual != m.onnx_sha256:
-            raise ModelError(f"{onnx_path}: sha256 {actual[:12]}... does not match the manifest's "
-                             f"{m.onnx_sha256[:12]}...; the file was changed or damaged, re-export the model")
         if args.json:
             print(m.model_dump_json(indent=2))
             return 0
@@ -91,7 +87,7 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
             ("front end", f"{fe.sample_rate} Hz, n_fft {fe.n_fft}, hop {fe.hop_length}, {fe.n_mels} mels "
                           f"{fe.f_min_hz:g}-{fe.f_max_hz:g} Hz, top_db {fe.top_db:g}, {fe.normalization}"),
             ("onnx", f"{onnx_path.stat().st_size / 1e6:.1f} MB, opset {m.opset}, "
-                     f"sha256 {m.onnx_sha256} (verified)"),
+                     f"sha256 {m.onnx_sha256} (verified, loads)"),
             ("parity", f"min cosine {m.parity.min_cosine:.6f}, max abs diff {m.parity.max_abs_diff:.2e} "
                        f"on {len(m.parity.clips_s)} clips vs {m.parity.reference}"),
             ("quantization", "none (fp32)" if m.quantization is None else
@@ -118,6 +114,7 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
     One option per field of ``cryid.models.train.TrainSettings`` (its defaults and descriptions; the
     CLI restates none), e.g. ``--channels 256 --bandlimit-p 0.5 --backend lda``.
     """
+    import types
     import typing
     from pathlib import Path
 
@@ -136,6 +133,8 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
     for name, field in TrainSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         ann = field.annotation
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):  # X | None: offer X
+            ann = next(a for a in typing.get_args(ann) if a is not type(None))
         args = typing.get_args(ann)
         default = field.default
         help_text = f"{field.description} (default: {default})"
@@ -147,9 +146,8 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
             nargs = "+" if Ellipsis in args else len(args)
             p.add_argument(flag, type=float, nargs=nargs, default=None, metavar="X", help=help_text)
         else:
-            base = next((a for a in args if a is not type(None)), ann) if args else ann
-            p.add_argument(flag, type=lambda v, t=base: None if v.lower() == "none" else t(v), default=None,
-                           metavar=getattr(base, "__name__", "V").upper(), help=help_text)
+            p.add_argument(flag, type=lambda v, t=ann: None if v.lower() == "none" else t(v), default=None,
+                           metavar=getattr(ann, "__name__", "V").upper(), help=help_text)
 
     def handler(args: argparse.Namespace, settings: object) -> int:
         import shlex

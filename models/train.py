@@ -40,6 +40,7 @@ from cryid.models.train_parts import (
     rng_state,
     save_speechbrain_dir,
     set_rng_state,
+    stats_init,
     validate,
 )
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,6 +90,12 @@ class TrainSettings(BaseModel):
         le=8000.0,
         description="Ignore mel bands above this frequency (their first-layer weights are zero), so a 16 kHz "
         "and an 8 kHz phone look alike to the network; None uses all 80 bands.",
+    )
+    stats_init_db: tuple[float, ...] | None = Field(
+        None,
+        description="Start from an ECAPA-TDNN whose weights compute per-band mean and std of relu(x - t) of "
+        "the normalised log-mel for these thresholds t (dB); needs channels >= bands x thresholds and "
+        "embedding_dim = 2 x bands x thresholds. None: random initialisation (or --init).",
     )
     split: str = Field("train", description="Split of metadata.csv to train on (each baby_id a class).")
     val_split: str | None = Field(
@@ -199,6 +206,10 @@ def build_modules(
         hp["embedding_model"].load_state_dict(clf.mods.embedding_model.state_dict())
     emb = hp["embedding_model"]
     keep = kept_mel_bins(settings.max_freq_hz)
+    if settings.stats_init_db is not None:
+        if init_dir is not None:
+            raise TrainError("--stats-init-db and --init both set the starting weights; give one of them")
+        stats_init(emb, settings.stats_init_db, keep_bins=keep)
     if keep < N_MELS:
         with torch.no_grad():
             emb.blocks[0].conv.conv.weight[:, keep:, :] = 0.0

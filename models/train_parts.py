@@ -232,3 +232,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stats_init(model: Any, thresholds_db: tuple[float, ...], keep_bins: int = N_MELS) -> None:
+    """Set an ECAPA-TDNN's weights so that it computes per-band statistics of the normalised log-mel.
+
+    Block 0 turns each band b and threshold t into one channel ``relu(x_b - t)`` (centre tap 1, bias
+    -t); the SE-Res2Net blocks pass their input through their residual path (the last BatchNorm of
+    each block is zeroed); the aggregation layer keeps block 3's copy; attention is uniform, so the
+    pooling gives each channel's mean and standard deviation over time; ``fc`` selects those 2 x
+    bands x thresholds statistics as the embedding. A linear back-end (LDA) fitted on top then
+    turns the network into a discriminant of cry statistics, and AAM training can start from there.
+    The network stays an unmodified ``speechbrain`` ECAPA_TDNN.
+    """
+    import torch
+
+    n_feat = keep_bins * len(thresholds_db)
+    c = model.blocks[0].conv.conv.out_channels
+    emb = model.fc.conv.out_channels
+    if c < n_feat or emb != 2 * n_feat:
+        raise TrainError(
+            f"stats initialisation needs channels >= {n_feat} and embedding_dim == {2 * n_feat} "
+            f"({keep_bins} bands x {len(thresholds_db)} thresholds); got channels {c}, embedding_dim {emb}"
+        )
+
+    def identity_bn(bn: Any, scale: float = 1.0) -> None:
+        bn.norm.running_mean.zero_()
+        bn.norm.running_var.fill_(1.0)
+        bn.norm.weight.fill_(scale)
+        bn.norm.bias.zero_()
+
+    with torch.no_grad():
+        first = model.blocks[0]
+        w = first.conv.conv.weight  # (C, n_mels, k)
+        w.zero_()
+        first.conv.conv.bias.zero_()
+        centre = w.shape[2] // 2
+        for k, t in enumerate(thresholds_db):
+            for b in range(keep_bins):
+                w[k * keep_bins + b, b, centre] = 1.0
+                first.conv.conv.bias[k * keep_bins + b] = -float(t)
+        identity_bn(first.norm)
+        for block in model.blocks[1:]:
+            identity_bn(block.tdnn2.norm, scale=0.0)  # block output = its residual input
+        mfa = model.mfa.conv.conv.weight  # (3C', 3C, 1): keep the last block's copy
+        mfa.zero_()
+        model.mfa.conv.conv.bias.zero_()
+        width = mfa.shape[1] // (len(model.blocks) - 1)
+        offset = mfa.shape[1] - width
+        for i in range(n_feat):
+            mfa[i, offset + i, 0] = 1.0
+        identity_bn(model.mfa.norm)
+        model.asp.conv.conv.weight.zero_()  # uniform attention
+        model.asp.conv.conv.bias.zero_()
+        identity_bn(model.asp_bn)
+        fc = model.fc.conv.weight  # (emb, 2 * 3C', 1): [means of 3C' channels, stds of 3C' channels]
+        fc.zero_()
+        model.fc.conv.bias.zero_()
+        pooled = fc.shape[1] // 2
+        for i in range(n_feat):
+            fc[i, i, 0] = 1.0
+            fc[n_feat + i, pooled + i, 0] = 1.0
