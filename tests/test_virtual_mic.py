@@ -1,5 +1,7 @@
 """The real capture path: a cry played into a virtual microphone is identified by ``cryid run --source mic``.
 
+Real cries from ../shared/data (donateacry-cc) when present, else generated ones (cryid.daemon.nursery).
+
 A private PulseAudio server (its own runtime folder and socket) holds a null sink ``virtmic``; its
 monitor is the default source, so ALSA's ``pulse`` device (what sounddevice/PortAudio sees) records
 exactly what ``paplay --device=virtmic`` plays. Nothing is mocked: PortAudio, sounddevice, the
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.broker import Broker, Subscriber
-from tests.fixtures.data import dac_rows
+from tests.fixtures.data import DAC_DIR, dac_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
@@ -84,7 +86,7 @@ def _model_dir(request: pytest.FixtureRequest) -> Path:
     return Path(request.getfixturevalue("onnx_model_dir"))
 
 
-def _two_babies(dac_dir: Path) -> list[tuple[str, list[Path], Path]]:
+def _two_real_babies(dac_dir: Path) -> list[tuple[str, list[Path], Path]]:
     """The first two dev infants whose B recordings hold at least 3 s of cry by the segmenter:
     (baby id, the recordings with a cry, the recording with the most cry)."""
     from cryid.models.audio import load_audio
@@ -101,7 +103,31 @@ def _two_babies(dac_dir: Path) -> list[tuple[str, list[Path], Path]]:
         picked = [b for b, files in by_baby.items() if sum(c for c, _ in files) >= 3.0]
         if len(picked) == 2:
             return [(b, [p for _, p in by_baby[b]], max(by_baby[b])[1]) for b in picked]
-    pytest.skip(f"fewer than two dev infants with 3 s of cry in {dac_dir}")
+    raise AssertionError(f"fewer than two dev infants with 3 s of cry in {dac_dir}")
+
+
+def _two_generated_babies(out: Path) -> list[tuple[str, list[Path], Path]]:
+    """Without ../shared/data: two generated voices (cryid.daemon.nursery), two enrollment bouts each
+    and, for the first, a third bout that is played (not enrolled)."""
+    import soundfile as sf
+    from cryid.daemon.nursery import bout, voices
+
+    out.mkdir()
+    babies = []
+    for i, voice in enumerate(voices(2, seed=7)):
+        paths = []
+        for seed in range(3):
+            path = out / f"gen{i}-{seed}.wav"
+            sf.write(path, bout(voice, 6.0, seed=100 * i + seed), 16000, subtype="PCM_16")
+            paths.append(path)
+        babies.append((f"gen{i}", paths[:2], paths[2]))
+    return babies
+
+
+def _two_babies(tmp_path: Path) -> list[tuple[str, list[Path], Path]]:
+    if (DAC_DIR / "metadata.csv").is_file():
+        return _two_real_babies(DAC_DIR)
+    return _two_generated_babies(tmp_path / "generated")
 
 
 def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], timeout_s: float) -> None:
@@ -161,7 +187,6 @@ def _sandbox_prefix() -> list[str]:
 def test_cry_played_into_virtual_mic_is_identified(
     sandbox: bool,
     virtual_mic: dict[str, str],
-    dac_dir: Path,
     mosquitto: Broker,
     subscriber_factory: Callable[..., Subscriber],
     request: pytest.FixtureRequest,
@@ -182,7 +207,7 @@ def test_cry_played_into_virtual_mic_is_identified(
         "CRYID_IDENTIFIER__MIN_SCORE": "0",
         "CRYID_IDENTIFIER__MIN_MARGIN": "0",
     }
-    babies = _two_babies(dac_dir)
+    babies = _two_babies(tmp_path)
     baby, cry = babies[0][0], babies[0][2]
     for b, files, _ in babies:
         res = subprocess.run([*CRYID, "enroll", "add", b, *map(str, files)], env=env, capture_output=True,
