@@ -165,9 +165,11 @@ PASSWORD_READY=0
 [ -s "$R$ETC/mqtt-password" ] && PASSWORD_READY=1
 if [ "$DO_SYSTEMCTL" -eq 0 ]; then
     say "skipped systemctl (--no-systemctl)"
-elif [ -n "$R" ]; then
-    systemctl --root="$R" enable cryid.service >/dev/null 2>&1 || die "systemctl --root=$R enable cryid.service failed"
-    say "enabled cryid.service in $R"
+elif [ -n "$R" ] || [ ! -d /run/systemd/system ]; then
+    # A staged root, or a system not booted with systemd (image build, container): enable offline.
+    systemctl --root="${R:-/}" enable cryid.service >/dev/null 2>&1 \
+        || die "systemctl --root=${R:-/} enable cryid.service failed"
+    say "enabled cryid.service in ${R:-/} (offline: systemd is not managing this root now)"
 else
     systemctl daemon-reload
     systemctl enable cryid.service >/dev/null 2>&1

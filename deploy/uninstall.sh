@@ -40,10 +40,11 @@ UNIT=/etc/systemd/system/cryid.service
 
 if [ "$DO_SYSTEMCTL" -eq 0 ]; then
     say "skipped systemctl (--no-systemctl)"
-elif [ -n "$R" ]; then
+elif [ -n "$R" ] || [ ! -d /run/systemd/system ]; then
     if [ -e "$R$UNIT" ]; then
-        systemctl --root="$R" disable cryid.service >/dev/null 2>&1 || die "systemctl --root=$R disable failed"
-        say "disabled cryid.service in $R"
+        systemctl --root="${R:-/}" disable cryid.service >/dev/null 2>&1 \
+            || die "systemctl --root=${R:-/} disable failed"
+        say "disabled cryid.service in ${R:-/} (offline)"
     fi
 else
     if systemctl cat cryid.service >/dev/null 2>&1; then
@@ -63,7 +64,7 @@ remove /etc/systemd/system/cryid.service.d
 remove /usr/local/sbin/cryid-admin
 remove /opt/cryid
 remove /etc/cryid/cryid.toml.dist
-if [ -z "$R" ] && [ "$DO_SYSTEMCTL" -eq 1 ]; then
+if [ -z "$R" ] && [ "$DO_SYSTEMCTL" -eq 1 ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 
