@@ -94,19 +94,25 @@ class Ecapa:
         seed: int = 0,
         ckpt: Path | None = None,
         mask_bins: int = 80,
+        stats_db: tuple[float, ...] | None = None,
     ) -> None:
         import torch
         from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
         self.torch = torch
-        if ckpt is not None:
-            from cryid.models.train import read_architecture
-
-            channels, emb = read_architecture(ckpt)
         torch.manual_seed(seed)
-        self.model = ECAPA_TDNN(80, channels=[channels] * 4 + [3 * channels], lin_neurons=emb).eval()
-        if ckpt is not None:
+        if ckpt is not None:  # a `cryid model train` output (speechbrain layout)
+            from hyperpyyaml import load_hyperpyyaml
+
+            hp = load_hyperpyyaml((ckpt / "hyperparams.yaml").read_text())
+            self.model = hp["embedding_model"].eval()
             self.model.load_state_dict(torch.load(ckpt / "embedding_model.ckpt", map_location="cpu"))
+        else:
+            self.model = ECAPA_TDNN(80, channels=[channels] * 4 + [3 * channels], lin_neurons=emb).eval()
+        if stats_db is not None:
+            from cryid.models.train_parts import stats_init
+
+            stats_init(self.model, stats_db)
         self.mask_bins = mask_bins
 
     def __call__(self, feats: np.ndarray) -> np.ndarray:
@@ -165,9 +171,11 @@ def main() -> int:
         "fbank_stats": stats_embed,
         "fbank_stats_lt4k": lambda f: stats_embed(f, 61),
     }
-    for c in (256, 512, 1024):
+    for c in (256, 1024):
         embedders[f"ecapa_rand_c{c}"] = Ecapa(c)
         embedders[f"ecapa_rand_c{c}_lt4k"] = Ecapa(c, mask_bins=61)
+    for th in ((-10.0, 0.0, 10.0), (-5.0, 5.0)):
+        embedders[f"ecapa_stats{th}"] = Ecapa(channels=256, emb=160 * len(th), stats_db=th)
     for ck in args.ckpt:
         mask = (
             61

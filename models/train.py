@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 from cryid.models.audio import SAMPLE_RATE, load_audio
-from cryid.models.backend import BackendSettings, fit_backend
+from cryid.models.backend import BackendSettings, cross_validated_eer, fit_backend
 from cryid.models.train_parts import (
     HYPERPARAMS_TEMPLATE,
     N_MELS,
@@ -101,8 +101,11 @@ class TrainSettings(BaseModel):
     val_split: str | None = Field(
         "dev", description="Split whose pairs are scored after each epoch; None: no validation."
     )
-    select: Literal["dev", "last"] = Field(
-        "dev", description="Keep the epoch with the best dev EER, or the last."
+    select: Literal["dev", "cv", "last"] = Field(
+        "dev",
+        description="Keep the epoch with the best dev EER (the paper), the best cross-validated EER on the "
+        "training split (5 folds of infants, back-end refitted, pseudo-pairs of files; dev untouched), "
+        "or the last epoch.",
     )
     backend: Literal["none", "lda", "wccn"] = Field(
         "none", description="Linear back-end fitted after training."
@@ -224,15 +227,24 @@ def _run_identity(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
 
 
-def _better(metrics: dict[str, float], best: dict[str, float] | None, select: str) -> bool:
+def _best_of(record: dict[str, Any]) -> dict[str, Any]:
+    best = {**record.get("val", {}), "epoch": record["epoch"]}
+    if "train_cv_eer" in record:
+        best["train_cv_eer"] = record["train_cv_eer"]
+    return best
+
+
+def _better(record: dict[str, Any], best: dict[str, Any] | None, select: str) -> bool:
     if best is None or select == "last":
         return True
-    return metrics.get("eer", 1.0) < best.get("eer", 1.0)
+    if select == "cv":
+        return record["train_cv_eer"] < best.get("train_cv_eer", 1.0)
+    return record.get("val", {}).get("eer", 1.0) < best.get("eer", 1.0)
 
 
 def _fit_backend(
     hp: dict[str, Any], items: list[Item], settings: TrainSettings, device: str, keep: int
-) -> tuple[Any, np.ndarray]:
+) -> tuple[Any, np.ndarray, tuple[np.ndarray, list[str]]]:
     """Embed every training file (and band-limited copies) and fit the configured back-end on them."""
     import torch
     import torchaudio.functional as taf
@@ -241,9 +253,9 @@ def _fit_backend(
     wavs = [load_audio(f) for _, f in files]
     labels = [b for b, _ in files]
     embs = embed_waves(hp, wavs, device, keep)
-    if settings.backend == "none":
-        return None, embs
     x, y = embs, labels
+    if settings.backend == "none":
+        return None, embs, (x, y)
     if settings.backend_bandlimit:
         bl = [
             taf.resample(taf.resample(torch.from_numpy(w), SAMPLE_RATE, 8000), 8000, SAMPLE_RATE).numpy()
@@ -252,7 +264,7 @@ def _fit_backend(
         x = np.concatenate([embs, embed_waves(hp, bl, device, keep)])
         y = labels + labels
     backend = fit_backend(x, y, BackendSettings(kind=settings.backend, dims=settings.backend_dims))
-    return backend, embs
+    return backend, embs, (x, y)
 
 
 def _validate_with_backend(
@@ -370,8 +382,8 @@ def train(
         }
         history.append(record)
         _end_of_epoch(hp, text, labels, items, ds, settings, device, keep, record, out, emb_sum / emb_count)
-        if _better(record.get("val", {}), best, settings.select):
-            best = {**record.get("val", {}), "epoch": epoch}
+        if _better(record, best, settings.select):
+            best = _best_of(record)
             _promote(out)
         logger.info("epoch %s: %s", epoch, record)
         torch.save(
@@ -393,7 +405,7 @@ def train(
     if settings.epochs == 0:
         record = history[-1]
         _end_of_epoch(hp, text, labels, items, ds, settings, device, keep, record, out, None)
-        best = {**record.get("val", {}), "epoch": 0}
+        best = _best_of(record)
         _promote(out)
     return _finish(out, settings, init, command, history, best)
 
@@ -428,8 +440,13 @@ def _end_of_epoch(
         shutil.rmtree(cand)
     cand.mkdir()
     backend, train_embs = (None, None)
-    if settings.backend != "none" or emb_mean is None:
-        backend, train_embs = _fit_backend(hp, items, settings, device, keep)
+    if settings.backend != "none" or emb_mean is None or settings.select == "cv":
+        backend, train_embs, (x, y) = _fit_backend(hp, items, settings, device, keep)
+        kind = "center" if settings.backend == "none" else settings.backend
+        n = len(train_embs)  # originals only: a band-limited copy of an enrolled file is no fair trial
+        record["train_cv_eer"] = cross_validated_eer(
+            x[:n], y[:n], BackendSettings(kind=kind, dims=settings.backend_dims)
+        )
     save_speechbrain_dir(hp, text, labels, cand, train_embs if train_embs is not None else emb_mean[None])
     if backend is not None:
         backend.save(cand / "backend.npz")
@@ -470,7 +487,9 @@ def _finish(
         "init": init,
         "settings": settings.model_dump(mode="json"),
         "best_epoch": int(best["epoch"]),
-        "metrics": {f"{settings.val_split}_{k}": v for k, v in metrics.items()},
+        "metrics": {
+            k if k.startswith("train_") else f"{settings.val_split}_{k}": v for k, v in metrics.items()
+        },
         "epochs": history,
     }
     tmp = out / (INFO_NAME + ".tmp")
