@@ -30,7 +30,11 @@ def reference():
             raw = fbank(torch.from_numpy(wav)[None])
             return raw[0].numpy(), norm(raw, torch.ones(1))[0].numpy()
 
-    return run
+    # One thread: on a shared 2-core machine torch's OpenMP pool is far slower with two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield run
+    torch.set_num_threads(threads)
 
 
 def test_every_dev_file_matches_speechbrain(dac_dir: Path, reference) -> None:
