@@ -39,11 +39,13 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
 
     def handler(args: argparse.Namespace, settings: object) -> int:
         import shlex
-        import sys
 
         from cryid.models.export import export_model
 
-        command = "cryid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+        parts = ["cryid", "model", "export", args.src, "--out", str(args.out)]
+        parts += ["--quantize", args.quantize] if args.quantize else []
+        parts += ["--backend", str(args.backend)] if args.backend else []
+        command = " ".join(shlex.quote(x) for x in parts)
         m = export_model(args.src, args.out, quantize=args.quantize, backend=args.backend,
                          command=command, overwrite=args.force)
         extra = (f", int8 vs fp32 min cosine {m.quantization.min_cosine_to_fp32:.4f}"
