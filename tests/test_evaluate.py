@@ -241,3 +241,31 @@ def test_onnx_and_speechbrain_agree_on_donateacry_dev(
     assert abs(docs["onnx"]["eer"] - docs["sb"]["eer"]) <= 0.001
     assert docs["onnx"]["eer_channel_matched"] is not None
     assert docs["sb"]["throughput"]["pairs"]["audio_s_per_wall_s"] > 0
+
+
+def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
+    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Both protocols with --model run without torch/speechbrain and without cryid.enrollment/daemon."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cryid.models.config import EmbedderSettings, SegmenterSettings\n"
+        "from cryid.models.eval_backends import load_backend_for_eval\n"
+        "from cryid.models.evaluate import EvalOptions, run_evaluation\n"
+        f"backend = load_backend_for_eval(Path({str(onnx_model_dir)!r}), None, EmbedderSettings())\n"
+        f"data = Path({str(synthetic_cryceleb_dir)!r})\n"
+        f"r = run_evaluation(data, EvalOptions(split='dev'), backend, 'onnx', 'm', SegmenterSettings(),\n"
+        f"                   Path({str(cache_dir)!r}))\n"
+        "assert r.pairs.eer is not None and r.ward.top1 is not None\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'speechbrain', 'torchaudio')\n"
+        "             or m.startswith(('cryid.enrollment', 'cryid.daemon')))\n"
+        "print('IMPORTED', bad)\n"
+    )
+    cmd = [sys.executable, "-c", code]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORTED []" in out.stdout, out.stdout
