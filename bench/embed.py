@@ -1,0 +1,186 @@
+"""Speed and agreement of the ONNX Embedder (fp32, int8) against speechbrain eager PyTorch, side by side.
+
+    .venv/bin/python bench/embed.py [--src SPEECHBRAIN_DIR] [--data ../shared/data/donateacry-cc]
+
+Clips of 1 s, 3 s and 10 s are cut from real cries (dev files of donateacry-cc concatenated, so a
+10 s clip spans several recordings). Each method embeds the same clips in the same run, in
+interleaved rounds, with the same thread count (default 2): speechbrain
+``EncoderClassifier.encode_batch(wav, normalize=False)`` with ``torch.set_num_threads``, and the
+``Embedder`` (NumPy front end + onnxruntime) with ``intra_op_threads``. It prints the median ms per
+clip, the speed-up over speechbrain and the cosine agreement. Without --src it builds the seeded
+random ECAPA-TDNN of the tests (published size, C=1024): speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cryid.models.audio import load_audio  # noqa: E402
+from cryid.models.config import EmbedderSettings  # noqa: E402
+from cryid.models.embedder import Embedder  # noqa: E402
+from cryid.models.export import export_model  # noqa: E402
+from cryid.models.scoring import cosine  # noqa: E402
+
+
+def real_cry_clips(data: Path, seconds: list[float], per_length: int) -> dict[float, list[np.ndarray]]:
+    import csv
+
+    with open(data / "metadata.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "dev"]
+    stream = np.concatenate([load_audio(data / r["file_name"]) for r in rows[:40]])
+    clips: dict[float, list[np.ndarray]] = {}
+    for s in seconds:
+        n = int(s * 16000)
+        starts = np.linspace(0, len(stream) - n, per_length).astype(int)
+        clips[s] = [stream[a : a + n].copy() for a in starts]
+    return clips
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", default=None, help="speechbrain model dir (default: seeded random C=1024 ECAPA)")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "donateacry-cc")
+    ap.add_argument("--threads", type=int, default=2, help="threads for torch and onnxruntime")
+    ap.add_argument("--seconds", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    ap.add_argument("--clips", type=int, default=4, help="clips per length")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    import torch
+    from cryid.models.speechbrain_io import load_encoder_classifier
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="cryid-bench-"))
+    src = args.src
+    if src is None:
+        from tests.fixtures.models import build_speechbrain_model_dir
+
+        src = str(build_speechbrain_model_dir(work / "sb-ecapa"))
+    print(f"exporting {src} (fp32 and int8) ...", flush=True)
+    export_model(src, work / "fp32")
+    export_model(src, work / "int8", quantize="int8")
+    settings = EmbedderSettings(intra_op_threads=args.threads, inter_op_threads=1)
+    methods = {
+        "onnx-fp32": Embedder(work / "fp32", settings).embed,
+        "onnx-int8": Embedder(work / "int8", settings).embed,
+    }
+    clf = load_encoder_classifier(src)
+
+    def sb_embed(wav: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return clf.encode_batch(torch.from_numpy(wav)[None], normalize=False)[0, 0].numpy()
+
+    def sb_embed_1t(wav: np.ndarray) -> np.ndarray:
+        # The same eager model with one torch thread: on a busy machine torch's 2-thread OpenMP pool
+        # can be many times slower than one thread, which would flatter the ONNX ratios.
+        torch.set_num_threads(1)
+        try:
+            return sb_embed(wav)
+        finally:
+            torch.set_num_threads(args.threads)
+
+    methods = {"speechbrain": sb_embed, "speechbrain-1t": sb_embed_1t, **methods}
+    frontend = Embedder(work / "fp32", settings).frontend
+    clips = real_cry_clips(args.data, args.seconds, args.clips)
+    times: dict[tuple[str, float], list[float]] = {(m, s): [] for m in methods for s in clips}
+    embs: dict[tuple[str, float], list[np.ndarray]] = {}
+    for s, cl in clips.items():  # warm-up, and the embeddings for the agreement figures
+        for m, fn in methods.items():
+            embs[(m, s)] = [fn(c) for c in cl]
+    for _ in range(args.rounds):
+        for s, cl in clips.items():
+            for m, fn in methods.items():
+                for c in cl:
+                    t0 = time.perf_counter()
+                    fn(c)
+                    times[(m, s)].append((time.perf_counter() - t0) * 1000)
+    fe_ms = {s: statistics.median(_timed(frontend.features, cl, 3)) for s, cl in clips.items()}
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"\n{args.threads} threads each; median ms per clip over {args.rounds} rounds x {args.clips} clips; "
+        f"load average {load:.1f} on {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'clip':>5} {'sb 2t':>8} {'sb 1t':>8} {'fp32':>7} {'int8':>7} {'fp32 x':>7} {'int8 x':>7} "
+        f"{'fp32 x1t':>8} {'int8 x1t':>8} {'fe ms':>6}  cos fp32/sb  cos int8/sb  cos int8/fp32"
+    )
+    print(header)
+    results = []
+    for s in clips:
+        med = {m: statistics.median(times[(m, s)]) for m in methods}
+
+        def agree(a: str, b: str, s: float = s) -> float:
+            return min(cosine(x, y) for x, y in zip(embs[(a, s)], embs[(b, s)], strict=True))
+
+        c_fp, c_i8, c_q = (
+            agree("onnx-fp32", "speechbrain"),
+            agree("onnx-int8", "speechbrain"),
+            agree("onnx-int8", "onnx-fp32"),
+        )
+        up = {
+            f"{m[5:]}{suffix}": med[ref] / med[m]
+            for m in ("onnx-fp32", "onnx-int8")
+            for ref, suffix in (("speechbrain", ""), ("speechbrain-1t", "_vs_sb_1thread"))
+        }
+        print(
+            f"{s:>4.0f}s {med['speechbrain']:>8.1f} {med['speechbrain-1t']:>8.1f} {med['onnx-fp32']:>7.1f} "
+            f"{med['onnx-int8']:>7.1f} {up['fp32']:>6.2f}x {up['int8']:>6.2f}x "
+            f"{up['fp32_vs_sb_1thread']:>7.2f}x {up['int8_vs_sb_1thread']:>7.2f}x {fe_ms[s]:>6.2f}  "
+            f"{c_fp:>10.6f}  {c_i8:>10.6f}  {c_q:>13.6f}"
+        )
+        results.append(
+            {
+                "seconds": s,
+                "ms": med,
+                "speedup": up,
+                "frontend_ms": fe_ms[s],
+                "min_cos_fp32_sb": c_fp,
+                "min_cos_int8_sb": c_i8,
+                "min_cos_int8_fp32": c_q,
+            }
+        )
+    one = next((r for r in results if r["seconds"] == 1.0), None)
+    if one is not None:
+        up = one["speedup"]
+        print(
+            f"\ngoals on 1 s clips (vs speechbrain, {args.threads} threads): "
+            f"fp32 >= 2.5x: {up['fp32']:.2f}x ({'met' if up['fp32'] >= 2.5 else 'NOT met'}); "
+            f"int8 >= 4x: {up['int8']:.2f}x ({'met' if up['int8'] >= 4 else 'NOT met'}); "
+            f"against speechbrain's faster 1-thread run: fp32 {up['fp32_vs_sb_1thread']:.2f}x, "
+            f"int8 {up['int8_vs_sb_1thread']:.2f}x"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"threads": args.threads, "load_average": load, "results": results}, indent=2)
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _timed(fn, clips: list[np.ndarray], rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        for c in clips:
+            t0 = time.perf_counter()
+            fn(c)
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
