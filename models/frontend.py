@@ -11,6 +11,8 @@ with the precomputed mel matrix. No torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from cryid.models.manifest import FrontendParams
@@ -48,8 +50,11 @@ def hamming_window(length: int) -> np.ndarray:
 class Fbank:
     """Log-mel features of float32 mono clips at ``params.sample_rate``; one clip or many."""
 
-    def __init__(self, params: FrontendParams | None = None) -> None:
-        self.params = params or FrontendParams()
+    def __init__(self, params: FrontendParams | None = None, **overrides: Any) -> None:
+        """``Fbank()``, ``Fbank(n_mels=80)`` or ``Fbank(manifest.frontend)``."""
+        if params is not None and overrides:
+            raise ValueError("give FrontendParams or keyword overrides, not both")
+        self.params = params if params is not None else FrontendParams(**overrides)
         p = self.params
         if p.win_length > p.n_fft:
             raise ValueError(f"win_length {p.win_length} must not exceed n_fft {p.n_fft}")
@@ -92,3 +97,18 @@ class Fbank:
     def features_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Features of clips of different lengths; each exactly as ``features`` of that clip alone."""
         return [self.features(w) for w in wavs]
+
+
+@lru_cache(maxsize=1)
+def _default() -> Fbank:
+    return Fbank()
+
+
+def features(wav: np.ndarray) -> np.ndarray:
+    """Normalised log-mel features (frames, 80) of one 16 kHz clip with the default parameters."""
+    return _default().features(wav)
+
+
+def features_batch(wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``features`` of clips of different lengths (each computed alone: no padding effects)."""
+    return _default().features_batch(wavs)

@@ -93,3 +93,14 @@ def test_batch_of_mixed_lengths_equals_single_clips() -> None:
 def test_rejects_multichannel_input() -> None:
     with pytest.raises(ValueError, match="1-D mono"):
         Fbank().features(np.zeros((2, 16000), dtype=np.float32))
+
+
+def test_module_helpers_and_keyword_construction() -> None:
+    from cryid.models.frontend import features, features_batch
+
+    wav = (0.1 * np.random.default_rng(4).standard_normal(8000)).astype(np.float32)
+    np.testing.assert_array_equal(features(wav), Fbank(n_mels=80).features(wav))
+    assert [f.shape for f in features_batch([wav, wav[:4000]])] == [(51, 80), (26, 80)]
+    assert Fbank(n_mels=40).features(wav).shape == (51, 40)
+    with pytest.raises(ValueError, match="not both"):
+        Fbank(FrontendParams(), n_mels=40)
