@@ -66,7 +66,7 @@ def resolve_source(src: str) -> Path:
             f"{src}: huggingface_hub is not installed (pip install 'cryid[train]'), or {hint}"
         ) from exc
     try:
-        local = snapshot_download(repo_id=src, allow_patterns=[*HUB_FILES, "train_info.json", "backend.npz"])
+        local = snapshot_download(repo_id=src)  # whole repo: hyperparams.yaml may name extra files
     except Exception as exc:  # offline, unknown repo, auth: huggingface_hub has many error types
         first = str(exc).strip().split(". ")[0].splitlines()[0][:120] if str(exc).strip() else ""
         reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
