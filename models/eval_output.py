@@ -159,7 +159,12 @@ def summary_lines(report: EvalReport) -> list[str]:
     if wr is not None:
         lines.append(
             f"ward protocol (enroll from B files, identify each D file): {wr.enrolled} babies enrolled, "
-            f"{wr.queries} D files identified, {wr.files_without_expirations} files without an expiration"
+            f"{wr.queries} D files identified"
+        )
+        lines.append(
+            f"  no expiration found in {wr.b_files_without_expirations} B files "
+            f"({len(wr.babies_not_enrolled)} babies not enrolled), {wr.d_files_without_expirations} D files; "
+            f"{wr.unenrolled_queries} D files of unenrolled babies scored as impostors only"
         )
         lines.append(f"  top-1 {_pct(wr.top1)}, top-5 {_pct(wr.top5)}, open-set EER {_pct(wr.eer)}")
     for name, tp in report.throughput.items():

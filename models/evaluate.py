@@ -93,8 +93,10 @@ class WardReport:
     top5: float | None
     eer: float | None
     enrolled: int
-    queries: int
-    files_without_expirations: int
+    queries: int  # D files of enrolled babies with at least one expiration (top-1/top-5 base)
+    unenrolled_queries: int  # D files of babies that could not be enrolled: non-target scores only
+    b_files_without_expirations: int
+    d_files_without_expirations: int
     babies_not_enrolled: list[str]
     pooling: str
     target_scores: list[float] = field(repr=False)
@@ -338,7 +340,15 @@ def ward_protocol(
         eer=ward_eer,
         enrolled=len(enrolled),
         queries=int(known.sum()),
-        files_without_expirations=silent,
+        unenrolled_queries=int((~known).sum()),
+        b_files_without_expirations=sum(
+            1
+            for (_, period), files in groups.items()
+            if period == "B"
+            for r in files
+            if per_file[r.file_id].size == 0
+        ),
+        d_files_without_expirations=silent,
         babies_not_enrolled=not_enrolled,
         pooling=POOLING,
         target_scores=[float(s) for s in targets],
