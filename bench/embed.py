@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Idle torch (OpenMP) threads sleep instead of spinning, as onnxruntime's do in the Embedder: spinning
+# workers of one method would steal the CPU from the next one in the interleaved rounds.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(REPO))
 
 from cryid.models.audio import load_audio  # noqa: E402
@@ -113,7 +116,7 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"\n{args.threads} threads each; median ms per clip over {args.rounds} rounds x {args.clips} clips; "
-        f"load average {load:.1f} on {os.cpu_count()} CPUs"
+        f"load average {load:.1f} on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     header = (
         f"{'clip':>5} {'sb 2t':>8} {'sb 1t':>8} {'fp32':>7} {'int8':>7} {'fp32 x':>7} {'int8 x':>7} "
