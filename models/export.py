@@ -267,9 +267,10 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         fp32_path = tmp / "model.fp32.onnx"
-        _onnx_export(
-            _graph_module(clf.mods.embedding_model, None if bk is None else (bk[0], bk[1])), n_mels, fp32_path
-        )
+        from cryid.models.onnx_rewrite import convs_as_conv2d
+
+        fast = convs_as_conv2d(clf.mods.embedding_model)
+        _onnx_export(_graph_module(fast, None if bk is None else (bk[0], bk[1])), n_mels, fp32_path)
         sess = _session(fp32_path)
         fp32 = _onnx_embed(sess, feats)
         _check_batching(sess, feats[0], src)
@@ -292,7 +293,7 @@ def export_model(
             )
         quant = None
         if quantize == "int8":
-            from cryid.models.quantize import SCHEME, convs_as_matmul, quantize_int8
+            from cryid.models.onnx_rewrite import SCHEME, convs_as_matmul, quantize_int8
 
             mm = convs_as_matmul(clf.mods.embedding_model)
             pre_path = tmp / "model.pre-int8.onnx"

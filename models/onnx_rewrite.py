@@ -1,10 +1,13 @@
-"""int8 export: ECAPA's convolutions as MatMuls, then onnxruntime dynamic quantisation (torch lazily).
+"""Rewrites of ECAPA's ``Conv1d`` layers that run faster in onnxruntime, and int8 quantisation (torch lazily).
 
-onnxruntime's dynamically quantised ``Conv`` (``ConvInteger``) is slower than fp32 on CPU, while a
-dynamically quantised ``MatMul`` runs on its fast int8 GEMM. A stride-1, ungrouped ``Conv1d``
-with kernel k and dilation d equals one MatMul over k shifted copies of its input (im2col), so the
-int8 model is exported from a copy of the ECAPA whose ``Conv1d`` layers are rewritten that way
-(identical results in fp32), then ``quantize_dynamic`` (QInt8 weights) is applied.
+fp32: a ``Conv1d`` exported as a ``Conv`` with a (1, k) kernel over (B, C, 1, T) gets onnxruntime's
+blocked NCHWc convolution kernels (about 15% faster here than the 1-D ``Conv``), same numbers.
+
+int8: onnxruntime's dynamically quantised ``Conv`` (``ConvInteger``) is slower than fp32 on CPU,
+while a dynamically quantised ``MatMul`` runs on its fast int8 GEMM. A stride-1, ungrouped
+``Conv1d`` with kernel k and dilation d equals one MatMul over k shifted copies of its input
+(im2col), so the int8 model is exported from a copy of the ECAPA whose ``Conv1d`` layers are
+rewritten that way (identical results in fp32), then ``quantize_dynamic`` (QInt8 weights) is applied.
 """
 
 from __future__ import annotations
@@ -50,16 +53,45 @@ def _matmul_conv_class() -> Any:
     return MatMulConv1d
 
 
-def convs_as_matmul(model: Any) -> Any | None:
-    """A copy of ``model`` with every ``Conv1d`` as a MatMul; None if some conv cannot be rewritten."""
+def _conv2d_class() -> Any:
     import torch
 
-    cls = _matmul_conv_class()
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
-    for conv in convs:
+    class Conv1dAs2d(torch.nn.Module):
+        """``Conv1d`` as a ``Conv2d`` with a (1, k) kernel; input/output (B, C, T)."""
+
+        def __init__(self, conv: torch.nn.Conv1d) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                (1, int(conv.kernel_size[0])),
+                dilation=(1, int(conv.dilation[0])),
+                bias=conv.bias is not None,
+            )
+            with torch.no_grad():
+                self.conv.weight.copy_(conv.weight.detach().unsqueeze(2))
+                if conv.bias is not None:
+                    self.conv.bias.copy_(conv.bias.detach())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.unsqueeze(2)).squeeze(2)
+
+    return Conv1dAs2d
+
+
+def _rewritable(model: Any) -> bool:
+    import torch
+
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv1d)):
         if conv.stride[0] != 1 or conv.groups != 1 or conv.padding != (0,):
-            logger.warning("conv %s cannot be rewritten as MatMul; int8 keeps Conv layers", conv)
-            return None
+            logger.warning("conv %s cannot be rewritten; the graph keeps it as a 1-D Conv", conv)
+            return False
+    return True
+
+
+def _swapped(model: Any, cls: Any) -> Any:
+    import torch
+
     rewritten = copy.deepcopy(model).eval()
 
     def swap(module: torch.nn.Module) -> None:
@@ -71,6 +103,16 @@ def convs_as_matmul(model: Any) -> Any | None:
 
     swap(rewritten)
     return rewritten
+
+
+def convs_as_conv2d(model: Any) -> Any:
+    """A copy of ``model`` with every ``Conv1d`` as a (1, k) ``Conv2d``; ``model`` if not rewritable."""
+    return _swapped(model, _conv2d_class()) if _rewritable(model) else model
+
+
+def convs_as_matmul(model: Any) -> Any | None:
+    """A copy of ``model`` with every ``Conv1d`` as a MatMul; None if some conv cannot be rewritten."""
+    return _swapped(model, _matmul_conv_class()) if _rewritable(model) else None
 
 
 def quantize_int8(fp32: Path, out: Path) -> None:
