@@ -156,3 +156,35 @@ def test_cli_rejects_bad_channels(tiny_set: Path, tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "multiple of 8" in err and "\n" not in err.strip()
     assert not (tmp_path / "x" / "train_info.json").exists()
+
+
+def test_backend_fit_save_load(tmp_path: Path) -> None:
+    """LDA whitens the within-class scatter and keeps the class direction; the npz round-trips."""
+    from cryid.models.backend import (
+        BackendError,
+        BackendSettings,
+        cross_validated_eer,
+        fit_backend,
+        load_backend,
+    )
+
+    rng = np.random.default_rng(0)
+    n_classes, per_class, dim = 40, 3, 12
+    centres = rng.normal(size=(n_classes, dim)) * np.r_[3.0, 3.0, np.zeros(dim - 2)]  # identity in dims 0-1
+    x = np.repeat(centres, per_class, axis=0) + rng.normal(size=(n_classes * per_class, dim))
+    x[:, 5] += 50.0 * rng.normal(size=len(x))  # a loud nuisance dimension, within-class only
+    y = np.repeat([f"b{i}" for i in range(n_classes)], per_class)
+    be = fit_backend(x, y, BackendSettings(dims=2))
+    assert be.transform.shape == (dim, 2)
+    # per unit of spread, the loud nuisance dimension weighs far less than the identity dimensions
+    assert np.abs(be.transform[5]).max() * 50.0 < 0.6 * np.abs(be.transform[:2]).max() * 3.0
+    z = be.apply(x)
+    within = np.mean([np.var(z[y == lab], axis=0, ddof=0).mean() for lab in np.unique(y)])
+    assert within < 1.0
+    assert cross_validated_eer(x, y, BackendSettings(dims=2)) < cross_validated_eer(
+        x, y, BackendSettings(kind="center")
+    )
+    loaded = load_backend(be.save(tmp_path))
+    np.testing.assert_allclose(loaded.apply(x[:3]), z[:3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(BackendError, match="at least 2 classes"):
+        fit_backend(x[:3], ["a"] * 3)
