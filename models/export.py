@@ -254,14 +254,16 @@ def export_model(
     n_mels = int(getattr(clf.mods.compute_features.compute_fbanks, "n_mels", 80))
     params = FrontendParams(n_mels=n_mels)
     frontend = Fbank(params)
-    ecapa_dim = int(clf.mods.embedding_model.fc.conv.out_channels)
-    if bk is not None and bk[0].shape[0] != ecapa_dim:
-        raise ModelError(
-            f"{backend}: back-end expects {bk[0].shape[0]}-d embeddings but the model gives {ecapa_dim}-d"
-        )
     clips = check_clips(params.sample_rate)
     feats = frontend.features_batch(clips)
-    ref = reference_embeddings(clf, clips, None if bk is None else (bk[0], bk[1]))
+    ref = reference_embeddings(clf, clips, None)
+    if bk is not None:
+        if bk[0].shape[0] != ref.shape[1]:
+            raise ModelError(
+                f"{backend}: back-end expects {bk[0].shape[0]}-d embeddings "
+                f"but the model gives {ref.shape[1]}-d"
+            )
+        ref = (ref - bk[0]) @ bk[1]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -270,7 +272,13 @@ def export_model(
         from cryid.models.onnx_rewrite import convs_as_conv2d
 
         fast = convs_as_conv2d(clf.mods.embedding_model)
-        _onnx_export(_graph_module(fast, None if bk is None else (bk[0], bk[1])), n_mels, fp32_path)
+        try:
+            _onnx_export(_graph_module(fast, None if bk is None else (bk[0], bk[1])), n_mels, fp32_path)
+        except Exception as exc:  # the tracer/exporter raises many types; report one line
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            raise ModelError(
+                f"{src}: torch.onnx.export failed ({type(exc).__name__}: {first}); nothing written"
+            ) from exc
         sess = _session(fp32_path)
         fp32 = _onnx_embed(sess, feats)
         _check_batching(sess, feats[0], src)
