@@ -119,7 +119,8 @@ def main() -> int:
         f"load average {load:.1f} on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     header = (
-        f"{'clip':>5} {f'sb {args.threads}t':>8} {'sb 1t':>8} {'fp32':>7} {'int8':>7} {'fp32 x':>7} {'int8 x':>7} "
+        f"{'clip':>5} {f'sb {args.threads}t':>8} {'sb 1t':>8} {'fp32':>7} {'int8':>7} "
+        f"{'fp32 x':>7} {'int8 x':>7} "
         f"{'fp32 x1t':>8} {'int8 x1t':>8} {'fe ms':>6}  cos fp32/sb  cos int8/sb  cos int8/fp32"
     )
     print(header)
