@@ -79,6 +79,46 @@ def _conv2d_class() -> Any:
     return Conv1dAs2d
 
 
+def _fast_pooling_class() -> Any:
+    import torch
+
+    class GlobalContextPooling(torch.nn.Module):
+        """speechbrain's ``AttentiveStatisticsPooling`` (global context) for unpadded clips.
+
+        The attention TDNN sees ``[x, mean, std]`` with mean and std repeated over time; its 1x1
+        conv splits into ``W_x @ x`` plus a per-clip term ``W_ms @ [mean, std]``, so nothing is tiled.
+        """
+
+        def __init__(self, asp: Any) -> None:
+            super().__init__()
+            conv = asp.tdnn.conv.conv
+            channels = conv.in_channels // 3
+            self.eps = asp.eps
+            self.conv_x = torch.nn.Conv1d(channels, conv.out_channels, 1)
+            self.ms = torch.nn.Linear(2 * channels, conv.out_channels, bias=False)
+            with torch.no_grad():
+                self.conv_x.weight.copy_(conv.weight[:, :channels])
+                self.conv_x.bias.copy_(conv.bias)
+                self.ms.weight.copy_(conv.weight[:, channels:, 0])
+            self.activation, self.norm = asp.tdnn.activation, asp.tdnn.norm
+            self.tanh, self.conv = asp.tanh, asp.conv
+
+        def _stats(self, x: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            mean = x.mean(dim=2) if w is None else (w * x).sum(dim=2)
+            dev = (x - mean.unsqueeze(2)).pow(2)
+            var = dev.mean(dim=2) if w is None else (w * dev).sum(dim=2)
+            return mean, torch.sqrt(var.clamp(self.eps))
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+            mean, std = self._stats(x, None)
+            ctx = self.ms(torch.cat([mean, std], dim=1)).unsqueeze(2)
+            attn = self.conv(self.tanh(self.norm(self.activation(self.conv_x(x) + ctx))))
+            mean, std = self._stats(x, torch.softmax(attn, dim=2))
+            return torch.cat([mean, std], dim=1).unsqueeze(2)
+
+    return GlobalContextPooling
+
+
 def _rewritable(model: Any) -> bool:
     import torch
 
@@ -93,6 +133,9 @@ def _swapped(model: Any, cls: Any) -> Any:
     import torch
 
     rewritten = copy.deepcopy(model).eval()
+    asp = getattr(rewritten, "asp", None)
+    if asp is not None and getattr(asp, "global_context", False) and hasattr(asp, "tdnn"):
+        rewritten.asp = _fast_pooling_class()(asp).eval()
 
     def swap(module: torch.nn.Module) -> None:
         for name, child in module.named_children():
