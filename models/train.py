@@ -94,8 +94,17 @@ class TrainSettings(BaseModel):
     stats_init_db: tuple[float, ...] | None = Field(
         None,
         description="Start from an ECAPA-TDNN whose weights compute per-band mean and std of relu(x - t) of "
-        "the normalised log-mel for these thresholds t (dB); needs channels >= bands x thresholds and "
-        "embedding_dim = 2 x bands x thresholds. None: random initialisation (or --init).",
+        "the normalised log-mel x for these thresholds t (dB) (cryid.models.train_parts.stats_init); needs "
+        "channels >= 160, 3 x channels >= 80 x thresholds and embedding_dim = 2 x 80 x thresholds (all "
+        "kinds). None: random initialisation (or --init).",
+    )
+    stats_framegain_db: tuple[float, ...] = Field(
+        (),
+        description="With --stats-init-db: also thresholds of the per-frame spectral shape "
+        "x_b - mean over bands (loudness removed).",
+    )
+    stats_delta_db: tuple[float, ...] = Field(
+        (), description="With --stats-init-db: also thresholds of the first difference x(t+1) - x(t-1)."
     )
     split: str = Field("train", description="Split of metadata.csv to train on (each baby_id a class).")
     val_split: str | None = Field(
@@ -213,7 +222,9 @@ def build_modules(
     if settings.stats_init_db is not None:
         if init_dir is not None:
             raise TrainError("--stats-init-db and --init both set the starting weights; give one of them")
-        stats_init(emb, settings.stats_init_db, keep_bins=keep)
+        if keep < N_MELS:
+            raise TrainError("--stats-init-db uses all 80 bands; drop --max-freq-hz")
+        stats_init(emb, settings.stats_init_db, settings.stats_framegain_db, settings.stats_delta_db)
     if keep < N_MELS:
         with torch.no_grad():
             emb.blocks[0].conv.conv.weight[:, keep:, :] = 0.0

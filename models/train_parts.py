@@ -234,26 +234,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def stats_init(model: Any, thresholds_db: tuple[float, ...], keep_bins: int = N_MELS) -> None:
-    """Set an ECAPA-TDNN's weights so that it computes per-band statistics of the normalised log-mel.
+LEVEL_OFFSET_DB = 100.0  # mean-normalised log-mel clipped at top_db=80 never goes below -80 dB
+DELTA_OFFSET_DB = 200.0  # a first difference of such features never goes below -160 dB
 
-    Block 0 turns each band b and threshold t into one channel ``relu(x_b - t)`` (centre tap 1, bias
-    -t); the SE-Res2Net blocks pass their input through their residual path (the last BatchNorm of
-    each block is zeroed); the aggregation layer keeps block 3's copy; attention is uniform, so the
-    pooling gives each channel's mean and standard deviation over time; ``fc`` selects those 2 x
-    bands x thresholds statistics as the embedding. A linear back-end (LDA) fitted on top then
-    turns the network into a discriminant of cry statistics, and AAM training can start from there.
-    The network stays an unmodified ``speechbrain`` ECAPA_TDNN.
+
+def stats_init(
+    model: Any,
+    level_db: tuple[float, ...],
+    framegain_db: tuple[float, ...] = (),
+    delta_db: tuple[float, ...] = (),
+    n_mels: int = N_MELS,
+) -> int:
+    """Set an ECAPA-TDNN's weights so that it computes statistics of the normalised log-mel x.
+
+    Block 0 carries x (channels 0..n-1, shifted by +100 dB so the ReLU keeps it linear) and its first
+    difference over time d(t) = x(t+1) - x(t-1) (channels n..2n-1, +200 dB); the SE-Res2Net blocks
+    pass their input through their residual path (the last BatchNorm of each block is zeroed); the
+    aggregation layer (1x1 conv + ReLU) builds one channel per band b and threshold t:
+    ``relu(x_b - t)`` (level), ``relu(x_b - mean_over_bands(x) - t)`` (spectral shape, loudness
+    removed per frame) and ``relu(d_b - t)`` (modulation); attention is uniform, so the pooling returns
+    each channel's mean and standard deviation over time, and ``fc`` emits them as the embedding.
+    A linear back-end (LDA) on top makes it a discriminant of cry statistics; AAM training may start
+    from here. The network stays an unmodified speechbrain ECAPA_TDNN. Returns the embedding size.
     """
     import torch
 
-    n_feat = keep_bins * len(thresholds_db)
+    specs = [("level", t) for t in level_db] + [("framegain", t) for t in framegain_db]
+    specs += [("delta", t) for t in delta_db]
+    n_stats = n_mels * len(specs)
     c = model.blocks[0].conv.conv.out_channels
+    mfa_out = model.mfa.conv.conv.out_channels
     emb = model.fc.conv.out_channels
-    if c < n_feat or emb != 2 * n_feat:
+    if not specs or c < 2 * n_mels or mfa_out < n_stats or emb != 2 * n_stats:
         raise TrainError(
-            f"stats initialisation needs channels >= {n_feat} and embedding_dim == {2 * n_feat} "
-            f"({keep_bins} bands x {len(thresholds_db)} thresholds); got channels {c}, embedding_dim {emb}"
+            f"stats initialisation of {len(specs)} thresholds x {n_mels} bands needs "
+            f"channels >= {2 * n_mels}, "
+            f"3 x channels >= {n_stats} and embedding_dim == {2 * n_stats}; got channels {c}, "
+            f"embedding_dim {emb}"
         )
 
     def identity_bn(bn: Any, scale: float = 1.0) -> None:
@@ -263,33 +280,45 @@ def stats_init(model: Any, thresholds_db: tuple[float, ...], keep_bins: int = N_
         bn.norm.bias.zero_()
 
     with torch.no_grad():
-        first = model.blocks[0]
-        w = first.conv.conv.weight  # (C, n_mels, k)
-        w.zero_()
-        first.conv.conv.bias.zero_()
-        centre = w.shape[2] // 2
-        for k, t in enumerate(thresholds_db):
-            for b in range(keep_bins):
-                w[k * keep_bins + b, b, centre] = 1.0
-                first.conv.conv.bias[k * keep_bins + b] = -float(t)
-        identity_bn(first.norm)
+        first = model.blocks[0].conv.conv
+        first.weight.zero_()
+        first.bias.zero_()
+        centre = first.weight.shape[2] // 2
+        for b in range(n_mels):
+            first.weight[b, b, centre] = 1.0
+            first.bias[b] = LEVEL_OFFSET_DB
+            first.weight[n_mels + b, b, centre + 1] = 1.0
+            first.weight[n_mels + b, b, centre - 1] = -1.0
+            first.bias[n_mels + b] = DELTA_OFFSET_DB
+        identity_bn(model.blocks[0].norm)
         for block in model.blocks[1:]:
             identity_bn(block.tdnn2.norm, scale=0.0)  # block output = its residual input
-        mfa = model.mfa.conv.conv.weight  # (3C', 3C, 1): keep the last block's copy
-        mfa.zero_()
-        model.mfa.conv.conv.bias.zero_()
-        width = mfa.shape[1] // (len(model.blocks) - 1)
-        offset = mfa.shape[1] - width
-        for i in range(n_feat):
-            mfa[i, offset + i, 0] = 1.0
+        mfa = model.mfa.conv.conv
+        mfa.weight.zero_()
+        mfa.bias.zero_()
+        off = mfa.weight.shape[1] - c  # the last block's copy in the concatenation
+        for k, (kind, t) in enumerate(specs):
+            for b in range(n_mels):
+                j = k * n_mels + b
+                if kind == "level":
+                    mfa.weight[j, off + b, 0] = 1.0
+                    mfa.bias[j] = -LEVEL_OFFSET_DB - t
+                elif kind == "framegain":
+                    mfa.weight[j, off : off + n_mels, 0] = -1.0 / n_mels
+                    mfa.weight[j, off + b, 0] += 1.0
+                    mfa.bias[j] = -t
+                else:
+                    mfa.weight[j, off + n_mels + b, 0] = 1.0
+                    mfa.bias[j] = -DELTA_OFFSET_DB - t
         identity_bn(model.mfa.norm)
         model.asp.conv.conv.weight.zero_()  # uniform attention
         model.asp.conv.conv.bias.zero_()
         identity_bn(model.asp_bn)
-        fc = model.fc.conv.weight  # (emb, 2 * 3C', 1): [means of 3C' channels, stds of 3C' channels]
-        fc.zero_()
-        model.fc.conv.bias.zero_()
-        pooled = fc.shape[1] // 2
-        for i in range(n_feat):
-            fc[i, i, 0] = 1.0
-            fc[n_feat + i, pooled + i, 0] = 1.0
+        fc = model.fc.conv  # input: [means of the mfa channels, their standard deviations]
+        fc.weight.zero_()
+        fc.bias.zero_()
+        pooled = fc.weight.shape[1] // 2
+        for i in range(n_stats):
+            fc.weight[i, i, 0] = 1.0
+            fc.weight[n_stats + i, pooled + i, 0] = 1.0
+    return n_stats * 2

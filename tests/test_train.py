@@ -188,3 +188,24 @@ def test_backend_fit_save_load(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.apply(x[:3]), z[:3], rtol=1e-5, atol=1e-5)
     with pytest.raises(BackendError, match="at least 2 classes"):
         fit_backend(x[:3], ["a"] * 3)
+
+
+def test_stats_init_computes_band_statistics() -> None:
+    """The statistics-initialised ECAPA-TDNN returns the per-band statistics it promises."""
+    import torch
+    from cryid.models.train_parts import stats_init
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    rng = np.random.default_rng(1)
+    logmel = np.maximum(rng.normal(-30.0, 12.0, size=(300, 80)), -60.0).astype(np.float32)
+    x = logmel - logmel.mean(axis=0)  # the front end's sentence mean normalisation
+    model = ECAPA_TDNN(80, channels=[256] * 4 + [768], lin_neurons=2 * 80 * 4).eval()
+    assert stats_init(model, (-5.0, 5.0), framegain_db=(0.0,), delta_db=(3.0,)) == 640
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)[None])[0, 0].numpy()
+    d = np.zeros_like(x)
+    d[1:-1] = x[2:] - x[:-2]
+    shape = x - x.mean(axis=1, keepdims=True)
+    chans = [np.maximum(x + 5, 0), np.maximum(x - 5, 0), np.maximum(shape, 0), np.maximum(d - 3, 0)]
+    want = np.concatenate([c.mean(0) for c in chans] + [c.std(0) for c in chans])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
