@@ -59,7 +59,7 @@ class TrainSettings(BaseModel):
     channels: int = Field(
         1024, ge=8, le=4096, description="ECAPA-TDNN channels C (blocks C,C,C,C,3C); multiple of 8."
     )
-    embedding_dim: int = Field(192, ge=8, le=1024, description="Embedding size (lin_neurons).")
+    embedding_dim: int = Field(192, ge=8, le=4096, description="Embedding size (lin_neurons).")
     epochs: int = Field(10, ge=0, le=10000, description="Passes over the training baby-periods.")
     chunks_per_item: int = Field(
         1, ge=1, le=1000, description="Random chunks drawn per baby-period per epoch."
