@@ -73,16 +73,28 @@ def level_dbfs(audio: np.ndarray) -> float:
 
 
 class NoiseFloor:
-    """Low running percentile of frame levels over a fixed number of frames (sorted window)."""
+    """Minimum statistics with a bounded rise: falls at once, climbs at most so many dB per frame.
 
-    def __init__(self, window_frames: int, percentile: float, clamp_dbfs: float) -> None:
+    The target is a low percentile of the non-silent frame levels of a sliding window (sorted
+    window). Below the floor, the floor drops to the target at once; above it, the floor climbs
+    towards the target by at most ``rise_db`` per frame (``fast_rise_db`` when the caller says the
+    frame is noise). It starts at ``clamp_dbfs``, the lowest value it can take.
+    """
+
+    def __init__(
+        self, window_frames: int, percentile: float, clamp_dbfs: float, rise_db: float, fast_rise_db: float
+    ) -> None:
         self._window: deque[float | None] = deque()
         self._window_frames = max(1, window_frames)
         self._sorted: list[float] = []
         self._fraction = percentile / 100.0
         self._clamp_dbfs = clamp_dbfs
+        self._rise_db = rise_db
+        self._fast_rise_db = fast_rise_db
+        self.value = clamp_dbfs
 
-    def update(self, level: float) -> None:
+    def update(self, level: float, noise: bool = False) -> None:
+        """Add one frame level; ``noise``: the frame is known not to be cry (faster rise)."""
         value: float | None = None if level < DIGITAL_SILENCE_DBFS else max(level, self._clamp_dbfs)
         self._window.append(value)
         if value is not None:
@@ -91,17 +103,18 @@ class NoiseFloor:
             old = self._window.popleft()
             if old is not None:
                 del self._sorted[bisect.bisect_left(self._sorted, old)]
-
-    @property
-    def value(self) -> float | None:
-        """The floor in dBFS, or None before any non-silent frame was seen."""
         if not self._sorted:
-            return None
-        return self._sorted[int(self._fraction * (len(self._sorted) - 1))]
+            return
+        target = self._sorted[int(self._fraction * (len(self._sorted) - 1))]
+        if target <= self.value:
+            self.value = target
+        else:
+            self.value = min(target, self.value + (self._fast_rise_db if noise else self._rise_db))
 
     def reset(self) -> None:
         self._window.clear()
         self._sorted.clear()
+        self.value = self._clamp_dbfs
 
 
 class Segmenter:
@@ -123,11 +136,16 @@ class Segmenter:
         self._min_len = s.min_expiration_ms * sample_rate // 1000
         self._max_frames = max(2, ms(s.max_expiration_ms))
         self._make_vad = lambda: webrtcvad.Vad(s.vad_aggressiveness)
+        frame_s = s.frame_ms / 1000
         self._floor = NoiseFloor(
-            window_frames=max(1, round(s.noise_floor_window_s * 1000 / s.frame_ms)),
+            window_frames=max(1, round(s.noise_floor_window_s / frame_s)),
             percentile=s.noise_floor_percentile,
             clamp_dbfs=s.min_level_dbfs - s.gate_margin_db,
+            rise_db=s.noise_floor_rise_db_per_s * frame_s,
+            fast_rise_db=s.noise_floor_fast_rise_db_per_s * frame_s,
         )
+        self._noise_after_frames = max(1, ms(s.noise_after_ms))
+        self._steady_after_frames = max(1, ms(s.steady_after_ms))
         self.reset()
 
     def _ms_to_frames(self, ms: int) -> int:
@@ -149,10 +167,12 @@ class Segmenter:
         self._levels: list[float] = []
         self._cry: list[bool] = []
         self._since_cry = 0
+        self._open_no_cry = 0  # frames the gate let through since the last cry frame
+        self._open_run = 0  # frames the gate has let through without a break
         self.last_level_dbfs = _FLOOR_DBFS
 
     @property
-    def noise_floor_dbfs(self) -> float | None:
+    def noise_floor_dbfs(self) -> float:
         return self._floor.value
 
     @property
@@ -191,17 +211,26 @@ class Segmenter:
 
     def _threshold(self) -> float:
         s = self.settings
-        floor = self._floor.value
-        return s.min_level_dbfs if floor is None else max(s.min_level_dbfs, floor + s.gate_margin_db)
+        return max(s.min_level_dbfs, self._floor.value + s.gate_margin_db)
+
+    def _vad_gain(self) -> float:
+        """int16 scale of a gated frame for the VAD: quiet streams are lifted (never attenuated)."""
+        lift_db = max(0.0, self.settings.vad_reference_dbfs - self._threshold())
+        return 32768.0 * 10.0 ** (lift_db / 20.0)
 
     def _frame(self, frame: np.ndarray, level: float, out: list[Expiration]) -> None:
         self.frames_total += 1
         is_cry = False
-        if level >= self._threshold():
+        noise = self._open_no_cry >= self._noise_after_frames or self._open_run >= self._steady_after_frames
+        self._floor.update(level, noise=noise)
+        if level < self._threshold():
+            self._open_run = 0
+        else:
+            self._open_run += 1
             self.frames_vad += 1
-            pcm = np.clip(frame * 32768.0, -32768.0, 32767.0).astype(np.int16)
+            pcm = np.clip(frame * self._vad_gain(), -32768.0, 32767.0).astype(np.int16)
             is_cry = self._vad.is_speech(pcm.tobytes(), self.sample_rate)
-        self._floor.update(level)
+            self._open_no_cry = 0 if is_cry else self._open_no_cry + 1
         start = self._next_sample
         self._next_sample += self.frame_len
         if not self._active:
@@ -274,6 +303,10 @@ class Segmenter:
             logger.debug(
                 "expiration at sample %s dropped: %.1f dBFS no longer above the gate", start, cry_level
             )
+            return
+        p10, p90 = np.percentile(levels, [10, 90])
+        if p90 - p10 < self.settings.min_level_span_db:
+            logger.debug("expiration at sample %s dropped: steady level (%.1f dB span)", start, p90 - p10)
             return
         audio = np.concatenate(frames)
         out.append(
