@@ -3,8 +3,10 @@
     nice -n 10 .venv/bin/python bench/train_experiments.py --data ../shared/data/donateacry-cc \
         --cache /work/runs/cache [--ckpt DIR ...]
 
-For each embedding (Fbank mean+std, random-init ECAPA-TDNN of several widths, trained checkpoints
-given with --ckpt) and each back-end (none, LDA of several sizes, with/without band-limited copies of
+For each embedding (raw Fbank mean+std as the data README's reference, random-init ECAPA-TDNN,
+statistics-initialised ECAPA-TDNN (`cryid.models.train_parts.stats_init`; `ecapa_stats_combo` is the
+shipped default's network), trained checkpoints given with --ckpt; `--embeddings NAME...` picks some)
+and each back-end (none, LDA of several sizes, with/without band-limited copies of
 the 16 kHz training recordings as extra same-class samples), it prints
 - cv_eer: 5-fold cross-validation on the TRAIN split (fit on 4/5 of the infants, score the rest with
   pseudo pairs: one recording of an infant vs its other recordings; same session, so optimistic),
@@ -94,7 +96,7 @@ class Ecapa:
         seed: int = 0,
         ckpt: Path | None = None,
         mask_bins: int = 80,
-        stats_db: tuple[float, ...] | None = None,
+        stats_db: tuple[tuple[float, ...], ...] | None = None,
     ) -> None:
         import torch
         from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
@@ -112,7 +114,7 @@ class Ecapa:
         if stats_db is not None:
             from cryid.models.train_parts import stats_init
 
-            stats_init(self.model, stats_db)
+            stats_init(self.model, *stats_db)  # (level, spectral shape, modulation) thresholds
         self.mask_bins = mask_bins
 
     def __call__(self, feats: np.ndarray) -> np.ndarray:
@@ -175,7 +177,10 @@ def main() -> int:
         embedders[f"ecapa_rand_c{c}"] = Ecapa(c)
         embedders[f"ecapa_rand_c{c}_lt4k"] = Ecapa(c, mask_bins=61)
     for th in ((-10.0, 0.0, 10.0), (-5.0, 5.0)):
-        embedders[f"ecapa_stats{th}"] = Ecapa(channels=256, emb=160 * len(th), stats_db=th)
+        embedders[f"ecapa_stats{th}"] = Ecapa(channels=256, emb=160 * len(th), stats_db=(th,))
+    # the shipped default: level, spectral-shape and modulation thresholds (1280 statistics)
+    combo = ((-10.0, 0.0, 10.0), (-10.0, 0.0, 10.0), (-5.0, 5.0))
+    embedders["ecapa_stats_combo"] = Ecapa(channels=256, emb=1280, stats_db=combo)
     for ck in args.ckpt:
         mask = (
             61
