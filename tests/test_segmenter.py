@@ -139,7 +139,7 @@ def test_continuous_loud_crying_from_the_start_is_not_taken_for_the_floor(dac_di
     found = seg.process(wav) + seg.flush()
     covered = sum(e.duration_s for e in found)
     assert covered >= 0.6 * wav.size / SR, f"only {covered:.1f} s of {wav.size / SR:.1f} s found"
-    assert seg.noise_floor_dbfs + seg.settings.gate_margin_db < float(np.median(_levels(wav)))
+    assert seg.noise_floor_dbfs < float(np.median(_levels(wav))) - 10.0, "the floor became the cry"
     assert all(e.duration_s <= seg.settings.max_expiration_ms / 1000 for e in found)
 
 
