@@ -2,21 +2,28 @@
 
 Per frame (``frame_ms``), in this order:
 
-1. Level in dBFS (RMS, full scale = 0 dB). The noise floor is the ``noise_floor_percentile``-th
-   percentile of the levels of the last ``noise_floor_window_s`` seconds (a low percentile, so a baby
-   crying most of the time does not raise it; digital silence, i.e. a muted or padded input, is left
-   out so that it cannot drag the floor down; levels below ``min_level_dbfs - gate_margin_db`` count
-   as that value).
+1. Level in dBFS (RMS, full scale = 0 dB). The noise floor uses minimum statistics with a bounded
+   rise: it falls at once to the ``noise_floor_percentile``-th percentile (0: the minimum) of the
+   levels of the last ``noise_floor_window_s`` seconds, but climbs towards it by at most
+   ``noise_floor_rise_db_per_s``, so sustained crying does not become "the floor" within seconds
+   (and a baby breathes between expirations, which keeps the window minimum down). It climbs at
+   ``noise_floor_fast_rise_db_per_s`` once the gate has let through ``noise_after_ms`` of audio without
+   a cry frame, or has stayed open ``steady_after_ms`` without a break (a fan, not a baby). It starts
+   low, at ``min_level_dbfs - gate_margin_db``, so a recording that starts with crying is heard.
+   Digital silence (a muted or padded input) does not enter the window.
 2. Gate: the frame passes when its level is ``gate_margin_db`` above the floor and above
-   ``min_level_dbfs``. Frames that fail cost one dot product: silence and steady noise never reach
-   the VAD (nor the embedder).
-3. WebRTC VAD (``vad_aggressiveness``) on the frames that pass; a frame that passes both is a cry frame.
+   ``min_level_dbfs``. Frames that fail cost one dot product: silence never reaches the VAD (nor the
+   embedder); steady noise reaches it only for the few seconds the floor needs to climb.
+3. WebRTC VAD (``vad_aggressiveness``) on the frames that pass, lifted so that the gate threshold sits
+   at ``vad_reference_dbfs`` (WebRTC VAD ignores voices below about -45 dBFS, i.e. a phone far from
+   the baby); a frame that passes both is a cry frame.
 4. An expiration starts at a cry frame (with ``pre_roll_ms`` of audio before it) and ends when
    ``hangover_ms`` pass without a cry frame; it keeps ``post_roll_ms`` after its last cry frame.
    Longer than ``max_expiration_ms``: split at the quietest frame of its second half. Shorter than
    ``min_expiration_ms``: dropped. Also dropped: an expiration whose cry frames, measured against the
    noise floor at its end, no longer stand ``gate_margin_db`` out (the gate opened on a rising noise
-   floor, e.g. at the start of a stream or when a fan starts).
+   floor, e.g. when a fan starts), and one whose frame levels span less than ``min_level_span_db``
+   (10th to 90th percentile: steady noise the VAD took for voice; a cry swells and fades).
 
 Everything works on whole frames, and a partial frame is carried to the next call, so the same audio
 gives the same expirations whatever the chunk sizes. Time is the sample index from the stream start.
