@@ -42,7 +42,6 @@ sys.path.insert(0, str(REPO))
 from cryid.daemon import nursery  # noqa: E402
 from cryid.daemon.config import Settings  # noqa: E402
 from cryid.models.audio import SAMPLE_RATE, load_audio  # noqa: E402
-
 from tests.fixtures.broker import Broker, free_port  # noqa: E402
 
 

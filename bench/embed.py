@@ -64,6 +64,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+
     from cryid.models.speechbrain_io import load_encoder_classifier
 
     torch.set_num_threads(args.threads)

@@ -41,7 +41,6 @@ def main() -> int:
         sb_src, model_dir = args.speechbrain, args.model
         if sb_src is None or model_dir is None:
             from cryid.models.export import export_model
-
             from tests.fixtures.models import build_speechbrain_model_dir
 
             sb_src = str(build_speechbrain_model_dir(Path(tmp) / "sb"))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.segmenter import Segmenter
 

@@ -10,9 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cryid.daemon.sources import SourceSettings
-from cryid.enrollment.config import RegistrySettings
-from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
@@ -20,6 +17,10 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from cryid.daemon.sources import SourceSettings
+from cryid.enrollment.config import RegistrySettings
+from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
 
 DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "~/.local/state/cryid")).expanduser()
 

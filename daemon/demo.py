@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import soundfile as sf
+from paho.mqtt.enums import CallbackAPIVersion
+
 from cryid.daemon import nursery
 from cryid.daemon.config import IdentifierSettings, Settings
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.scoring import cosine_matrix
-from paho.mqtt.enums import CallbackAPIVersion
 
 logger = logging.getLogger(__name__)
 

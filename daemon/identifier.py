@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.events import CryEvent, RunnerUp
 from cryid.models.scoring import l2_normalize

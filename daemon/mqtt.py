@@ -18,10 +18,11 @@ import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from cryid.daemon.config import MqttSettings
-from cryid.daemon.outbox import Outbox
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+
+from cryid.daemon.config import MqttSettings
+from cryid.daemon.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 

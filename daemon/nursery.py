@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cryid.models.audio import SAMPLE_RATE, load_audio
 
 logger = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import Stats
 from cryid.daemon.identifier import Identification, Identifier

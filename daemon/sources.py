@@ -27,8 +27,9 @@ from types import ModuleType
 from typing import Any, BinaryIO
 
 import numpy as np
-from cryid.models.audio import SAMPLE_RATE, AudioError, StreamResampler, to_mono_float32
 from pydantic import BaseModel, ConfigDict, Field
+
+from cryid.models.audio import SAMPLE_RATE, AudioError, StreamResampler, to_mono_float32
 
 logger = logging.getLogger(__name__)
 

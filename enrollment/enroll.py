@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import (
     Infant,

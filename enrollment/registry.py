@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
 from cryid.enrollment.config import RegistrySettings
 from cryid.models.scoring import centroid
 

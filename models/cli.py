@@ -199,10 +199,11 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
 
     def handler(args: argparse.Namespace, settings: object) -> int:
+        from pydantic import ValidationError
+
         from cryid.models import eval_output
         from cryid.models.eval_backends import default_cache_dir, load_backend_for_eval
         from cryid.models.evaluate import EvalOptions, run_evaluation
-        from pydantic import ValidationError
 
         names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k")
         given = {k: getattr(args, k) for k in names}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from cryid.models.audio import AudioError
 from cryid.models.config import EmbedderSettings
 from cryid.models.frontend import Fbank

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from cryid.models.manifest import ModelError, sha256_file
 
 logger = logging.getLogger(__name__)

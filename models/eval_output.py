@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cryid.models.evaluate import EvalReport, PairReport
 
 logger = logging.getLogger(__name__)

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from cryid.models.audio import load_audio
 from cryid.models.config import SegmenterSettings
 from cryid.models.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
 from cryid.models.eval_backends import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
 from cryid.models.metrics import eer, identification_rates, min_dcf
 from cryid.models.scoring import centroid, cosine_matrix, l2_normalize
-from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 

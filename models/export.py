@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from cryid.models.frontend import Fbank
 from cryid.models.manifest import (
     MANIFEST_NAME,

@@ -15,10 +15,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from cryid.models.manifest import FrontendParams
 from numpy.lib.stride_tricks import as_strided
 from scipy import fft as sp_fft
 from scipy import sparse as sp_sparse
+
+from cryid.models.manifest import FrontendParams
 
 
 def _to_mel(hz: np.ndarray | float) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
 from cryid.models.audio import SAMPLE_RATE, AudioError
 from cryid.models.config import SegmenterSettings
 from cryid.models.segmenter import Expiration, segment

@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from cryid.models.audio import SAMPLE_RATE, AudioError
 from cryid.models.config import SegmenterSettings
 

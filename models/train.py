@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.backend import BackendSettings, cross_validated_eer, fit_backend
 from cryid.models.train_parts import (
@@ -43,7 +45,6 @@ from cryid.models.train_parts import (
     stats_init,
     validate,
 )
-from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cryid.models.audio import SAMPLE_RATE, load_audio
 
 N_MELS = 80

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import CryEvent
 

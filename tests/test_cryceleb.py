@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cryid.models.cryceleb import CryCelebError, load_cryceleb
 
+from cryid.models.cryceleb import CryCelebError, load_cryceleb
 from tests.fixtures.cryceleb import make_cryceleb_set
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.daemon.cli import main as cryid_main
 from cryid.models.audio import AudioError, load_audio
 from cryid.models.config import EmbedderSettings
 from cryid.models.embedder import Embedder
 from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, ModelError, sha256_file
 from cryid.models.scoring import cosine
-
 from tests.fixtures.data import dac_rows
 
 PARITY = 0.9999

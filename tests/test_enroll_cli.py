@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from cryid.daemon.cli import main
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import Registry
-
 from tests.fixtures.data import dac_rows
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import CRASH_ENV, Registry
 from cryid.models.manifest import load_manifest
-
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.daemon.cli import main
 from cryid.models.audio import load_audio
 from cryid.models.config import SegmenterSettings

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.daemon.cli import main as cryid_main
 from cryid.models.embedder import Embedder
 from cryid.models.export import check_clips

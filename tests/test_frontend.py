@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.models.audio import load_audio
 from cryid.models.frontend import Fbank
 from cryid.models.manifest import FrontendParams
-
 from tests.fixtures.data import dac_rows
 
 torch = pytest.importorskip("torch", reason="speechbrain reference needs the `train` extra")

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
+
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.events import CryEvent
 from cryid.daemon.identifier import Identifier

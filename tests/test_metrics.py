@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cryid.models.metrics import MetricError, eer, identification_rates, min_dcf
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from cryid.daemon.config import MqttSettings
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
-
 from tests.fixtures.broker import Broker, Subscriber
 
 

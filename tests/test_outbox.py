@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from cryid.daemon.config import OutboxSettings
 from cryid.daemon.outbox import Outbox, OutboxError
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.models.audio import AudioError, load_audio
 from cryid.models.config import EmbedderSettings, SegmenterSettings
 from cryid.models.pipeline import BATCH_SIZE, EmbeddedExpiration, embed_expirations
 from cryid.models.segmenter import Segmenter, segment
-
 from tests.fixtures.data import dac_rows
 
 

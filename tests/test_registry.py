@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import (
     SCHEMA_VERSION,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cryid.enrollment import enroll
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import Registry
@@ -29,7 +30,6 @@ from cryid.models.config import SegmenterSettings
 from cryid.models.embedder import Embedder
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
-
 from tests.fixtures.broker import Broker, Subscriber
 from tests.fixtures.data import dac_rows
 

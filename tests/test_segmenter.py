@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
 from cryid.models.audio import SAMPLE_RATE, AudioError, load_audio
 from cryid.models.config import SegmenterSettings
 from cryid.models.segmenter import Expiration, Segmenter, segment
-from pydantic import ValidationError
-
 from tests.fixtures.data import dac_rows
 
 SR = SAMPLE_RATE

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from cryid.daemon import nursery
 from cryid.daemon.config import IdentifierSettings, MqttSettings, ServiceSettings, Settings
 from cryid.daemon.service import build_service
@@ -32,7 +33,6 @@ from cryid.enrollment.registry import Registry
 from cryid.models.embedder import Embedder
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
-
 from tests.fixtures.broker import Broker, Subscriber
 
 SR = 16000

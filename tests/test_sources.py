@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+
 from cryid.daemon.sources import (
     AudioChunk,
     FileSource,
@@ -29,7 +30,6 @@ from cryid.daemon.sources import (
 )
 from cryid.models.audio import SAMPLE_RATE, AudioError, StreamResampler, load_audio, resample
 from cryid.models.segmenter import segment
-
 from tests.fixtures.data import dac_rows
 
 SR = SAMPLE_RATE

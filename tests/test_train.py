@@ -80,6 +80,7 @@ def _settings(epochs: int):
 
 def test_train_resume_export_parity(tiny_set: Path, tmp_path: Path) -> None:
     import torch
+
     from cryid.models.backend import load_backend
     from cryid.models.embedder import Embedder
     from cryid.models.export import export_model
@@ -193,8 +194,9 @@ def test_backend_fit_save_load(tmp_path: Path) -> None:
 def test_stats_init_computes_band_statistics() -> None:
     """The statistics-initialised ECAPA-TDNN returns the per-band statistics it promises."""
     import torch
-    from cryid.models.train_parts import stats_init
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    from cryid.models.train_parts import stats_init
 
     rng = np.random.default_rng(1)
     logmel = np.maximum(rng.normal(-30.0, 12.0, size=(300, 80)), -60.0).astype(np.float32)

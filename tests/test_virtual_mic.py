@@ -110,6 +110,7 @@ def _two_generated_babies(out: Path) -> list[tuple[str, list[Path], Path]]:
     """Without ../shared/data: two generated voices (cryid.daemon.nursery), two enrollment bouts each
     and, for the first, a third bout that is played (not enrolled)."""
     import soundfile as sf
+
     from cryid.daemon.nursery import bout, voices
 
     out.mkdir()
