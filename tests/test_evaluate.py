@@ -91,7 +91,8 @@ def test_separable_set_reaches_low_eer_and_writes_every_output(
         "--protocol", "pairs", "--cache-dir", str(cache_dir), "--json", str(out_json),
     )  # fmt: skip
     assert code == 0, err
-    assert json.loads(out_json.read_text())["eer"] >= 0.5
+    # chance level (8 positive pairs: one pair moves the EER by 12.5 points), far above the <= 5% above
+    assert json.loads(out_json.read_text())["eer"] >= 0.4
 
 
 def test_tta_and_asnorm(
