@@ -82,7 +82,12 @@ class SegmenterSettings(BaseModel):
     min_expiration_ms: int = Field(300, ge=30, le=10000, description="Shorter expirations are dropped.")
     max_expiration_ms: int = Field(
         4000, ge=500, le=60000,
-        description="Longer expirations are split at their quietest frame (0.3% of CryCeleb's exceed 4 s).",
+        description="Longer expirations are split (0.3% of CryCeleb's exceed 4 s).",
+    )
+    split_search_ms: int = Field(
+        120, ge=30, le=60000,
+        description="A split cuts at the quietest frame of this last stretch, so the first piece is "
+        "published at once instead of waiting for a pause found later.",
     )
 
 

@@ -19,11 +19,12 @@ Per frame (``frame_ms``), in this order:
    the baby); a frame that passes both is a cry frame.
 4. An expiration starts at a cry frame (with ``pre_roll_ms`` of audio before it) and ends when
    ``hangover_ms`` pass without a cry frame; it keeps ``post_roll_ms`` after its last cry frame.
-   Longer than ``max_expiration_ms``: split at the quietest frame of its second half. Shorter than
-   ``min_expiration_ms``: dropped. Also dropped: an expiration whose cry frames, measured against the
-   noise floor at its end, no longer stand ``gate_margin_db`` out (the gate opened on a rising noise
-   floor, e.g. when a fan starts), and one whose frame levels span less than ``min_level_span_db``
-   (10th to 90th percentile: steady noise the VAD took for voice; a cry swells and fades).
+   Longer than ``max_expiration_ms``: split at the quietest frame of the last ``split_search_ms``
+   (so the piece is published at once). Shorter than ``min_expiration_ms``: dropped. Also dropped:
+   an expiration whose cry frames, measured against the noise floor at its end, no longer stand
+   ``gate_margin_db`` out (the gate opened on a rising noise floor, e.g. when a fan starts), and one
+   whose frame levels span less than ``min_level_span_db`` (10th to 90th percentile: steady noise
+   the VAD took for voice; a cry swells and fades).
 
 Everything works on whole frames, and a partial frame is carried to the next call, so the same audio
 gives the same expirations whatever the chunk sizes. Time is the sample index from the stream start.
@@ -143,6 +144,7 @@ class Segmenter:
         self._hang_frames = max(1, ms(s.hangover_ms))
         self._min_len = s.min_expiration_ms * sample_rate // 1000
         self._max_frames = max(2, ms(s.max_expiration_ms))
+        self._split_frames = max(1, ms(s.split_search_ms))
         self._make_vad = lambda: webrtcvad.Vad(s.vad_aggressiveness)
         frame_s = s.frame_ms / 1000
         self._floor = NoiseFloor(
@@ -265,9 +267,9 @@ class Segmenter:
             self._split(out)
 
     def _split(self, out: list[Expiration]) -> None:
-        """Over-long: emit up to the quietest frame of the second half, keep the rest open."""
-        half = len(self._frames) // 2
-        cut = half + int(np.argmin(self._levels[half:]))
+        """Over-long: emit up to the quietest frame of the last ``split_search_ms``, keep the rest open."""
+        lo = max(len(self._frames) - self._split_frames, len(self._frames) // 2)
+        cut = lo + int(np.argmin(self._levels[lo:]))
         cut = max(cut, 1)
         self._emit(self._start, self._frames[:cut], self._levels[:cut], self._cry[:cut], out)
         self._start += cut * self.frame_len
