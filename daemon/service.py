@@ -139,6 +139,7 @@ class Service:
         self.source_error: str | None = None
         self.fatal: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # an event waits in the outbox: publish it now, not at the next tick
         self._reload = threading.Event()
         self._pipeline_done = threading.Event()
         self._pending_centroids: dict[str, np.ndarray] | None = None
@@ -152,6 +153,7 @@ class Service:
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -231,6 +233,7 @@ class Service:
         ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self._wake.set()
         self.counters.events += 1
         if r.kind == "episode":
             self.counters.episodes += 1
@@ -380,8 +383,9 @@ class Service:
                 if now - self.counters.heartbeat < 10.0:  # only while the pipeline is alive
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
+            self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.publisher.pump()
-            self._stop.wait(0.1)
+            self._wake.wait(0.1)
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()

@@ -48,10 +48,13 @@ class SourceSettings(BaseModel):
         description="Microphone: device index or (part of) its name, see `cryid devices`; None: default.",
     )
     chunk_ms: int = Field(
-        100, ge=10, le=2000, description="Audio per chunk read from a file, stdin or the mic."
+        40,
+        ge=10,
+        le=2000,
+        description="Audio per chunk read from a file, stdin or the mic (a chunk's length adds to latency).",
     )
     mic_queue_chunks: int = Field(
-        100,
+        500,
         ge=2,
         le=100000,
         description="Bounded queue after the audio callback; when full, chunks are dropped.",

@@ -85,7 +85,7 @@ class SegmenterSettings(BaseModel):
         description="Longer expirations are split (0.3% of CryCeleb's exceed 4 s).",
     )
     split_search_ms: int = Field(
-        120, ge=30, le=60000,
+        60, ge=30, le=60000,
         description="A split cuts at the quietest frame of this last stretch, so the first piece is "
         "published at once instead of waiting for a pause found later.",
     )
