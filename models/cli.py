@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """issue 2: cryid model export SRC --out DIR [--quantize int8]"""
+    """cryid model export SRC --out DIR [--quantize int8] [--backend NPZ] [--force]"""
     from pathlib import Path
 
     p = msub.add_parser(
@@ -58,7 +58,7 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """issue 2: cryid model info [DIR]"""
+    """cryid model info [DIR] [--json]"""
     from pathlib import Path
 
     p = msub.add_parser("info", help="print a model directory's manifest",
@@ -111,7 +111,7 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """issue 6: cryid model train --data DIR --out DIR [--init SRC] ...
+    """cryid model train --data DIR --out DIR [--init SRC] ...
 
     One option per field of ``cryid.models.train.TrainSettings`` (its defaults and descriptions; the
     CLI restates none), e.g. ``--channels 256 --bandlimit-p 0.5 --backend lda``.
@@ -169,7 +169,7 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """issue 5: cryid eval --data DIR --split dev|test [--model DIR | --speechbrain SRC] ..."""
+    """cryid eval --data DIR --split dev|test [--model DIR | --speechbrain SRC] ..."""
     from pathlib import Path
 
     p = sub.add_parser(
