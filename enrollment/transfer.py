@@ -23,6 +23,7 @@ from cryid.enrollment.registry import (
     SCHEMA_VERSION,
     SOURCE_KINDS,
     STATUSES,
+    Infant,
     NewSample,
     Registry,
     SampleEmbeddings,
@@ -101,14 +102,9 @@ def export_registry(registry: Registry, model_sha: str, out: Path) -> int:
 
 
 @dataclass(frozen=True)
-class ImportedInfant:
-    baby_id: str
-    display_name: str
-    room: str
-    status: str
-    created_at: str
-    updated_at: str
-    discharged_at: str | None
+class ImportedInfant(Infant):
+    """An infant of an export file, with its samples."""
+
     samples: tuple[NewSample, ...]
 
 
