@@ -4,10 +4,11 @@
         --cache /work/runs/cache [--ckpt DIR ...]
 
 For each embedding (raw Fbank mean+std as the data README's reference, random-init ECAPA-TDNN,
-statistics-initialised ECAPA-TDNN (`cryid.models.train_parts.stats_init`; `ecapa_stats_combo` is the
-shipped default's network), trained checkpoints given with --ckpt; `--embeddings NAME...` picks some)
-and each back-end (none, LDA of several sizes, with/without band-limited copies of
-the 16 kHz training recordings as extra same-class samples), it prints
+statistics-initialised ECAPA-TDNN (`cryid.models.train_parts.stats_init`) with sentence or global
+input normalisation (`ecapa_stats_global` is the shipped default's network), trained checkpoints
+given with --ckpt; `--embeddings NAME...` picks some) and each back-end (none, LDA of several sizes,
+with/without band-limited copies of the 16 kHz training recordings as extra same-class samples), it
+prints
 - cv_eer: 5-fold cross-validation on the TRAIN split (fit on 4/5 of the infants, score the rest with
   pseudo pairs: one recording of an infant vs its other recordings; same session, so optimistic),
 - dev_eer, dev_eer_cm (channel-matched), dev_top1: the CryCeleb protocol on dev (one embedding per
@@ -87,7 +88,8 @@ def stats_embed(feats: np.ndarray, bins: int = 80) -> np.ndarray:
 
 
 class Ecapa:
-    """Random-init (seeded) or checkpointed ECAPA-TDNN applied to mean-normalised Fbank features."""
+    """Random-init (seeded) or checkpointed ECAPA-TDNN on Fbank features, each clip's own per-band mean
+    removed (sentence) or one fixed per-band mean (``global_mean``: the training split's)."""
 
     def __init__(
         self,
@@ -97,6 +99,7 @@ class Ecapa:
         ckpt: Path | None = None,
         mask_bins: int = 80,
         stats_db: tuple[tuple[float, ...], ...] | None = None,
+        global_mean: np.ndarray | None = None,
     ) -> None:
         import torch
         from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
@@ -116,9 +119,10 @@ class Ecapa:
 
             stats_init(self.model, *stats_db)  # (level, spectral shape, modulation) thresholds
         self.mask_bins = mask_bins
+        self.global_mean = global_mean
 
     def __call__(self, feats: np.ndarray) -> np.ndarray:
-        f = feats - feats.mean(axis=0, keepdims=True)
+        f = feats - (feats.mean(axis=0, keepdims=True) if self.global_mean is None else self.global_mean)
         f[:, self.mask_bins :] = 0
         with self.torch.no_grad():
             return self.model(self.torch.from_numpy(f)[None].float())[0, 0].numpy()
@@ -181,6 +185,14 @@ def main() -> int:
     # the shipped default: level, spectral-shape and modulation thresholds (1280 statistics)
     combo = ((-10.0, 0.0, 10.0), (-10.0, 0.0, 10.0), (-5.0, 5.0))
     embedders["ecapa_stats_combo"] = Ecapa(channels=256, emb=1280, stats_db=combo)
+    # global input normalisation (the training split's per-band mean): the long-term spectrum stays
+    # visible. A threshold of -100 dB makes a channel linear (the band's value, or its spectral shape).
+    g = np.concatenate([feats[r["file_id"]] for r in train]).mean(axis=0)
+    embedders["ecapa_stats_combo_global"] = Ecapa(channels=256, emb=1280, stats_db=combo, global_mean=g)
+    glob = ((-100.0,), (-100.0, -10.0, 0.0, 10.0), (-5.0, 5.0))  # the shipped default
+    embedders["ecapa_stats_global"] = Ecapa(channels=192, emb=1120, stats_db=glob, global_mean=g)
+    gain_free = ((), (-100.0, -10.0, 0.0, 10.0), (-5.0, 5.0))  # no absolute level: loudness-invariant
+    embedders["ecapa_stats_global_gainfree"] = Ecapa(channels=192, emb=960, stats_db=gain_free, global_mean=g)
     for ck in args.ckpt:
         mask = (
             61

@@ -107,6 +107,31 @@ def _read_train_info(src_dir: Path) -> TrainingInfo | None:
         raise ModelError(f"{path}: not a valid train_info.json ({exc}); fix or remove it") from exc
 
 
+def frontend_params(clf: Any, src: str) -> FrontendParams:
+    """The NumPy front end's parameters for a speechbrain model's ``compute_features`` + ``mean_var_norm``."""
+    n_mels = int(getattr(clf.mods.compute_features.compute_fbanks, "n_mels", 80))
+    norm = getattr(clf.mods, "mean_var_norm", None)
+    if norm is None or norm.std_norm:
+        raise ModelError(
+            f"{src}: cryid's front end needs mean_var_norm = InputNormalization(std_norm=False) "
+            "in hyperparams.yaml (sentence or global); this model has "
+            + ("none" if norm is None else "std_norm=True")
+        )
+    if norm.norm_type == "sentence":
+        return FrontendParams(n_mels=n_mels)
+    if norm.norm_type == "global":
+        mean = norm.glob_mean.detach().cpu().numpy().reshape(-1) if norm.count else np.zeros(0)
+        if mean.shape != (n_mels,):
+            raise ModelError(
+                f"{src}: global mean_var_norm holds no {n_mels}-band mean (mean_var_norm.ckpt missing "
+                "from the pretrainer?); nothing written"
+            )
+        return FrontendParams(
+            n_mels=n_mels, normalization="global_mean", global_mean=tuple(float(v) for v in mean)
+        )
+    raise ModelError(f"{src}: mean_var_norm norm_type {norm.norm_type!r} is not supported (sentence, global)")
+
+
 def _graph_module(embedding_model: torch.nn.Module, backend: tuple[np.ndarray, np.ndarray] | None) -> Any:
     import torch
 
@@ -252,8 +277,8 @@ def export_model(
     training = _read_train_info(src_dir)
 
     clf = load_encoder_classifier(str(src_dir))
-    n_mels = int(getattr(clf.mods.compute_features.compute_fbanks, "n_mels", 80))
-    params = FrontendParams(n_mels=n_mels)
+    params = frontend_params(clf, src)
+    n_mels = params.n_mels
     frontend = Fbank(params)
     clips = check_clips(params.sample_rate)
     feats = frontend.features_batch(clips)

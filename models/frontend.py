@@ -1,11 +1,12 @@
-"""NumPy front end: speechbrain's ``Fbank(n_mels=80)`` + ``InputNormalization(sentence, std_norm=False)``.
+"""NumPy front end: speechbrain's ``Fbank(n_mels=80)`` + ``InputNormalization(std_norm=False)``.
 
 Replicates ``speechbrain.processing.features`` exactly: a centred STFT with zero ("constant")
 padding of n_fft/2 on each side, a periodic Hamming window, the power spectrum, triangular mel
 filters built from ``linspace`` in mel (HTK formula) with ``max(0, min(left, right))`` slopes,
-``10*log10(max(x, amin))``, clipping at ``top_db`` below the clip's maximum, then the per-band
-mean over time subtracted. Vectorised: one ``rfft`` over strided frames and one sparse product
-with the precomputed mel matrix. No torch.
+``10*log10(max(x, amin))``, clipping at ``top_db`` below the clip's maximum, then a per-band mean
+subtracted: the clip's own over time (``sentence``) or the training data's (``global``).
+Vectorised: one ``rfft`` over strided frames and one sparse product with the precomputed mel
+matrix. No torch.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class Fbank:
         # multi-threaded BLAS, whose thread wake-ups cost milliseconds on a busy CPU.
         self._mel_t = sp_sparse.csr_matrix(mel_matrix(p).T)
         self._pad = p.n_fft // 2
+        self._global_mean = (
+            None if p.global_mean is None else np.asarray(p.global_mean, dtype=np.float32)[None, :]
+        )
 
     def n_frames(self, n_samples: int) -> int:
         """Number of feature frames of a clip of ``n_samples`` (centred STFT)."""
@@ -94,8 +98,10 @@ class Fbank:
         return np.maximum(db, db.max() - np.float32(p.top_db)).astype(np.float32, copy=False)
 
     def features(self, wav: np.ndarray) -> np.ndarray:
-        """Normalised features (per-band mean over the clip removed), shape (frames, n_mels), float32."""
+        """Normalised features (the clip's or the global per-band mean removed), (frames, n_mels), float32."""
         db = self.log_mel(wav)
+        if self._global_mean is not None:
+            return db - self._global_mean
         return db - db.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
 
     def features_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
@@ -25,7 +25,12 @@ class ModelError(ValueError):
 
 
 class FrontendParams(BaseModel):
-    """Log-mel features as speechbrain's ``Fbank`` + ``InputNormalization(sentence, std_norm=False)``."""
+    """Log-mel features as speechbrain's ``Fbank`` + ``InputNormalization(std_norm=False)``.
+
+    ``sentence_mean`` (the CryCeleb recipe) removes each clip's own per-band mean; ``global_mean``
+    (speechbrain's ``norm_type="global"``) removes one fixed per-band mean measured on the training
+    data, so a clip's long-term spectrum stays visible to the model.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,9 +45,26 @@ class FrontendParams(BaseModel):
     top_db: float = Field(
         80.0, gt=0.0, description="Features are clipped this many dB below the clip's maximum."
     )
-    normalization: Literal["sentence_mean"] = Field(
-        "sentence_mean", description="Subtract each clip's per-band mean over time (no variance scaling)."
+    normalization: Literal["sentence_mean", "global_mean"] = Field(
+        "sentence_mean",
+        description="sentence_mean: subtract each clip's per-band mean over time; global_mean: subtract "
+        "`global_mean` (no variance scaling either way).",
     )
+    global_mean: tuple[float, ...] | None = Field(
+        None, description="Per-band mean (n_mels values, dB) subtracted with `global_mean` normalization."
+    )
+
+    @model_validator(mode="after")
+    def _global_mean_fits(self) -> FrontendParams:
+        if self.normalization == "global_mean":
+            if self.global_mean is None or len(self.global_mean) != self.n_mels:
+                got = "none" if self.global_mean is None else f"{len(self.global_mean)} values"
+                raise ValueError(
+                    f"global_mean normalization needs global_mean with {self.n_mels} values, got {got}"
+                )
+        elif self.global_mean is not None:
+            raise ValueError("global_mean is given but normalization is not global_mean")
+        return self
 
 
 class ParityReport(BaseModel):

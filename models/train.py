@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.backend import BackendSettings, cross_validated_eer, fit_backend
 from cryid.models.train_parts import (
+    GLOBAL_NORM_LOADABLE,
+    GLOBAL_NORM_PATH,
     HYPERPARAMS_TEMPLATE,
     N_MELS,
     Augmenter,
@@ -41,6 +43,7 @@ from cryid.models.train_parts import (
     kept_mel_bins,
     rng_state,
     save_speechbrain_dir,
+    set_global_input_norm,
     set_rng_state,
     stats_init,
     validate,
@@ -91,6 +94,12 @@ class TrainSettings(BaseModel):
         le=8000.0,
         description="Ignore mel bands above this frequency (their first-layer weights are zero), so a 16 kHz "
         "and an 8 kHz phone look alike to the network; None uses all 80 bands.",
+    )
+    input_norm: Literal["sentence", "global"] = Field(
+        "sentence",
+        description="Input normalisation (speechbrain InputNormalization, std_norm=False): sentence removes "
+        "each chunk's per-band mean (the paper); global removes the training data's per-band mean, "
+        "fixed before training, so the network sees each recording's long-term spectrum.",
     )
     stats_init_db: tuple[float, ...] | None = Field(
         None,
@@ -185,6 +194,10 @@ def _hparams_text(settings: TrainSettings, n_classes: int, init_dir: Path | None
     import re
 
     if init_dir is not None:
+        if settings.input_norm != "sentence":
+            raise TrainError(
+                "--input-norm global needs a new network; --init keeps the source's own normalisation"
+            )
         text = (init_dir / "hyperparams.yaml").read_text(encoding="utf-8")
         text, n = re.subn(r"^out_n_neurons:.*$", f"out_n_neurons: {n_classes}", text, flags=re.MULTILINE)
         if n != 1:
@@ -195,8 +208,16 @@ def _hparams_text(settings: TrainSettings, n_classes: int, init_dir: Path | None
     c = settings.channels
     if c % 8:
         raise TrainError(f"--channels {c} is not a multiple of 8 (the Res2Net blocks split channels in 8)")
+    glob = settings.input_norm == "global"
     return HYPERPARAMS_TEMPLATE.format(
-        pretrained_path="cryid-trained", n_classes=n_classes, c=c, c3=3 * c, emb=settings.embedding_dim
+        pretrained_path="cryid-trained",
+        n_classes=n_classes,
+        c=c,
+        c3=3 * c,
+        emb=settings.embedding_dim,
+        input_norm=settings.input_norm,
+        norm_loadable=GLOBAL_NORM_LOADABLE if glob else "",
+        norm_path=GLOBAL_NORM_PATH if glob else "",
     )
 
 
@@ -335,7 +356,9 @@ def train(
     state_path = out / STATE_NAME
     hp, text = build_modules(settings, len(labels), init)
     keep = kept_mel_bins(settings.max_freq_hz)
-    for name in ("embedding_model", "classifier", "mean_var_norm_emb"):
+    if settings.input_norm == "global":
+        set_global_input_norm(hp, [load_audio(f) for it in items for f in it.files])
+    for name in ("mean_var_norm", "embedding_model", "classifier", "mean_var_norm_emb"):
         hp[name].to(device)
     params = list(hp["embedding_model"].parameters()) + list(hp["classifier"].parameters())
     optimizer = torch.optim.Adam(params, lr=settings.lr)
@@ -426,6 +449,7 @@ def train(
 CANDIDATE = ".candidate"
 MODEL_FILES = (
     "hyperparams.yaml",
+    "mean_var_norm.ckpt",
     "embedding_model.ckpt",
     "mean_var_norm_emb.ckpt",
     "classifier.ckpt",

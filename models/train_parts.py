@@ -44,7 +44,7 @@ compute_features: !new:speechbrain.lobes.features.Fbank
     n_mels: !ref <n_mels>
 
 mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
+    norm_type: {input_norm}
     std_norm: False
 
 embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
@@ -73,17 +73,45 @@ modules:
 label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
 
 pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
+    loadables:{norm_loadable}
         embedding_model: !ref <embedding_model>
         mean_var_norm_emb: !ref <mean_var_norm_emb>
         classifier: !ref <classifier>
         label_encoder: !ref <label_encoder>
-    paths:
+    paths:{norm_path}
         embedding_model: !ref <pretrained_path>/embedding_model.ckpt
         mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
         classifier: !ref <pretrained_path>/classifier.ckpt
         label_encoder: !ref <pretrained_path>/label_encoder.txt
 """
+
+
+# With norm_type global the input normalisation's per-band mean is a checkpoint of its own.
+GLOBAL_NORM_LOADABLE = "\n        mean_var_norm: !ref <mean_var_norm>"
+GLOBAL_NORM_PATH = "\n        mean_var_norm: !ref <pretrained_path>/mean_var_norm.ckpt"
+
+
+def set_global_input_norm(hp: dict[str, Any], wavs: list[np.ndarray]) -> None:
+    """Fix a global ``mean_var_norm`` to the per-band mean of Fbank over every frame of ``wavs``.
+
+    Computed once before training and frozen (eval mode), so every epoch and the exported front end
+    subtract the same vector; the standard deviation is not used (``std_norm: False``).
+    """
+    import torch
+
+    norm = hp["mean_var_norm"]
+    total, frames = None, 0
+    with torch.no_grad():
+        for wav in wavs:
+            f = hp["compute_features"](torch.from_numpy(wav)[None])[0].double()
+            total = f.sum(0) if total is None else total + f.sum(0)
+            frames += f.shape[0]
+    if total is None:
+        raise TrainError("global input normalisation needs training audio")
+    norm.glob_mean = (total / frames).float()
+    norm.glob_std = torch.ones_like(norm.glob_mean)
+    norm.count = frames
+    norm.eval()
 
 
 def embed_waves(hp: dict[str, Any], wavs: list[np.ndarray], device: str, keep_bins: int) -> np.ndarray:
@@ -203,6 +231,8 @@ def save_speechbrain_dir(
         tmp.replace(out / name)
 
     put("embedding_model.ckpt", lambda p: torch.save(hp["embedding_model"].state_dict(), p))
+    if hp["mean_var_norm"].norm_type == "global":
+        put("mean_var_norm.ckpt", hp["mean_var_norm"]._save)
     put("classifier.ckpt", lambda p: torch.save(hp["classifier"].state_dict(), p))
     norm = hp["mean_var_norm_emb"]
     norm.glob_mean = torch.from_numpy(train_embs.mean(axis=0)).float()
@@ -255,6 +285,10 @@ def stats_init(
     ``relu(x_b - t)`` (level), ``relu(x_b - mean_over_bands(x) - t)`` (spectral shape, loudness
     removed per frame) and ``relu(d_b - t)`` (modulation); attention is uniform, so the pooling returns
     each channel's mean and standard deviation over time, and ``fc`` emits them as the embedding.
+    A threshold of -100 dB (``-LEVEL_OFFSET_DB``) makes a channel linear wherever its input stays
+    above -100 dB (always, after sentence normalisation): the band's value itself, or its spectral
+    shape. With global input normalisation the means of such channels are the recording's long-term
+    spectrum and its shape.
     A linear back-end (LDA) on top makes it a discriminant of cry statistics; AAM training may start
     from here. The network stays an unmodified speechbrain ECAPA_TDNN. Returns the embedding size.
     """

@@ -1,4 +1,7 @@
-"""The NumPy front end vs speechbrain: Fbank(n_mels=80) + InputNormalization(sentence, std_norm=False)."""
+"""The NumPy front end vs speechbrain: Fbank(n_mels=80) + InputNormalization(std_norm=False).
+
+Sentence normalisation (the CryCeleb recipe) and global normalisation (a fixed per-band mean).
+"""
 
 from __future__ import annotations
 
@@ -104,3 +107,32 @@ def test_module_helpers_and_keyword_construction() -> None:
     assert Fbank(n_mels=40).features(wav).shape == (51, 40)
     with pytest.raises(ValueError, match="not both"):
         Fbank(FrontendParams(), n_mels=40)
+
+
+def test_global_mean_normalization_matches_speechbrain() -> None:
+    """norm_type global (std_norm=False): one fixed per-band mean subtracted, as speechbrain does."""
+    rng = np.random.default_rng(5)
+    mean = tuple(float(v) for v in rng.uniform(-45.0, -20.0, 80))
+    norm = sb_processing.InputNormalization(norm_type="global", std_norm=False)
+    norm.glob_mean = torch.tensor(mean, dtype=torch.float32)
+    norm.glob_std = torch.ones(80)
+    norm.count = 1000
+    norm.eval()
+    wav = (0.1 * rng.standard_normal(12000)).astype(np.float32)
+    frontend = Fbank(FrontendParams(normalization="global_mean", global_mean=mean))
+    with torch.no_grad():
+        raw = sb_features.Fbank(n_mels=80)(torch.from_numpy(wav)[None])
+        ref = norm(raw, torch.ones(1))[0].numpy()
+    assert np.abs(frontend.features(wav) - ref).max() < MAX_ABS_DIFF_DB
+    # a louder clip keeps its level (sentence normalisation would remove it)
+    louder = frontend.features(4.0 * wav) - frontend.features(wav)
+    np.testing.assert_allclose(louder, 20.0 * np.log10(4.0), atol=0.01)
+
+
+def test_global_mean_must_fit_the_bands() -> None:
+    with pytest.raises(ValueError, match="needs global_mean with 80 values"):
+        FrontendParams(normalization="global_mean", global_mean=(0.0,) * 40)
+    with pytest.raises(ValueError, match="needs global_mean"):
+        FrontendParams(normalization="global_mean")
+    with pytest.raises(ValueError, match="normalization is not global_mean"):
+        FrontendParams(global_mean=(0.0,) * 80)

@@ -125,6 +125,58 @@ def test_train_resume_export_parity(tiny_set: Path, tmp_path: Path) -> None:
     assert cos >= 0.9999, f"ONNX embedding disagrees with the checkpoint: cosine {cos:.6f}"
 
 
+def test_global_input_norm_trains_and_exports(tiny_set: Path, tmp_path: Path) -> None:
+    """norm_type global: the training data's per-band mean is fixed before training, saved in the
+    speechbrain layout (mean_var_norm.ckpt), carried into the manifest, and the ONNX path agrees."""
+    import torch
+
+    from cryid.models.audio import load_audio
+    from cryid.models.backend import load_backend
+    from cryid.models.embedder import Embedder
+    from cryid.models.export import export_model
+    from cryid.models.frontend import Fbank
+    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.train import train
+
+    settings = _settings(1).model_copy(update={"input_norm": "global", "max_freq_hz": None})
+    model_dir = tmp_path / "run"
+    train(settings, tiny_set, model_dir, progress=False)
+    with open(tiny_set / "metadata.csv", newline="") as fh:
+        train_files = [tiny_set / r["file_name"] for r in csv.DictReader(fh) if r["split"] == "train"]
+    fb = Fbank()
+    frames = np.concatenate([fb.log_mel(load_audio(f)) for f in train_files])
+    saved = torch.load(model_dir / "mean_var_norm.ckpt", weights_only=False)
+    assert saved["count"] == len(frames)  # every training frame, and not updated by the training steps
+    np.testing.assert_allclose(saved["glob_mean"].numpy(), frames.mean(0), atol=0.02)
+
+    manifest = export_model(str(model_dir), tmp_path / "onnx")
+    assert manifest.frontend.normalization == "global_mean"
+    np.testing.assert_allclose(manifest.frontend.global_mean, saved["glob_mean"].numpy(), rtol=1e-6)
+    wav = load_audio(next((tiny_set / "audio" / "dev").rglob("*.flac")))
+    clf = load_encoder_classifier(model_dir)
+    assert clf.mods.mean_var_norm.norm_type == "global"
+    with torch.no_grad():
+        ref = clf.encode_batch(torch.from_numpy(wav)[None], normalize=False)[0, 0].numpy()
+    ref = load_backend(model_dir).apply(ref)
+    embedder = Embedder(tmp_path / "onnx")
+    got = embedder.embed(wav)
+    cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert cos >= 0.9999, f"ONNX embedding disagrees with the checkpoint: cosine {cos:.6f}"
+    # unlike sentence normalisation, a louder copy of the clip is a different input
+    louder = embedder.embed(np.clip(wav * 4.0, -1.0, 1.0))
+    assert float(louder @ got / (np.linalg.norm(louder) * np.linalg.norm(got))) < 0.9999
+
+
+def test_global_input_norm_with_init_is_refused(tiny_set: Path, tmp_path: Path) -> None:
+    from cryid.models.train import TrainError, train
+
+    train(_settings(1).model_copy(update={"val_split": None}), tiny_set, tmp_path / "src", progress=False)
+    settings = _settings(1).model_copy(update={"input_norm": "global"})
+    with pytest.raises(TrainError, match="--input-norm global"):
+        train(settings, tiny_set, tmp_path / "ft", init=str(tmp_path / "src"), progress=False)
+    assert not (tmp_path / "ft" / "train_info.json").exists()
+
+
 def test_resume_with_other_settings_is_refused(tiny_set: Path, tmp_path: Path) -> None:
     from cryid.models.train import TrainError, train
 
