@@ -293,6 +293,9 @@ def export_model(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the model from the service user
     try:
         fp32_path = tmp / "model.fp32.onnx"
         from cryid.models.onnx_rewrite import convs_as_conv2d

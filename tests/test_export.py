@@ -76,6 +76,9 @@ def test_manifest_of_the_export(onnx_model_dir: Path, speechbrain_model_dir: Pat
     assert m.quantization is None and m.backend is None and m.training is None
     assert {"torch", "speechbrain", "onnxruntime"} <= set(m.versions)
     assert not [p for p in onnx_model_dir.parent.iterdir() if ".partial-" in p.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert onnx_model_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by the service user
 
 
 def test_backend_and_train_info_are_appended(
