@@ -101,20 +101,21 @@ class TrainSettings(BaseModel):
         "each chunk's per-band mean (the paper); global removes the training data's per-band mean, "
         "fixed before training, so the network sees each recording's long-term spectrum.",
     )
-    stats_init_db: tuple[float, ...] | None = Field(
-        None,
+    stats_init_db: tuple[float, ...] = Field(
+        (),
         description="Start from an ECAPA-TDNN whose weights compute per-band mean and std of relu(x - t) of "
-        "the normalised log-mel x for these thresholds t (dB) (cryid.models.train_parts.stats_init); needs "
-        "channels >= 160, 3 x channels >= 80 x thresholds and embedding_dim = 2 x 80 x thresholds (all "
-        "kinds). None: random initialisation (or --init).",
+        "the normalised log-mel x for these thresholds t (dB) (cryid.models.train_parts.stats_init; -100 "
+        "makes the channel x itself); needs channels >= 160, 3 x channels >= 80 x thresholds and "
+        "embedding_dim = 2 x 80 x thresholds (all kinds). None of the three --stats-* options: random "
+        "initialisation (or --init).",
     )
     stats_framegain_db: tuple[float, ...] = Field(
         (),
-        description="With --stats-init-db: also thresholds of the per-frame spectral shape "
+        description="Statistics initialisation: thresholds of the per-frame spectral shape "
         "x_b - mean over bands (loudness removed).",
     )
     stats_delta_db: tuple[float, ...] = Field(
-        (), description="With --stats-init-db: also thresholds of the first difference x(t+1) - x(t-1)."
+        (), description="Statistics initialisation: thresholds of the first difference x(t+1) - x(t-1)."
     )
     split: str = Field("train", description="Split of metadata.csv to train on (each baby_id a class).")
     val_split: str | None = Field(
@@ -241,7 +242,7 @@ def build_modules(
         hp["embedding_model"].load_state_dict(clf.mods.embedding_model.state_dict())
     emb = hp["embedding_model"]
     keep = kept_mel_bins(settings.max_freq_hz)
-    if settings.stats_init_db is not None:
+    if settings.stats_init_db or settings.stats_framegain_db or settings.stats_delta_db:
         if init_dir is not None:
             raise TrainError("--stats-init-db and --init both set the starting weights; give one of them")
         if keep < N_MELS:
