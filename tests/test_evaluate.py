@@ -271,3 +271,25 @@ def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout, out.stdout
+
+
+def test_shipped_model_beats_the_references_on_donateacry_dev(
+    dac_dir: Path, state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped default (no --model, CRYID_MODEL unset) against the data set's README references:
+    EER below 16.4% (LDA of Fbank mean+std), channel-matched EER at most 26.7%, and the ward
+    identification top-1 above the best listed top-1 (23.3%)."""
+    from cryid.models.config import DEFAULT_MODEL_DIR
+    from cryid.models.manifest import load_manifest
+
+    monkeypatch.delenv("CRYID_MODEL", raising=False)
+    out_json = state / "default.json"
+    argv = ["--data", str(dac_dir), "--split", "dev", "--no-cache", "--json", str(out_json)]
+    code, out, err = _eval(capsys, *argv)
+    assert code == 0, err
+    print(out)
+    doc = json.loads(out_json.read_text())
+    assert doc["model_sha256"] == load_manifest(DEFAULT_MODEL_DIR).onnx_sha256
+    assert doc["pairs"] == 900 and doc["eer"] < 0.164
+    assert doc["eer_channel_matched"] <= 0.267
+    assert doc["identification"]["top1"] > 0.233
