@@ -182,7 +182,7 @@ def main() -> int:
         embedders[f"ecapa_rand_c{c}_lt4k"] = Ecapa(c, mask_bins=61)
     for th in ((-10.0, 0.0, 10.0), (-5.0, 5.0)):
         embedders[f"ecapa_stats{th}"] = Ecapa(channels=256, emb=160 * len(th), stats_db=(th,))
-    # the shipped default: level, spectral-shape and modulation thresholds (1280 statistics)
+    # the previous default: level, spectral-shape and modulation thresholds (1280 statistics)
     combo = ((-10.0, 0.0, 10.0), (-10.0, 0.0, 10.0), (-5.0, 5.0))
     embedders["ecapa_stats_combo"] = Ecapa(channels=256, emb=1280, stats_db=combo)
     # global input normalisation (the training split's per-band mean): the long-term spectrum stays
