@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cryid.models.calibration import Calibration
+
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
 FORMAT_VERSION = 1
@@ -133,6 +135,11 @@ class Manifest(BaseModel):
     training: TrainingInfo | None = Field(None, description="From SRC's train_info.json, if present.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics (e.g. dev EER).")
     versions: dict[str, str] = Field(default_factory=dict, description="Library versions used to export.")
+    calibration: Calibration | None = Field(
+        None,
+        description="Map from scores to the probability that the best candidate is right "
+        "(`cryid model calibrate`); null until calibrated.",
+    )
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -35,3 +35,71 @@ def cosine_matrix(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     q = l2_normalize(np.atleast_2d(queries))
     r = l2_normalize(np.atleast_2d(references))
     return q @ r.T
+
+
+class ReferenceSet:
+    """The enrolled babies' references: each baby's birth (enrollment) centroid and, once nurses have
+    confirmed some of its cries on the ward, the centroid of those confirmed cries as a separate reference.
+
+    A baby's score is ``w * cos(q, confirmed) + (1 - w) * cos(q, birth)`` when it has a confirmed
+    reference (``w`` = ``confirmed_weight``: the ward's own cries weigh more than the birth recording),
+    else ``cos(q, birth)``. Enrollment, the daemon and evaluation all score through this class.
+    """
+
+    def __init__(
+        self,
+        birth: dict[str, np.ndarray],
+        confirmed: dict[str, np.ndarray] | None = None,
+        confirmed_weight: float = 0.75,
+    ) -> None:
+        confirmed = confirmed or {}
+        unknown = sorted(set(confirmed) - set(birth))
+        if unknown:
+            raise ValueError(f"confirmed references for babies without a birth reference: {unknown}")
+        if not 0.0 <= confirmed_weight <= 1.0:
+            raise ValueError(f"confirmed_weight must be within [0, 1], got {confirmed_weight}")
+        self.ids = sorted(birth)
+        self.confirmed_weight = float(confirmed_weight)
+        if self.ids:
+            self._birth = l2_normalize(np.stack([np.asarray(birth[i], np.float32).ravel() for i in self.ids]))
+            dim = self._birth.shape[1]
+            self._confirmed = np.zeros_like(self._birth)
+            self._has = np.zeros(len(self.ids), dtype=bool)
+            for k, i in enumerate(self.ids):
+                if i in confirmed:
+                    v = np.asarray(confirmed[i], np.float32).ravel()
+                    if v.shape[0] != dim:
+                        raise ValueError(f"{i}: confirmed reference has {v.shape[0]} dimensions, not {dim}")
+                    self._confirmed[k] = l2_normalize(v)
+                    self._has[k] = True
+        else:
+            self._birth = np.zeros((0, 0), np.float32)
+            self._confirmed = self._birth
+            self._has = np.zeros(0, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int | None:
+        return int(self._birth.shape[1]) if self.ids else None
+
+    @property
+    def confirmed_ids(self) -> list[str]:
+        return [i for i, h in zip(self.ids, self._has, strict=True) if h]
+
+    def scores(self, query: np.ndarray) -> np.ndarray:
+        """Score of one embedding against every baby (order of ``ids``)."""
+        q = l2_normalize(np.asarray(query, np.float32).ravel())
+        if not self.ids:
+            return np.zeros(0, np.float32)
+        if q.shape[0] != self._birth.shape[1]:
+            raise ValueError(
+                f"embedding has {q.shape[0]} dimensions but the references have {self._birth.shape[1]}; "
+                "re-enroll the babies with the current model (cryid enroll reembed)"
+            )
+        s = self._birth @ q
+        if self._has.any():
+            w = self.confirmed_weight
+            s = np.where(self._has, w * (self._confirmed @ q) + (1.0 - w) * s, s)
+        return s.astype(np.float32)
