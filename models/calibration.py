@@ -69,6 +69,10 @@ class Calibration(BaseModel):
     data: str = Field("", description="What the map was fitted on (data set, split, rooms, seed).")
     fitted_at: str = Field("", description="UTC ISO 8601 time of the fit.")
     n_queries: int = Field(0, ge=0, description="Scored queries the map was fitted on.")
+    room_size: int = Field(0, ge=0, description="Babies per simulated room of the operating point (0: none).")
+    room_strangers: int = Field(0, ge=0, description="Of them, babies not enrolled (their cries: unknown).")
+    rooms: int = Field(0, ge=0, description="Simulated rooms per fit (seeded).")
+    seed: int = Field(0, ge=0, description="Seed of the rooms, folds and confirmations.")
     metrics: dict[str, float] = Field(
         default_factory=dict,
         description="Cross-validated figures of the fit (log loss, coverage, wrong rate).",
@@ -87,6 +91,13 @@ class Calibration(BaseModel):
         if len(v) != len(FEATURES) or not np.all(np.isfinite(v)):
             raise ValueError(f"coef must be {len(FEATURES)} finite numbers")
         return tuple(float(x) for x in v)
+
+    @property
+    def recommended_min_confidence(self) -> float | None:
+        """The operating point ``cryid model calibrate`` chose (``metrics['recommended_min_confidence']``):
+        the lowest min_confidence whose cross-validated wrong-baby rate stays at or below the target."""
+        value = self.metrics.get("recommended_min_confidence")
+        return None if value is None else float(value)
 
     # use ---------------------------------------------------------------------------------------
     def confidence(self, best_score: float, margin: float | None, n_candidates: int) -> float:
@@ -188,3 +199,44 @@ def fit_calibration(
         n_queries=int(np.asarray(correct).size),
         **info,  # type: ignore[arg-type]
     )
+
+
+# figures of a fitted map -----------------------------------------------------------------------
+def log_loss(p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood (nats) of outcomes ``y`` under probabilities ``p``."""
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    y = np.asarray(y, np.float64)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, np.float64)
+    return float(-np.sum(w * (y * np.log(p) + (1 - y) * np.log(1 - p))) / np.sum(w))
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """Queries whose predicted probability fell in [low, high): their mean prediction and outcome."""
+
+    low: float
+    high: float
+    count: int
+    predicted: float
+    observed: float
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[ReliabilityBin]:
+    """Predicted against observed frequency in equal-width probability bins (empty bins left out)."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out.append(ReliabilityBin(float(edges[b]), float(edges[b + 1]), int(m.sum()),
+                                      float(p[m].mean()), float(y[m].mean())))
+    return out
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Count-weighted mean |predicted - observed| over the reliability bins."""
+    rel = reliability(p, y, bins)
+    total = sum(b.count for b in rel)
+    return float(sum(b.count * abs(b.predicted - b.observed) for b in rel) / max(total, 1))
