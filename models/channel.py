@@ -56,13 +56,20 @@ class WardChannel:
         tilt = float(rng.uniform(-3, 3))
         band = float(rng.choice([3400.0, 4000.0, 6000.0, 8000.0]))
         highpass = float(rng.uniform(60, 150))
-        peaks = [(float(rng.uniform(np.log(200), np.log(6000))), float(rng.uniform(-8, 8)),
-                  float(rng.uniform(0.15, 0.5))) for _ in range(3)]
+        peaks = [
+            (
+                float(rng.uniform(np.log(200), np.log(6000))),
+                float(rng.uniform(-8, 8)),
+                float(rng.uniform(0.15, 0.5)),
+            )
+            for _ in range(3)
+        ]
         self._mic = self._mic_response(tilt, band, highpass, peaks)
         self._snr_db = float(rng.uniform(*snr_db))
         self._noise_slope = float(rng.uniform(-1.5, 0.0))  # power ~ f^slope: white (0) to reddish
-        self.params = ChannelParams(room, rt60, distance, tilt, band, highpass, self._snr_db,
-                                    self._noise_slope)
+        self.params = ChannelParams(
+            room, rt60, distance, tilt, band, highpass, self._snr_db, self._noise_slope
+        )
 
     @property
     def key(self) -> str:
@@ -71,24 +78,33 @@ class WardChannel:
 
     def describe(self) -> str:
         p = self.params
-        return (f"ward channel {self.seed}: room {p.room_m[0]:.1f}x{p.room_m[1]:.1f}x{p.room_m[2]:.1f} m, "
-                f"RT60 {p.rt60_s:.2f} s, cot at {p.distance_m:.2f} m; microphone tilt "
-                f"{p.tilt_db_per_octave:+.1f} dB/oct, {p.highpass_hz:.0f}-{p.band_limit_hz:.0f} Hz; "
-                f"noise at {p.snr_db:.1f} dB SNR")
+        return (
+            f"ward channel {self.seed}: room {p.room_m[0]:.1f}x{p.room_m[1]:.1f}x{p.room_m[2]:.1f} m, "
+            f"RT60 {p.rt60_s:.2f} s, cot at {p.distance_m:.2f} m; microphone tilt "
+            f"{p.tilt_db_per_octave:+.1f} dB/oct, {p.highpass_hz:.0f}-{p.band_limit_hz:.0f} Hz; "
+            f"noise at {p.snr_db:.1f} dB SNR"
+        )
 
-    def _room_response(self, rng: np.random.Generator, room: tuple[float, float, float], rt60: float,
-                       distance: float) -> np.ndarray:
+    def _room_response(
+        self, rng: np.random.Generator, room: tuple[float, float, float], rt60: float, distance: float
+    ) -> np.ndarray:
         import pyroomacoustics as pra
 
         absorption, max_order = pra.inverse_sabine(rt60, list(room))
-        shoebox = pra.ShoeBox(list(room), fs=self.sample_rate, materials=pra.Material(absorption),
-                              max_order=min(max_order, 12))
+        shoebox = pra.ShoeBox(
+            list(room), fs=self.sample_rate, materials=pra.Material(absorption), max_order=min(max_order, 12)
+        )
         mic = np.array([float(rng.uniform(0.5, room[0] - 0.5)), float(rng.uniform(0.5, room[1] - 0.5)), 1.8])
         for _ in range(1000):  # a cot at `distance`, inside the room, at cot height
             angle = rng.uniform(0, 2 * np.pi)
             horizontal = np.sqrt(max(distance**2 - 0.9**2, 0.0))
-            src = mic + np.array([horizontal * np.cos(angle), horizontal * np.sin(angle), -0.9 if
-                                  distance > 0.9 else -distance])
+            src = mic + np.array(
+                [
+                    horizontal * np.cos(angle),
+                    horizontal * np.sin(angle),
+                    -0.9 if distance > 0.9 else -distance,
+                ]
+            )
             if 0.2 < src[0] < room[0] - 0.2 and 0.2 < src[1] < room[1] - 0.2:
                 break
         else:
@@ -98,11 +114,12 @@ class WardChannel:
         shoebox.compute_rir()
         rir = np.asarray(shoebox.rir[0][0], dtype=np.float64)
         peak = int(np.argmax(np.abs(rir)))
-        direct = float(np.sqrt(np.sum(rir[max(peak - 40, 0): peak + 41] ** 2)))
+        direct = float(np.sqrt(np.sum(rir[max(peak - 40, 0) : peak + 41] ** 2)))
         return rir / max(direct, 1e-12) / max(distance, 1.0)  # the direct sound at 1/r of its 1 m level
 
-    def _mic_response(self, tilt: float, band: float, highpass: float,
-                      peaks: list[tuple[float, float, float]]) -> np.ndarray:
+    def _mic_response(
+        self, tilt: float, band: float, highpass: float, peaks: list[tuple[float, float, float]]
+    ) -> np.ndarray:
         nyq = self.sample_rate / 2
         f = np.linspace(0, nyq, 257)
         logf = np.log(np.maximum(f, 20.0))
@@ -123,7 +140,7 @@ class WardChannel:
         if x.size == 0:
             return x.astype(np.float32)
         y = signal.fftconvolve(x, self._rir)[: x.size]
-        y = signal.fftconvolve(y, self._mic)[len(self._mic) // 2: len(self._mic) // 2 + x.size]
+        y = signal.fftconvolve(y, self._mic)[len(self._mic) // 2 : len(self._mic) // 2 + x.size]
         power = float(np.mean(y**2))
         digest = int(hashlib.sha256(f"{self.key}|{key}".encode()).hexdigest()[:12], 16)
         rng = np.random.default_rng(digest)

@@ -33,22 +33,30 @@ class EvalOptions(BaseModel):
         200, ge=1, le=100_000, description="AS-norm: the k cohort scores closest to each side."
     )
     room_size: int | None = Field(
-        None, ge=2, le=10_000,
+        None,
+        ge=2,
+        le=10_000,
         description="Ward protocol in seeded random rooms of N babies drawn from the split's B+D infants "
         "(None: one room with every baby enrolled).",
     )
     room_strangers: int | None = Field(
-        None, ge=0, le=10_000,
+        None,
+        ge=0,
+        le=10_000,
         description="Babies of each room not enrolled (their cries must stay unknown); None: a quarter "
         "of the room (6 enrolled + 2 strangers in a room of 8).",
     )
     rooms: int = Field(200, ge=1, le=100_000, description="Number of seeded rooms with --room-size.")
     confirm: int = Field(
-        0, ge=0, le=50,
+        0,
+        ge=0,
+        le=50,
         description="Confirm K D files of each enrolled baby (its confirmed reference); identify the rest.",
     )
     min_confidence: float | None = Field(
-        None, ge=0.0, le=1.0,
+        None,
+        ge=0.0,
+        le=1.0,
         description="Operating point: a query is named when its calibrated confidence reaches this "
         "(None: the value the model's calibration recommends).",
     )

@@ -139,7 +139,7 @@ def pair_eer_ci(
     if not resamples or scores.size == 0:
         return None
     codes, n = infant_codes(list(b_ids) + list(d_ids))
-    cb, cd = codes[: len(b_ids)], codes[len(b_ids):]
+    cb, cd = codes[: len(b_ids)], codes[len(b_ids) :]
     pos, neg = labels == 1, labels == 0
     same = cb == cd
 
@@ -178,8 +178,9 @@ def pair_protocol(
             )
         data.check_audio(options.cohort)
         cohort = l2_normalize(
-            concatenation_embeddings(cohort_groups, list(cohort_groups), backend, cache, meter,
-                                     channel=channel)
+            concatenation_embeddings(
+                cohort_groups, list(cohort_groups), backend, cache, meter, channel=channel
+            )
         )
     orders = [-1] if options.tta == 1 else list(range(options.tta))
     total = np.zeros(len(pairs), dtype=np.float64)
@@ -198,8 +199,17 @@ def pair_protocol(
     scores = total / len(orders)
     labels = [p.label for p in pairs]
     has_labels = all(lab is not None for lab in labels)
-    result = dict.fromkeys(("eer", "threshold", "min_dcf", "min_dcf_threshold", "eer_channel_matched",
-                            "eer_ci", "eer_channel_matched_ci"))
+    result = dict.fromkeys(
+        (
+            "eer",
+            "threshold",
+            "min_dcf",
+            "min_dcf_threshold",
+            "eer_channel_matched",
+            "eer_ci",
+            "eer_channel_matched_ci",
+        )
+    )
     b_ids, d_ids = [p.baby_id_b for p in pairs], [p.baby_id_d for p in pairs]
     matched_n = None
     positives = None
@@ -212,8 +222,13 @@ def pair_protocol(
                 f"{split}_pairs.csv: EER needs both positive and negative pairs (has {positives} positive "
                 f"of {len(pairs)}); use the full B x D pairs file"
             )
-        result.update(eer=ver[0], threshold=ver[1], min_dcf=ver[2], min_dcf_threshold=ver[3],
-                      eer_ci=pair_eer_ci(b_ids, d_ids, scores, lab, options.bootstrap, options.seed))
+        result.update(
+            eer=ver[0],
+            threshold=ver[1],
+            min_dcf=ver[2],
+            min_dcf_threshold=ver[3],
+            eer_ci=pair_eer_ci(b_ids, d_ids, scores, lab, options.bootstrap, options.seed),
+        )
         if data.channels is not None:
             matched = np.array(
                 [
@@ -228,8 +243,13 @@ def pair_protocol(
             if ver_m is not None:
                 m = np.flatnonzero(matched)
                 result["eer_channel_matched_ci"] = pair_eer_ci(
-                    [b_ids[i] for i in m], [d_ids[i] for i in m], scores[m], lab[m], options.bootstrap,
-                    options.seed)
+                    [b_ids[i] for i in m],
+                    [d_ids[i] for i in m],
+                    scores[m],
+                    lab[m],
+                    options.bootstrap,
+                    options.seed,
+                )
     return PairReport(
         pairs=len(pairs),
         positive_pairs=positives,
@@ -293,8 +313,11 @@ def run_evaluation(
     segmenter: SegmenterSettings,
     cache_dir: Path | None,
 ) -> EvalReport:
-    """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries).
-    The ward protocol decides with the backend's calibration (``backend.manifest.calibration``), if any."""""
+    (
+        """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries).
+    The ward protocol decides with the backend's calibration (``backend.manifest.calibration``), if any."""
+        ""
+    )
     data = load_cryceleb(data_dir)
     if not data.split_recordings(options.split):
         raise CryCelebError(
@@ -308,11 +331,13 @@ def run_evaluation(
     meters = {"pairs": Throughput(), "ward": Throughput()}
     pair_report = ward_report = None
     if pairs is not None:
-        pair_report = pair_protocol(data, options.split, pairs, backend, cache, meters["pairs"], options,
-                                    channel)
+        pair_report = pair_protocol(
+            data, options.split, pairs, backend, cache, meters["pairs"], options, channel
+        )
     if options.protocol in ("ward", "both"):
-        ward_report = ward_protocol(data, options.split, backend, segmenter, cache, meters["ward"], options,
-                                    calibration, channel)
+        ward_report = ward_protocol(
+            data, options.split, backend, segmenter, cache, meters["ward"], options, calibration, channel
+        )
     return EvalReport(
         data=str(data.root),
         split=options.split,

@@ -81,8 +81,10 @@ def draw_rooms(data: WardData, size: int, strangers: int, count: int, seed: int)
     """``count`` seeded rooms of ``size`` babies from ``data.pool``, the last ``strangers`` not enrolled.
     A baby drawn for enrollment whose B files hold no expiration stays a stranger (as ``enroll`` refuses)."""
     if not 1 <= size <= len(data.pool):
-        raise ValueError(f"a room of {size} babies needs {size} infants with B and D recordings; "
-                         f"the split has {len(data.pool)}")
+        raise ValueError(
+            f"a room of {size} babies needs {size} infants with B and D recordings; "
+            f"the split has {len(data.pool)}"
+        )
     if not 0 <= strangers < size:
         raise ValueError(f"a room of {size} babies cannot hold {strangers} strangers; give fewer")
     rng = np.random.default_rng(seed)
@@ -120,8 +122,13 @@ class RoomQueries:
     @cached_property
     def rank(self) -> np.ndarray:
         """Candidates scoring strictly above the crying baby (ties in its favour); -1 for a stranger."""
-        return np.array([int((s > s[t]).sum()) if t >= 0 else -1
-                         for s, t in zip(self.scores, self.true_index, strict=True)], dtype=np.int64)
+        return np.array(
+            [
+                int((s > s[t]).sum()) if t >= 0 else -1
+                for s, t in zip(self.scores, self.true_index, strict=True)
+            ],
+            dtype=np.int64,
+        )
 
     @cached_property
     def targets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -129,17 +136,32 @@ class RoomQueries:
 
     def subset(self, mask: np.ndarray) -> RoomQueries:
         idx = np.flatnonzero(mask)
-        return RoomQueries(self.infant[idx], self.room[idx], self.enrolled[idx], self.true_index[idx],
-                           self.best[idx], self.margin[idx], self.n_candidates[idx],
-                           tuple(self.scores[i] for i in idx))
+        return RoomQueries(
+            self.infant[idx],
+            self.room[idx],
+            self.enrolled[idx],
+            self.true_index[idx],
+            self.best[idx],
+            self.margin[idx],
+            self.n_candidates[idx],
+            tuple(self.scores[i] for i in idx),
+        )
 
     @staticmethod
     def concat(parts: Sequence[RoomQueries]) -> RoomQueries:
         def cat(name: str) -> np.ndarray:
             return np.concatenate([getattr(p, name) for p in parts])
 
-        return RoomQueries(cat("infant"), cat("room"), cat("enrolled"), cat("true_index"), cat("best"),
-                           cat("margin"), cat("n_candidates"), tuple(s for p in parts for s in p.scores))
+        return RoomQueries(
+            cat("infant"),
+            cat("room"),
+            cat("enrolled"),
+            cat("true_index"),
+            cat("best"),
+            cat("margin"),
+            cat("n_candidates"),
+            tuple(s for p in parts for s in p.scores),
+        )
 
 
 def score_rooms(
@@ -154,8 +176,11 @@ def score_rooms(
         confirmed, held_out = {}, {}
         for baby in room.enrolled:
             files = data.d_files.get(baby, [])
-            pick = set(rng.choice(len(files), min(confirm, len(files)), replace=False).tolist()) \
-                if confirm and files else set()
+            pick = (
+                set(rng.choice(len(files), min(confirm, len(files)), replace=False).tolist())
+                if confirm and files
+                else set()
+            )
             if pick:
                 confirmed[baby] = centroid(np.concatenate([files[i] for i in sorted(pick)]))
             held_out[baby] = pick
@@ -233,8 +258,12 @@ def _target_scores(q: RoomQueries) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
             mask[t] = False
         non.extend(s[mask].tolist())
         non_row.extend([i] * int(mask.sum()))
-    return (np.array(tgt, np.float64), np.array(tgt_row, np.int64), np.array(non, np.float64),
-            np.array(non_row, np.int64))
+    return (
+        np.array(tgt, np.float64),
+        np.array(tgt_row, np.int64),
+        np.array(non, np.float64),
+        np.array(non_row, np.int64),
+    )
 
 
 def open_set_eer(q: RoomQueries, weights: np.ndarray | None = None) -> float | None:
@@ -259,6 +288,12 @@ def operating_curve(q: RoomQueries, p: np.ndarray) -> list[dict[str, float | Non
     out = []
     for t in CURVE:
         named = p >= t
-        out.append({"min_confidence": t, "coverage": coverage(q, named),
-                    "wrong_rate": wrong_rate(q, named, correct=correct), "named": int(named.sum())})
+        out.append(
+            {
+                "min_confidence": t,
+                "coverage": coverage(q, named),
+                "wrong_rate": wrong_rate(q, named, correct=correct),
+                "named": int(named.sum()),
+            }
+        )
     return out

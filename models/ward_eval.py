@@ -147,8 +147,9 @@ def ward_figures(
     q: RoomQueries, calibration: Calibration | None, min_confidence: float | None, resamples: int, seed: int
 ) -> dict[str, Any]:
     """Point figures, their bootstrap intervals and the operating curve of scored room queries."""
-    named = None if calibration is None or min_confidence is None else named_mask(q, calibration,
-                                                                                 min_confidence)
+    named = (
+        None if calibration is None or min_confidence is None else named_mask(q, calibration, min_confidence)
+    )
     stats = {
         "top1": lambda w: top_k(q, 1, w),
         "top5": lambda w: top_k(q, 5, w),
@@ -165,10 +166,16 @@ def ward_figures(
     out["infants"] = n_infants
     for name in ("top1", "top5", "eer", "coverage", "wrong_rate"):
         fn = stats.get(name)
-        out[f"{name}_ci"] = None if fn is None or out[name] is None or not resamples else bootstrap_ci(
-            n_infants, lambda counts, fn=fn: fn(counts[codes]), resamples, seed)
-    out["operating_curve"] = None if calibration is None else operating_curve(
-        q, calibration.confidences(q.best, q.margin, q.n_candidates))
+        out[f"{name}_ci"] = (
+            None
+            if fn is None or out[name] is None or not resamples
+            else bootstrap_ci(n_infants, lambda counts, fn=fn: fn(counts[codes]), resamples, seed)
+        )
+    out["operating_curve"] = (
+        None
+        if calibration is None
+        else operating_curve(q, calibration.confidences(q.best, q.margin, q.n_candidates))
+    )
     return out
 
 
@@ -201,8 +208,11 @@ def ward_protocol(
                 f"recordings; give at most {len(ward.pool)}"
             )
         rooms = draw_rooms(ward, options.room_size, options.strangers, options.rooms, options.seed)
-    weight = (calibration.confirmed_weight if calibration is not None
-              else float(Calibration.model_fields["confirmed_weight"].default))
+    weight = (
+        calibration.confirmed_weight
+        if calibration is not None
+        else float(Calibration.model_fields["confirmed_weight"].default)
+    )
     q = score_rooms(ward, rooms, options.confirm, weight, options.seed)
     if not q.enrolled.any():
         logger.warning(
@@ -222,18 +232,29 @@ def ward_protocol(
         queries=int(q.enrolled.sum()),
         unenrolled_queries=int((~q.enrolled).sum()),
         b_files_without_expirations=sum(
-            1 for (_, period), files in groups.items() if period == "B" for r in files
+            1
+            for (_, period), files in groups.items()
+            if period == "B"
+            for r in files
             if per_file[r.file_id].size == 0
         ),
         d_files_without_expirations=sum(
-            1 for (_, period), files in groups.items() if period == "D" for r in files
+            1
+            for (_, period), files in groups.items()
+            if period == "D"
+            for r in files
             if per_file[r.file_id].size == 0
         ),
         babies_not_enrolled=sorted({b for b, p in groups if p == "B"} - set(ward.birth)),
         pooling=POOLING,
-        rooms=None if options.room_size is None else {
-            "size": options.room_size, "strangers": options.strangers, "count": options.rooms,
-            "seed": options.seed},
+        rooms=None
+        if options.room_size is None
+        else {
+            "size": options.room_size,
+            "strangers": options.strangers,
+            "count": options.rooms,
+            "seed": options.seed,
+        },
         confirm=options.confirm,
         confirmed_weight=weight,
         calibrated=calibration is not None,
