@@ -134,9 +134,11 @@ class Calibration(BaseModel):
 
 # fitting ---------------------------------------------------------------------------------------
 def fit_logistic(
-    x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int = 100
+    x: np.ndarray, y: np.ndarray, l2: float = 0.1, iterations: int = 100
 ) -> tuple[np.ndarray, float]:
-    """Weights and intercept of an L2-regularised logistic regression (Newton / IRLS)."""
+    """Weights and intercept of a logistic regression (Newton / IRLS) with a weak ridge ``l2`` on the
+    weights (not the intercept): a fixed prior, so it fades as data grows and keeps a feature that does
+    not vary (one room size) at a finite weight."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.ndim != 2 or x.shape[0] != y.size:
@@ -147,7 +149,7 @@ def fit_logistic(
         )
     xb = np.hstack([x, np.ones((x.shape[0], 1))])
     w = np.zeros(xb.shape[1])
-    reg = np.full(xb.shape[1], l2 * y.size)
+    reg = np.full(xb.shape[1], float(l2))
     reg[-1] = 0.0
     for _ in range(iterations):
         p = _sigmoid(xb @ w)
