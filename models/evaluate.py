@@ -36,10 +36,14 @@ from cryid.models.scoring import cosine_matrix, l2_normalize
 from cryid.models.ward_eval import (
     WardReport,
     channel_key,
+    file_expiration_embeddings,
     load_recording,
     progress,
     ward_protocol,
 )
+
+__all__ = ["EvalOptions", "EvalReport", "PairReport", "WardReport", "concatenation_embeddings",
+           "file_expiration_embeddings", "pair_protocol", "run_evaluation", "ward_protocol"]
 
 logger = logging.getLogger(__name__)
 

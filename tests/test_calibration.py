@@ -214,4 +214,5 @@ def test_model_calibrate_bad_input_is_one_line_and_leaves_the_manifest(
     assert err.startswith("cryid: error:") and err.count("\n") == 1 and expected in err, err
     if before is not None:
         assert (model / "manifest.json").read_bytes() == before
-        assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in small_onnx_model_dir.iterdir())
+        names = sorted(p.name for p in model.iterdir())
+        assert names == sorted(p.name for p in small_onnx_model_dir.iterdir())
