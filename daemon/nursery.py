@@ -132,14 +132,23 @@ class RealBaby:
     later: list[np.ndarray]
 
 
-def real_cries(dac_dir: Path, n_babies: int, seed: int | None = None) -> list[RealBaby]:
+def real_cries(
+    dac_dir: Path, n_babies: int, seed: int | None = None, channel: str | None = None
+) -> list[RealBaby]:
     """Up to ``n_babies`` dev-split infants that have both a B and a D session, read from a
     CryCeleb-layout folder such as ``../shared/data/donateacry-cc``: in id order, or shuffled by ``seed``.
-    At most 4 B and 2 D recordings each."""
+    ``channel``: only infants recorded through this channel (``provenance.csv``'s ``recording``, e.g.
+    ``ios-ima4-16k``), when the folder has that file. At most 4 B and 2 D recordings each."""
     by_baby: dict[str, dict[str, list[str]]] = {}
+    codec: dict[str, str] = {}
+    if channel is not None and (dac_dir / "provenance.csv").is_file():
+        with open(dac_dir / "provenance.csv", newline="") as fh:
+            codec = {r["file_id"]: r["recording"] for r in csv.DictReader(fh)}
     with open(dac_dir / "metadata.csv", newline="") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: (r["baby_id"], r["period"], r["file_name"]))
     for r in rows:
+        if codec and codec.get(r["file_id"]) != channel:
+            continue
         if r["split"] == "dev" and r["period"] in ("B", "D"):
             by_baby.setdefault(r["baby_id"], {}).setdefault(r["period"], []).append(r["file_name"])
     chosen = [b for b, p in by_baby.items() if p.get("B") and p.get("D")]

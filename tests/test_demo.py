@@ -168,12 +168,12 @@ def test_demo_on_real_cries_uses_the_calibration_and_never_touches_the_ward(
     last = out.strip().splitlines()[-1]
     counts = re.match(
         r"(\d+) episodes: (\d+) named right, (\d+) named WRONG, (\d+) enrolled babies not named, "
-        r"(\d+) cries of the baby nobody enrolled not named",
+        r"(\d+) cries of the baby nobody enrolled not named, (\d+) other sounds not named",
         last,
     )
     assert counts is not None, last
-    total, right, wrong, missed, stranger = map(int, counts.groups())
-    assert total == right + wrong + missed + stranger == len(episodes)
+    total, right, wrong, missed, stranger, other = map(int, counts.groups())
+    assert total == right + wrong + missed + stranger + other == len(episodes)
     # what was printed is what was published, on the demo's own topics
     events = [e for e in demo_topics.events() if e["kind"] == "episode"]
     assert len(events) == len(episodes)
@@ -230,13 +230,22 @@ def test_summary_counts_right_wrong_and_not_named(capsys: pytest.CaptureFixture[
         }
 
     events = [
-        ep(0.2, "a", "a"), ep(3.0, None, "a"), ep(10.1, "a", "a"), ep(20.5, "b", "b"), ep(22.0, None, "b")
+        ep(0.2, "a", "a"), ep(3.0, None, "a"), ep(10.1, "a", "a"), ep(20.5, "b", "b"), ep(22.0, None, "b"),
+        ep(40.0, None, "a"),  # no one cried there (a false cry): not named, not counted against a baby
     ]
     counts = summary(events, truth)
     out = capsys.readouterr().out
-    assert counts == {"named right": 1, "named wrong": 2, "not named": 1, "not named (nobody enrolled)": 1}
+    assert counts == {
+        "named right": 1, "named wrong": 2, "not named": 1, "not named (nobody enrolled)": 1,
+        "not named (no cry)": 1,
+    }
     assert out.count("NAMED WRONG") == 2 and "probably a 0.60, x 0.30" in out
-    assert out.strip().splitlines()[-1].startswith("5 episodes: 1 named right, 2 named WRONG, 1 enrolled")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(
+        "6 episodes: 1 named right, 2 named WRONG, 1 enrolled babies not named, 1 cries of the baby nobody "
+        "enrolled not named, 1 other sounds not named"
+    )
+    assert last.endswith("the likeliest candidate of 1 of the 1 unnamed cries of enrolled babies")
 
 
 def test_demo_broker_option_is_checked() -> None:
