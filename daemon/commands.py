@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     devices.set_defaults(func=cmd_devices)
 
     demo = sub.add_parser(
-        "demo", help="the whole job end to end on a fresh machine: enroll, replay, identify"
+        "demo",
+        help="the whole job end to end on a fresh machine: enroll, replay, identify (own broker and "
+        "topics: never a ward's)",
     )
     demo.add_argument("--babies", type=int, default=3, help="babies to enroll (2-8)")
     demo.add_argument(
@@ -43,6 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.add_argument("--realtime", action="store_true", help="replay the nursery stream at real speed")
     demo.add_argument(
         "--keep", type=Path, default=None, help="keep the demo state (registry, outbox, stream) here"
+    )
+    demo.add_argument(
+        "--broker",
+        default=None,
+        metavar="HOST:PORT",
+        help="publish on this MQTT broker (anonymous, demo topics cryid-demo/... only) instead of the "
+        "demo's own embedded one",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=None, help="pick other babies (shuffled by this seed) than the default"
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -88,7 +100,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cryid.daemon.demo import run_demo
 
     return run_demo(
-        settings, babies=args.babies, synthetic=args.synthetic, realtime=args.realtime, keep=args.keep
+        settings,
+        babies=args.babies,
+        synthetic=args.synthetic,
+        realtime=args.realtime,
+        keep=args.keep,
+        broker=args.broker,
+        seed=args.seed,
     )
 
 

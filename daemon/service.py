@@ -65,9 +65,9 @@ class EmbedderLike(Protocol):
 
 
 class RegistryLike(Protocol):
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]: ...
+    def centroids(self, model_sha256: str, room: str | None = None) -> dict[str, np.ndarray]: ...
 
-    def needs_reenrollment(self, model_sha256: str) -> list[str]: ...
+    def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]: ...
 
     def data_version(self) -> int: ...
 
@@ -130,7 +130,18 @@ class Service:
         seg = settings.segmenter
         self.segmenter = Segmenter(seg, SAMPLE_RATE)
         settle = (seg.max_expiration_ms + seg.hangover_ms + seg.pre_roll_ms) * SAMPLE_RATE // 1000
-        self.identifier = Identifier(settings.identifier, {}, SAMPLE_RATE, settle_samples=settle)
+        calibration = getattr(getattr(embedder, "manifest", None), "calibration", None)
+        if calibration is None:
+            logger.warning(
+                "model %s has no calibration: babies are named on cosine thresholds (identifier.min_score/"
+                "min_margin, else fallback_min_score %s/fallback_min_margin %s) and events carry no "
+                "confidence; fix: `cryid model calibrate %s --data DIR`",
+                settings.model, settings.identifier.fallback_min_score,
+                settings.identifier.fallback_min_margin, settings.model,
+            )
+        self.identifier = Identifier(
+            settings.identifier, {}, SAMPLE_RATE, settle_samples=settle, calibration=calibration
+        )
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.service.queue_chunks)
         self.counters = _Counters()
         self.stream_start = datetime.now(timezone.utc)
@@ -264,18 +275,19 @@ class Service:
         if version == self._registry_version:
             return
         self._registry_version = version
-        cents = self.registry.centroids(self.sha)
+        cents = self.registry.centroids(self.sha, room=self.settings.room)  # only the room's babies
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
         self._enrolled = sorted(cents)
-        self._needs_reenrollment = self.registry.needs_reenrollment(self.sha)
+        self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
         if self._running:
             self._pending_centroids = cents  # the pipeline thread applies it before its next chunk
         else:
             self.identifier.set_centroids(cents)
         logger.info(
-            "registry: %d babies enrolled for model %s (added %s, removed %s)",
+            "registry: %d babies enrolled in room %s for model %s (added %s, removed %s)",
             len(cents),
+            self.settings.room,
             self.sha[:12],
             ", ".join(added) or "-",
             ", ".join(removed) or "-",

@@ -1,4 +1,4 @@
-"""``cryid enroll add|record|list|show|remove|update|reembed|export|import``: the nurse's commands.
+"""``cryid enroll add|record|list|show|remove|update|move|reembed|export|import``: the nurse's commands.
 
 Handlers get ``(args, settings)``; bad input raises a ``ValueError`` that ``cryid`` prints as one line.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryid.enrollment import enroll, transfer
-from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, utc_now
+from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, check_room, utc_now
 
 if TYPE_CHECKING:
     from cryid.models.embedder import Embedder
@@ -184,6 +184,17 @@ def _remove(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def _move(args: argparse.Namespace, settings: Any) -> int:
+    baby_id, room = check_baby_id(args.baby_id), check_room(args.room)
+    with _registry(settings) as reg, reg.transaction() as conn:
+        old = Registry.set_room(conn, baby_id, room)
+    if old == room:
+        print(f"{baby_id} is already in room {room}")
+    else:
+        print(f"moved {baby_id} from room {old} to room {room}")
+    return 0
+
+
 def _reembed(args: argparse.Namespace, settings: Any) -> int:
     with _registry(settings) as reg:
         res = enroll.reembed(reg, settings.segmenter, _embedder(settings))
@@ -235,7 +246,7 @@ def _add_new_baby_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``enroll`` to ``cryid``'s parser."""
-    p = sub.add_parser("enroll", help="Enroll newborns: add, record, list, show, remove, update, ...")
+    p = sub.add_parser("enroll", help="Enroll newborns: add, record, list, show, remove, update, move, ...")
     esub = p.add_subparsers(dest="enroll_command", metavar="ACTION", required=True)
 
     a = esub.add_parser("add", help="Enroll a baby from recordings of its cry.")
@@ -273,6 +284,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     u.add_argument("audio", metavar="AUDIO", nargs="+", type=Path)
     _add_sample_options(u, "birth")
     u.set_defaults(func=_update)
+
+    mv = esub.add_parser("move", help="Move a baby to another room (the daemons follow within a second).")
+    mv.add_argument("baby_id", metavar="BABY_ID")
+    mv.add_argument("room", metavar="ROOM")
+    mv.set_defaults(func=_move)
 
     re = esub.add_parser("reembed", help="Rebuild every embedding for the current model from kept audio.")
     re.set_defaults(func=_reembed)

@@ -90,6 +90,15 @@ def check_baby_id(baby_id: str) -> str:
     return baby_id
 
 
+def check_room(room: str) -> str:
+    """Return ``room`` if it can be a room name (an MQTT topic level, like the daemon's ``room``)."""
+    if not BABY_ID_PATTERN.fullmatch(room or ""):
+        raise RegistryError(
+            f"room {room!r} is not allowed: use 1-64 letters, digits, '_' or '-' (as the daemon's `room`)"
+        )
+    return room
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -273,29 +282,31 @@ class Registry:
                 self._last_pragma_version = pragma
             return self._version
 
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]:
-        """Unit centroid of every ACTIVE baby that has embeddings for this model."""
+    def centroids(self, model_sha256: str, room: str | None = None) -> dict[str, np.ndarray]:
+        """Unit centroid of every ACTIVE baby that has embeddings for this model (in ``room`` if given)."""
         rows = self._query(
             """SELECT s.baby_id, e.vector FROM embeddings e
                JOIN samples s ON s.sample_id = e.sample_id
                JOIN infants i ON i.baby_id = s.baby_id
-               WHERE e.model_sha256 = ? AND i.status = 'active'
+               WHERE e.model_sha256 = ?1 AND i.status = 'active' AND (?2 IS NULL OR i.room = ?2)
                ORDER BY s.baby_id, e.sample_id, e.expiration_index""",
-            (model_sha256,),
+            (model_sha256, room),
         )
         grouped: dict[str, list[np.ndarray]] = {}
         for baby_id, blob in rows:
             grouped.setdefault(baby_id, []).append(_blob_vector(blob))
         return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
 
-    def needs_reenrollment(self, model_sha256: str) -> list[str]:
-        """ACTIVE babies with no embedding for this model (enrolled with another model, audio not kept)."""
+    def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]:
+        """ACTIVE babies (in ``room`` if given) with no embedding for this model (enrolled with another
+        model, audio not kept)."""
         rows = self._query(
-            """SELECT i.baby_id FROM infants i WHERE i.status = 'active' AND NOT EXISTS (
+            """SELECT i.baby_id FROM infants i
+               WHERE i.status = 'active' AND (?2 IS NULL OR i.room = ?2) AND NOT EXISTS (
                    SELECT 1 FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id
-                   WHERE s.baby_id = i.baby_id AND e.model_sha256 = ?)
+                   WHERE s.baby_id = i.baby_id AND e.model_sha256 = ?1)
                ORDER BY i.baby_id""",
-            (model_sha256,),
+            (model_sha256, room),
         )
         return [r[0] for r in rows]
 
@@ -378,6 +389,7 @@ class Registry:
         conn: sqlite3.Connection, baby_id: str, display_name: str, room: str, status: str = "active"
     ) -> None:
         check_baby_id(baby_id)
+        check_room(room)
         if status not in STATUSES:
             raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
         now = utc_now()
@@ -444,3 +456,18 @@ class Registry:
             "UPDATE infants SET status = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
             (status, now, now if status == "discharged" else None, baby_id),
         )
+
+    @staticmethod
+    def set_room(conn: sqlite3.Connection, baby_id: str, room: str) -> str:
+        """Move a baby to ``room``; returns its previous room. ``RegistryError`` (inside the caller's
+        transaction, so nothing changes) for a bad room name or a baby that is not enrolled."""
+        check_baby_id(baby_id)
+        check_room(room)
+        row = conn.execute("SELECT room FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"baby {baby_id!r} is not enrolled; see `cryid enroll list`")
+        if row[0] != room:
+            conn.execute(
+                "UPDATE infants SET room = ?, updated_at = ? WHERE baby_id = ?", (room, utc_now(), baby_id)
+            )
+        return str(row[0])

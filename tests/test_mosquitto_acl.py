@@ -253,7 +253,8 @@ def _event(room: str, baby_id: str) -> Any:
     return CryEvent(
         event_id=str(uuid.uuid4()), episode_id=str(uuid.uuid4()), kind="episode", decision="identified",
         baby_id=baby_id, best_baby_id=baby_id, score=0.71, runner_up={"baby_id": "0002", "score": 0.42},
-        margin=0.29, started_at=now, ended_at=now, stream_offset_s=12.5, duration_s=0.0, n_expirations=3,
+        margin=0.29, confidence=0.97, candidates=[{"baby_id": baby_id, "score": 0.71, "probability": 0.97}],
+        n_candidates=2, started_at=now, ended_at=now, stream_offset_s=12.5, duration_s=0.0, n_expirations=3,
         level_dbfs=-21.0, model_sha256="0" * 64, room=room,
     )
 
