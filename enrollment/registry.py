@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.episodes import MIGRATION as EPISODES_MIGRATION
+from cryid.enrollment.episodes import EpisodeTables
 from cryid.models.scoring import centroid
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX embeddings_by_model ON embeddings(model_sha256)",
     ),
+    EPISODES_MIGRATION,  # episodes heard by the daemon, nurses' confirmations (enrollment/episodes.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -171,7 +174,7 @@ def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
 
 
-class Registry:
+class Registry(EpisodeTables):
     """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -248,8 +251,11 @@ class Registry:
                 logger.info("registry %s migrated to schema version %s", self.path, target)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error."""
+    def transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error.
+
+        ``bump=False``: this connection's ``data_version`` does not change (the daemon keeping its own
+        episodes must not make itself reload the babies' references); other connections still see it."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -260,7 +266,8 @@ class Registry:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
-            self._version += 1
+            if bump:
+                self._version += 1
 
     # ---------------------------------------------------------------- daemon interface
     def data_version(self) -> int:
@@ -287,6 +294,24 @@ class Registry:
         for baby_id, blob in rows:
             grouped.setdefault(baby_id, []).append(_blob_vector(blob))
         return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
+
+    def references(
+        self, model_sha256: str, room: str | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(birth, confirmed)`` unit centroids of the ACTIVE babies (of ``room``, or all) for this model:
+        birth as :meth:`centroids`, confirmed from the nurses' live confirmations; read in one snapshot.
+        Only babies with a birth reference get a confirmed one (``ReferenceSet`` needs both)."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                birth = self.centroids(model_sha256)
+                if room is not None:
+                    rooms = {i.baby_id: i.room for i in self.infants()}
+                    birth = {b: v for b, v in birth.items() if rooms.get(b) == room}
+                confirmed = self.confirmed_centroids(model_sha256, sorted(birth))
+            finally:
+                self._conn.execute("COMMIT")
+        return birth, confirmed
 
     def needs_reenrollment(self, model_sha256: str) -> list[str]:
         """ACTIVE babies with no embedding for this model (enrolled with another model, audio not kept)."""
