@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.events import CryEvent, RunnerUp
-from cryid.models.scoring import l2_normalize
+from cryid.models.scoring import ReferenceSet, l2_normalize
 
 if TYPE_CHECKING:
     from cryid.models.pipeline import EmbeddedExpiration
@@ -56,6 +56,7 @@ class Identification:
     end_sample: int
     n_expirations: int
     level_dbfs: float
+    embeddings: np.ndarray | None = field(default=None, compare=False, repr=False)  # episode: its rows
 
     def to_event(
         self, stream_start: datetime, sample_rate: int, model_sha256: str, room: str
@@ -110,23 +111,20 @@ class Identifier:
         self.sample_rate = sample_rate
         self.settle_samples = settle_samples
         self._ids: list[str] = []
-        self._matrix = np.zeros((0, 0), dtype=np.float32)
+        self._refs = ReferenceSet({})
         self.settings = settings
         self.set_centroids(centroids)
         self.reset()
 
     # configuration -------------------------------------------------------------------------
     def set_centroids(self, centroids: dict[str, np.ndarray]) -> None:
-        """Replace the enrolled centroids (after an enrollment or a registry reload)."""
-        ids = sorted(centroids)
-        if ids:
-            matrix = l2_normalize(np.stack([np.asarray(centroids[i], dtype=np.float32).ravel() for i in ids]))
-            if matrix.ndim != 2:
-                raise ValueError("centroids must be 1-D vectors of one size")
-        else:
-            matrix = np.zeros((0, 0), dtype=np.float32)
-        self._ids = ids
-        self._matrix = matrix
+        """Replace the references by birth centroids only."""
+        self.set_references(ReferenceSet(centroids))
+
+    def set_references(self, references: ReferenceSet) -> None:
+        """Replace the references (birth and confirmed; after an enrollment, a confirmation, a reload)."""
+        self._refs = references
+        self._ids = list(references.ids)
 
     def set_settings(self, settings: IdentifierSettings) -> None:
         """New thresholds and gaps (SIGHUP); the current episode continues under them."""
@@ -150,13 +148,7 @@ class Identifier:
         s = self.settings
         if not self._ids:
             return Match("unknown", None, None, None, None, None)
-        emb = l2_normalize(np.asarray(embedding, dtype=np.float32).ravel())
-        if emb.shape[0] != self._matrix.shape[1]:
-            raise ValueError(
-                f"embedding has {emb.shape[0]} dimensions but the centroids have {self._matrix.shape[1]}; "
-                "re-enroll the babies with the current model (cryid enroll reembed)"
-            )
-        scores = self._matrix @ emb
+        scores = self._refs.scores(embedding)  # a wrong embedding size is a ValueError naming the fix
         order = np.argsort(-scores)
         best = int(order[0])
         score = float(scores[best])
@@ -236,6 +228,7 @@ class Identifier:
             end_sample=self._end,
             n_expirations=len(self._embeddings),
             level_dbfs=self._level,
+            embeddings=np.stack(self._embeddings).astype(np.float32),
         )
         logger.info(
             "episode %s: %s %s (score %s, %d expirations)",

@@ -1,4 +1,5 @@
-"""``cryid enroll add|record|list|show|remove|update|reembed|export|import``: the nurse's commands.
+"""``cryid enroll add|record|list|show|remove|update|reembed|export|import``: the nurse's commands
+(``confirm|reject|undo|episodes``: :mod:`cryid.enrollment.cli_feedback`).
 
 Handlers get ``(args, settings)``; bad input raises a ``ValueError`` that ``cryid`` prints as one line.
 """
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryid.enrollment import enroll, transfer
+from cryid.enrollment import cli_feedback, enroll, transfer
 from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, utc_now
 
 if TYPE_CHECKING:
@@ -159,7 +160,10 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
             f"{s.cry_s:.1f} s cry, {s.n_expirations} expirations, "
             f"audio {'kept' if s.has_audio else 'not kept'}, models {models}"
         )
-    print(f"current model {sha[:12]}: {rep.n_embedded} expiration embeddings")
+    print(
+        f"current model {sha[:12]}: {rep.n_embedded} expiration embeddings, "
+        f"{rep.n_confirmed} confirmed by nurses"
+    )
     if rep.mean_cosine_to_centroid is not None:
         print(
             f"centroid quality: mean cosine of expirations to centroid {rep.mean_cosine_to_centroid:.3f} "
@@ -173,6 +177,9 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         print(f"needs re-enrollment: yes, no embeddings for the current model; run {fix}")
     else:
         print("needs re-enrollment: no")
+    print(f"confirmations: {len(rep.feedback)}" + ("" if rep.feedback else " (`cryid enroll confirm`)"))
+    for f in rep.feedback:
+        print("  " + cli_feedback.describe(f))
     return 0
 
 
@@ -285,3 +292,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     im.add_argument("file", metavar="FILE", type=Path)
     im.add_argument("--replace", action="store_true", help="Overwrite babies already enrolled.")
     im.set_defaults(func=_import)
+
+    cli_feedback.register(esub)
