@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from cryid.daemon.cli import main
 from cryid.daemon.config import IdentifierSettings, MqttSettings, Settings
@@ -302,12 +304,34 @@ def _episode_event(sub: Subscriber, seen: set[str]) -> dict[str, Any]:
     return ev
 
 
+def _confirm_over_mqtt(broker: Broker, sub: Subscriber, episode_id: str, baby_id: str) -> dict[str, Any]:
+    """Publish a confirm command as a nurse's client would; returns the daemon's answer."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"nurse-{uuid.uuid4().hex[:6]}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        rid = uuid.uuid4().hex
+        doc = {"request_id": rid, "episode_id": episode_id, "baby_id": baby_id, "by": "Nurse Joy"}
+        client.publish(f"cryid/{ROOM}/cmd/confirm", json.dumps(doc), qos=1).wait_for_publish(10)
+
+        def answers(msgs: list[Any]) -> list[dict[str, Any]]:
+            docs = [m.json() for m in msgs if m.topic == f"cryid/{ROOM}/cmd/result"]
+            return [d for d in docs if d["request_id"] == rid]
+
+        return answers(sub.wait_for(lambda msgs: bool(answers(msgs)), timeout_s=30))[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.parametrize("via", ["cli", "mqtt"])
 def test_running_daemon_uses_a_confirmation_without_restart(
     live_ward: tuple[Path, list[str]], embedder: Embedder, dac_dir: Path, mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber],
+    subscriber_factory: Callable[..., Subscriber], via: str,
 ) -> None:
     """A cry of baby X the daemon names wrong from the birth recordings; a nurse confirms another cry of
-    X (``cryid enroll confirm`` in another process) while the daemon runs; 2 s later the same cry is right."""
+    X while the daemon runs (``cryid enroll confirm`` in another process, or ``cmd/confirm``); 2 s later
+    the same cry is right."""
     state, babies = live_ward
     pad = room_noise(12.0, np.random.default_rng(7))
     case = find_teaching_case(embedder, dac_dir, babies, pad)
@@ -324,14 +348,18 @@ def test_running_daemon_uses_a_confirmation_without_restart(
         before = _episode_event(sub, seen)
         daemon.play(np.concatenate([load_audio(case.taught), pad]))
         taught = _episode_event(sub, seen)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
-        env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(DEFAULT_MODEL_DIR)}
-        done = subprocess.run(
-            [sys.executable, "-m", "cryid.daemon.cli", "enroll", "confirm", taught["episode_id"],
-             case.baby_id, "--by", "Nurse Joy"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
+        if via == "cli":
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+            env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(DEFAULT_MODEL_DIR)}
+            done = subprocess.run(
+                [sys.executable, "-m", "cryid.daemon.cli", "enroll", "confirm", taught["episode_id"],
+                 case.baby_id, "--by", "Nurse Joy"],
+                env=env, capture_output=True, text=True, timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+        else:
+            answer = _confirm_over_mqtt(mosquitto, sub, taught["episode_id"], case.baby_id)
+            assert answer["ok"] and answer["error"] is None and answer["baby_id"] == case.baby_id, answer
         time.sleep(2.0)  # the daemon polls the registry every second: the confirmation is in use by now
         daemon.play(np.concatenate([load_audio(case.test), pad]))
         after = _episode_event(sub, seen)
@@ -349,5 +377,5 @@ def test_running_daemon_uses_a_confirmation_without_restart(
         assert vec is not None and vec.shape == (after["n_expirations"], embedder.dim)  # numbers, no audio
         stored = json.loads(reg.get_episode(after["episode_id"]).event_json)  # type: ignore[union-attr]
         assert stored["event_id"] == after["event_id"] and stored["best_baby_id"] == case.baby_id
-        assert [f.created_by for f in reg.feedback(baby_id=case.baby_id)] == ["Nurse Joy"]
+        assert [(f.created_by, f.via) for f in reg.feedback(baby_id=case.baby_id)] == [("Nurse Joy", via)]
 
