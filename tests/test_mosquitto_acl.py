@@ -423,3 +423,22 @@ def test_nurse_confirms_over_the_ward_broker_and_the_daemon_answers(
     with Registry.open(state) as reg:
         got = [(f.kind, f.baby_id, f.created_by, f.via, f.live) for f in reg.feedback()]
     assert got == [("confirm", a, "Nurse Joy", "mqtt", True), ("reject", b, "nurse", "mqtt", False)]
+
+
+def test_the_broker_drops_oversized_packets(client: Callable[..., Client]) -> None:
+    """mosquitto.conf's max_packet_size: a 70 kB command never reaches the daemon user; the sender is
+    disconnected (MQTT 5: reason 149, packet too large) and a normal command still goes through."""
+    daemon = client(DAEMON_USER)
+    assert daemon.connected().value == 0
+    daemon.subscribe(f"cryid/{ROOM}/cmd/#")
+    big = client("nurse")
+    assert big.connected().value == 0
+    gone = threading.Event()
+    big.c.on_disconnect = lambda _c, _u, _f, rc, _p: gone.set()
+    big.c.publish(f"cryid/{ROOM}/cmd/confirm", "x" * 70_000, qos=1)
+    assert gone.wait(10), "the broker kept a client that sent a 70 kB packet"
+    nurse = client("nurse")
+    assert nurse.connected().value == 0
+    assert nurse.publish(f"cryid/{ROOM}/cmd/confirm", "small").value == 0
+    daemon.wait(lambda: len(daemon.messages) >= 1, "the small command")
+    assert daemon.messages == [(f"cryid/{ROOM}/cmd/confirm", b"small")]
