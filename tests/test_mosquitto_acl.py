@@ -419,7 +419,8 @@ def test_nurse_confirms_over_the_ward_broker_and_the_daemon_answers(
         undo = ask(nurse, "undo", {"confirmation_id": rej["confirmation_id"]})
         assert undo is not None and undo["ok"] is True and undo["confirmation_id"] == rej["confirmation_id"]
     finally:
-        assert daemon.stop() == 0
+        code = daemon.stop()
+    assert code == 0
     with Registry.open(state) as reg:
         got = [(f.kind, f.baby_id, f.created_by, f.via, f.live) for f in reg.feedback()]
     assert got == [("confirm", a, "Nurse Joy", "mqtt", True), ("reject", b, "nurse", "mqtt", False)]
