@@ -1,5 +1,4 @@
-"""``cryid enroll add|record|list|show|remove|update|reembed|export|import``: the nurse's commands
-(``confirm|reject|undo|episodes``: :mod:`cryid.enrollment.cli_feedback`).
+"""``cryid enroll add|record|list|show|remove|update|reembed|export|import``: the nurse's commands.
 
 Handlers get ``(args, settings)``; bad input raises a ``ValueError`` that ``cryid`` prints as one line.
 """
@@ -13,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryid.enrollment import cli_feedback, enroll, transfer
+from cryid.enrollment import enroll, transfer
 from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, utc_now
 
 if TYPE_CHECKING:
@@ -177,6 +176,8 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         print(f"needs re-enrollment: yes, no embeddings for the current model; run {fix}")
     else:
         print("needs re-enrollment: no")
+    from cryid.enrollment import cli_feedback  # confirm|reject|undo|episodes live there
+
     print(f"confirmations: {len(rep.feedback)}" + ("" if rep.feedback else " (`cryid enroll confirm`)"))
     for f in rep.feedback:
         print("  " + cli_feedback.describe(f))
@@ -293,4 +294,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     im.add_argument("--replace", action="store_true", help="Overwrite babies already enrolled.")
     im.set_defaults(func=_import)
 
-    cli_feedback.register(esub)
+    from cryid.enrollment import cli_feedback
+
+    cli_feedback.register(esub)  # confirm, reject, undo, episodes

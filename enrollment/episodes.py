@@ -16,6 +16,7 @@ connection and its lock; the write helpers take the connection of an open transa
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -167,9 +168,35 @@ class EpisodeTables:
     """Reads and writes of ``episodes`` and ``confirmations`` (mixed into ``Registry``)."""
 
     _conn: sqlite3.Connection
+    _lock: threading.RLock
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:  # Registry's
         raise NotImplementedError
+
+    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]:  # Registry's
+        raise NotImplementedError
+
+    def infants(self) -> list[Any]:  # Registry's
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ the daemon's references
+    def references(
+        self, model_sha256: str, room: str | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(birth, confirmed)`` unit centroids of the ACTIVE babies (of ``room``, or all) for this model:
+        birth as ``Registry.centroids``, confirmed from the nurses' live confirmations; read in one
+        snapshot. Only babies with a birth reference get a confirmed one (``ReferenceSet`` needs both)."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                birth = self.centroids(model_sha256)
+                if room is not None:
+                    rooms = {i.baby_id: i.room for i in self.infants()}
+                    birth = {b: v for b, v in birth.items() if rooms.get(b) == room}
+                confirmed = self.confirmed_centroids(model_sha256, sorted(birth))
+            finally:
+                self._conn.execute("COMMIT")
+        return birth, confirmed
 
     # ------------------------------------------------------------------------------ reads
     def get_episode(self, episode_id: str) -> Episode | None:

@@ -295,24 +295,6 @@ class Registry(EpisodeTables):
             grouped.setdefault(baby_id, []).append(_blob_vector(blob))
         return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
 
-    def references(
-        self, model_sha256: str, room: str | None = None
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """``(birth, confirmed)`` unit centroids of the ACTIVE babies (of ``room``, or all) for this model:
-        birth as :meth:`centroids`, confirmed from the nurses' live confirmations; read in one snapshot.
-        Only babies with a birth reference get a confirmed one (``ReferenceSet`` needs both)."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                birth = self.centroids(model_sha256)
-                if room is not None:
-                    rooms = {i.baby_id: i.room for i in self.infants()}
-                    birth = {b: v for b, v in birth.items() if rooms.get(b) == room}
-                confirmed = self.confirmed_centroids(model_sha256, sorted(birth))
-            finally:
-                self._conn.execute("COMMIT")
-        return birth, confirmed
-
     def needs_reenrollment(self, model_sha256: str) -> list[str]:
         """ACTIVE babies with no embedding for this model (enrolled with another model, audio not kept)."""
         rows = self._query(
