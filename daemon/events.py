@@ -134,10 +134,13 @@ class Stats(BaseModel):
 
 def json_schemas() -> dict[str, Any]:
     """JSON Schemas of every payload, keyed by the topic they appear on."""
+    from cryid.daemon.feedback import json_schemas as command_schemas
+
     return {
         "<prefix>/status": {"type": "string", "enum": ["online", "offline"], "description": "Retained."},
         "<prefix>/baby/<baby_id> and <prefix>/unknown": CryEvent.model_json_schema(),
         "<prefix>/stats": Stats.model_json_schema(),
+        **command_schemas(),  # <prefix>/cmd/confirm|reject|undo (from nurses) and cmd/result
     }
 
 

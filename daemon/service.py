@@ -10,6 +10,14 @@ its final event), the outbox is given ``service.shutdown_timeout_s`` to be ackno
 left is published at the next start), ``offline`` is published, exit 0. SIGHUP re-reads the config
 (identifier thresholds and gaps; other sections need a restart) and the registry. A broker refusing
 the credentials is fatal.
+
+The ward teaches the model: the pipeline hands every final episode (its expiration embeddings) to the
+main thread, which keeps it in the registry (:func:`cryid.enrollment.feedback.keep_episode`) and purges
+expired ones at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands
+(:mod:`cryid.daemon.feedback`) arrive from paho's thread on a bounded queue; the main thread applies
+them, answers on ``<prefix>/cmd/result`` and reloads the references at once. The references are each
+baby's birth centroid and, once confirmed cries exist, their centroid as a separate reference
+(:class:`~cryid.models.scoring.ReferenceSet`, weighted by the model's ``calibration.confirmed_weight``).
 """
 
 from __future__ import annotations
@@ -29,16 +37,21 @@ import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import Stats
+from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
 from cryid.daemon.identifier import Identification, Identifier
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
+from cryid.enrollment import feedback as ward_feedback
+from cryid.enrollment.episodes import NewEpisode
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.pipeline import EmbeddedExpiration
+from cryid.models.scoring import ReferenceSet
 from cryid.models.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
 _EOF = object()
+DEFAULT_CONFIRMED_WEIGHT = 0.75  # for a model without a calibration (ReferenceSet's own default)
 
 
 class ServiceError(ValueError):
@@ -70,6 +83,10 @@ class RegistryLike(Protocol):
     def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]: ...
 
     def data_version(self) -> int: ...
+
+    def references(
+        self, model_sha256: str, room: str | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
 
 
 @dataclass
@@ -153,13 +170,18 @@ class Service:
         self._wake = threading.Event()  # an event waits in the outbox: publish it now, not at the next tick
         self._reload = threading.Event()
         self._pipeline_done = threading.Event()
-        self._pending_centroids: dict[str, np.ndarray] | None = None
+        self._pending_references: ReferenceSet | None = None
         self._pending_identifier_settings: Any = None
         self._registry_version: int | None = None
         self._enrolled: list[str] = []
         self._needs_reenrollment: list[str] = []
         self._running = False
         self._source_state: Any = None
+        self._episodes: queue.Queue[NewEpisode] = queue.Queue(maxsize=1000)
+        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        self.commands = CommandHandler(registry, settings.registry, settings.room)  # type: ignore[arg-type]
+        publisher.set_command_sink(COMMAND_VERBS, self._on_command)
+        self._next_purge = 0.0
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -248,6 +270,7 @@ class Service:
         self.counters.events += 1
         if r.kind == "episode":
             self.counters.episodes += 1
+            self._keep_episode(r, ev)
         logger.info(
             "event %s %s at %.2f s: %s baby=%s score=%s margin=%s n=%d",
             ev.event_id,
@@ -261,10 +284,25 @@ class Service:
         )
         self.publisher.pump()
 
+    def _keep_episode(self, r: Identification, ev: Any) -> None:
+        """Hand a final episode's embeddings to the main thread, which keeps them in the registry."""
+        if r.embeddings is None:
+            return
+        ep = NewEpisode(
+            episode_id=ev.episode_id, room=ev.room, started_at=ev.started_at, ended_at=ev.ended_at,
+            model_sha256=ev.model_sha256, decision=ev.decision, baby_id=ev.baby_id,
+            best_baby_id=ev.best_baby_id, event_json=ev.to_json(), vectors=r.embeddings,
+        )
+        try:
+            self._episodes.put_nowait(ep)
+        except queue.Full:
+            logger.warning("episode %s not kept: the registry is not keeping up", ev.episode_id)
+        self._wake.set()
+
     def _apply_pending(self) -> None:
-        cents, self._pending_centroids = self._pending_centroids, None
-        if cents is not None:
-            self.identifier.set_centroids(cents)
+        refs, self._pending_references = self._pending_references, None
+        if refs is not None:
+            self.identifier.set_references(refs)
         ids, self._pending_identifier_settings = self._pending_identifier_settings, None
         if ids is not None:
             self.identifier.set_settings(ids)
@@ -275,22 +313,26 @@ class Service:
         if version == self._registry_version:
             return
         self._registry_version = version
-        cents = self.registry.centroids(self.sha, room=self.settings.room)  # only the room's babies
+        birth, confirmed = self.registry.references(self.sha, self.settings.room)  # only the room's babies
+        refs = ReferenceSet(birth, confirmed, self._confirmed_weight())
+        cents = birth
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
         self._enrolled = sorted(cents)
         self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
         if self._running:
-            self._pending_centroids = cents  # the pipeline thread applies it before its next chunk
+            self._pending_references = refs  # the pipeline thread applies it before its next chunk
         else:
-            self.identifier.set_centroids(cents)
+            self.identifier.set_references(refs)
         logger.info(
-            "registry: %d babies enrolled in room %s for model %s (added %s, removed %s)",
+            "registry: %d babies enrolled in room %s for model %s (added %s, removed %s), "
+            "%d with confirmed cries",
             len(cents),
             self.settings.room,
             self.sha[:12],
             ", ".join(added) or "-",
             ", ".join(removed) or "-",
+            len(confirmed),
         )
         if self._needs_reenrollment:
             logger.warning(
@@ -299,6 +341,55 @@ class Service:
                 len(self._needs_reenrollment),
                 ", ".join(self._needs_reenrollment),
             )
+
+    def _confirmed_weight(self) -> float:
+        """Weight of confirmed cries against the birth reference: the model's calibration, else 0.75."""
+        manifest = getattr(self.embedder, "manifest", None)
+        calibration = getattr(manifest, "calibration", None)
+        return calibration.confirmed_weight if calibration is not None else DEFAULT_CONFIRMED_WEIGHT
+
+    def _on_command(self, verb: str, payload: bytes) -> None:
+        """A nurse's command (paho's thread): queue it for the main thread, or refuse it when flooded."""
+        try:
+            self._commands.put_nowait((verb, payload))
+        except queue.Full:
+            logger.warning("cmd/%s dropped: %d commands already wait", verb, self._commands.qsize())
+            return
+        self._wake.set()
+
+    def _serve_ward(self, now: float) -> None:
+        """Main thread: keep the pipeline's episodes, apply nurses' commands, purge expired episodes."""
+        reg: Any = self.registry
+        while True:
+            try:
+                ep = self._episodes.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                ward_feedback.keep_episode(reg, ep, self.settings.registry)
+            except Exception:  # loop boundary: a failed write must not stop the ward's daemon
+                logger.exception("episode %s could not be kept in the registry", ep.episode_id)
+        applied = False
+        while True:
+            try:
+                verb, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                result = self.commands.handle(verb, payload)
+            except Exception as exc:  # loop boundary: answer, log, carry on
+                logger.exception("cmd/%s failed", verb)
+                result = self.commands.failure(verb, payload, f"internal error: {exc}")
+            self.publisher.publish_result(result.to_json())
+            applied = applied or result.ok
+        if applied:
+            self._poll_registry()  # the confirmation counts from the next chunk, not the next poll
+        if now >= self._next_purge:
+            self._next_purge = now + self.settings.registry.episode_purge_interval_s
+            try:
+                ward_feedback.purge_episodes(reg, self.settings.registry)
+            except Exception:  # loop boundary
+                logger.exception("expired episodes could not be purged")
 
     def _do_reload(self) -> None:
         self._reload.clear()
@@ -395,6 +486,7 @@ class Service:
                 if now - self.counters.heartbeat < 10.0:  # only while the pipeline is alive
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
+            self._serve_ward(now)
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.publisher.pump()
             self._wake.wait(0.1)
@@ -426,6 +518,7 @@ class Service:
             self._stop_source()
         for t in threads:
             t.join(timeout=max(5.0, self.settings.service.shutdown_timeout_s))
+        self._serve_ward(time.monotonic())  # the last episodes (and any command) before going offline
         deadline = time.monotonic() + self.settings.service.shutdown_timeout_s
         while (
             (self.outbox.size() or not self.publisher.ever_connected)

@@ -159,7 +159,10 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
             f"{s.cry_s:.1f} s cry, {s.n_expirations} expirations, "
             f"audio {'kept' if s.has_audio else 'not kept'}, models {models}"
         )
-    print(f"current model {sha[:12]}: {rep.n_embedded} expiration embeddings")
+    print(
+        f"current model {sha[:12]}: {rep.n_embedded} expiration embeddings, "
+        f"{rep.n_confirmed} confirmed by nurses"
+    )
     if rep.mean_cosine_to_centroid is not None:
         print(
             f"centroid quality: mean cosine of expirations to centroid {rep.mean_cosine_to_centroid:.3f} "
@@ -173,6 +176,11 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         print(f"needs re-enrollment: yes, no embeddings for the current model; run {fix}")
     else:
         print("needs re-enrollment: no")
+    from cryid.enrollment import cli_feedback  # confirm|reject|undo|episodes live there
+
+    print(f"confirmations: {len(rep.feedback)}" + ("" if rep.feedback else " (`cryid enroll confirm`)"))
+    for f in rep.feedback:
+        print("  " + cli_feedback.describe(f))
     return 0
 
 
@@ -301,3 +309,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     im.add_argument("file", metavar="FILE", type=Path)
     im.add_argument("--replace", action="store_true", help="Overwrite babies already enrolled.")
     im.set_defaults(func=_import)
+
+    from cryid.enrollment import cli_feedback
+
+    cli_feedback.register(esub)  # confirm, reject, undo, episodes

@@ -24,3 +24,13 @@ class RegistrySettings(BaseModel):
         False, description="Keep enrollment audio (needed for `cryid enroll reembed` after a model change)."
     )
     busy_timeout_ms: int = Field(10000, ge=0, le=600000, description="SQLite busy timeout.")
+    episode_retention_days: float = Field(
+        14.0,
+        gt=0.0,
+        le=3650.0,
+        description="Days the daemon keeps each episode's expiration embeddings (numbers, never audio) "
+        "for nurses to confirm or reject; older episodes are purged (confirmations keep their copy).",
+    )
+    episode_purge_interval_s: float = Field(
+        3600.0, gt=0.0, le=86400.0, description="How often the running daemon purges expired episodes."
+    )

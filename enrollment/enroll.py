@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.episodes import Feedback
 from cryid.enrollment.registry import (
     Infant,
     NewSample,
@@ -357,6 +358,8 @@ class InfantReport:
     nearest: Confusable | None  # the most similar other ACTIVE baby
     needs_reenrollment: bool
     can_reembed: bool
+    feedback: tuple[Feedback, ...]  # nurses' confirmations and rejections of episodes, undone ones too
+    n_confirmed: int  # confirmed expiration embeddings (live) for the current model
 
 
 def show(registry: Registry, baby_id: str, model_sha: str) -> InfantReport:
@@ -375,6 +378,7 @@ def show(registry: Registry, baby_id: str, model_sha: str) -> InfantReport:
             s = cosine_matrix(c, np.stack([others[b] for b in ids]))[0]
             i = int(np.argmax(s))
             nearest = Confusable(ids[i], float(s[i]))
+    fb = tuple(registry.feedback(baby_id=baby_id))
     return InfantReport(
         infant=infant,
         samples=samples,
@@ -387,6 +391,10 @@ def show(registry: Registry, baby_id: str, model_sha: str) -> InfantReport:
         nearest=nearest,
         needs_reenrollment=infant.status == "active" and vectors.shape[0] == 0,
         can_reembed=bool(samples) and all(s.has_audio for s in samples),
+        feedback=fb,
+        n_confirmed=sum(
+            f.n_expirations for f in fb if f.live and f.kind == "confirm" and f.model_sha256 == model_sha
+        ),
     )
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.episodes import MIGRATION as EPISODES_MIGRATION
+from cryid.enrollment.episodes import EpisodeTables
 from cryid.models.scoring import centroid
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX embeddings_by_model ON embeddings(model_sha256)",
     ),
+    EPISODES_MIGRATION,  # episodes heard by the daemon, nurses' confirmations (enrollment/episodes.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -180,7 +183,7 @@ def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
 
 
-class Registry:
+class Registry(EpisodeTables):
     """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -257,8 +260,11 @@ class Registry:
                 logger.info("registry %s migrated to schema version %s", self.path, target)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error."""
+    def transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error.
+
+        ``bump=False``: this connection's ``data_version`` does not change (the daemon keeping its own
+        episodes must not make itself reload the babies' references); other connections still see it."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -269,7 +275,8 @@ class Registry:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
-            self._version += 1
+            if bump:
+                self._version += 1
 
     # ---------------------------------------------------------------- daemon interface
     def data_version(self) -> int:
