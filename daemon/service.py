@@ -51,7 +51,6 @@ from cryid.models.segmenter import Segmenter
 logger = logging.getLogger(__name__)
 
 _EOF = object()
-DEFAULT_CONFIRMED_WEIGHT = 0.75  # for a model without a calibration (ReferenceSet's own default)
 
 
 class ServiceError(ValueError):
@@ -314,7 +313,7 @@ class Service:
             return
         self._registry_version = version
         birth, confirmed = self.registry.references(self.sha, self.settings.room)  # only the room's babies
-        refs = ReferenceSet(birth, confirmed, self._confirmed_weight())
+        refs = ReferenceSet(birth, confirmed, self.identifier.confirmed_weight)
         cents = birth
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
@@ -341,12 +340,6 @@ class Service:
                 len(self._needs_reenrollment),
                 ", ".join(self._needs_reenrollment),
             )
-
-    def _confirmed_weight(self) -> float:
-        """Weight of confirmed cries against the birth reference: the model's calibration, else 0.75."""
-        manifest = getattr(self.embedder, "manifest", None)
-        calibration = getattr(manifest, "calibration", None)
-        return calibration.confirmed_weight if calibration is not None else DEFAULT_CONFIRMED_WEIGHT
 
     def _on_command(self, verb: str, payload: bytes) -> None:
         """A nurse's command (paho's thread): queue it for the main thread, or refuse it when flooded."""
