@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryid.daemon.config import OutboxSettings
+from cryid.models.errors import CryidError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
-class OutboxError(ValueError):
+class OutboxError(CryidError):
     """The outbox cannot be opened (locked by another daemon, unwritable state directory)."""
 
 

@@ -33,6 +33,7 @@ from cryid.daemon.identifier import Identification, Identifier
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import CryidError
 from cryid.models.pipeline import EmbeddedExpiration
 from cryid.models.segmenter import Segmenter
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 _EOF = object()
 
 
-class ServiceError(ValueError):
+class ServiceError(CryidError):
     """A fatal condition the daemon cannot recover from (bad credentials, no model, ...)."""
 
 

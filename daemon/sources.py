@@ -30,11 +30,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cryid.models.audio import SAMPLE_RATE, AudioError, StreamResampler, to_mono_float32
+from cryid.models.errors import CryidError
 
 logger = logging.getLogger(__name__)
 
 
-class SourceError(ValueError):
+class SourceError(CryidError):
     """A source that cannot be used as configured; the message names the problem and the fix."""
 
 

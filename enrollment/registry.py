@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.models.errors import CryidError
 from cryid.models.scoring import centroid
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class RegistryError(ValueError):
+class RegistryError(CryidError):
     """Bad registry input or state; the message names the problem and the fix."""
 
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from cryid.models.errors import CryidError
 from cryid.models.evaluate import EvalReport, PairReport
 
 logger = logging.getLogger(__name__)
 
 
-class OutputError(ValueError):
+class OutputError(CryidError):
     """An output that cannot be written; the message names the problem and the fix."""
 
 
