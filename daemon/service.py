@@ -66,7 +66,7 @@ class EmbedderLike(Protocol):
 
 
 class RegistryLike(Protocol):
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]: ...
+    def centroids(self, model_sha256: str, dim: int | None = None) -> dict[str, np.ndarray]: ...
 
     def needs_reenrollment(self, model_sha256: str) -> list[str]: ...
 
@@ -265,7 +265,7 @@ class Service:
         if version == self._registry_version:
             return
         self._registry_version = version
-        cents = self.registry.centroids(self.sha)
+        cents = self.registry.centroids(self.sha, getattr(self.embedder, "dim", None))
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
         self._enrolled = sorted(cents)

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryid.enrollment import enroll, transfer
-from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, utc_now
+from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, check_display_name, utc_now
 
 if TYPE_CHECKING:
     from cryid.models.embedder import Embedder
+
+
+def _safe(text: str) -> str:
+    """Text from the registry for a terminal: control characters (escape sequences) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _registry(settings: Any) -> Registry:
@@ -49,6 +54,7 @@ def _report(result: enroll.EnrollResult, verb: str, settings: Any) -> None:
 
 def _add(args: argparse.Namespace, settings: Any) -> int:
     baby_id = check_baby_id(args.baby_id)
+    check_display_name(args.name)
     with _registry(settings) as reg:
         enroll.ensure_can_add(reg, baby_id, args.replace)
         samples = enroll.prepare_files(
@@ -80,6 +86,7 @@ def _record(args: argparse.Namespace, settings: Any) -> int:
     from cryid.models.audio import record
 
     baby_id = check_baby_id(args.baby_id)
+    check_display_name(args.name)
     device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     with _registry(settings) as reg:
         if args.update:
@@ -126,7 +133,8 @@ def _list(args: argparse.Namespace, settings: Any) -> int:
     head = ("BABY_ID", "NAME", "ROOM", "STATUS", "SAMPLES", "CRY_S", "ENROLLED", "NOTE")
     table = [head] + [
         (
-            r.baby_id, r.display_name or "-", r.room, r.status, str(r.n_samples), f"{r.cry_s:.1f}",
+            r.baby_id, _safe(r.display_name) or "-", _safe(r.room), r.status, str(r.n_samples),
+            f"{r.cry_s:.1f}",
             r.created_at[:16].replace("T", " "),
             "needs re-enrollment" if r.needs_reenrollment else ("audio kept" if r.audio_kept else ""),
         )
@@ -149,13 +157,16 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         print(json.dumps(dataclasses.asdict(rep), indent=2))
         return 0
     i = rep.infant
-    name = f' "{i.display_name}"' if i.display_name else ""
-    print(f"{i.baby_id}{name}: {i.status}, room {i.room}, enrolled {i.created_at}, updated {i.updated_at}")
+    name = f' "{_safe(i.display_name)}"' if i.display_name else ""
+    print(
+        f"{i.baby_id}{name}: {i.status}, room {_safe(i.room)}, enrolled {_safe(i.created_at)}, "
+        f"updated {_safe(i.updated_at)}"
+    )
     print(f"samples: {len(rep.samples)}, {rep.cry_s:.1f} s of cry in {rep.n_expirations} expirations")
     for s in rep.samples:
         models = ", ".join(m[:12] for m in s.models) or "none"
         print(
-            f"  #{s.sample_id} {s.period} {s.source_kind} {s.source}: {s.duration_s:.1f} s audio, "
+            f"  #{s.sample_id} {s.period} {s.source_kind} {_safe(s.source)}: {s.duration_s:.1f} s audio, "
             f"{s.cry_s:.1f} s cry, {s.n_expirations} expirations, "
             f"audio {'kept' if s.has_audio else 'not kept'}, models {models}"
         )
@@ -211,9 +222,12 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _import(args: argparse.Namespace, settings: Any) -> int:
+    from cryid.models.manifest import load_manifest
+
     sha = enroll.model_sha256(settings.model)
+    dim = load_manifest(Path(settings.model)).embedding_dim
     with _registry(settings) as reg:
-        n = transfer.import_registry(reg, args.file, sha, replace=args.replace)
+        n = transfer.import_registry(reg, args.file, sha, replace=args.replace, dim=dim)
     print(f"imported {n} babies from {args.file}")
     return 0
 

@@ -35,6 +35,7 @@ BABY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PERIODS = ("birth", "discharge")
 SOURCE_KINDS = ("file", "mic", "import")
 STATUSES = ("active", "discharged")
+MAX_NAME_CHARS = 200
 CRASH_ENV = "CRYID_TEST_CRASH_AT"  # test hook: SIGKILL this process at a named point inside a write
 
 # Each entry migrates from version i to i + 1 (PRAGMA user_version); never edit a released entry.
@@ -89,6 +90,16 @@ def check_baby_id(baby_id: str) -> str:
             "(it becomes an MQTT topic level)"
         )
     return baby_id
+
+
+def check_display_name(name: str) -> str:
+    """Return ``name`` if it is short and printable (no terminal escapes), else raise ``RegistryError``."""
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise RegistryError(
+            f"display name {name[:40]!r}: use at most {MAX_NAME_CHARS} printable characters "
+            "(no control characters)"
+        )
+    return name
 
 
 def utc_now() -> str:
@@ -170,6 +181,16 @@ def _vector_blob(v: np.ndarray) -> bytes:
 
 def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
+
+
+MAX_VECTOR_NORM = 1e4  # real embeddings have norms of tens
+
+
+def _usable_vector(v: np.ndarray, dim: int | None) -> bool:
+    """An embedding the scoring can use: ``dim`` finite values with a norm neither zero nor huge."""
+    if (dim is not None and v.size != dim) or v.size == 0 or not np.isfinite(v).all():
+        return False
+    return 1e-3 <= float(np.linalg.norm(v.astype(np.float64))) <= MAX_VECTOR_NORM
 
 
 class Registry:
@@ -274,8 +295,13 @@ class Registry:
                 self._last_pragma_version = pragma
             return self._version
 
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]:
-        """Unit centroid of every ACTIVE baby that has embeddings for this model."""
+    def centroids(self, model_sha256: str, dim: int | None = None) -> dict[str, np.ndarray]:
+        """Unit centroid of every ACTIVE baby that has embeddings for this model.
+
+        An embedding that cannot be used (not finite, zero or huge norm, or not ``dim`` long: a damaged
+        or poisoned registry) is skipped with a warning naming the baby, so the others stay identified.
+        Without ``dim``, the size most babies have is taken as the model's.
+        """
         rows = self._query(
             """SELECT s.baby_id, e.vector FROM embeddings e
                JOIN samples s ON s.sample_id = e.sample_id
@@ -287,7 +313,22 @@ class Registry:
         grouped: dict[str, list[np.ndarray]] = {}
         for baby_id, blob in rows:
             grouped.setdefault(baby_id, []).append(_blob_vector(blob))
-        return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
+        if dim is None and grouped:
+            sizes = [v[0].size for v in grouped.values()]
+            dim = max(set(sizes), key=lambda n: (sizes.count(n), n))
+        out: dict[str, np.ndarray] = {}
+        for baby_id, vectors in grouped.items():
+            good = [v for v in vectors if _usable_vector(v, dim)]
+            if len(good) < len(vectors):
+                logger.warning(
+                    "registry %s: baby %s has %d of %d embeddings for model %s that cannot be used "
+                    "(not %s values, not finite, or a zero or huge norm); %s",
+                    self.path, baby_id, len(vectors) - len(good), len(vectors), model_sha256[:12], dim,
+                    "skipped them" if good else "baby left out: re-enroll it",
+                )
+            if good:
+                out[baby_id] = centroid(np.stack(good))
+        return out
 
     def needs_reenrollment(self, model_sha256: str) -> list[str]:
         """ACTIVE babies with no embedding for this model (enrolled with another model, audio not kept)."""
@@ -381,6 +422,7 @@ class Registry:
         check_baby_id(baby_id)
         if status not in STATUSES:
             raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        check_display_name(display_name)
         now = utc_now()
         conn.execute(
             "INSERT INTO infants (baby_id, display_name, room, status, created_at, updated_at, "
