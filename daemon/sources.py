@@ -257,7 +257,13 @@ class StdinSource(AudioSource):
 
     def open(self) -> None:
         if self._stream is None:
-            self._stream = sys.stdin.buffer
+            stdin = sys.stdin
+            if stdin is None or getattr(stdin, "buffer", None) is None or stdin.closed:
+                raise SourceError(
+                    "--source -: standard input is closed; pipe raw s16le 16 kHz mono audio into it, "
+                    "e.g. `arecord -f S16_LE -r 16000 -c 1 | cryid run --source -`"
+                )
+            self._stream = stdin.buffer
 
     def _wait_readable(self, timeout_s: float | None) -> bool:
         try:

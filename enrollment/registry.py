@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.sqlite_files import foreign_tables, make_private_dir, sqlite_failure, usable_vector
 from cryid.models.errors import CryidError
 from cryid.models.scoring import centroid
 
@@ -183,16 +184,6 @@ def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
 
 
-MAX_VECTOR_NORM = 1e4  # real embeddings have norms of tens
-
-
-def _usable_vector(v: np.ndarray, dim: int | None) -> bool:
-    """An embedding the scoring can use: ``dim`` finite values with a norm neither zero nor huge."""
-    if (dim is not None and v.size != dim) or v.size == 0 or not np.isfinite(v).all():
-        return False
-    return 1e-3 <= float(np.linalg.norm(v.astype(np.float64))) <= MAX_VECTOR_NORM
-
-
 class Registry:
     """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
 
@@ -206,36 +197,55 @@ class Registry:
     # ---------------------------------------------------------------- lifecycle
     @classmethod
     def open(cls, state_dir: Path, settings: RegistrySettings | None = None) -> Registry:
-        """Open (creating and migrating when needed) the registry in ``state_dir``."""
+        """Open (creating and migrating when needed) the registry in ``state_dir``.
+
+        A new state directory is made 0700 and a new registry file 0600 (they identify newborns). A file
+        that is not a cryid registry (another program's SQLite file) is refused before anything is
+        written to it, and is not switched to WAL.
+        """
         settings = settings or RegistrySettings()
         state_dir = Path(state_dir).expanduser()
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(
-                f"cannot create state directory {state_dir} ({exc}); set CRYID_STATE_DIR"
-            ) from exc
+        make_private_dir(state_dir, RegistryError)
         path = state_dir / settings.filename
+        created = not path.exists()
         try:
             timeout_s = settings.busy_timeout_ms / 1000
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s
             )
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
+        try:
+            if created:
+                os.chmod(path, 0o600)
             conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+            foreign = foreign_tables(conn)
+            if foreign is not None:
+                raise RegistryError(
+                    f"{path} is not a cryid registry ({foreign}); it was left untouched: point "
+                    "registry.filename or CRYID_STATE_DIR at the cryid registry"
+                )
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{path}: not a usable registry ({exc}); restore it from an export") from exc
-        registry = cls(conn, path)
-        try:
-            registry._migrate()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            conn.close()
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
         except BaseException:
             conn.close()
             raise
-        registry.data_version()
+        registry = cls(conn, path)
+        try:
+            registry._migrate()
+            registry.data_version()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
+        except BaseException:
+            conn.close()
+            raise
         return registry
 
     def close(self) -> None:
@@ -273,11 +283,18 @@ class Registry:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             try:
                 yield self._conn
                 _crash_point("before-commit")
                 self._conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
@@ -318,7 +335,7 @@ class Registry:
             dim = max(set(sizes), key=lambda n: (sizes.count(n), n))
         out: dict[str, np.ndarray] = {}
         for baby_id, vectors in grouped.items():
-            good = [v for v in vectors if _usable_vector(v, dim)]
+            good = [v for v in vectors if usable_vector(v, dim)]
             if len(good) < len(vectors):
                 logger.warning(
                     "registry %s: baby %s has %d of %d embeddings for model %s that cannot be used "
@@ -344,7 +361,10 @@ class Registry:
     # ---------------------------------------------------------------- reads
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
 
     def get_infant(self, baby_id: str) -> Infant | None:
         rows = self._query(

@@ -97,7 +97,9 @@ def export_registry(registry: Registry, model_sha: str, out: Path) -> int:
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        # 0600 whatever the umask: an export identifies newborns
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
             json.dump(doc, fh)
             fh.flush()
             os.fsync(fh.fileno())
