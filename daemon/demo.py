@@ -35,7 +35,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cryid.daemon import nursery
 from cryid.daemon.config import IdentifierSettings, Settings
+from cryid.daemon.service import ServiceError
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import UsageError
 from cryid.models.scoring import cosine_matrix
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ class EmbeddedBroker:
         self._thread.start()
         self._started.wait(10)
         if self._error is not None or not self._started.is_set():
-            raise ValueError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
+            raise ServiceError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
 
     def stop(self) -> None:
         fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
@@ -122,7 +124,7 @@ class Printer:
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._ready.wait(10):
-            raise ValueError(f"the demo could not subscribe at {host}:{port}")
+            raise ServiceError(f"the demo could not subscribe at {host}:{port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
@@ -201,7 +203,7 @@ def run_demo(
     from cryid.enrollment.registry import Registry
 
     if not 2 <= babies <= 8:
-        raise ValueError(f"--babies {babies}: choose 2 to 8")
+        raise UsageError(f"--babies {babies}: choose 2 to 8")
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="cryid-demo-")
     state = Path(keep) if keep else Path(tmp.name)  # type: ignore[union-attr]
     state.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ def run_demo(
                 bouts.append((baby, bout))
             centroids = registry.centroids(embedder.sha256)
         if len(bouts) != babies + 1:
-            raise ValueError("not enough usable cries for the demo; try `cryid demo --synthetic`")
+            raise ServiceError("not enough usable cries for the demo; try `cryid demo --synthetic`")
         wav, truth = nursery.nursery_stream(bouts, gap_s=6.0, seed=7)
         stream = state / "nursery.wav"
         sf.write(stream, wav, SAMPLE_RATE)
@@ -267,7 +269,7 @@ def run_demo(
         finally:
             service.close()
         if code:
-            raise ValueError(service.fatal or "the daemon stopped with an error")
+            raise ServiceError(service.fatal or "the daemon stopped with an error")
         _summary(printer.events, truth)
         return 0
     finally:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryid.models.errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``model`` and ``eval`` to ``cryid``'s parser."""
@@ -211,9 +213,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             options = EvalOptions(split=args.split, **{k: v for k, v in given.items() if v is not None})
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+            raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         if args.submission is not None and options.protocol == "ward":
-            raise ValueError("--submission needs the paper protocol; drop --protocol ward")
+            raise UsageError("--submission needs the paper protocol; drop --protocol ward")
         for option, path in (("--json", args.json), ("--plot", args.plot), ("--submission", args.submission)):
             if path is not None:
                 eval_output.check_output_path(path, option)
