@@ -157,10 +157,16 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
         import shlex
         import sys
 
+        from pydantic import ValidationError
+
         from cryid.models.train import train
 
         given = {n: getattr(args, n) for n in TrainSettings.model_fields if getattr(args, n) is not None}
-        config = TrainSettings(**given)
+        try:
+            config = TrainSettings(**given)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         command = "cryid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
         result = train(config, args.data, args.out, init=args.init, command=command, progress=not args.quiet)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
