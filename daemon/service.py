@@ -261,6 +261,9 @@ class Service:
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
+        reopen = getattr(self.registry, "reopen_if_replaced", None)  # the file deleted or replaced
+        if reopen is not None and reopen():
+            self._registry_version = None
         version = self.registry.data_version()
         if version == self._registry_version:
             return

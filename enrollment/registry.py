@@ -184,6 +184,15 @@ def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class Registry:
     """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
 
@@ -193,6 +202,8 @@ class Registry:
         self._lock = threading.RLock()
         self._version = 0
         self._last_pragma_version: int | None = None
+        self._settings = RegistrySettings()
+        self._identity = _file_identity(path)
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
@@ -237,6 +248,7 @@ class Registry:
             conn.close()
             raise
         registry = cls(conn, path)
+        registry._settings = settings
         try:
             registry._migrate()
             registry.data_version()
@@ -251,6 +263,34 @@ class Registry:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def reopen_if_replaced(self) -> bool:
+        """Reopen when the file was deleted or replaced (another inode) since it was opened.
+
+        An open SQLite connection keeps reading a deleted file, so a daemon would go on identifying the
+        babies of a registry that is gone. Returns True when it reopened (and ``data_version`` changed).
+        """
+        identity = _file_identity(self.path)
+        if identity is not None and identity == self._identity:
+            return False
+        try:
+            fresh = Registry.open(self.path.parent, self._settings)
+        except RegistryError as exc:  # keep the open one; try again when the file changes again
+            self._identity = identity
+            logger.error("registry %s was replaced but cannot be reopened: %s", self.path, exc)
+            return False
+        with self._lock:
+            self._conn.close()
+            self._conn, self._identity = fresh._conn, fresh._identity
+            self._last_pragma_version = None
+            self._version += 1
+        logger.warning(
+            "registry %s was %s while open; reopened it (%d babies in it now)",
+            self.path,
+            "deleted" if identity is None else "replaced by another file",
+            len(self.infants()),
+        )
+        return True
 
     def __enter__(self) -> Registry:
         return self
