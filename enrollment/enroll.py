@@ -135,13 +135,27 @@ def prepare_recording(
 
 
 def load_files(paths: Sequence[Path]) -> list[tuple[str, np.ndarray]]:
-    """Read every file (name, 16 kHz mono audio) before any embedding, so bad input fails fast."""
+    """Read every file (name, 16 kHz mono audio) before any embedding, so bad input fails fast.
+
+    A recording given twice (the same audio, whatever the file name or format) counts once: the
+    repeats are dropped with a warning, so they cannot make up ``registry.min_cry_s``.
+    """
     if not paths:
         raise EnrollmentError("no audio files given; name one or more WAV/FLAC recordings")
     for p in paths:
         if not Path(p).is_file():
             raise EnrollmentError(f"{p}: no such file; check the path")
-    return [(Path(p).name, load_audio(p)) for p in paths]
+    loaded: list[tuple[str, np.ndarray]] = []
+    seen: dict[str, str] = {}
+    for p in paths:
+        wav = load_audio(p)
+        digest = hashlib.sha256(np.ascontiguousarray(wav, dtype="<f4").tobytes()).hexdigest()
+        if digest in seen:
+            logger.warning("%s is the same recording as %s (identical audio): counted once", p, seen[digest])
+            continue
+        seen[digest] = str(p)
+        loaded.append((Path(p).name, wav))
+    return loaded
 
 
 def prepare_files(
