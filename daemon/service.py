@@ -278,8 +278,9 @@ class Service:
         else:
             self.identifier.set_centroids(cents)
         logger.info(
-            "registry: %d babies enrolled for model %s (added %s, removed %s)",
+            "registry: %d %s enrolled for model %s (added %s, removed %s)",
             len(cents),
+            "baby" if len(cents) == 1 else "babies",
             self.sha[:12],
             ", ".join(added) or "-",
             ", ".join(removed) or "-",

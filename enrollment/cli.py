@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from cryid.models.embedder import Embedder
 
 
+def _n(count: int, one: str, many: str) -> str:
+    """``1 baby``, ``2 babies``."""
+    return f"{count} {one if count == 1 else many}"
+
+
 def _safe(text: str) -> str:
     """Text from the registry for a terminal: control characters (escape sequences) shown escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
@@ -40,8 +45,9 @@ def _keep_audio(args: argparse.Namespace, settings: Any) -> bool:
 
 def _report(result: enroll.EnrollResult, verb: str, settings: Any) -> None:
     print(
-        f"{verb} {result.baby_id}: {result.n_samples} recording(s), {result.cry_s:.1f} s of cry in "
-        f"{result.n_expirations} expirations (model {result.model_sha256[:12]})"
+        f"{verb} {result.baby_id}: {_n(result.n_samples, 'recording', 'recordings')}, "
+        f"{result.cry_s:.1f} s of cry in {_n(result.n_expirations, 'expiration', 'expirations')} "
+        f"(model {result.model_sha256[:12]})"
     )
     for c in result.confusable:
         print(
@@ -162,11 +168,15 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         f"{i.baby_id}{name}: {i.status}, room {_safe(i.room)}, enrolled {_safe(i.created_at)}, "
         f"updated {_safe(i.updated_at)}"
     )
-    print(f"samples: {len(rep.samples)}, {rep.cry_s:.1f} s of cry in {rep.n_expirations} expirations")
-    for s in rep.samples:
+    print(
+        f"recordings: {len(rep.samples)}, {rep.cry_s:.1f} s of cry in "
+        f"{_n(rep.n_expirations, 'expiration', 'expirations')}"
+    )
+    for k, s in enumerate(rep.samples, 1):
         models = ", ".join(m[:12] for m in s.models) or "none"
         print(
-            f"  #{s.sample_id} {s.period} {s.source_kind} {_safe(s.source)}: {s.duration_s:.1f} s audio, "
+            f"  {k}. (sample id {s.sample_id}) {s.period} {s.source_kind} {_safe(s.source)}: "
+            f"{s.duration_s:.1f} s audio, "
             f"{s.cry_s:.1f} s cry, {s.n_expirations} expirations, "
             f"audio {'kept' if s.has_audio else 'not kept'}, models {models}"
         )
@@ -199,11 +209,16 @@ def _reembed(args: argparse.Namespace, settings: Any) -> int:
     with _registry(settings) as reg:
         res = enroll.reembed(reg, settings.segmenter, _embedder(settings))
     print(
-        f"re-embedded {res.n_samples} recording(s) of {len(res.babies)} babies "
-        f"for model {res.model_sha256[:12]}"
+        f"re-embedded {_n(res.n_samples, 'recording', 'recordings')} of "
+        f"{_n(len(res.babies), 'baby', 'babies')} for model {res.model_sha256[:12]}"
     )
     if res.failed_samples:
-        print(f"cryid: warning: no cry found again in samples {list(res.failed_samples)}", file=sys.stderr)
+        ids = ", ".join(str(i) for i in res.failed_samples)
+        print(
+            f"cryid: warning: no cry found again in the kept audio of sample id(s) {ids} "
+            "(see `cryid enroll show BABY_ID`); they keep their old embeddings only",
+            file=sys.stderr,
+        )
     if res.needs_reenrollment:
         print(
             "cryid: warning: audio not kept, these babies need re-enrollment: "
@@ -217,7 +232,7 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
     sha = enroll.model_sha256(settings.model)
     with _registry(settings) as reg:
         n = transfer.export_registry(reg, sha, args.file)
-    print(f"exported {n} babies (model {sha[:12]}) to {args.file}")
+    print(f"exported {_n(n, 'baby', 'babies')} (model {sha[:12]}) to {args.file}")
     return 0
 
 
@@ -228,7 +243,7 @@ def _import(args: argparse.Namespace, settings: Any) -> int:
     dim = load_manifest(Path(settings.model)).embedding_dim
     with _registry(settings) as reg:
         n = transfer.import_registry(reg, args.file, sha, replace=args.replace, dim=dim)
-    print(f"imported {n} babies from {args.file}")
+    print(f"imported {_n(n, 'baby', 'babies')} from {args.file}")
     return 0
 
 

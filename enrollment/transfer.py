@@ -351,8 +351,9 @@ def import_registry(
     if not replace:
         clash = [i.baby_id for i in infants if registry.get_infant(i.baby_id) is not None]
         if clash:
+            shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
             raise EnrollmentError(
-                f"{len(clash)} babies of {path} are already enrolled ({', '.join(clash[:5])}); "
+                f"{len(clash)} of the babies in {path} are already enrolled ({shown}); "
                 "use --replace to overwrite them"
             )
     with registry.transaction() as conn:

@@ -59,6 +59,17 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.set_defaults(func=handler)
 
 
+def _source_shown(source: str) -> str:
+    """The manifest's source without the exporting machine's absolute path (a hub id stays as is)."""
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    where = "here" if path.is_dir() else "on the machine that exported it, not shipped"
+    return f"{path.name} (a local model folder, {where})"
+
+
 def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """cryid model info [DIR] [--json]"""
     from pathlib import Path
@@ -85,7 +96,7 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         fe = m.frontend
         rows = [
             ("model", str(model_dir)),
-            ("source", m.source),
+            ("source", _source_shown(m.source)),
             ("created", m.created_at),
             ("embedding", f"{m.embedding_dim}-d, input {m.input_name!r} (batch, frames, {fe.n_mels})"),
             ("front end", f"{fe.sample_rate} Hz, n_fft {fe.n_fft}, hop {fe.hop_length}, {fe.n_mels} mels "

@@ -1,7 +1,7 @@
 """What ``cryid eval`` writes: the summary lines, ``--json``, ``--submission`` CSV and the ``--plot`` PNG.
 
 Files are written to a temporary name and renamed into place, so nothing is ever half-written.
-matplotlib (the ``train`` extra) is imported only when a plot is asked for.
+matplotlib (the ``plot`` extra) is imported only when a plot is asked for.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise OutputError(
-            "--plot needs matplotlib, which is not installed; pip install 'cryid[train]' (or matplotlib)"
+            "--plot needs matplotlib, which is not installed; pip install 'cryid[plot]'"
         ) from None
 
 

@@ -91,7 +91,7 @@ def test_registry_deleted_and_recreated_under_a_running_daemon(
             if p.name.startswith("registry.sqlite3"):
                 p.unlink()  # rm registry.sqlite3*
         enroll("dac0084")  # a new enrollment, in a new file
-        line = log.wait_for("registry: 1 babies enrolled")  # not the two babies of the deleted file
+        line = log.wait_for("registry: 1 baby enrolled")  # not the two babies of the deleted file
         assert "added dac0084" in line, line
         assert any("while open; reopened it" in seen for seen in log.seen), "".join(log.seen[-30:])
         assert daemon.stdin is not None
