@@ -77,7 +77,10 @@ def encode_flac(wav: np.ndarray) -> bytes:
 def decode_flac(data: bytes) -> np.ndarray:
     import soundfile as sf
 
-    wav, sr = sf.read(io.BytesIO(data), dtype="float32")
+    try:
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32")
+    except (RuntimeError, TypeError, ValueError) as exc:  # libsndfile: not FLAC, truncated, garbage
+        raise EnrollmentError(f"kept audio does not decode ({exc}); re-enroll the baby") from None
     if sr != SAMPLE_RATE:
         raise EnrollmentError(f"kept audio has sample rate {sr}, expected {SAMPLE_RATE}; re-enroll the baby")
     return wav

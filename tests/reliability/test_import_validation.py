@@ -220,3 +220,17 @@ def test_daemon_skips_a_poisoned_reference_and_keeps_identifying_the_others(
     assert service._enrolled == [BABIES[1]]  # the poisoned baby is left out, the other one stays
     assert service.counters.expirations > 0 and service.counters.events > 0
     assert any(BABIES[0] in r.getMessage() and "cannot be used" in r.getMessage() for r in caplog.records)
+
+
+def test_reembed_survives_a_garbage_audio_blob_already_in_the_registry(
+    cryid, exported: tuple[Path, dict[str, Any]]
+) -> None:
+    shutil.copytree(exported[0], cryid.state_dir)
+    with Registry.open(cryid.state_dir) as reg, reg.transaction() as conn:  # an older cryid let this in
+        sample_id = conn.execute(
+            "SELECT sample_id FROM samples WHERE baby_id = ? AND audio_flac IS NOT NULL", (BABIES[0],)
+        ).fetchone()[0]
+        conn.execute("UPDATE samples SET audio_flac = ? WHERE sample_id = ?", (b"\0garbage" * 100, sample_id))
+    rc, _out, err = cryid("enroll", "reembed")
+    assert rc == 0, err
+    assert f"sample id(s) {sample_id}" in err
