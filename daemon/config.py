@@ -223,7 +223,19 @@ def warn_unknown_environment(environ: dict[str, str] | None = None) -> list[str]
     """Log a warning for each ``CRYID_*`` variable that no setting reads (a typo is otherwise silent)."""
     environ = dict(os.environ) if environ is None else environ
     known = set(environment_names())
-    unknown = sorted(k for k in environ if k.upper().startswith("CRYID_") and k.upper() not in known)
+    # lists, mappings and unions (e.g. a list of sources) take any nested name
+    open_prefixes = tuple(
+        f"CRYID_{name.upper()}__"
+        for name, f in Settings.model_fields.items()
+        if not isinstance(f.annotation, type)
+    )
+    unknown = sorted(
+        k
+        for k in environ
+        if k.upper().startswith("CRYID_")
+        and k.upper() not in known
+        and not k.upper().startswith(open_prefixes)
+    )
     for k in unknown:
         close = difflib.get_close_matches(k.upper(), sorted(known), n=1, cutoff=0.6)
         logger.warning(
