@@ -27,6 +27,7 @@ from cryid.enrollment.registry import (
     SampleInfo,
     check_baby_id,
 )
+from cryid.enrollment.sqlite_files import usable_vector
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.config import SegmenterSettings
 from cryid.models.scoring import centroid, cosine_matrix
@@ -379,14 +380,17 @@ class InfantReport:
 def show(registry: Registry, baby_id: str, model_sha: str) -> InfantReport:
     infant = registry.require_infant(baby_id)
     samples = tuple(registry.samples(baby_id))
-    vectors = registry.sample_vectors(baby_id, model_sha)
+    cents = registry.centroids(model_sha)  # unusable embeddings (a poisoned registry) left out
+    dim = next(iter(cents.values())).size if cents else None
+    usable = [v for v in registry.sample_vectors(baby_id, model_sha) if usable_vector(v, dim)]
+    vectors = np.stack(usable) if usable else np.zeros((0, 0), np.float32)
     mean_cos = min_cos = None
     nearest = None
     if vectors.shape[0]:
         c = centroid(vectors)
         sims = cosine_matrix(vectors, c[None, :])[:, 0]
         mean_cos, min_cos = float(sims.mean()), float(sims.min())
-        others = {b: v for b, v in registry.centroids(model_sha).items() if b != baby_id}
+        others = {b: v for b, v in cents.items() if b != baby_id}
         if others:
             ids = sorted(others)
             s = cosine_matrix(c, np.stack([others[b] for b in ids]))[0]

@@ -234,3 +234,18 @@ def test_reembed_survives_a_garbage_audio_blob_already_in_the_registry(
     rc, _out, err = cryid("enroll", "reembed")
     assert rc == 0, err
     assert f"sample id(s) {sample_id}" in err
+
+
+@pytest.mark.parametrize("poison", ["10 dimensions", "nan", "1e38"])
+def test_show_and_add_survive_a_poisoned_reference(
+    poison: str, cryid, exported: tuple[Path, dict[str, Any]], dac_dir: Path
+) -> None:
+    shutil.copytree(exported[0], cryid.state_dir)
+    vector = {"10 dimensions": np.ones(10), "nan": np.full(80, np.nan), "1e38": np.full(80, 1e38)}[poison]
+    _poison_registry(cryid.state_dir, BABIES[0], vector)
+    for baby in BABIES:
+        rc, out, err = cryid("enroll", "show", baby)
+        assert rc == 0, err
+        assert "nan" not in out, out
+    rc, out, err = cryid("enroll", "add", "dac0084", *_files(dac_dir, "dac0084"))
+    assert rc == 0, err
