@@ -142,7 +142,10 @@ def masked(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.models.manifest import load_manifest
+
     settings.mqtt.resolved_password()  # an unreadable password file is an error here, not at 3 a.m.
+    load_manifest(Path(settings.model).expanduser())  # so is a missing or broken model
     data = masked(settings)
     print(json.dumps(data, indent=2) if args.json else to_toml(data), end="" if not args.json else "\n")
     return 0

@@ -37,7 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
+from cryid.daemon.service import ServiceError
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def parse_broker(spec: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``HOST``: port 1883) of ``--broker``."""
     host, _, port = spec.rpartition(":") if ":" in spec else (spec, "", "1883")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--broker {spec!r}: give HOST:PORT, e.g. 127.0.0.1:1883")
+        raise UsageError(f"--broker {spec!r}: give HOST:PORT, e.g. 127.0.0.1:1883")
     return host, int(port)
 
 
@@ -101,7 +103,7 @@ class EmbeddedBroker:
         self._thread.start()
         self._started.wait(10)
         if self._error is not None or not self._started.is_set():
-            raise ValueError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
+            raise ServiceError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
 
     def stop(self) -> None:
         fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
@@ -145,7 +147,7 @@ class Printer:
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._ready.wait(10):
-            raise ValueError(f"the demo could not subscribe at {host}:{port}")
+            raise ServiceError(f"the demo could not subscribe at {host}:{port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
@@ -235,7 +237,7 @@ def run_demo(
     from cryid.enrollment.registry import Registry
 
     if not 2 <= babies <= 8:
-        raise ValueError(f"--babies {babies}: choose 2 to 8")
+        raise UsageError(f"--babies {babies}: choose 2 to 8")
     host, port = parse_broker(broker) if broker else ("127.0.0.1", 0)
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="cryid-demo-")
     state = Path(keep) if keep else Path(tmp.name)  # type: ignore[union-attr]
@@ -266,7 +268,7 @@ def run_demo(
                 print(f"  {baby.baby_id}: {res.n_expirations} expirations, {res.cry_s:.1f} s of cry")
                 bouts.append((baby.baby_id, baby.bout))
         if len(bouts) != babies + 1:
-            raise ValueError("not enough usable cries for the demo; try `cryid demo --synthetic`")
+            raise ServiceError("not enough usable cries for the demo; try `cryid demo --synthetic`")
         wav, truth = nursery.nursery_stream(bouts, gap_s=6.0, seed=7)
         stream = state / "nursery.wav"
         sf.write(stream, wav, SAMPLE_RATE)
@@ -301,7 +303,7 @@ def run_demo(
         finally:
             service.close()
         if code:
-            raise ValueError(service.fatal or "the daemon stopped with an error")
+            raise ServiceError(service.fatal or "the daemon stopped with an error")
         if embedded is None:
             printer.clear_retained()
         summary(printer.events, truth)

@@ -44,6 +44,7 @@ from cryid.daemon.outbox import Outbox
 from cryid.enrollment import feedback as ward_feedback
 from cryid.enrollment.episodes import NewEpisode
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import CryidError
 from cryid.models.pipeline import EmbeddedExpiration
 from cryid.models.scoring import ReferenceSet
 from cryid.models.segmenter import Segmenter
@@ -54,7 +55,7 @@ _EOF = object()
 DEFAULT_CONFIRMED_WEIGHT = 0.75  # for a model without a calibration (ReferenceSet's own default)
 
 
-class ServiceError(ValueError):
+class ServiceError(CryidError):
     """A fatal condition the daemon cannot recover from (bad credentials, no model, ...)."""
 
 
@@ -78,7 +79,9 @@ class EmbedderLike(Protocol):
 
 
 class RegistryLike(Protocol):
-    def centroids(self, model_sha256: str, room: str | None = None) -> dict[str, np.ndarray]: ...
+    def centroids(
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
+    ) -> dict[str, np.ndarray]: ...
 
     def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]: ...
 
@@ -309,11 +312,16 @@ class Service:
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
+        reopen = getattr(self.registry, "reopen_if_replaced", None)  # the file deleted or replaced
+        if reopen is not None and reopen():
+            self._registry_version = None
         version = self.registry.data_version()
         if version == self._registry_version:
             return
         self._registry_version = version
-        birth, confirmed = self.registry.references(self.sha, self.settings.room)  # only the room's babies
+        birth, confirmed = self.registry.references(  # only the room's babies, usable vectors only
+            self.sha, self.settings.room, getattr(self.embedder, "dim", None)
+        )
         refs = ReferenceSet(birth, confirmed, self._confirmed_weight())
         cents = birth
         added = sorted(set(cents) - set(self._enrolled))
@@ -325,9 +333,10 @@ class Service:
         else:
             self.identifier.set_references(refs)
         logger.info(
-            "registry: %d babies enrolled in room %s for model %s (added %s, removed %s), "
+            "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
             "%d with confirmed cries",
             len(cents),
+            "baby" if len(cents) == 1 else "babies",
             self.settings.room,
             self.sha[:12],
             ", ".join(added) or "-",
