@@ -208,7 +208,8 @@ def test_daemon_skips_a_poisoned_reference_and_keeps_identifying_the_others(
     }[poison]
     _poison_registry(state, BABIES[0], vector)
     settings = Settings(
-        room="relib", state_dir=state, mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port)
+        # the babies were enrolled in the default room, and the daemon compares only its own room's
+        state_dir=state, mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port)
     )
     caplog.set_level(logging.WARNING)
     service = build_service(settings, _files(dac_dir, BABIES[1])[0])
