@@ -18,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cryid.daemon.dashboard import DashboardSettings
 from cryid.daemon.sources import SourceSettings
 from cryid.enrollment.config import RegistrySettings
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
@@ -148,6 +149,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     service: ServiceSettings = ServiceSettings()
     source: SourceSettings = SourceSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @classmethod
     def settings_customise_sources(
