@@ -125,7 +125,7 @@ class Printer:
             raise ValueError(f"the demo could not subscribe at {host}:{port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
+        if msg.topic.endswith("/state") or not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
             return
         ev = json.loads(msg.payload)
         with self._lock:
