@@ -137,7 +137,7 @@
       const mins = (Date.now() - since) / 60000;
       state = mins >= S.cfg.alert_after_min ? "alert" : "crying";
       label = state === "alert" ? "LONG CRYING" : "CRYING";
-      forText = st.crying_since ? ` for ${duration(st.crying_since)}` : "";
+      forText = st.crying_since ? `for ${duration(st.crying_since)}` : "";
     }
     if (t.dataset.state !== state) t.dataset.state = state;
     set(t.querySelector(".t-label"), label);
@@ -175,7 +175,9 @@
     const mb = f(".b-mic");
     mb.hidden = !warn || !online;
     set(mb, warn);
-    set(f(".f-last"), room.lastEventAt ? `${clock(room.lastEventAt)} (${ago(room.lastEventAt)})` : "none yet");
+    let last = room.lastEventAt;  // else the latest cry in the retained state (the log starts empty)
+    for (const s of room.states.values()) if (s.last_cry_at && (!last || s.last_cry_at > last)) last = s.last_cry_at;
+    set(f(".f-last"), last ? `${clock(last)} (${ago(last)})` : "none yet");
   }
 
   // ------------------------------------------------------------------ events, log, uncertain
@@ -405,6 +407,7 @@
     const who = S.user ? `Signed in as ${S.user}${isNurse() ? " (nurse: may confirm)" : " (read only)"}` : "Not signed in";
     $("who").textContent = who;
     $("signout").hidden = !sessionStorage.getItem("cryid.user");
+    document.body.dataset.nurse = String(isNurse());
     for (const room of S.rooms.values()) renderUncertain(room);
     renderLog();
   }
