@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from cryid.daemon.config import Settings
@@ -230,9 +230,14 @@ def build_server(settings: Settings, dash: DashboardSettings | None = None) -> D
 
 def run_dashboard(settings: Settings, overrides: dict[str, Any]) -> int:
     """``cryid dashboard``: serve until interrupted."""
-    dash = settings.dashboard.model_validate(
-        settings.dashboard.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-    )
+    try:
+        dash = settings.dashboard.model_validate(
+            settings.dashboard.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"dashboard.{name}: {err['msg']} (got {err.get('input')!r}); fix it") from exc
     server = build_server(settings, dash)
     print(f"ward dashboard: {server.url} (broker {dash.broker_url}); Ctrl-C stops", flush=True)
     try:
