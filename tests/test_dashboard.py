@@ -19,9 +19,17 @@ from pathlib import Path
 import pytest
 
 from cryid.daemon.config import MqttSettings, Settings
-from cryid.daemon.dashboard import STATIC_DIR, DashboardServer, DashboardSettings, build_server, page_config
+from cryid.daemon.dashboard import (
+    CSP,
+    STATIC_DIR,
+    DashboardServer,
+    DashboardSettings,
+    build_server,
+    page_config,
+)
 from cryid.daemon.events import BabyState, Roster
 from tests.fixtures.broker import free_port
+from tests.test_deploy import test_root  # noqa: F401 (the fixture: a test root for install.sh)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,3 +245,38 @@ def test_text_colours_pass_wcag_aa() -> None:
         assert _ratio(var[fg], var[bg]) >= 4.5, (fg, bg, round(_ratio(var[fg], var[bg]), 2))
     assert _ratio("#ffffff", "#1b2430") >= 4.5 and _ratio("#ffffff", "#0b3d91") >= 4.5  # header, buttons
     assert _ratio(var["ok"], "#e6f4e7") >= 4.5  # the "Live" badge
+
+
+# ------------------------------------------------------------------------------- deploy
+def test_nginx_config_json_is_what_cryid_dashboard_would_serve() -> None:
+    shipped = json.loads((REPO / "deploy" / "nginx" / "config.json").read_text())
+    want = page_config(
+        Settings(room="nursery"), DashboardSettings(broker_url="/cryid/mqtt", username="dashboard")
+    )
+    assert shipped == want, "deploy/nginx/config.json is stale: regenerate it from page_config()"
+    snippet = (REPO / "deploy" / "nginx" / "cryid-dashboard.conf").read_text()
+    assert "alias /opt/cryid/dashboard/;" in snippet and "location = /cryid/mqtt" in snippet
+    assert CSP in snippet, "nginx must send the same Content-Security-Policy as cryid dashboard"
+
+
+def test_install_puts_the_page_in_opt_and_keeps_an_edited_config(test_root: Path) -> None:  # noqa: F811
+    def install() -> str:
+        res = subprocess.run(
+            [str(REPO / "deploy" / "install.sh"), "--root", str(test_root), "--no-pip"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    install()
+    page = test_root / "opt" / "cryid" / "dashboard"
+    for f in ("index.html", "dashboard.css", "dashboard.js", "vendor/mqtt.min.js", "vendor/LICENSE.md"):
+        assert (page / f).read_bytes() == (STATIC_DIR / f).read_bytes(), f
+        assert (page / f).stat().st_mode & 0o777 == 0o644
+    assert (test_root / "opt/cryid/nginx/cryid-dashboard.conf").is_file()
+    cfg = page / "config.json"
+    cfg.write_text(cfg.read_text().replace("/cryid/mqtt", "wss://broker.ward.example:8884/"))
+    out = install()
+    assert "kept    /opt/cryid/dashboard/config.json" in out
+    assert "wss://broker.ward.example:8884/" in cfg.read_text()
+    assert "ok      /opt/cryid/dashboard/vendor/mqtt.min.js" in out
