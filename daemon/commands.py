@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.add_argument(
         "--keep", type=Path, default=None, help="keep the demo state (registry, outbox, stream) here"
     )
+    demo.add_argument(
+        "--dashboard", action="store_true", help="also serve the ward dashboard beside the demo's broker"
+    )
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="show or check the configuration")
@@ -108,7 +111,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cryid.daemon.demo import run_demo
 
     return run_demo(
-        settings, babies=args.babies, synthetic=args.synthetic, realtime=args.realtime, keep=args.keep
+        settings,
+        babies=args.babies,
+        synthetic=args.synthetic,
+        realtime=args.realtime,
+        keep=args.keep,
+        dashboard=args.dashboard,
     )
 
 

@@ -64,13 +64,17 @@ def _free_port() -> int:
 class EmbeddedBroker:
     """amqtt on localhost in a background asyncio loop (anonymous, QoS 1 works with paho 2)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, ws_port: int | None = None) -> None:
         from amqtt.broker import Broker
 
         self.port = port
+        self.ws_port = ws_port  # a websockets listener too, for the dashboard (`cryid demo --dashboard`)
         self._loop = asyncio.new_event_loop()
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}
+        if ws_port is not None:
+            listeners["ws"] = {"type": "ws", "bind": f"127.0.0.1:{ws_port}"}
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "listeners": listeners,
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         self._broker = Broker(config, loop=self._loop)
@@ -194,6 +198,7 @@ def run_demo(
     synthetic: bool = False,
     realtime: bool = False,
     keep: Path | None = None,
+    dashboard: bool = False,
 ) -> int:
     """Run the demo; returns 0 when the pipeline ran (the summary says how well it identified)."""
     from cryid.daemon.service import build_service, load_embedder
@@ -207,6 +212,7 @@ def run_demo(
     state.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedBroker | None = None
     printer: Printer | None = None
+    web: Any = None  # the dashboard's server (--dashboard)
     try:
         embedder = load_embedder(settings)
         print(f"cryid demo: model {settings.model} ({embedder.sha256[:12]}), state in {state}")
@@ -235,7 +241,7 @@ def run_demo(
         host, port = settings.mqtt.host, settings.mqtt.port
         if not _reachable(host, port):
             port = port if _port_free(port) else _free_port()
-            broker = EmbeddedBroker(port)
+            broker = EmbeddedBroker(port, ws_port=_free_port() if dashboard else None)
             broker.start()
             host = "127.0.0.1"
             print(
@@ -257,6 +263,8 @@ def run_demo(
         prefix = run_settings.mqtt.prefix(run_settings.room)
         print(f"thresholds: min_score {ident.min_score}, min_margin {ident.min_margin}; topics {prefix}/#")
         printer = Printer(host, port, prefix)
+        if dashboard:
+            web = _start_dashboard(run_settings, broker)
         print(
             f"replaying {wav.size / SAMPLE_RATE:.0f} s of nursery audio ({stream})"
             f"{' at real speed' if realtime else ''}:"
@@ -269,8 +277,13 @@ def run_demo(
         if code:
             raise ValueError(service.fatal or "the daemon stopped with an error")
         _summary(printer.events, truth)
+        if web is not None:
+            _wait_for_ctrl_c()
         return 0
     finally:
+        if web is not None:
+            web.shutdown()
+            web.server_close()
         if printer is not None:
             printer.close()
         if broker is not None:
@@ -303,3 +316,29 @@ def _summary(events: list[dict[str, Any]], truth: list[nursery.Truth]) -> None:
     print(
         f"{right}/{len(truth)} crying episodes identified correctly ({n_exp} provisional expiration events)"
     )
+
+
+def _start_dashboard(settings: Settings, broker: EmbeddedBroker | None) -> Any:
+    """``--dashboard``: serve the ward page beside the demo's broker and print its URL."""
+    from cryid.daemon.dashboard import DashboardServer, page_config
+
+    dash = settings.dashboard
+    if broker is not None and broker.ws_port is not None:
+        url, where = f"ws://127.0.0.1:{broker.ws_port}/", "the embedded broker's websockets listener"
+        anonymous = {"broker_url": url, "username": None, "password_file": None, "rooms": []}
+        dash = dash.model_copy(update=anonymous)
+    else:
+        where = "dashboard.broker_url: that broker needs a websockets listener"
+    port = dash.port if _port_free(dash.port) else 0
+    server = DashboardServer(page_config(settings, dash), dash.host, port, dash.tls_cert, dash.tls_key)
+    threading.Thread(target=server.serve_forever, name="dashboard", daemon=True).start()
+    print(f"ward dashboard: open {server.url} in a browser (broker {dash.broker_url}, {where})", flush=True)
+    return server
+
+
+def _wait_for_ctrl_c() -> None:
+    print("the dashboard stays up to be looked at; Ctrl-C ends the demo", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("demo ended")

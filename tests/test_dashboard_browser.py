@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -568,3 +569,41 @@ def sign_in(browser: Any, user: str, password: str) -> None:
         el.clear()
         el.send_keys(value)
     browser.find_element(By.CSS_SELECTOR, "#signin-form button[type=submit]").click()
+
+
+def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
+    """``cryid demo --dashboard``, no broker around: amqtt with a websockets listener, the page beside it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env.update(CRYID_MQTT__HOST="127.0.0.1", CRYID_MQTT__PORT=str(free_port()), CRYID_DASHBOARD__PORT="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cryid.daemon.cli", "demo", "--synthetic", "--babies", "2", "--dashboard"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("stays up" in ln for ln in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        out = "".join(lines)
+        print(out)
+        assert "started an embedded one" in out
+        url = next(ln.split()[3] for ln in lines if ln.startswith("ward dashboard: open "))
+        browser.get(url)
+        wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
+        wait_js(browser, "return document.querySelectorAll('.tile').length === 2", "the demo's two babies")
+        for baby in ("baby1", "baby2"):
+            wait_js(
+                browser, f"const t = document.querySelector('.tile[data-baby=\"{baby}\"] .t-last');"
+                "return t && t.innerText.startsWith('Last cry ')", f"{baby}'s last cry",
+            )  # fmt: skip
+        assert "OFFLINE" in browser.execute_script(text_of(".f-daemon"))  # the replay is over
+        shot(browser, "demo")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
