@@ -190,6 +190,16 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     driver.quit()
 
 
+# Records every tile's state change with its time (ms since the epoch, sub-ms resolution).
+OBSERVE = (
+    "window.__changes = [];"
+    "new MutationObserver((ms) => { for (const m of ms) window.__changes.push("
+    "[m.target.dataset.baby, m.target.dataset.state, performance.timeOrigin + performance.now()]); })"
+    ".observe(document.getElementById('rooms'), {subtree: true, attributes: true,"
+    " attributeFilter: ['data-state']});"
+)
+
+
 def shot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / f"dashboard-{name}.png"))
@@ -308,6 +318,7 @@ def test_live_cry_reload_broker_restart_read_only(
         wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
         assert "read only" in browser.execute_script(text_of("#who"))
 
+        browser.execute_script(OBSERVE)
         daemon = run_daemon(ward, state, stream)
         try:
             # the roster's tiles, with the display name
@@ -320,6 +331,11 @@ def test_live_cry_reload_broker_restart_read_only(
             print("daemon named", named, "on", topic)
             wait_js(browser, is_state(named, "crying"), "CRYING on the tile")
             assert "CRYING" in browser.execute_script(text_of(f'.tile[data-baby="{named}"] .t-label'))
+            t_event = probe.wait(lambda m: m[1] == topic)[0]
+            t_tile = browser.execute_script(
+                f"return window.__changes.find(x => x[0] === '{named}' && x[1] === 'crying')[2];"
+            )
+            print(f"daemon's first event PUBLISH -> tile shows crying: {t_tile - t_event * 1000:.1f} ms")
             wait_js(
                 browser, f"return document.querySelector('#log-body tr[data-baby=\"{named}\"]')", "log row"
             )
@@ -375,15 +391,17 @@ def test_live_cry_reload_broker_restart_read_only(
         wait_js(browser, is_state(babies[1], "alert"), "the long-crying alert")
         assert "LONG CRYING" in browser.execute_script(text_of(f'.tile[data-baby="{babies[1]}"] .t-label'))
         shot(browser, "alert")
+        # 1280x800 and a tablet held upright: nothing runs off the side
+        for w, h, name in ((1280, 800, "1280x800"), (800, 1280, "tablet")):
+            browser.set_window_size(w, h)
+            time.sleep(0.3)
+            over = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+            assert over <= 0, f"{name}: {over} px wider than the window"
+            shot(browser, name)
+        browser.set_window_size(1280, 800)
 
         # measured: PUBLISH -> tile change
-        browser.execute_script(
-            "window.__changes = [];"
-            "new MutationObserver((ms) => { for (const m of ms) window.__changes.push("
-            "[m.target.dataset.baby, m.target.dataset.state, Date.now()]); })"
-            ".observe(document.getElementById('rooms'), {subtree: true, attributes: true,"
-            " attributeFilter: ['data-state']});"
-        )
+        browser.execute_script(OBSERVE)
         lat = []
         for i in range(20):
             crying = i % 2 == 0
