@@ -39,7 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
 from cryid.daemon.dashboard import DashboardServer, DashboardSettings, page_config, page_weight
-from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby
+from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby, Stats
 from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
 from tests.fixtures.broker import Broker, free_port
@@ -572,9 +572,25 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         assert (cmd["episode_id"], cmd["baby_id"], cmd["by"]) == (ident["episode_id"], a, "nurse")
         shot(browser, "nurse-answered")
 
-        # signing out drops the nurse's session: back to the sign-in dialog
+        # the microphone: silent, then down, each with a banner in words
+        daemon.publish(f"{P}/status", "online")
+        daemon.publish(f"{P}/stats", _stats(level=-95.0), retain=False)
+        wait_js(browser, "return !document.querySelector('.b-mic').hidden", "the silent-microphone banner")
+        assert "SILENT" in browser.execute_script(text_of(".b-mic"))
+        assert "SILENT (-95 dBFS)" in browser.execute_script(text_of(".f-mic"))
+        daemon.publish(f"{P}/stats", _stats(level=None, error="device unplugged"), retain=False)
+        wait_js(browser, "return document.querySelector('.b-mic').innerText.includes('DOWN')", "mic down")
+        assert "device unplugged" in browser.execute_script(text_of(".b-mic"))
+        shot(browser, "mic-down")
+        daemon.publish(f"{P}/stats", _stats(level=-40.0), retain=False)
+        wait_js(browser, "return document.querySelector('.b-mic').hidden", "the banner gone")
+        daemon.publish(f"{P}/status", "offline")
+
+        # signing out drops the nurse's session: back to the sign-in dialog, no buttons
         browser.find_element(By.ID, "signout").click()
         wait_js(browser, "return document.getElementById('signin').open", "the sign-in dialog again")
+        assert browser.execute_script("return document.getElementById('conn').dataset.conn") == "signin"
+        assert browser.find_elements(By.CSS_SELECTOR, "button[data-action]") == []
     finally:
         commands.close()
         daemon.close()
@@ -625,3 +641,12 @@ def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _stats(level: float | None, error: str | None = None) -> str:
+    return Stats(
+        at=datetime.now(timezone.utc), room=ROOM, uptime_s=60.0, stream_offset_s=60.0, realtime_factor=0.05,
+        queue_depth=0, dropped_frames=0, outbox_size=0, outbox_dropped=0, input_level_dbfs=level,
+        source_ok=error is None, source_error=error, expirations=0, episodes=0, enrolled=2,
+        needs_reenrollment=[], model_sha256="0" * 64,
+    ).model_dump_json()  # fmt: skip

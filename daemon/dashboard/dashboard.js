@@ -306,6 +306,7 @@
         if (ok === null) delete r.dataset.ok; else r.dataset.ok = String(ok);
       });
     };
+    if (!S.client || !S.client.connected) { show("Not sent: no connection to the broker", false); return; }
     show(`Sending ${verb}…`, null);
     const timer = setTimeout(() => {
       if (S.pending.delete(req.request_id)) show("No answer from the daemon (is it running?)", false);
@@ -381,25 +382,30 @@
     setConn("connecting", "Connecting…");
     const client = mqtt.connect(url, opts);
     S.client = client;
+    const mine = () => S.client === client;  // events of a client replaced by a new sign-in are ignored
     client.on("connect", () => {
+      if (!mine()) return;
       setConn("connected", `Live${user ? "" : " (anonymous)"}`);
       client.subscribe([...S.rooms.values()].map((r) => `${r.prefix}/#`), { qos: 1 });
     });
-    client.on("reconnect", () => setConn("reconnecting", "Reconnecting…"));
-    client.on("offline", () => setConn("reconnecting", "Offline, reconnecting…"));
-    client.on("close", () => { if ($("conn").dataset.conn === "connected") setConn("reconnecting", "Reconnecting…"); });
+    client.on("reconnect", () => { if (mine()) setConn("reconnecting", "Reconnecting…"); });
+    client.on("offline", () => { if (mine()) setConn("reconnecting", "Offline, reconnecting…"); });
+    client.on("close", () => {
+      if (mine() && $("conn").dataset.conn === "connected") setConn("reconnecting", "Reconnecting…");
+    });
     client.on("error", (err) => {
+      if (!mine()) return;
       const code = err && err.code;
       if (code === 4 || code === 5 || code === 134 || code === 135) {  // bad user/password, not authorised
         client.end(true);
-        if (S.client === client) S.client = null;
+        S.client = null;
         sessionStorage.removeItem("cryid.user");
         sessionStorage.removeItem("cryid.pass");
         setConn("refused", "Sign-in refused");
         openSignin(`The broker refused ${user ? `user ${user}` : "an anonymous connection"}: ${err.message}`);
       }
     });
-    client.on("message", (topic, payload) => onMessage(topic, payload));
+    client.on("message", (topic, payload) => { if (mine()) onMessage(topic, payload); });
   }
 
   // ------------------------------------------------------------------ sign-in
@@ -464,7 +470,13 @@
     const user = sessionStorage.getItem("cryid.user");
     if (user) connect(user, sessionStorage.getItem("cryid.pass") || "");
     else if (S.cfg.password !== undefined && S.cfg.password !== null) connect(S.cfg.username, S.cfg.password);
-    else if (S.cfg.username) { S.user = null; renderWho(); setConn("signin", "Sign-in needed"); openSignin(""); }
+    else if (S.cfg.username) {
+      if (S.client) { S.client.end(true); S.client = null; }
+      S.user = null;
+      renderWho();
+      setConn("signin", "Sign-in needed");
+      openSignin("");
+    }
     else connect(null, null);
   }
 
