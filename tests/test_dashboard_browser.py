@@ -202,6 +202,7 @@ OBSERVE = (
 
 def shot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(ARTIFACTS / f"dashboard-{name}.png"))
 
 
