@@ -157,6 +157,8 @@ class Service:
         self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
         self._state_online = False
         self._next_state_tick = 0.0
+        self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
+        self.room_state.load(self._state_file, datetime.now(timezone.utc))
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -416,9 +418,17 @@ class Service:
             except queue.Empty:
                 break
             self._publish_state(self.room_state.observe(ev, wall))
+            if ev.kind == "episode":
+                self._save_state(wall)
         if now >= self._next_state_tick:
             self._publish_state(self.room_state.tick(wall))
             self._next_state_tick = now + 1.0
+
+    def _save_state(self, now: datetime) -> None:
+        try:
+            self.room_state.save(self._state_file, now)
+        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
+            logger.error("dashboard state not saved to %s: %s", self._state_file, exc)
 
     def _publish_state(self, messages: list[Any]) -> None:
         for m in messages:

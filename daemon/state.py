@@ -13,17 +13,22 @@ totals slide. Each call returns the retained messages to publish, only those who
 
 Crying: a baby cries from the first provisional event that names it to the final ``episode`` event of
 that episode (whoever the final decision names). The 24 h totals count final episodes attributed to
-the baby, from their ``ended_at``; they live in memory and start from zero when the daemon restarts.
+the baby, from their ``ended_at``. :meth:`RoomState.save` / :meth:`RoomState.load` keep the last cries
+and the 24 h history in a small JSON file (the service: ``dashboard-state.json`` in the state
+directory), so a restarted daemon goes on with the same totals; nobody is crying after a restart.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby
 
@@ -151,6 +156,46 @@ class RoomState:
         for b in self._babies.values():
             b.crying, b.crying_since = False, None
         return self.tick(now)
+
+    # persistence ------------------------------------------------------------------------------
+    def save(self, path: Path, now: datetime) -> None:
+        """Last cries and the 24 h history of every baby, written atomically (temporary file + rename)."""
+        data: dict[str, Any] = {"version": 1, "room": self.room, "babies": {}}
+        for baby_id, b in sorted(self._babies.items()):
+            recent = [[end.isoformat(), dur] for end, dur in b.history if now - end <= WINDOW]
+            if b.last_cry_at is None and not recent:
+                continue
+            last = b.last_cry_at.isoformat() if b.last_cry_at else None
+            data["babies"][baby_id] = {"last_cry_at": last, "episode_id": b.episode_id, "history": recent}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def load(self, path: Path, now: datetime) -> None:
+        """What :meth:`save` wrote (nothing when the file is missing; a damaged one is logged and ignored)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            babies = {
+                baby_id: _Baby(
+                    episode_id=v.get("episode_id"),
+                    last_cry_at=_parse_time(v["last_cry_at"]) if v.get("last_cry_at") else None,
+                    history=deque((_parse_time(end), float(dur)) for end, dur in v.get("history", []) if end),
+                )
+                for baby_id, v in data["babies"].items()
+            }
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning("dashboard state %s not read (%s); the 24 h totals start from zero", path, exc)
+            return
+        if data.get("room") != self.room:
+            logger.info("dashboard state %s is of room %s, not %s: unused", path, data.get("room"), self.room)
+            return
+        for b in babies.values():
+            while b.history and now - b.history[0][0] > WINDOW:
+                b.history.popleft()
+        self._babies.update(babies)
+        logger.info("dashboard state: last cries and 24 h totals of %d babies from %s", len(babies), path)
 
     def snapshot(self, now: datetime) -> list[Retained]:
         """Every retained message as it stands (after a reconnect: the broker may have lost them)."""

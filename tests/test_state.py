@@ -154,6 +154,33 @@ def test_discharged_and_purged_babies_are_cleared(tmp_path: Path) -> None:
     reg.close()
 
 
+def test_last_cries_and_totals_survive_a_restart(tmp_path: Path) -> None:
+    reg = _registry(tmp_path, ("ada", "", "ward1"), ("ben", "", "ward1"))
+    st = RoomState(P, "ward1", crying_timeout_s=30)
+    st.roster(reg.infants(), T0)
+    st.observe(_event("episode", "ada", "e1", T0 - timedelta(hours=25), dur_s=60.0), T0)  # out of the window
+    st.observe(_event("episode", "ada", "e2", T0, dur_s=90.0), T0)
+    st.observe(_event("expiration", "ben", "e3", T0), T0)  # crying now: not carried over a restart
+    path = tmp_path / "dashboard-state.json"
+    st.save(path, T0)
+    again = RoomState(P, "ward1", crying_timeout_s=30)
+    again.load(path, T0 + timedelta(minutes=1))
+    out = _by_topic(again.roster(reg.infants(), T0 + timedelta(minutes=1)))
+    ada = BabyState.model_validate_json(out[f"{P}/baby/ada/state"])
+    ben = BabyState.model_validate_json(out[f"{P}/baby/ben/state"])
+    assert (ada.episodes_24h, ada.cry_minutes_24h, ada.episode_id) == (1, 1.5, "e2")
+    assert ada.last_cry_at == T0 + timedelta(seconds=90)
+    assert not ben.crying and ben.last_cry_at == T0 + timedelta(seconds=2)
+    # another room's file, a damaged file, no file: nothing is taken, nothing fails
+    other = RoomState("cryid/ward2", "ward2", crying_timeout_s=30)
+    other.load(path, T0)
+    assert other.baby_state("ada", T0).episodes_24h == 0
+    path.write_text("{not json")
+    RoomState(P, "ward1", crying_timeout_s=30).load(path, T0)
+    RoomState(P, "ward1", crying_timeout_s=30).load(tmp_path / "none.json", T0)
+    reg.close()
+
+
 def test_bad_timeout_is_refused() -> None:
     with pytest.raises(ValueError, match="crying_timeout_s"):
         RoomState(P, "ward1", crying_timeout_s=0)
@@ -223,5 +250,6 @@ def test_daemon_publishes_retained_state_and_clears_a_discharged_baby(
     got = _retained(mosquitto, subscriber_factory, {f"{P}/babies", f"{P}/baby/ada/state"})
     assert "cryid/ward1/baby/ben/state" not in got  # the empty retained message deleted it
     assert [b.baby_id for b in Roster.model_validate_json(got["cryid/ward1/babies"]).babies] == ["ada"]
-    # totals start over with the daemon (kept in memory): the second run heard ada once again
-    assert BabyState.model_validate_json(got["cryid/ward1/baby/ada/state"]).episodes_24h == 1
+    # the 24 h totals go on across the restart (dashboard-state.json): the second run heard ada again
+    assert BabyState.model_validate_json(got["cryid/ward1/baby/ada/state"]).episodes_24h == 2
+    assert (state / "dashboard-state.json").is_file()
