@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cryid.daemon.dashboard import DashboardSettings
 from cryid.daemon.sources import SourceSettings
 from cryid.enrollment.config import RegistrySettings, plain_filename
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
@@ -202,6 +203,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     service: ServiceSettings = ServiceSettings()
     source: SourceSettings = SourceSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("state_dir", "model", mode="before")
     @classmethod

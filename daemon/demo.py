@@ -74,13 +74,17 @@ def parse_broker(spec: str) -> tuple[str, int]:
 class EmbeddedBroker:
     """amqtt on localhost in a background asyncio loop (anonymous, QoS 1 works with paho 2)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, ws_port: int | None = None) -> None:
         from amqtt.broker import Broker
 
         self.port = port
+        self.ws_port = ws_port  # a websockets listener too, for the dashboard (`cryid demo --dashboard`)
         self._loop = asyncio.new_event_loop()
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}
+        if ws_port is not None:
+            listeners["ws"] = {"type": "ws", "bind": f"127.0.0.1:{ws_port}"}
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "listeners": listeners,
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         self._broker = Broker(config, loop=self._loop)
@@ -150,7 +154,7 @@ class Printer:
             raise ServiceError(f"the demo could not subscribe at {host}:{port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
+        if msg.topic.endswith("/state") or not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
             return
         ev = json.loads(msg.payload)
         with self._lock:
@@ -230,6 +234,7 @@ def run_demo(
     keep: Path | None = None,
     broker: str | None = None,
     seed: int | None = None,
+    dashboard: bool = False,
 ) -> int:
     """Run the demo; returns 0 when the pipeline ran (the summary says how well it identified)."""
     from cryid.daemon.service import build_service, load_embedder
@@ -244,6 +249,7 @@ def run_demo(
     state.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedBroker | None = None
     printer: Printer | None = None
+    web: Any = None  # the dashboard's server (--dashboard)
     try:
         embedder = load_embedder(settings)
         calibration = embedder.manifest.calibration
@@ -274,7 +280,7 @@ def run_demo(
         sf.write(stream, wav, SAMPLE_RATE)
         if broker is None:
             port = _free_port()
-            embedded = EmbeddedBroker(port)
+            embedded = EmbeddedBroker(port, ws_port=_free_port() if dashboard else None)
             embedded.start()
             print(f"started the demo's own MQTT broker on {host}:{port}")
         else:
@@ -293,6 +299,8 @@ def run_demo(
         print(f"decisions: {_decision_rule(settings, calibration)}")
         print(f"topics: {DEMO_PREFIX}/# (never a ward's cryid/<room>)")
         printer = Printer(host, port, DEMO_PREFIX)
+        if dashboard:
+            web = _start_dashboard(run_settings, embedded)
         print(
             f"replaying {wav.size / SAMPLE_RATE:.0f} s of nursery audio ({stream})"
             f"{' at real speed' if realtime else ''}:"
@@ -307,8 +315,13 @@ def run_demo(
         if embedded is None:
             printer.clear_retained()
         summary(printer.events, truth)
+        if web is not None:
+            _wait_for_ctrl_c()
         return 0
     finally:
+        if web is not None:
+            web.shutdown()
+            web.server_close()
         if printer is not None:
             printer.close()
         if embedded is not None:
@@ -358,3 +371,39 @@ def summary(events: list[dict[str, Any]], truth: list[nursery.Truth]) -> dict[st
         f"the likeliest candidate of {first} of the {counts['not named']} unnamed cries of enrolled babies"
     )
     return counts
+
+
+
+def _start_dashboard(settings: Settings, broker: EmbeddedBroker | None) -> Any:
+    """``--dashboard``: serve the ward page beside the demo's broker and print its URL."""
+    from cryid.daemon.dashboard import DashboardServer, page_config
+
+    dash = settings.dashboard
+    if broker is not None and broker.ws_port is not None:
+        url, where = f"ws://127.0.0.1:{broker.ws_port}/", "the embedded broker's websockets listener"
+        anonymous = {"broker_url": url, "username": None, "password_file": None, "rooms": []}
+        dash = dash.model_copy(update=anonymous)
+    else:
+        where = "dashboard.broker_url: that broker needs a websockets listener"
+    port = dash.port if _port_free(dash.port) else 0
+    server = DashboardServer(page_config(settings, dash), dash.host, port, dash.tls_cert, dash.tls_key)
+    threading.Thread(target=server.serve_forever, name="dashboard", daemon=True).start()
+    print(f"ward dashboard: open {server.url} in a browser (broker {dash.broker_url}, {where})", flush=True)
+    return server
+
+
+def _wait_for_ctrl_c() -> None:
+    print("the dashboard stays up to be looked at; Ctrl-C ends the demo", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("demo ended")
+
+
+def _port_free(port: int) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False

@@ -253,3 +253,7 @@ class MqttPublisher:
         """Stats are not stored: published at QoS 1 only while connected."""
         if self._connected.is_set():
             self._publish(self.stats_topic, payload, 1, False, None)
+
+    def publish_retained(self, topic: str, payload: str) -> None:
+        """Retained dashboard state (QoS 1, not in the outbox: it is rebuilt); empty clears the topic."""
+        self._publish(topic, payload, 1, True, None)

@@ -36,11 +36,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
-from cryid.daemon.events import Stats
+from cryid.daemon.events import CryEvent, Stats
 from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
 from cryid.daemon.identifier import Identification, Identifier
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
+from cryid.daemon.state import RoomState
 from cryid.enrollment import feedback as ward_feedback
 from cryid.enrollment.episodes import NewEpisode
 from cryid.models.audio import SAMPLE_RATE
@@ -90,6 +91,8 @@ class RegistryLike(Protocol):
     def references(
         self, model_sha256: str, room: str | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+
+    def infants(self) -> list[Any]: ...
 
 
 @dataclass
@@ -185,6 +188,13 @@ class Service:
         self.commands = CommandHandler(registry, settings.registry, settings.room)  # type: ignore[arg-type]
         publisher.set_command_sink(COMMAND_VERBS, self._on_command)
         self._next_purge = 0.0
+        # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
+        self.room_state = RoomState(publisher.prefix, settings.room, settings.dashboard.crying_timeout_s)
+        self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
+        self._state_online = False
+        self._next_state_tick = 0.0
+        self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
+        self.room_state.load(self._state_file, datetime.now(timezone.utc))
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -269,6 +279,7 @@ class Service:
         ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self._state_events.put(ev)
         self._wake.set()
         self.counters.events += 1
         if r.kind == "episode":
@@ -332,6 +343,7 @@ class Service:
             self._pending_references = refs  # the pipeline thread applies it before its next chunk
         else:
             self.identifier.set_references(refs)
+        self._publish_state(self.room_state.roster(self.registry.infants(), datetime.now(timezone.utc)))
         logger.info(
             "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
             "%d with confirmed cries",
@@ -498,12 +510,42 @@ class Service:
             self._serve_ward(now)
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.publisher.pump()
+            self._update_state(now)
             self._wake.wait(0.1)
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()
                 break
         return self._shutdown(threads)
+
+    def _update_state(self, now: float) -> None:
+        """Retained dashboard state: identifications, "crying now" time-outs, all again after a reconnect."""
+        wall = datetime.now(timezone.utc)
+        if self.publisher.connected != self._state_online:
+            self._state_online = self.publisher.connected
+            if self._state_online:
+                self._publish_state(self.room_state.snapshot(wall))
+        while True:
+            try:
+                ev = self._state_events.get_nowait()
+            except queue.Empty:
+                break
+            self._publish_state(self.room_state.observe(ev, wall))
+            if ev.kind == "episode":
+                self._save_state(wall)
+        if now >= self._next_state_tick:
+            self._publish_state(self.room_state.tick(wall))
+            self._next_state_tick = now + 1.0
+
+    def _save_state(self, now: datetime) -> None:
+        try:
+            self.room_state.save(self._state_file, now)
+        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
+            logger.error("dashboard state not saved to %s: %s", self._state_file, exc)
+
+    def _publish_state(self, messages: list[Any]) -> None:
+        for m in messages:
+            self.publisher.publish_retained(m.topic, m.payload)
 
     def _check_source_state(self) -> bool:
         """A live source went down or came back (``state`` of a MicSource): True when it changed."""
@@ -542,6 +584,8 @@ class Service:
                 "%d events not acknowledged yet; they are published at the next start", self.outbox.size()
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
+        self._update_state(time.monotonic())
+        self._publish_state(self.room_state.stop(datetime.now(timezone.utc)))
         self.publisher.stop()
         if self.fatal:
             logger.error("%s", self.fatal)
