@@ -6,11 +6,13 @@ by ``--config`` or ``CRYID_CONFIG``, secret files (``$CREDENTIALS_DIRECTORY``), 
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,9 +20,18 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cryid.daemon.dashboard import DashboardSettings
 from cryid.daemon.sources import SourceSettings
-from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.config import RegistrySettings, plain_filename
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
+from cryid.models.errors import SettingsError
+
+logger = logging.getLogger(__name__)
+
+# CRYID_* variables that are not settings fields but are read elsewhere (so not typos).
+OTHER_ENVIRONMENT = (
+    "CRYID_CONFIG", "CRYID_DEMO_DATA", "CRYID_TEST_CRASH_AT", "CRYID_TEST_DATA", "CRYID_FULL_PARITY"
+)
 
 DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "~/.local/state/cryid")).expanduser()
 
@@ -49,6 +60,13 @@ class MqttSettings(BaseModel):
         100, ge=1, le=10000, description="Events published but not yet acknowledged by the broker, at most."
     )
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _no_wildcards(cls, v: str) -> str:
+        if "#" in v or "+" in v or "\x00" in v:
+            raise ValueError("a topic prefix cannot hold the MQTT wildcards '#' or '+'; use e.g. cryid/ward1")
+        return v
+
     def prefix(self, room: str) -> str:
         """The topic prefix: ``topic_prefix`` or ``cryid/<room>``."""
         return (self.topic_prefix or f"cryid/{room}").rstrip("/")
@@ -66,7 +84,7 @@ class MqttSettings(BaseModel):
         try:
             return path.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            raise ValueError(
+            raise SettingsError(
                 f"mqtt.password_file: cannot read {path} ({exc.strerror}); fix the path or its permissions"
             ) from exc
 
@@ -128,7 +146,11 @@ class OutboxSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    filename: str = Field("outbox.sqlite3", description="Outbox file name inside the state directory.")
+    filename: str = Field(
+        "outbox.sqlite3", description="Outbox file name inside the state directory (a plain name, no path)."
+    )
+
+    _plain_filename = field_validator("filename")(classmethod(plain_filename))  # type: ignore[arg-type]
     max_events: int = Field(
         100000,
         ge=10,
@@ -181,6 +203,14 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     service: ServiceSettings = ServiceSettings()
     source: SourceSettings = SourceSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+
+    @field_validator("state_dir", "model", mode="before")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty; give a directory, or unset the variable for the default")
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -203,6 +233,49 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build the effective settings; ``config_file`` wins over ``CRYID_CONFIG``."""
     if config_file is not None:
         if not Path(config_file).is_file():
-            raise ValueError(f"config file {config_file} does not exist; check --config / CRYID_CONFIG")
+            raise SettingsError(f"config file {config_file} does not exist; check --config")
         os.environ["CRYID_CONFIG"] = str(config_file)
+    else:
+        named = os.environ.get("CRYID_CONFIG")
+        if named and not Path(named).is_file():
+            what = "is a directory" if Path(named).is_dir() else "does not exist"
+            raise SettingsError(f"CRYID_CONFIG={named}: {what}; name a TOML file or unset CRYID_CONFIG")
     return Settings(**overrides)
+
+
+def environment_names() -> list[str]:
+    """Every ``CRYID_*`` variable cryid reads: settings (``CRYID_MQTT__HOST``) and the others."""
+    names = list(OTHER_ENVIRONMENT)
+    for name, f in Settings.model_fields.items():
+        names.append(f"CRYID_{name.upper()}")
+        model = f.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names += [f"CRYID_{name.upper()}__{sub.upper()}" for sub in model.model_fields]
+    return names
+
+
+def warn_unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """Log a warning for each ``CRYID_*`` variable that no setting reads (a typo is otherwise silent)."""
+    environ = dict(os.environ) if environ is None else environ
+    known = set(environment_names())
+    # lists, mappings and unions (e.g. a list of sources) take any nested name
+    open_prefixes = tuple(
+        f"CRYID_{name.upper()}__"
+        for name, f in Settings.model_fields.items()
+        if not isinstance(f.annotation, type)
+    )
+    unknown = sorted(
+        k
+        for k in environ
+        if k.upper().startswith("CRYID_")
+        and k.upper() not in known
+        and not k.upper().startswith(open_prefixes)
+    )
+    for k in unknown:
+        close = difflib.get_close_matches(k.upper(), sorted(known), n=1, cutoff=0.6)
+        logger.warning(
+            "environment variable %s is not a cryid setting and is ignored%s",
+            k,
+            f"; did you mean {close[0]}?" if close else " (see `cryid config check`)",
+        )
+    return unknown

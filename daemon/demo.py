@@ -37,7 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
+from cryid.daemon.service import ServiceError
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +67,24 @@ def parse_broker(spec: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``HOST``: port 1883) of ``--broker``."""
     host, _, port = spec.rpartition(":") if ":" in spec else (spec, "", "1883")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--broker {spec!r}: give HOST:PORT, e.g. 127.0.0.1:1883")
+        raise UsageError(f"--broker {spec!r}: give HOST:PORT, e.g. 127.0.0.1:1883")
     return host, int(port)
 
 
 class EmbeddedBroker:
     """amqtt on localhost in a background asyncio loop (anonymous, QoS 1 works with paho 2)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, ws_port: int | None = None) -> None:
         from amqtt.broker import Broker
 
         self.port = port
+        self.ws_port = ws_port  # a websockets listener too, for the dashboard (`cryid demo --dashboard`)
         self._loop = asyncio.new_event_loop()
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}
+        if ws_port is not None:
+            listeners["ws"] = {"type": "ws", "bind": f"127.0.0.1:{ws_port}"}
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "listeners": listeners,
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         self._broker = Broker(config, loop=self._loop)
@@ -101,7 +107,7 @@ class EmbeddedBroker:
         self._thread.start()
         self._started.wait(10)
         if self._error is not None or not self._started.is_set():
-            raise ValueError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
+            raise ServiceError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
 
     def stop(self) -> None:
         fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
@@ -145,10 +151,10 @@ class Printer:
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._ready.wait(10):
-            raise ValueError(f"the demo could not subscribe at {host}:{port}")
+            raise ServiceError(f"the demo could not subscribe at {host}:{port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
+        if msg.topic.endswith("/state") or not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
             return
         ev = json.loads(msg.payload)
         with self._lock:
@@ -228,6 +234,7 @@ def run_demo(
     keep: Path | None = None,
     broker: str | None = None,
     seed: int | None = None,
+    dashboard: bool = False,
 ) -> int:
     """Run the demo; returns 0 when the pipeline ran (the summary says how well it identified)."""
     from cryid.daemon.service import build_service, load_embedder
@@ -235,13 +242,14 @@ def run_demo(
     from cryid.enrollment.registry import Registry
 
     if not 2 <= babies <= 8:
-        raise ValueError(f"--babies {babies}: choose 2 to 8")
+        raise UsageError(f"--babies {babies}: choose 2 to 8")
     host, port = parse_broker(broker) if broker else ("127.0.0.1", 0)
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="cryid-demo-")
     state = Path(keep) if keep else Path(tmp.name)  # type: ignore[union-attr]
     state.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedBroker | None = None
     printer: Printer | None = None
+    web: Any = None  # the dashboard's server (--dashboard)
     try:
         embedder = load_embedder(settings)
         calibration = embedder.manifest.calibration
@@ -266,13 +274,13 @@ def run_demo(
                 print(f"  {baby.baby_id}: {res.n_expirations} expirations, {res.cry_s:.1f} s of cry")
                 bouts.append((baby.baby_id, baby.bout))
         if len(bouts) != babies + 1:
-            raise ValueError("not enough usable cries for the demo; try `cryid demo --synthetic`")
+            raise ServiceError("not enough usable cries for the demo; try `cryid demo --synthetic`")
         wav, truth = nursery.nursery_stream(bouts, gap_s=6.0, seed=7)
         stream = state / "nursery.wav"
         sf.write(stream, wav, SAMPLE_RATE)
         if broker is None:
             port = _free_port()
-            embedded = EmbeddedBroker(port)
+            embedded = EmbeddedBroker(port, ws_port=_free_port() if dashboard else None)
             embedded.start()
             print(f"started the demo's own MQTT broker on {host}:{port}")
         else:
@@ -291,6 +299,8 @@ def run_demo(
         print(f"decisions: {_decision_rule(settings, calibration)}")
         print(f"topics: {DEMO_PREFIX}/# (never a ward's cryid/<room>)")
         printer = Printer(host, port, DEMO_PREFIX)
+        if dashboard:
+            web = _start_dashboard(run_settings, embedded)
         print(
             f"replaying {wav.size / SAMPLE_RATE:.0f} s of nursery audio ({stream})"
             f"{' at real speed' if realtime else ''}:"
@@ -301,12 +311,17 @@ def run_demo(
         finally:
             service.close()
         if code:
-            raise ValueError(service.fatal or "the daemon stopped with an error")
+            raise ServiceError(service.fatal or "the daemon stopped with an error")
         if embedded is None:
             printer.clear_retained()
         summary(printer.events, truth)
+        if web is not None:
+            _wait_for_ctrl_c()
         return 0
     finally:
+        if web is not None:
+            web.shutdown()
+            web.server_close()
         if printer is not None:
             printer.close()
         if embedded is not None:
@@ -356,3 +371,39 @@ def summary(events: list[dict[str, Any]], truth: list[nursery.Truth]) -> dict[st
         f"the likeliest candidate of {first} of the {counts['not named']} unnamed cries of enrolled babies"
     )
     return counts
+
+
+
+def _start_dashboard(settings: Settings, broker: EmbeddedBroker | None) -> Any:
+    """``--dashboard``: serve the ward page beside the demo's broker and print its URL."""
+    from cryid.daemon.dashboard import DashboardServer, page_config
+
+    dash = settings.dashboard
+    if broker is not None and broker.ws_port is not None:
+        url, where = f"ws://127.0.0.1:{broker.ws_port}/", "the embedded broker's websockets listener"
+        anonymous = {"broker_url": url, "username": None, "password_file": None, "rooms": []}
+        dash = dash.model_copy(update=anonymous)
+    else:
+        where = "dashboard.broker_url: that broker needs a websockets listener"
+    port = dash.port if _port_free(dash.port) else 0
+    server = DashboardServer(page_config(settings, dash), dash.host, port, dash.tls_cert, dash.tls_key)
+    threading.Thread(target=server.serve_forever, name="dashboard", daemon=True).start()
+    print(f"ward dashboard: open {server.url} in a browser (broker {dash.broker_url}, {where})", flush=True)
+    return server
+
+
+def _wait_for_ctrl_c() -> None:
+    print("the dashboard stays up to be looked at; Ctrl-C ends the demo", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("demo ended")
+
+
+def _port_free(port: int) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False

@@ -141,9 +141,52 @@ def json_schemas() -> dict[str, Any]:
         "<prefix>/baby/<baby_id> and <prefix>/unknown": CryEvent.model_json_schema(),
         "<prefix>/stats": Stats.model_json_schema(),
         **command_schemas(),  # <prefix>/cmd/confirm|reject|undo (from nurses) and cmd/result
+        "<prefix>/babies": Roster.model_json_schema(),
+        "<prefix>/baby/<baby_id>/state": BabyState.model_json_schema(),
     }
 
 
 def schema_text() -> str:
     """What ``cryid schema`` prints."""
     return json.dumps(json_schemas(), indent=2)
+
+
+# Retained state for the ward dashboard (cryid.daemon.state) --------------------------------------
+class RosterBaby(BaseModel):
+    """One enrolled (active) baby of the room."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    baby_id: str = Field(..., description="Id of the baby (its events are on <prefix>/baby/<baby_id>).")
+    display_name: str | None = Field(..., description="Display name given at enrollment; null when none.")
+    enrolled_at: datetime = Field(..., description="UTC time the baby was enrolled (ISO 8601).")
+
+
+class Roster(BaseModel):
+    """Retained: the room's enrolled babies, republished on every registry change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
+    room: str = Field(..., description="Ward room of the microphone.")
+    updated_at: datetime = Field(..., description="UTC time of this roster.")
+    babies: list[RosterBaby] = Field(..., description="Active babies of the room, by id.")
+
+
+class BabyState(BaseModel):
+    """Retained: one baby now; an empty retained payload clears it (discharged or removed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
+    room: str = Field(..., description="Ward room of the microphone.")
+    baby_id: str = Field(..., description="Id of the baby.")
+    crying: bool = Field(..., description="True from the baby's first cry of an episode to its end.")
+    crying_since: datetime | None = Field(
+        ..., description="UTC start of the episode now heard; null if not crying."
+    )
+    last_cry_at: datetime | None = Field(..., description="UTC end of its last cry heard; null if none yet.")
+    episode_id: str | None = Field(..., description="Episode now heard, or the last; null if none.")
+    episodes_24h: int = Field(..., ge=0, description="Crying episodes attributed to it in the last 24 h.")
+    cry_minutes_24h: float = Field(..., ge=0.0, description="Minutes of those episodes (start to end).")
+    updated_at: datetime = Field(..., description="UTC time of this state.")

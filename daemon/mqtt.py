@@ -28,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from cryid.daemon.config import MqttSettings
 from cryid.daemon.outbox import Outbox
+from cryid.models.errors import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class MqttPublisher:
         if s.tls:
             ca = str(s.ca_file.expanduser()) if s.ca_file is not None else None
             if ca is not None and not s.ca_file.expanduser().is_file():  # type: ignore[union-attr]
-                raise ValueError(f"mqtt.ca_file: {ca} does not exist; give the broker's CA certificate")
+                raise SettingsError(f"mqtt.ca_file: {ca} does not exist; give the broker's CA certificate")
             client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -252,3 +253,7 @@ class MqttPublisher:
         """Stats are not stored: published at QoS 1 only while connected."""
         if self._connected.is_set():
             self._publish(self.stats_topic, payload, 1, False, None)
+
+    def publish_retained(self, topic: str, payload: str) -> None:
+        """Retained dashboard state (QoS 1, not in the outbox: it is rebuilt); empty clears the topic."""
+        self._publish(topic, payload, 1, True, None)

@@ -36,14 +36,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
-from cryid.daemon.events import Stats
+from cryid.daemon.events import CryEvent, Stats
 from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
 from cryid.daemon.identifier import Identification, Identifier
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
+from cryid.daemon.state import RoomState
 from cryid.enrollment import feedback as ward_feedback
 from cryid.enrollment.episodes import NewEpisode
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import CryidError
 from cryid.models.pipeline import EmbeddedExpiration
 from cryid.models.scoring import ReferenceSet
 from cryid.models.segmenter import Segmenter
@@ -53,7 +55,7 @@ logger = logging.getLogger(__name__)
 _EOF = object()
 
 
-class ServiceError(ValueError):
+class ServiceError(CryidError):
     """A fatal condition the daemon cannot recover from (bad credentials, no model, ...)."""
 
 
@@ -77,7 +79,9 @@ class EmbedderLike(Protocol):
 
 
 class RegistryLike(Protocol):
-    def centroids(self, model_sha256: str, room: str | None = None) -> dict[str, np.ndarray]: ...
+    def centroids(
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
+    ) -> dict[str, np.ndarray]: ...
 
     def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]: ...
 
@@ -86,6 +90,8 @@ class RegistryLike(Protocol):
     def references(
         self, model_sha256: str, room: str | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+
+    def infants(self) -> list[Any]: ...
 
 
 @dataclass
@@ -181,6 +187,13 @@ class Service:
         self.commands = CommandHandler(registry, settings.registry, settings.room)  # type: ignore[arg-type]
         publisher.set_command_sink(COMMAND_VERBS, self._on_command)
         self._next_purge = 0.0
+        # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
+        self.room_state = RoomState(publisher.prefix, settings.room, settings.dashboard.crying_timeout_s)
+        self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
+        self._state_online = False
+        self._next_state_tick = 0.0
+        self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
+        self.room_state.load(self._state_file, datetime.now(timezone.utc))
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -265,6 +278,7 @@ class Service:
         ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self._state_events.put(ev)
         self._wake.set()
         self.counters.events += 1
         if r.kind == "episode":
@@ -308,11 +322,16 @@ class Service:
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
+        reopen = getattr(self.registry, "reopen_if_replaced", None)  # the file deleted or replaced
+        if reopen is not None and reopen():
+            self._registry_version = None
         version = self.registry.data_version()
         if version == self._registry_version:
             return
         self._registry_version = version
-        birth, confirmed = self.registry.references(self.sha, self.settings.room)  # only the room's babies
+        birth, confirmed = self.registry.references(  # only the room's babies, usable vectors only
+            self.sha, self.settings.room, getattr(self.embedder, "dim", None)
+        )
         refs = ReferenceSet(birth, confirmed, self.identifier.confirmed_weight)
         cents = birth
         added = sorted(set(cents) - set(self._enrolled))
@@ -323,10 +342,12 @@ class Service:
             self._pending_references = refs  # the pipeline thread applies it before its next chunk
         else:
             self.identifier.set_references(refs)
+        self._publish_state(self.room_state.roster(self.registry.infants(), datetime.now(timezone.utc)))
         logger.info(
-            "registry: %d babies enrolled in room %s for model %s (added %s, removed %s), "
+            "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
             "%d with confirmed cries",
             len(cents),
+            "baby" if len(cents) == 1 else "babies",
             self.settings.room,
             self.sha[:12],
             ", ".join(added) or "-",
@@ -482,12 +503,42 @@ class Service:
             self._serve_ward(now)
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.publisher.pump()
+            self._update_state(now)
             self._wake.wait(0.1)
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()
                 break
         return self._shutdown(threads)
+
+    def _update_state(self, now: float) -> None:
+        """Retained dashboard state: identifications, "crying now" time-outs, all again after a reconnect."""
+        wall = datetime.now(timezone.utc)
+        if self.publisher.connected != self._state_online:
+            self._state_online = self.publisher.connected
+            if self._state_online:
+                self._publish_state(self.room_state.snapshot(wall))
+        while True:
+            try:
+                ev = self._state_events.get_nowait()
+            except queue.Empty:
+                break
+            self._publish_state(self.room_state.observe(ev, wall))
+            if ev.kind == "episode":
+                self._save_state(wall)
+        if now >= self._next_state_tick:
+            self._publish_state(self.room_state.tick(wall))
+            self._next_state_tick = now + 1.0
+
+    def _save_state(self, now: datetime) -> None:
+        try:
+            self.room_state.save(self._state_file, now)
+        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
+            logger.error("dashboard state not saved to %s: %s", self._state_file, exc)
+
+    def _publish_state(self, messages: list[Any]) -> None:
+        for m in messages:
+            self.publisher.publish_retained(m.topic, m.payload)
 
     def _check_source_state(self) -> bool:
         """A live source went down or came back (``state`` of a MicSource): True when it changed."""
@@ -526,6 +577,8 @@ class Service:
                 "%d events not acknowledged yet; they are published at the next start", self.outbox.size()
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
+        self._update_state(time.monotonic())
+        self._publish_state(self.room_state.stop(datetime.now(timezone.utc)))
         self.publisher.stop()
         if self.fatal:
             logger.error("%s", self.fatal)

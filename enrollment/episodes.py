@@ -173,15 +173,14 @@ class EpisodeTables:
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:  # Registry's
         raise NotImplementedError
 
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]:  # Registry's
-        raise NotImplementedError
-
-    def infants(self) -> list[Any]:  # Registry's
+    def centroids(  # Registry's
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
+    ) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ the daemon's references
     def references(
-        self, model_sha256: str, room: str | None = None
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(birth, confirmed)`` unit centroids of the ACTIVE babies (of ``room``, or all) for this model:
         birth as ``Registry.centroids``, confirmed from the nurses' live confirmations; read in one
@@ -189,10 +188,7 @@ class EpisodeTables:
         with self._lock:
             self._conn.execute("BEGIN")
             try:
-                birth = self.centroids(model_sha256)
-                if room is not None:
-                    rooms = {i.baby_id: i.room for i in self.infants()}
-                    birth = {b: v for b, v in birth.items() if rooms.get(b) == room}
+                birth = self.centroids(model_sha256, room=room, dim=dim)
                 confirmed = self.confirmed_centroids(model_sha256, sorted(birth))
             finally:
                 self._conn.execute("COMMIT")

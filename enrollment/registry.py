@@ -28,6 +28,8 @@ import numpy as np
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.episodes import MIGRATION as EPISODES_MIGRATION
 from cryid.enrollment.episodes import EpisodeTables
+from cryid.enrollment.sqlite_files import foreign_tables, make_private_dir, sqlite_failure, usable_vector
+from cryid.models.errors import CryidError
 from cryid.models.scoring import centroid
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ BABY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PERIODS = ("birth", "discharge")
 SOURCE_KINDS = ("file", "mic", "import")
 STATUSES = ("active", "discharged")
+MAX_NAME_CHARS = 200
 CRASH_ENV = "CRYID_TEST_CRASH_AT"  # test hook: SIGKILL this process at a named point inside a write
 
 # Each entry migrates from version i to i + 1 (PRAGMA user_version); never edit a released entry.
@@ -79,7 +82,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class RegistryError(ValueError):
+class RegistryError(CryidError):
     """Bad registry input or state; the message names the problem and the fix."""
 
 
@@ -100,6 +103,16 @@ def check_room(room: str) -> str:
             f"room {room!r} is not allowed: use 1-64 letters, digits, '_' or '-' (as the daemon's `room`)"
         )
     return room
+
+
+def check_display_name(name: str) -> str:
+    """Return ``name`` if it is short and printable (no terminal escapes), else raise ``RegistryError``."""
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise RegistryError(
+            f"display name {name[:40]!r}: use at most {MAX_NAME_CHARS} printable characters "
+            "(no control characters)"
+        )
+    return name
 
 
 def utc_now() -> str:
@@ -183,6 +196,15 @@ def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class Registry(EpisodeTables):
     """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
 
@@ -192,45 +214,95 @@ class Registry(EpisodeTables):
         self._lock = threading.RLock()
         self._version = 0
         self._last_pragma_version: int | None = None
+        self._settings = RegistrySettings()
+        self._identity = _file_identity(path)
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
     def open(cls, state_dir: Path, settings: RegistrySettings | None = None) -> Registry:
-        """Open (creating and migrating when needed) the registry in ``state_dir``."""
+        """Open (creating and migrating when needed) the registry in ``state_dir``.
+
+        A new state directory is made 0700 and a new registry file 0600 (they identify newborns). A file
+        that is not a cryid registry (another program's SQLite file) is refused before anything is
+        written to it, and is not switched to WAL.
+        """
         settings = settings or RegistrySettings()
         state_dir = Path(state_dir).expanduser()
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(
-                f"cannot create state directory {state_dir} ({exc}); set CRYID_STATE_DIR"
-            ) from exc
+        make_private_dir(state_dir, RegistryError)
         path = state_dir / settings.filename
+        created = not path.exists()
         try:
             timeout_s = settings.busy_timeout_ms / 1000
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s
             )
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
+        try:
+            if created:
+                os.chmod(path, 0o600)
             conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+            foreign = foreign_tables(conn)
+            if foreign is not None:
+                raise RegistryError(
+                    f"{path} is not a cryid registry ({foreign}); it was left untouched: point "
+                    "registry.filename or CRYID_STATE_DIR at the cryid registry"
+                )
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{path}: not a usable registry ({exc}); restore it from an export") from exc
-        registry = cls(conn, path)
-        try:
-            registry._migrate()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            conn.close()
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
         except BaseException:
             conn.close()
             raise
-        registry.data_version()
+        registry = cls(conn, path)
+        registry._settings = settings
+        try:
+            registry._migrate()
+            registry.data_version()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
+        except BaseException:
+            conn.close()
+            raise
         return registry
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def reopen_if_replaced(self) -> bool:
+        """Reopen when the file was deleted or replaced (another inode) since it was opened.
+
+        An open SQLite connection keeps reading a deleted file, so a daemon would go on identifying the
+        babies of a registry that is gone. Returns True when it reopened (and ``data_version`` changed).
+        """
+        identity = _file_identity(self.path)
+        if identity is not None and identity == self._identity:
+            return False
+        try:
+            fresh = Registry.open(self.path.parent, self._settings)
+        except RegistryError as exc:  # keep the open one; try again when the file changes again
+            self._identity = identity
+            logger.error("registry %s was replaced but cannot be reopened: %s", self.path, exc)
+            return False
+        with self._lock:
+            self._conn.close()
+            self._conn, self._identity = fresh._conn, fresh._identity
+            self._last_pragma_version = None
+            self._version += 1
+        logger.warning(
+            "registry %s was %s while open; reopened it (%d babies in it now)",
+            self.path,
+            "deleted" if identity is None else "replaced by another file",
+            len(self.infants()),
+        )
+        return True
 
     def __enter__(self) -> Registry:
         return self
@@ -266,11 +338,18 @@ class Registry(EpisodeTables):
         ``bump=False``: this connection's ``data_version`` does not change (the daemon keeping its own
         episodes must not make itself reload the babies' references); other connections still see it."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             try:
                 yield self._conn
                 _crash_point("before-commit")
                 self._conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
@@ -289,8 +368,15 @@ class Registry(EpisodeTables):
                 self._last_pragma_version = pragma
             return self._version
 
-    def centroids(self, model_sha256: str, room: str | None = None) -> dict[str, np.ndarray]:
-        """Unit centroid of every ACTIVE baby that has embeddings for this model (in ``room`` if given)."""
+    def centroids(
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Unit centroid of every ACTIVE baby that has embeddings for this model (in ``room`` if given).
+
+        An embedding that cannot be used (not finite, zero or huge norm, or not ``dim`` long: a damaged
+        or poisoned registry) is skipped with a warning naming the baby, so the others stay identified.
+        Without ``dim``, the size most babies have is taken as the model's.
+        """
         rows = self._query(
             """SELECT s.baby_id, e.vector FROM embeddings e
                JOIN samples s ON s.sample_id = e.sample_id
@@ -302,7 +388,22 @@ class Registry(EpisodeTables):
         grouped: dict[str, list[np.ndarray]] = {}
         for baby_id, blob in rows:
             grouped.setdefault(baby_id, []).append(_blob_vector(blob))
-        return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
+        if dim is None and grouped:
+            sizes = [v[0].size for v in grouped.values()]
+            dim = max(set(sizes), key=lambda n: (sizes.count(n), n))
+        out: dict[str, np.ndarray] = {}
+        for baby_id, vectors in grouped.items():
+            good = [v for v in vectors if usable_vector(v, dim)]
+            if len(good) < len(vectors):
+                logger.warning(
+                    "registry %s: baby %s has %d of %d embeddings for model %s that cannot be used "
+                    "(not %s values, not finite, or a zero or huge norm); %s",
+                    self.path, baby_id, len(vectors) - len(good), len(vectors), model_sha256[:12], dim,
+                    "skipped them" if good else "baby left out: re-enroll it",
+                )
+            if good:
+                out[baby_id] = centroid(np.stack(good))
+        return out
 
     def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]:
         """ACTIVE babies (in ``room`` if given) with no embedding for this model (enrolled with another
@@ -320,7 +421,10 @@ class Registry(EpisodeTables):
     # ---------------------------------------------------------------- reads
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
 
     def get_infant(self, baby_id: str) -> Infant | None:
         rows = self._query(
@@ -399,6 +503,7 @@ class Registry(EpisodeTables):
         check_room(room)
         if status not in STATUSES:
             raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        check_display_name(display_name)
         now = utc_now()
         conn.execute(
             "INSERT INTO infants (baby_id, display_name, room, status, created_at, updated_at, "

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cryid.models.errors import CryidError
+
 FEATURES = ("best_score", "margin", "log_candidates")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(CryidError):
     """Calibration data or a stored map that cannot be used; the message names the problem and the fix."""
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryid.models.errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``model`` and ``eval`` to ``cryid``'s parser."""
@@ -19,12 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _register_eval(sub)
 
 
-def _option_error(exc: Exception) -> ValueError:
+def _option_error(exc: Exception) -> UsageError:
     """A pydantic ValidationError of CLI options as one line naming the option."""
     err = exc.errors()[0]  # type: ignore[attr-defined]
     loc = err["loc"]
     where = f"--{str(loc[0]).replace('_', '-')}: " if loc else ""
-    return ValueError(f"{where}{err['msg'].removeprefix('Value error, ')}")
+    return UsageError(f"{where}{err['msg'].removeprefix('Value error, ')}")
 
 
 def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -108,6 +110,17 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.set_defaults(func=handler)
 
 
+def _source_shown(source: str) -> str:
+    """The manifest's source without the exporting machine's absolute path (a hub id stays as is)."""
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    where = "here" if path.is_dir() else "on the machine that exported it, not shipped"
+    return f"{path.name} (a local model folder, {where})"
+
+
 def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """cryid model info [DIR] [--json]"""
     from pathlib import Path
@@ -134,7 +147,7 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         fe = m.frontend
         rows = [
             ("model", str(model_dir)),
-            ("source", m.source),
+            ("source", _source_shown(m.source)),
             ("created", m.created_at),
             ("embedding", f"{m.embedding_dim}-d, input {m.input_name!r} (batch, frames, {fe.n_mels})"),
             ("front end", f"{fe.sample_rate} Hz, n_fft {fe.n_fft}, hop {fe.hop_length}, {fe.n_mels} mels "
@@ -207,10 +220,16 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
         import shlex
         import sys
 
+        from pydantic import ValidationError
+
         from cryid.models.train import train
 
         given = {n: getattr(args, n) for n in TrainSettings.model_fields if getattr(args, n) is not None}
-        config = TrainSettings(**given)
+        try:
+            config = TrainSettings(**given)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         command = "cryid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
         result = train(config, args.data, args.out, init=args.init, command=command, progress=not args.quiet)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
@@ -280,10 +299,10 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             try:
                 import pyroomacoustics  # noqa: F401
             except ImportError:
-                raise ValueError("--ward-channel needs pyroomacoustics, which is not installed; "
+                raise UsageError("--ward-channel needs pyroomacoustics, which is not installed; "
                                  "pip install 'cryid[train]' (or pyroomacoustics)") from None
         if args.submission is not None and options.protocol == "ward":
-            raise ValueError("--submission needs the paper protocol; drop --protocol ward")
+            raise UsageError("--submission needs the paper protocol; drop --protocol ward")
         for option, path in (("--json", args.json), ("--plot", args.plot), ("--submission", args.submission)):
             if path is not None:
                 eval_output.check_output_path(path, option)

@@ -1,7 +1,7 @@
 """What ``cryid eval`` writes: the summary lines, ``--json``, ``--submission`` CSV and the ``--plot`` PNG.
 
 Files are written to a temporary name and renamed into place, so nothing is ever half-written.
-matplotlib (the ``train`` extra) is imported only when a plot is asked for.
+matplotlib (the ``plot`` extra) is imported only when a plot is asked for.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from cryid.models.errors import CryidError
 from cryid.models.evaluate import EvalReport, PairReport
 
 logger = logging.getLogger(__name__)
 
 
-class OutputError(ValueError):
+class OutputError(CryidError):
     """An output that cannot be written; the message names the problem and the fix."""
 
 
@@ -37,7 +38,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise OutputError(
-            "--plot needs matplotlib, which is not installed; pip install 'cryid[train]' (or matplotlib)"
+            "--plot needs matplotlib, which is not installed; pip install 'cryid[plot]'"
         ) from None
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryid.models.errors import CryidError
 
-class MetricError(ValueError):
+
+class MetricError(CryidError):
     """Scores that no metric can be computed from (empty, NaN, wrong shape)."""
 
 

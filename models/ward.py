@@ -26,6 +26,7 @@ from functools import cached_property
 import numpy as np
 
 from cryid.models.calibration import Calibration
+from cryid.models.errors import UsageError
 from cryid.models.metrics import eer, weighted_eer
 from cryid.models.scoring import ReferenceSet, centroid
 
@@ -81,12 +82,12 @@ def draw_rooms(data: WardData, size: int, strangers: int, count: int, seed: int)
     """``count`` seeded rooms of ``size`` babies from ``data.pool``, the last ``strangers`` not enrolled.
     A baby drawn for enrollment whose B files hold no expiration stays a stranger (as ``enroll`` refuses)."""
     if not 1 <= size <= len(data.pool):
-        raise ValueError(
+        raise UsageError(
             f"a room of {size} babies needs {size} infants with B and D recordings; "
             f"the split has {len(data.pool)}"
         )
     if not 0 <= strangers < size:
-        raise ValueError(f"a room of {size} babies cannot hold {strangers} strangers; give fewer")
+        raise UsageError(f"a room of {size} babies cannot hold {strangers} strangers; give fewer")
     rng = np.random.default_rng(seed)
     rooms = []
     for _ in range(count):

@@ -282,7 +282,9 @@ def test_daemon_events_arrive_over_tls_and_websockets(
     settings = Settings(state_dir=tmp_path / "state")
     assert settings.mqtt.username == DAEMON_USER and settings.room == ROOM
 
-    browser = client("dashboard", port=ward_broker.ws_port, transport="websockets")
+    # the browser signs in as the nurse: with client id = user name, a second `dashboard` login (the
+    # mosquitto_sub below) would take over its session
+    browser = client("nurse", port=ward_broker.ws_port, transport="websockets")
     assert browser.connected().value == 0
     assert [rc.value for rc in browser.subscribe(f"cryid/{ROOM}/#")] == [1]
 
