@@ -26,6 +26,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ class Printer:
         self.prefix = prefix
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        self._retained: set[str] = set()  # topics that arrived retained with a payload
+        self._last_message = time.monotonic()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"cryid-demo-viewer-{os.getpid()}"
         )
@@ -154,7 +157,12 @@ class Printer:
             raise ServiceError(f"the demo could not subscribe at {host}:{port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.endswith("/state") or not ("/baby/" in msg.topic or msg.topic.endswith("/unknown")):
+        with self._lock:
+            self._last_message = time.monotonic()
+            if msg.retain and msg.payload:
+                self._retained.add(msg.topic)
+        is_event = "/baby/" in msg.topic or msg.topic.endswith("/unknown")
+        if msg.retain or msg.topic.endswith("/state") or not is_event:
             return
         ev = json.loads(msg.payload)
         with self._lock:
@@ -168,10 +176,27 @@ class Printer:
             flush=True,
         )
 
-    def clear_retained(self) -> None:
-        """Remove the demo's retained status topics from a broker that outlives the demo."""
-        for topic in (f"{self.prefix}/status", f"{self.prefix}/status/source"):
+    def clear_retained(self, quiet_s: float = 0.5, limit_s: float = 5.0) -> list[str]:
+        """Remove every retained topic the demo left under its prefix (status, roster, baby states) from a
+        broker that outlives the demo: subscribe again (the broker resends what it retains), then clear
+        each with an empty retained message. Returns the cleared topics."""
+        with self._lock:
+            self._retained.clear()
+            self._last_message = time.monotonic()
+        self._ready.clear()
+        self.client.subscribe(f"{self.prefix}/#", qos=1)
+        self._ready.wait(5)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if time.monotonic() - self._last_message >= quiet_s:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            topics = sorted(self._retained)
+        for topic in topics:
             self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        return topics
 
     def close(self) -> None:
         self.client.disconnect()
