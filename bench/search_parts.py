@@ -166,10 +166,10 @@ def _delta(x: np.ndarray) -> np.ndarray:
 
 def shipped_stats(x: np.ndarray) -> np.ndarray:
     """The shipped network's 1120 statistics of globally normalised log-mel x (`stats_init` with
-    level -100; frame-gain -100/-10/0/10; delta -5/5), in NumPy."""
+    level -100; frame-gain -100/-10/0/10; delta -5/5), in NumPy: a -100 dB threshold is x + 100."""
     shape = x - x.mean(axis=1, keepdims=True)
     d = _delta(x)
-    chans = [x, shape] + [np.maximum(shape - t, 0) for t in (-10.0, 0.0, 10.0)]
+    chans = [x + 100.0, shape + 100.0] + [np.maximum(shape - t, 0) for t in (-10.0, 0.0, 10.0)]
     chans += [np.maximum(d - t, 0) for t in (-5.0, 5.0)]
     c = np.concatenate(chans, axis=1)
     return _ms(c)
