@@ -290,22 +290,23 @@ def summarise(res: dict[str, np.ndarray], boots: np.ndarray) -> dict[str, np.nda
 
 
 def variants() -> list[Variant]:
+    """The grid. Statistic sets that lost on every measure with train-only back-ends (loud frames only,
+    the channel-invariant set) are not refitted with dev data."""
     vs = [Variant("fbank_ms", "lda20", "train", "cos"), Variant("shipped_onnx", "-", "-", "cos")]
     vs.append(Variant("shipped_onnx", "-", "-", "asnorm"))
+    every = (
+        ("fbank_ms_loud", 40),
+        ("shipped_stats_loud", 80),
+        ("chan_invariant", 80),
+        ("shipped_loud+inv", 80),
+    )
+    kept = (("fbank_ms", 20), ("fbank_ms", 40), ("shipped_stats", 80), ("shipped+loud_ms", 80))
     for data in ("train", "train+aug", "train+dev", "train+dev+aug"):
-        for feats, dims in (
-            ("fbank_ms", 20),
-            ("fbank_ms", 40),
-            ("fbank_ms_loud", 40),
-            ("shipped_stats", 80),
-            ("shipped_stats_loud", 80),
-            ("chan_invariant", 80),
-            ("shipped_loud+inv", 80),
-            ("shipped+loud_ms", 80),
-        ):
+        for feats, dims in kept + (every if "dev" not in data else ()):
             v = Variant(feats, f"lda{dims}", data, "cos")
             if v not in vs:
                 vs.append(v)
+    vs += [Variant("shipped_stats", f"lda{d}", "train", "cos") for d in (40, 160)]
     for feats, dims in (("fbank_ms", 40), ("shipped_stats", 80)):
         for data in ("train", "train+dev"):
             vs += [
@@ -321,6 +322,29 @@ def _ci(a: np.ndarray) -> str:
     return f"{100 * a[0]:4.1f} [{100 * lo:4.1f},{100 * hi:4.1f}]"
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as the model card's table (figures in %, 95% CIs in brackets)."""
+
+    def ci(v: list[float]) -> str:
+        return f"{100 * v[0]:.1f} [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
+
+    out = [
+        "| statistics, back-end, fit data, scoring | train CV EER | dev-CV EER | dev-CV channel-matched EER "
+        "| ward-channel EER | room-of-8 top-1 | channel-matched vs reference | room-of-8 vs reference "
+        "| dev one look: EER / ch.-matched / top-1 of 30 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lk = r["one_look"]
+        look = f"{100 * lk['eer']:.1f} / {100 * lk['eer_cm']:.1f} / {100 * lk['top1']:.1f}" if lk else "-"
+        tcv = "-" if r["train_cv_eer"] != r["train_cv_eer"] else f"{100 * r['train_cv_eer']:.1f}"
+        out.append(
+            f"| {r['variant']} | {tcv} | {ci(r['eer'])} | {ci(r['eer_cm'])} | {ci(r['eer_ward'])} "
+            f"| {ci(r['room8'])} | {ci(r['d_cm_vs_ref'])} | {ci(r['d_room8_vs_ref'])} | {look} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
@@ -330,7 +354,11 @@ def main() -> int:
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table-from", type=Path, default=None, help="print a --json result as markdown; no run")
     args = ap.parse_args()
+    if args.table_from:
+        print(markdown(json.loads(args.table_from.read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("cryid.models.backend").setLevel(logging.WARNING)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -362,6 +390,8 @@ def main() -> int:
                 dd = sm[k] - summ[SHIPPED][k]
                 row[key] = [float(dd[0]), *np.nanpercentile(dd[1:], [2.5, 97.5]).tolist()]
         rows.append(row)
+        if args.json:  # after every row: a stopped run keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=1))
         lk = "-"
         if look:
             lk = f"{100 * look['eer']:4.1f} {100 * look['eer_cm']:4.1f} {100 * look['top1']:4.1f}"
