@@ -14,6 +14,9 @@ prints
 - dev_eer, dev_eer_cm (channel-matched), dev_top1: the CryCeleb protocol on dev (one embedding per
   concatenated baby-period, cosine B vs D), top-1 = nearest B of each D among the 30 infants.
 Selection is by cv_eer; dev is the confirmation. Outputs go to the cache folder, never the repository.
+Its train CV shares one session per infant and rewards channel cues: issue 11's cross-session
+selection (dev-CV over dev infants with bootstrap CIs, rooms of 8, a ward channel) is
+`bench/model_search.py`.
 """
 
 from __future__ import annotations

@@ -265,3 +265,58 @@ def test_stats_init_computes_band_statistics() -> None:
     chans = [np.maximum(x + 5, 0), np.maximum(x - 5, 0), np.maximum(shape, 0), np.maximum(d - 3, 0)]
     want = np.concatenate([c.mean(0) for c in chans] + [c.std(0) for c in chans])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+
+
+def _bench_module(name: str) -> object:
+    """A module of bench/ (the model search harness), imported by path."""
+    import importlib
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_model_search_statistics_are_the_shipped_network() -> None:
+    """bench/model_search.py's NumPy statistics equal the shipped network's (stats_init) pre-LDA output,
+    so a back-end chosen there is the one `cryid model train` would fit."""
+    import torch
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    from cryid.models.train_parts import stats_init
+
+    parts = _bench_module("search_parts")
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.normal(-5.0, 12.0, size=(250, 80)), -70.0).astype(np.float32)  # global-normalised
+    model = ECAPA_TDNN(80, channels=[192] * 4 + [576], lin_neurons=1120).eval()
+    stats_init(model, (-100.0,), framegain_db=(-100.0, -10.0, 0.0, 10.0), delta_db=(-5.0, 5.0))
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)[None])[0, 0].numpy()
+    np.testing.assert_allclose(parts.shipped_stats(x), got, rtol=1e-4, atol=5e-3)
+
+
+def test_model_search_weighted_eer_and_channels() -> None:
+    """The harness's weighted EER equals the speechbrain-exact EER with unit weights (to one trial), and
+    a simulated channel's band limit leaves nothing above its cutoff."""
+    from cryid.models.metrics import eer
+
+    search = _bench_module("model_search")
+    parts = _bench_module("search_parts")
+    rng = np.random.default_rng(3)
+    pos, neg = rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 400)
+    s = np.concatenate([pos, neg])
+    same = np.arange(len(s)) < len(pos)
+    assert abs(search.weighted_eer(s, same, np.ones(len(s))) - eer(pos, neg)[0]) <= 1.0 / len(pos)
+    # doubling every weight changes nothing; a permuted-label control is near chance
+    assert search.weighted_eer(s, same, np.full(len(s), 2.0)) == search.weighted_eer(s, same, np.ones(len(s)))
+    assert 0.35 < search.weighted_eer(s, rng.permutation(same), np.ones(len(s))) < 0.65
+    wav = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    ch = parts.random_channel(1)  # seed 1: a 3.4 kHz band limit
+    assert ch.cutoff_hz in (3400.0, 4000.0)
+    ch = parts.Channel(**{**ch.__dict__, "snr_db": float("inf"), "gain_db": 0.0})
+    spec = np.abs(np.fft.rfft(parts.apply_channel(wav, ch, noise_seed=0)))
+    freqs = np.fft.rfftfreq(16000, 1 / 16000)
+    assert spec[freqs > ch.cutoff_hz + 50].max() < 1e-3 * spec[freqs < ch.cutoff_hz].max()
+    ward = parts.ward_channel(7)
+    np.testing.assert_array_equal(parts.apply_channel(wav, ward, 1), parts.apply_channel(wav, ward, 1))

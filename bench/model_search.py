@@ -1,0 +1,409 @@
+"""Honest model search (issue 11): statistic sets x back-ends, selected by cross-session cross-validation.
+
+    nice -n 10 python bench/model_search.py --data ../shared/data/donateacry-cc --cache runs/search
+
+Stage 1 (cached in --cache/stats.npz, about 3 min): every train and dev recording through the daemon's
+NumPy front end (`cryid.models.frontend`), statistic sets of `bench/search_parts.feature_sets`, two
+channel-augmented copies of every train recording (40 simulated channels shared among infants), the
+dev baby-periods (CryCeleb concatenation) clean and through one simulated ward channel, and the
+shipped ONNX model's embeddings of the same.
+
+Stage 2 (each variant = statistic set + back-end + back-end data + scoring):
+- train_cv: 5-fold CV over train infants (pseudo pairs within one session: optimistic),
+- dev-CV: dev's 30 infants in 3 folds of 10, repeated with --repeats seeds; the back-end is fitted on
+  train (+ augmented copies) (+ the dev files of the other 20 infants, both sessions, when the data
+  includes `dev`), and the held-out 10 infants are scored B vs D across sessions: EER, channel-matched
+  EER, the same through the ward channel, top-1 among the fold's 10, and top-1 in --rooms seeded rooms
+  of 8 drawn inside held-out folds. 95% CIs by bootstrap over infants; `d_cm` and `d_room8` are the
+  paired bootstrap differences to the reference (LDA 20 of Fbank mean+std) with their CIs.
+- one look at dev: the usual 30 x 30 protocol, only for back-ends fitted without dev.
+Nothing here writes into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_parts import (
+    apply_channel,
+    dev_periods,
+    feature_sets,
+    load_wavs,
+    random_channel,
+    read_rows,
+    ward_channel,
+)
+
+from cryid.models.backend import BackendSettings, fit_backend
+
+logger = logging.getLogger("model_search")
+N_AUG, N_CHANNELS, REF, SHIPPED = 2, 40, "fbank_ms lda20 train cos", "shipped_onnx - - cos"
+
+
+def build_stats(data: Path, cache: Path) -> dict[str, np.ndarray]:
+    path = cache / "stats.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    from cryid.models.embedder import Embedder
+    from cryid.models.frontend import Fbank
+
+    repo = Path(__file__).resolve().parent.parent
+    emb = Embedder(repo / "models" / "default")
+    gmean = np.asarray(emb.manifest.frontend.global_mean, dtype=np.float32)
+    fb = Fbank()
+    rows = read_rows(data)
+    wavs = load_wavs(data, rows)
+    train = [r for r in rows if r["split"] == "train"]
+    dev = [r for r in rows if r["split"] == "dev"]
+    periods = dev_periods(rows)
+    chans = [random_channel(s) for s in range(N_CHANNELS)]
+    ward = ward_channel(7)
+    rng = np.random.default_rng(1)
+    out: dict[str, list[np.ndarray]] = {}
+    onnx: dict[str, list[np.ndarray]] = {"train": [], "period": [], "ward": []}
+    t0 = time.time()
+
+    def add(unit: str, wav: np.ndarray) -> None:
+        for name, v in feature_sets(fb.log_mel(wav), gmean).items():
+            out.setdefault(f"{unit}/{name}", []).append(v.astype(np.float32))
+        if unit in onnx:
+            onnx[unit].append(emb.embed(wav))
+
+    for i, r in enumerate(train):
+        add("train", wavs[r["file_id"]])
+        for k, c in enumerate(rng.choice(N_CHANNELS, N_AUG, replace=False)):
+            add("aug", apply_channel(wavs[r["file_id"]], chans[c], noise_seed=10 * i + k))
+        if i % 100 == 0:
+            logger.info("train %d/%d (%.0f s)", i, len(train), time.time() - t0)
+    for r in dev:
+        add("devfile", wavs[r["file_id"]])
+    for j, v in enumerate(periods.values()):
+        wav = np.concatenate([wavs[r["file_id"]] for r in v])
+        add("period", wav)
+        add("ward", apply_channel(wav, ward, noise_seed=99_000 + j))
+    res = {k: np.stack(v) for k, v in out.items()}
+    res.update({f"{u}/shipped_onnx": np.stack(v) for u, v in onnx.items()})
+    res["train_y"] = np.array([r["baby_id"] for r in train])
+    res["aug_y"] = np.repeat(res["train_y"], N_AUG)
+    res["devfile_y"] = np.array([r["baby_id"] for r in dev])
+    res["period_key"] = np.array([f"{b}|{p}|{v[0]['codec']}" for (b, p), v in periods.items()])
+    np.savez(path, **res)
+    logger.info("stats cached in %s (%.0f s)", path, time.time() - t0)
+    return res
+
+
+@dataclass(frozen=True)
+class Variant:
+    feats: str
+    backend: str  # "-" none, "ldaN", "ldaN_pw" (PLDA-weighted LDA), "wccn"
+    data: str  # train, train+aug, train+dev, train+dev+aug
+    score: str  # cos, asnorm, plda
+
+    @property
+    def name(self) -> str:
+        return f"{self.feats} {self.backend} {self.data} {self.score}"
+
+
+def _lnorm(z: np.ndarray) -> np.ndarray:
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+class Scorer:
+    """A fitted back-end + scoring rule: ``scores(enrol, test)`` on raw statistics."""
+
+    def __init__(self, v: Variant, x: np.ndarray, y: np.ndarray, cohort: np.ndarray) -> None:
+        if v.backend == "-":
+            self.f = lambda a: np.asarray(a, dtype=np.float64)
+        else:
+            kind = "wccn" if v.backend == "wccn" else "lda"
+            dims = int(v.backend[3:].split("_")[0]) if kind == "lda" else 20
+            w = "plda" if v.backend.endswith("_pw") else "none"
+            be = fit_backend(x, y, BackendSettings(kind=kind, dims=dims, weighting=w))
+            self.f = lambda a: be.apply(a).astype(np.float64)
+        self.score = v.score
+        if v.score == "asnorm":
+            self.cohort = _lnorm(self.f(cohort))
+        if v.score == "plda":
+            z = _lnorm(self.f(x))
+            from scipy import linalg
+
+            from cryid.models.backend import _scatter
+
+            mu, sw, sb = _scatter(z, y)
+            lam, vec = linalg.eigh(sb, sw + 1e-6 * np.eye(len(sw)))
+            self.mu, self.vec, self.lam = mu, vec, np.clip(lam, 1e-6, None)
+
+    def scores(self, enrol: np.ndarray, test: np.ndarray) -> np.ndarray:
+        e, t = _lnorm(self.f(enrol)), _lnorm(self.f(test))
+        if self.score == "plda":  # two-covariance PLDA log-likelihood ratio (within = I, between = lam)
+            u, v, b = (e - self.mu) @ self.vec, (t - self.mu) @ self.vec, self.lam
+            tt, det = b + 1.0, (b + 1.0) ** 2 - b**2
+            quad = (tt / det - 1.0 / tt)[None, None, :] * (u[:, None, :] ** 2 + v[None, :, :] ** 2)
+            cross = (-2.0 * b / det)[None, None, :] * u[:, None, :] * v[None, :, :]
+            return -0.5 * (quad + cross).sum(-1) - 0.5 * np.sum(np.log(det) - 2 * np.log(tt))
+        s = e @ t.T
+        if self.score == "asnorm":
+            k = min(100, len(self.cohort))
+            ce = np.sort(e @ self.cohort.T, axis=1)[:, -k:]
+            ct = np.sort(t @ self.cohort.T, axis=1)[:, -k:]
+            zs_e = (s - ce.mean(1)[:, None]) / ce.std(1)[:, None]
+            s = 0.5 * (zs_e + (s - ct.mean(1)[None, :]) / ct.std(1)[None, :])
+        return s
+
+
+def weighted_eer(s: np.ndarray, same: np.ndarray, w: np.ndarray) -> float:
+    """EER with a weight per trial (1 for the plain EER; bootstrap counts for the CI)."""
+    if not (w[same] > 0).any() or not (w[~same] > 0).any():
+        return float("nan")
+    o = np.argsort(s, kind="stable")
+    s, same, w = s[o], same[o], w[o]
+    frr = np.concatenate([[0.0], np.cumsum(w * same)]) / np.sum(w * same)  # targets below threshold
+    far = 1.0 - np.concatenate([[0.0], np.cumsum(w * ~same)]) / np.sum(w * ~same)
+    i = int(np.argmin(np.abs(far - frr)))
+    return float((far[i] + frr[i]) / 2)
+
+
+def train_cv(v: Variant, st: dict[str, np.ndarray]) -> float:
+    x, y = st[f"train/{v.feats}"], st["train_y"]
+    babies = np.unique(y)
+    fold_of = dict(zip(np.random.default_rng(0).permutation(babies), np.arange(len(babies)) % 5, strict=True))
+    fold, afold = np.array([fold_of[b] for b in y]), np.array([fold_of[b] for b in st["aug_y"]])
+    s_all, same_all = [], []
+    for f in range(5):
+        xs, ys = [x[fold != f]], [y[fold != f]]
+        if "aug" in v.data:
+            xs.append(st[f"aug/{v.feats}"][afold != f])
+            ys.append(st["aug_y"][afold != f])
+        if "dev" in v.data:
+            xs.append(st[f"devfile/{v.feats}"])
+            ys.append(st["devfile_y"])
+        sc = Scorer(v, np.concatenate(xs), np.concatenate(ys), x[fold != f]) if v.backend != "-" else None
+        held = np.where(fold == f)[0]
+        first: dict[str, int] = {}
+        for i in held:
+            first.setdefault(str(y[i]), int(i))
+        enr = np.array(list(first.values()))
+        tst = np.array([i for i in held if first[str(y[i])] != i])
+        sc = sc or Scorer(v, x, y, x)
+        s_all.append(sc.scores(x[enr], x[tst]).T.ravel())
+        same_all.append((y[tst][:, None] == y[enr][None, :]).ravel())
+    s, same = np.concatenate(s_all), np.concatenate(same_all)
+    return weighted_eer(s, same, np.ones(len(s)))
+
+
+def dev_cv(v: Variant, st: dict[str, np.ndarray], repeats: int, rooms: int) -> dict[str, np.ndarray]:
+    """Cross-session trial lists over held-out dev folds: (b_idx, d_idx, score, same, cm, ward_score),
+    and per-infant room-of-8 / fold top-1 hit counts."""
+    keys = [k.split("|") for k in st["period_key"]]
+    babies = sorted({k[0] for k in keys})
+    bi = {b: i for i, b in enumerate(babies)}
+    b_rows = np.array([next(j for j, k in enumerate(keys) if k[0] == b and k[1] == "B") for b in babies])
+    d_rows = np.array([next(j for j, k in enumerate(keys) if k[0] == b and k[1] == "D") for b in babies])
+    codec = np.array([k[2] for k in keys])
+    x_tr, y_tr = st[f"train/{v.feats}"], st["train_y"]
+    per, ward = st[f"period/{v.feats}"], st[f"ward/{v.feats}"]
+    trials, hits8, app8, hit10 = [], np.zeros(30), np.zeros(30), np.zeros(30)
+    cache: dict[tuple[str, ...], Scorer] = {}
+    rng_room = np.random.default_rng(123)
+    per_fold_rooms = max(1, rooms // (3 * repeats))
+    for r in range(repeats):
+        perm = np.random.default_rng(1000 + r).permutation(30)
+        for f in range(3):
+            held = np.sort(perm[10 * f : 10 * f + 10])
+            fit_babies = tuple(babies[i] for i in perm if i not in held) if "dev" in v.data else ()
+            if fit_babies not in cache:
+                xs, ys = [x_tr], [y_tr]
+                if "aug" in v.data:
+                    xs.append(st[f"aug/{v.feats}"])
+                    ys.append(st["aug_y"])
+                if fit_babies:
+                    m = np.isin(st["devfile_y"], fit_babies)
+                    xs.append(st[f"devfile/{v.feats}"][m])
+                    ys.append(st["devfile_y"][m])
+                cache[fit_babies] = Scorer(v, np.concatenate(xs), np.concatenate(ys), x_tr)
+            sc = cache[fit_babies]
+            s = sc.scores(per[b_rows[held]], per[d_rows[held]])  # (B of held, D of held)
+            sw = sc.scores(ward[b_rows[held]], ward[d_rows[held]])
+            for a in range(10):
+                for c in range(10):
+                    cm = codec[b_rows[held[a]]] == codec[d_rows[held[c]]]
+                    trials.append((held[a], held[c], s[a, c], a == c, cm, sw[a, c]))
+            hit10[held] += np.argmax(s, axis=0) == np.arange(10)
+            for _ in range(per_fold_rooms):
+                room = np.sort(rng_room.choice(10, 8, replace=False))
+                ok = np.argmax(s[np.ix_(room, room)], axis=0) == np.arange(8)
+                hits8[held[room]] += ok
+                app8[held[room]] += 1
+    t = np.array(trials, dtype=float)
+    del bi
+    return {"trials": t, "hits8": hits8, "app8": app8, "hit10": hit10 / repeats}
+
+
+def one_look(v: Variant, st: dict[str, np.ndarray]) -> dict[str, float]:
+    """The usual dev protocol (30 x 30), for back-ends fitted without dev."""
+    keys = [k.split("|") for k in st["period_key"]]
+    babies = sorted({k[0] for k in keys})
+    b = [next(j for j, k in enumerate(keys) if k[0] == x and k[1] == "B") for x in babies]
+    d = [next(j for j, k in enumerate(keys) if k[0] == x and k[1] == "D") for x in babies]
+    xs, ys = [st[f"train/{v.feats}"]], [st["train_y"]]
+    if "aug" in v.data:
+        xs.append(st[f"aug/{v.feats}"])
+        ys.append(st["aug_y"])
+    sc = Scorer(v, np.concatenate(xs), np.concatenate(ys), st[f"train/{v.feats}"])
+    per = st[f"period/{v.feats}"]
+    s = sc.scores(per[b], per[d])
+    same = np.eye(30, dtype=bool)
+    codec = np.array([k[2] for k in keys])
+    cm = codec[b][:, None] == codec[d][None, :]
+    w = np.ones(s.size)
+    return {
+        "eer": weighted_eer(s.ravel(), same.ravel(), w),
+        "eer_cm": weighted_eer(s[cm], same[cm], np.ones(int(cm.sum()))),
+        "top1": float(np.mean(np.argmax(s, axis=0) == np.arange(30))),
+    }
+
+
+def summarise(res: dict[str, np.ndarray], boots: np.ndarray) -> dict[str, np.ndarray]:
+    """Point value (row 0) and bootstrap values (rows 1..) of each dev-CV figure."""
+    t = res["trials"]
+    b_i, d_i, s, sw = t[:, 0].astype(int), t[:, 1].astype(int), t[:, 2], t[:, 5]
+    same, cm = t[:, 3] > 0, t[:, 4] > 0
+    out: dict[str, list[float]] = {k: [] for k in ("eer", "eer_cm", "eer_ward", "top1_10", "room8")}
+    for w in np.vstack([np.ones(30), boots]):
+        wt = w[b_i] * w[d_i]
+        out["eer"].append(weighted_eer(s, same, wt))
+        out["eer_cm"].append(weighted_eer(s[cm], same[cm], wt[cm]))
+        out["eer_ward"].append(weighted_eer(sw, same, wt))
+        out["top1_10"].append(float(np.sum(w * res["hit10"]) / np.sum(w)))
+        out["room8"].append(float(np.sum(w * res["hits8"]) / max(np.sum(w * res["app8"]), 1e-9)))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def variants() -> list[Variant]:
+    """The grid. Statistic sets that lost on every measure with train-only back-ends (loud frames only,
+    the channel-invariant set) are not refitted with dev data."""
+    vs = [Variant("fbank_ms", "lda20", "train", "cos"), Variant("shipped_onnx", "-", "-", "cos")]
+    vs.append(Variant("shipped_onnx", "-", "-", "asnorm"))
+    every = (
+        ("fbank_ms_loud", 40),
+        ("shipped_stats_loud", 80),
+        ("chan_invariant", 80),
+        ("shipped_loud+inv", 80),
+    )
+    kept = (("fbank_ms", 20), ("fbank_ms", 40), ("shipped_stats", 80), ("shipped+loud_ms", 80))
+    for data in ("train", "train+aug", "train+dev", "train+dev+aug"):
+        for feats, dims in kept + (every if "dev" not in data else ()):
+            v = Variant(feats, f"lda{dims}", data, "cos")
+            if v not in vs:
+                vs.append(v)
+    vs += [Variant("shipped_stats", f"lda{d}", "train", "cos") for d in (40, 160)]
+    for feats, dims in (("fbank_ms", 40), ("shipped_stats", 80)):
+        for data in ("train", "train+dev"):
+            vs += [
+                Variant(feats, f"lda{dims}_pw", data, "cos"),
+                Variant(feats, f"lda{dims}", data, "asnorm"),
+                Variant(feats, f"lda{dims}", data, "plda"),
+            ]
+    return vs
+
+
+def _ci(a: np.ndarray) -> str:
+    lo, hi = np.nanpercentile(a[1:], [2.5, 97.5])
+    return f"{100 * a[0]:4.1f} [{100 * lo:4.1f},{100 * hi:4.1f}]"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as the model card's table (figures in %, 95% CIs in brackets)."""
+
+    def ci(v: list[float]) -> str:
+        return f"{100 * v[0]:.1f} [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
+
+    out = [
+        "| statistics, back-end, fit data, scoring | train CV EER | dev-CV EER | dev-CV channel-matched EER "
+        "| ward-channel EER | room-of-8 top-1 | channel-matched vs reference | room-of-8 vs reference "
+        "| dev one look: EER / ch.-matched / top-1 of 30 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lk = r["one_look"]
+        look = f"{100 * lk['eer']:.1f} / {100 * lk['eer_cm']:.1f} / {100 * lk['top1']:.1f}" if lk else "-"
+        tcv = "-" if r["train_cv_eer"] != r["train_cv_eer"] else f"{100 * r['train_cv_eer']:.1f}"
+        out.append(
+            f"| {r['variant']} | {tcv} | {ci(r['eer'])} | {ci(r['eer_cm'])} | {ci(r['eer_ward'])} "
+            f"| {ci(r['room8'])} | {ci(r['d_cm_vs_ref'])} | {ci(r['d_room8_vs_ref'])} | {look} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--repeats", type=int, default=3, help="dev-CV repetitions (3 folds each)")
+    ap.add_argument("--rooms", type=int, default=270, help="rooms of 8 in all")
+    ap.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table-from", type=Path, default=None, help="print a --json result as markdown; no run")
+    args = ap.parse_args()
+    if args.table_from:
+        print(markdown(json.loads(args.table_from.read_text())))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("cryid.models.backend").setLevel(logging.WARNING)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    st = build_stats(args.data, args.cache)
+    boots = np.random.default_rng(5).multinomial(30, np.ones(30) / 30, size=args.boot).astype(float)
+    vs = [v for v in variants() if not args.only or any(o in v.name for o in args.only)]
+    vs = [v for v in variants() if v.name in (REF, SHIPPED) or v in vs]
+    summ: dict[str, dict[str, np.ndarray]] = {}
+    rows = []
+    hdr = (
+        f"{'variant':44s} {'trainCV':>7s} | {'devCV EER':>17s} {'devCV cm EER':>17s} {'ward EER':>17s} "
+        f"{'top1/10':>6s} {'room8 top1':>17s} {'d_cm vs ref':>17s} {'d_room8 vs ref':>17s} "
+        "| look: EER cm top1/30"
+    )
+    print(hdr, flush=True)
+    for v in vs:
+        tcv = train_cv(v, st) if v.feats != "shipped_onnx" else float("nan")
+        sm = summarise(dev_cv(v, st, args.repeats, args.rooms), boots)
+        summ[v.name] = sm
+        ref = summ.get(REF, sm)
+        d_cm, d_r8 = sm["eer_cm"] - ref["eer_cm"], sm["room8"] - ref["room8"]
+        look = one_look(v, st) if "dev" not in v.data else None
+        row = {"variant": v.name, "train_cv_eer": tcv, "one_look": look}
+        row.update({k: [float(a[0]), *np.nanpercentile(a[1:], [2.5, 97.5]).tolist()] for k, a in sm.items()})
+        row["d_cm_vs_ref"] = [float(d_cm[0]), *np.nanpercentile(d_cm[1:], [2.5, 97.5]).tolist()]
+        row["d_room8_vs_ref"] = [float(d_r8[0]), *np.nanpercentile(d_r8[1:], [2.5, 97.5]).tolist()]
+        if SHIPPED in summ:
+            for k, key in (("eer_cm", "d_cm_vs_shipped"), ("room8", "d_room8_vs_shipped")):
+                dd = sm[k] - summ[SHIPPED][k]
+                row[key] = [float(dd[0]), *np.nanpercentile(dd[1:], [2.5, 97.5]).tolist()]
+        rows.append(row)
+        if args.json:  # after every row: a stopped run keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=1))
+        lk = "-"
+        if look:
+            lk = f"{100 * look['eer']:4.1f} {100 * look['eer_cm']:4.1f} {100 * look['top1']:4.1f}"
+        print(
+            f"{v.name:44s} {100 * tcv:6.1f}% | {_ci(sm['eer'])} {_ci(sm['eer_cm'])} {_ci(sm['eer_ward'])} "
+            f"{100 * sm['top1_10'][0]:5.1f}% {_ci(sm['room8'])} {_ci(d_cm)} {_ci(d_r8)} | {lk}",
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
