@@ -1,5 +1,10 @@
 """Cut a 16 kHz stream into cry expirations: noise-floor energy gate, then WebRTC VAD.
 
+First, NaN and infinite samples (a broken driver or file) are replaced by zeros and counted
+(``nonfinite_samples``), and the stream goes through a ``highpass_hz`` Butterworth high-pass that keeps
+its state between chunks (a DC offset or rumble would otherwise lift every level and keep the gate
+shut). The expirations hold this filtered audio, so enrollment, evaluation and the daemon embed the same.
+
 Per frame (``frame_ms``), in this order:
 
 1. Level in dBFS (RMS, full scale = 0 dB). The noise floor uses minimum statistics with a bounded
@@ -16,7 +21,10 @@ Per frame (``frame_ms``), in this order:
    embedder); steady noise reaches it only for the few seconds the floor needs to climb.
 3. WebRTC VAD (``vad_aggressiveness``) on the frames that pass, lifted so that the gate threshold sits
    at ``vad_reference_dbfs`` (WebRTC VAD ignores voices below about -45 dBFS, i.e. a phone far from
-   the baby); a frame that passes both is a cry frame.
+   the baby); a frame that passes both is a cry frame. WebRTC VAD adapts its noise model to what it
+   hears, and since it hears only gated (mostly cry) frames it grows deaf over hours of crying; so the
+   VAD is made anew at every frame the gate shuts outside an expiration. Its decisions then depend only
+   on the current run of gated frames: the tenth hour of a stream is heard like the first.
 4. An expiration starts at a cry frame (with ``pre_roll_ms`` of audio before it) and ends when
    ``hangover_ms`` pass without a cry frame; it keeps ``post_roll_ms`` after its last cry frame.
    Longer than ``max_expiration_ms``: split at the quietest frame of the last ``split_search_ms``
@@ -39,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cryid.models.audio import SAMPLE_RATE, AudioError
+from cryid.models.audio import SAMPLE_RATE, AudioError, HighPass, replace_nonfinite
 from cryid.models.config import SegmenterSettings
 
 logger = logging.getLogger(__name__)
@@ -146,6 +154,7 @@ class Segmenter:
         self._max_frames = max(2, ms(s.max_expiration_ms))
         self._split_frames = max(1, ms(s.split_search_ms))
         self._make_vad = lambda: webrtcvad.Vad(s.vad_aggressiveness)
+        self._highpass = HighPass(s.highpass_hz, sample_rate)
         frame_s = s.frame_ms / 1000
         self._floor = NoiseFloor(
             window_frames=max(1, round(s.noise_floor_window_s / frame_s)),
@@ -164,6 +173,10 @@ class Segmenter:
     def reset(self) -> None:
         """Forget everything: the next sample is sample 0 of a new stream."""
         self._vad = self._make_vad()  # WebRTC VAD adapts to the stream: a new stream needs a new one
+        self._vad_fresh = True  # the VAD has heard nothing since it was made
+        self.vad_resets = 0
+        self._highpass.reset()
+        self.nonfinite_samples = 0  # NaN / inf samples replaced by zeros
         self.frames_vad = 0  # frames that reached the VAD (the gate let them through)
         self.frames_total = 0
         self._carry = np.zeros(0, dtype=np.float32)
@@ -197,6 +210,12 @@ class Segmenter:
             raise AudioError(f"segmenter expects 1-D mono audio, got shape {x.shape}; down-mix first")
         if x.dtype != np.float32:
             x = x.astype(np.float32)
+        x, bad = replace_nonfinite(x)
+        if bad:
+            if not self.nonfinite_samples:
+                logger.warning("the audio holds NaN or infinite samples; they are replaced by silence")
+            self.nonfinite_samples += bad
+        x = self._highpass.process(x)
         buf = np.concatenate([self._carry, x]) if self._carry.size else x
         n = buf.size // self.frame_len
         if n == 0:
@@ -235,7 +254,12 @@ class Segmenter:
         self._floor.update(level, noise=noise)
         if level < self._threshold():
             self._open_run = 0
+            if not self._active and not self._vad_fresh:
+                self._vad = self._make_vad()
+                self._vad_fresh = True
+                self.vad_resets += 1
         else:
+            self._vad_fresh = False
             self._open_run += 1
             self.frames_vad += 1
             pcm = np.clip(frame * self._vad_gain(), -32768.0, 32767.0).astype(np.int16)
