@@ -149,6 +149,7 @@ class Service:
         self._needs_reenrollment: list[str] = []
         self._running = False
         self._source_state: Any = None
+        self._nonfinite = False  # the last chunk was mostly NaN / inf
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -200,8 +201,13 @@ class Service:
                 self._apply_pending()
                 t0 = time.perf_counter()
                 samples = np.asarray(item.samples, dtype=np.float32)
+                bad = self.segmenter.nonfinite_samples
                 for exp in self.segmenter.process(samples):
                     self._identify(exp)
+                bad = self.segmenter.nonfinite_samples - bad
+                self._nonfinite = 2 * bad > samples.size  # a source delivering mostly NaN is not ok
+                if bad:
+                    samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
                 c.samples = self.segmenter.samples_seen
                 for r in self.identifier.advance(c.samples):
                     self._emit(r)
@@ -329,13 +335,15 @@ class Service:
             outbox_size=self.outbox.size(),
             outbox_dropped=self.outbox.dropped,
             input_level_dbfs=None if level is None else round(max(level, -120.0), 1),
-            source_ok=self.source_error is None,
-            source_error=self.source_error,
+            source_ok=self.source_error is None and not self._nonfinite,
+            source_error=self.source_error
+            or ("the audio source delivers NaN or infinite samples" if self._nonfinite else None),
             expirations=c.expirations,
             episodes=c.episodes,
             enrolled=len(self._enrolled),
             needs_reenrollment=self._needs_reenrollment,
             model_sha256=self.sha,
+            nonfinite_samples=self.segmenter.nonfinite_samples,
         )
 
     def run(self) -> int:

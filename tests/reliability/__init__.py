@@ -1,0 +1,1 @@
+"""Reliability suite (issue 15): faults, bad inputs and months of running, each against real parts."""
