@@ -344,6 +344,8 @@ class Service:
             needs_reenrollment=self._needs_reenrollment,
             model_sha256=self.sha,
             nonfinite_samples=self.segmenter.nonfinite_samples,
+            publish_refused=self.publisher.refused,
+            broker_error=self.publisher.last_error,
         )
 
     def run(self) -> int:
@@ -433,7 +435,9 @@ class Service:
         self.fatal = self.fatal or self.publisher.fatal_error
         if self.outbox.size():
             logger.warning(
-                "%d events not acknowledged yet; they are published at the next start", self.outbox.size()
+                "%d events not acknowledged yet; they are published at the next start%s",
+                self.outbox.size(),
+                f" (last broker problem: {self.publisher.last_error})" if self.publisher.last_error else "",
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
         self.publisher.stop()
