@@ -103,6 +103,13 @@ class OutboxSettings(BaseModel):
         description="Bound: when full, the oldest provisional expiration events are dropped first.",
     )
     fsync: bool = Field(True, description="fsync every write (survives power loss, not only crashes).")
+    memory_events: int = Field(
+        10000, ge=10, le=1_000_000,
+        description="While the disk is full, this many newest events wait in memory (published as usual).",
+    )
+    disk_retry_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="While the disk is full, try writing the outbox this often."
+    )
 
 
 class ServiceSettings(BaseModel):

@@ -344,6 +344,8 @@ class Service:
             needs_reenrollment=self._needs_reenrollment,
             model_sha256=self.sha,
             nonfinite_samples=self.segmenter.nonfinite_samples,
+            disk_full=self.outbox.disk_full,
+            memory_events=self.outbox.memory_size,
             publish_refused=self.publisher.refused,
             broker_error=self.publisher.last_error,
         )
@@ -387,6 +389,7 @@ class Service:
                 self.notifier.notify(
                     f"STATUS={'connected' if self.publisher.connected else 'broker unreachable'}, "
                     f"{st.enrolled} babies, {st.expirations} expirations, outbox {st.outbox_size}"
+                    + (", DISK FULL" if st.disk_full else "")
                 )
                 next_stats = now + self.settings.mqtt.stats_interval_s
             if self.notifier.watchdog_s and now >= next_dog:
@@ -394,6 +397,7 @@ class Service:
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
+            self.outbox.retry()  # a full disk: store the events held in memory once there is room
             self.publisher.pump()
             self._wake.wait(0.1)
             if self._stop.is_set():
