@@ -1,9 +1,10 @@
 """Cut a 16 kHz stream into cry expirations: noise-floor energy gate, then WebRTC VAD.
 
 First, NaN and infinite samples (a broken driver or file) are replaced by zeros and counted
-(``nonfinite_samples``), and the stream goes through a ``highpass_hz`` Butterworth high-pass that keeps
-its state between chunks (a DC offset or rumble would otherwise lift every level and keep the gate
-shut). The expirations hold this filtered audio, so enrollment, evaluation and the daemon embed the same.
+(``nonfinite_samples``). The gate and the VAD then hear the stream through a ``highpass_hz``
+Butterworth high-pass that keeps its state between chunks (a DC offset or rumble would otherwise lift
+every level and keep the gate shut). The expirations keep the unfiltered audio, which the model was
+trained on (training reads whole recordings, unfiltered); their ``level_dbfs`` is the high-passed one.
 
 Per frame (``frame_ms``), in this order:
 
@@ -180,6 +181,7 @@ class Segmenter:
         self.frames_vad = 0  # frames that reached the VAD (the gate let them through)
         self.frames_total = 0
         self._carry = np.zeros(0, dtype=np.float32)
+        self._carry_f = np.zeros(0, dtype=np.float32)
         self._next_sample = 0  # stream index of the first sample of the next whole frame
         self._floor.reset()
         self._pre: deque[np.ndarray] = deque(maxlen=max(1, self._pre_frames))
@@ -215,19 +217,22 @@ class Segmenter:
             if not self.nonfinite_samples:
                 logger.warning("the audio holds NaN or infinite samples; they are replaced by silence")
             self.nonfinite_samples += bad
-        x = self._highpass.process(x)
+        xf = self._highpass.process(x)  # what the gate and the VAD hear; expirations keep ``x``
         buf = np.concatenate([self._carry, x]) if self._carry.size else x
+        buf_f = np.concatenate([self._carry_f, xf]) if self._carry_f.size else xf
         n = buf.size // self.frame_len
         if n == 0:
-            self._carry = buf.copy()
+            self._carry, self._carry_f = buf.copy(), buf_f.copy()
             return []
         frames = buf[: n * self.frame_len].reshape(n, self.frame_len)
+        frames_f = buf_f[: n * self.frame_len].reshape(n, self.frame_len)
         self._carry = buf[n * self.frame_len :].copy()
-        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / self.frame_len
+        self._carry_f = buf_f[n * self.frame_len :].copy()
+        power = np.einsum("ij,ij->i", frames_f, frames_f, dtype=np.float64) / self.frame_len
         levels = np.maximum(_FLOOR_DBFS, 10.0 * np.log10(power + 1e-12))
         out: list[Expiration] = []
         for i in range(n):
-            self._frame(frames[i], float(levels[i]), out)
+            self._frame(frames[i], frames_f[i], float(levels[i]), out)
         self.last_level_dbfs = float(levels[-1])
         return out
 
@@ -247,7 +252,8 @@ class Segmenter:
         lift_db = max(0.0, self.settings.vad_reference_dbfs - self._threshold())
         return 32768.0 * 10.0 ** (lift_db / 20.0)
 
-    def _frame(self, frame: np.ndarray, level: float, out: list[Expiration]) -> None:
+    def _frame(self, frame: np.ndarray, heard: np.ndarray, level: float, out: list[Expiration]) -> None:
+        """One frame: ``frame`` as received (kept), ``heard`` high-passed (gate level and VAD)."""
         self.frames_total += 1
         is_cry = False
         noise = self._open_no_cry >= self._noise_after_frames or self._open_run >= self._steady_after_frames
@@ -262,7 +268,9 @@ class Segmenter:
             self._vad_fresh = False
             self._open_run += 1
             self.frames_vad += 1
-            pcm = np.clip(frame * self._vad_gain(), -32768.0, 32767.0).astype(np.int16)
+            peak = float(np.max(np.abs(heard)))
+            gain = min(self._vad_gain(), 32767.0 / peak) if peak > 0 else self._vad_gain()  # lift, never clip
+            pcm = np.clip(heard * gain, -32768.0, 32767.0).astype(np.int16)
             is_cry = self._vad.is_speech(pcm.tobytes(), self.sample_rate)
             self._open_no_cry = 0 if is_cry else self._open_no_cry + 1
         start = self._next_sample
@@ -348,7 +356,7 @@ class Segmenter:
                 start_sample=start,
                 end_sample=start + length,
                 audio=audio,
-                level_dbfs=level_dbfs(audio),
+                level_dbfs=10.0 * float(np.log10(np.mean(10.0 ** (np.asarray(levels) / 10.0)))),
                 sample_rate=self.sample_rate,
             )
         )
