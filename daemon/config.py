@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
@@ -38,6 +38,11 @@ class MqttSettings(BaseModel):
         None, description="File holding the password; relative names are looked up in $CREDENTIALS_DIRECTORY."
     )
     tls: bool = Field(False, description="Connect with TLS.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT version. 5 makes the broker say when it refuses a publish (ACL); 3.1.1 only for "
+        "brokers without MQTT 5, which acknowledge a refused publish and drop it.",
+    )
     ca_file: Path | None = Field(None, description="CA certificate for TLS (system store when None).")
     client_id: str = Field("", description="MQTT client id; empty derives one from the room.")
     topic_prefix: str = Field("", description="Prefix of every topic; empty means cryid/<room>.")

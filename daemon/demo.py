@@ -251,6 +251,7 @@ def run_demo(
                 "identifier": ident,
                 "mqtt": settings.mqtt.model_copy(
                     update={"host": host, "port": port, "username": None, "password": None}
+                    | ({"protocol": "3.1.1"} if broker is not None else {})  # amqtt has no MQTT 5
                 ),
             }
         )

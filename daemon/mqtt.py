@@ -113,7 +113,7 @@ class MqttPublisher:
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if s.protocol == "5" else mqtt.MQTTv311,
         )
         client.enable_logger(_paho_logger)
         client.max_inflight_messages_set(s.max_inflight)
