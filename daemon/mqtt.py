@@ -94,6 +94,7 @@ class MqttPublisher:
         self._retry_at = 0.0  # monotonic time before which refused events are not tried again
         self._refused_in_cycle = 0  # refusals since the last retry started
         self._max_inflight = settings.max_inflight  # lowered to the broker's Receive Maximum on connect
+        self._connack_refused = False
         self._early: dict[int, ReasonCode] = {}
         self._connected = threading.Event()
         self.connected_changed = threading.Event()
@@ -223,6 +224,7 @@ class MqttPublisher:
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, props: Any) -> None:
         if reason.is_failure:
+            self._connack_refused = True  # the disconnect that follows is explained already
             name = str(reason)
             if name in _AUTH_REFUSALS:
                 self.fatal_error = (
@@ -252,7 +254,8 @@ class MqttPublisher:
         was = self._connected.is_set()
         self._connected.clear()
         self.connected_changed.set()
-        if not was and not self._stopping and not self.fatal_error:  # closed before its CONNACK
+        refused, self._connack_refused = self._connack_refused, False
+        if not was and not refused and not self._stopping and not self.fatal_error:  # closed before CONNACK
             hint = (
                 f"is port {self.settings.port} a TLS listener? set mqtt.tls = true and mqtt.ca_file"
                 if not self.settings.tls

@@ -1,9 +1,9 @@
 """A full disk under the outbox (issue 15, item 5): keep listening, keep the newest events, recover.
 
 The disk is a real 1 MiB tmpfs mounted for the test (``mount -t tmpfs``, needs root and
-CAP_SYS_ADMIN), filled with a file, emptied by deleting it. Where mounting is not allowed, the same
-SQLite error (SQLITE_FULL, "database or disk is full") is produced by SQLite itself through
-``PRAGMA max_page_count``; the test says which in its output.
+CAP_SYS_ADMIN), filled with a file, emptied by deleting it. Where mounting is not allowed, the outbox
+test gets the same SQLite error (SQLITE_FULL, "database or disk is full") from SQLite itself through
+``PRAGMA max_page_count`` and the daemon test is skipped; the output says which.
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def test_the_daemon_keeps_listening_on_a_full_disk(
     subscriber_factory: Callable[..., Subscriber],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    if not small_disk.tmpfs:  # page limits are lifted again by the deletes that follow each PUBACK
+        pytest.skip("needs a real small file system, and mount -t tmpfs is not permitted here")
     caplog.set_level(logging.INFO)
     sub = subscriber_factory(mosquitto, "cryid/#")
     settings = Settings(
