@@ -22,7 +22,8 @@ Per frame (``frame_ms``), in this order:
    embedder); steady noise reaches it only for the few seconds the floor needs to climb.
 3. WebRTC VAD (``vad_aggressiveness``) on the frames that pass, lifted so that the gate threshold sits
    at ``vad_reference_dbfs`` (WebRTC VAD ignores voices below about -45 dBFS, i.e. a phone far from
-   the baby); a frame that passes both is a cry frame. WebRTC VAD adapts its noise model to what it
+   the baby; the lift stops short of clipping a loud frame, which WebRTC VAD takes for noise); a frame
+   that passes both is a cry frame. WebRTC VAD adapts its noise model to what it
    hears, and since it hears only gated (mostly cry) frames it grows deaf over hours of crying; so the
    VAD is made anew at every frame the gate shuts outside an expiration. Its decisions then depend only
    on the current run of gated frames: the tenth hour of a stream is heard like the first.
