@@ -24,9 +24,10 @@ class SegmenterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     highpass_hz: float = Field(
-        60.0, ge=0.0, le=1000.0,
-        description="Cut-off of the 2nd-order Butterworth high-pass every stream goes through first (DC "
-        "offset and rumble; a cry's fundamental lies above 250 Hz); 0 turns it off.",
+        20.0, ge=0.0, le=1000.0,
+        description="Cut-off of the 2nd-order Butterworth high-pass through which the gate and the VAD "
+        "hear the stream (removes a DC offset and sub-audible rumble; expirations keep the unfiltered "
+        "audio); 0 turns it off.",
     )
     vad_aggressiveness: int = Field(
         3, ge=0, le=3, description="WebRTC VAD aggressiveness, 0 (least) to 3 (most aggressive)."
