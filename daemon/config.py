@@ -10,7 +10,7 @@ import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -49,6 +49,11 @@ class MqttSettings(BaseModel):
         None, description="File holding the password; relative names are looked up in $CREDENTIALS_DIRECTORY."
     )
     tls: bool = Field(False, description="Connect with TLS.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT version. 5 makes the broker say when it refuses a publish (ACL); 3.1.1 only for "
+        "brokers without MQTT 5, which acknowledge a refused publish and drop it.",
+    )
     ca_file: Path | None = Field(None, description="CA certificate for TLS (system store when None).")
     client_id: str = Field("", description="MQTT client id; empty derives one from the room.")
     topic_prefix: str = Field("", description="Prefix of every topic; empty means cryid/<room>.")
@@ -158,6 +163,13 @@ class OutboxSettings(BaseModel):
         description="Bound: when full, the oldest provisional expiration events are dropped first.",
     )
     fsync: bool = Field(True, description="fsync every write (survives power loss, not only crashes).")
+    memory_events: int = Field(
+        10000, ge=10, le=1_000_000,
+        description="While the disk is full, this many newest events wait in memory (published as usual).",
+    )
+    disk_retry_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="While the disk is full, try writing the outbox this often."
+    )
 
 
 class ServiceSettings(BaseModel):

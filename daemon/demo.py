@@ -318,6 +318,7 @@ def run_demo(
                         "password_file": None, "tls": False, "ca_file": None,
                         "client_id": f"cryid-demo-{os.getpid()}", "topic_prefix": DEMO_PREFIX,
                     }
+                    | ({"protocol": "3.1.1"} if embedded is not None else {}),  # amqtt has no MQTT 5
                 ),
             }
         )

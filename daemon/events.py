@@ -130,6 +130,13 @@ class Stats(BaseModel):
     enrolled: int = Field(..., description="Babies of the room with a reference for the current model.")
     needs_reenrollment: list[str] = Field(..., description="Babies without embeddings for the current model.")
     model_sha256: str = Field(..., description="sha256 of the model in use.")
+    nonfinite_samples: int = Field(0, description="NaN / infinite input samples replaced by silence so far.")
+    publish_refused: int = Field(
+        0, description="Publishes the broker refused (PUBACK failure, e.g. ACL); the events stay stored."
+    )
+    broker_error: str | None = Field(None, description="Last broker problem (refusal, TLS, connection).")
+    disk_full: bool = Field(False, description="True while the outbox cannot be written (disk full).")
+    memory_events: int = Field(0, description="Events held in memory while the outbox cannot be written.")
 
 
 def json_schemas() -> dict[str, Any]:

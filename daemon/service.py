@@ -194,6 +194,7 @@ class Service:
         self._next_state_tick = 0.0
         self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
         self.room_state.load(self._state_file, datetime.now(timezone.utc))
+        self._nonfinite = False  # the last chunk was mostly NaN / inf
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -245,8 +246,13 @@ class Service:
                 self._apply_pending()
                 t0 = time.perf_counter()
                 samples = np.asarray(item.samples, dtype=np.float32)
+                bad = self.segmenter.nonfinite_samples
                 for exp in self.segmenter.process(samples):
                     self._identify(exp)
+                bad = self.segmenter.nonfinite_samples - bad
+                self._nonfinite = 2 * bad > samples.size  # a source delivering mostly NaN is not ok
+                if bad:
+                    samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
                 c.samples = self.segmenter.samples_seen
                 for r in self.identifier.advance(c.samples):
                     self._emit(r)
@@ -446,13 +452,19 @@ class Service:
             outbox_size=self.outbox.size(),
             outbox_dropped=self.outbox.dropped,
             input_level_dbfs=None if level is None else round(max(level, -120.0), 1),
-            source_ok=self.source_error is None,
-            source_error=self.source_error,
+            source_ok=self.source_error is None and not self._nonfinite,
+            source_error=self.source_error
+            or ("the audio source delivers NaN or infinite samples" if self._nonfinite else None),
             expirations=c.expirations,
             episodes=c.episodes,
             enrolled=len(self._enrolled),
             needs_reenrollment=self._needs_reenrollment,
             model_sha256=self.sha,
+            nonfinite_samples=self.segmenter.nonfinite_samples,
+            disk_full=self.outbox.disk_full,
+            memory_events=self.outbox.memory_size,
+            publish_refused=self.publisher.refused,
+            broker_error=self.publisher.last_error,
         )
 
     def run(self) -> int:
@@ -494,6 +506,7 @@ class Service:
                 self.notifier.notify(
                     f"STATUS={'connected' if self.publisher.connected else 'broker unreachable'}, "
                     f"{st.enrolled} babies, {st.expirations} expirations, outbox {st.outbox_size}"
+                    + (", DISK FULL" if st.disk_full else "")
                 )
                 next_stats = now + self.settings.mqtt.stats_interval_s
             if self.notifier.watchdog_s and now >= next_dog:
@@ -502,6 +515,7 @@ class Service:
                 next_dog = now + self.notifier.watchdog_s
             self._serve_ward(now)
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
+            self.outbox.retry()  # a full disk: store the events held in memory once there is room
             self.publisher.pump()
             self._update_state(now)
             self._wake.wait(0.1)
@@ -574,7 +588,9 @@ class Service:
         self.fatal = self.fatal or self.publisher.fatal_error
         if self.outbox.size():
             logger.warning(
-                "%d events not acknowledged yet; they are published at the next start", self.outbox.size()
+                "%d events not acknowledged yet; they are published at the next start%s",
+                self.outbox.size(),
+                f" (last broker problem: {self.publisher.last_error})" if self.publisher.last_error else "",
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
         self._update_state(time.monotonic())

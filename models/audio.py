@@ -82,6 +82,46 @@ def record(seconds: float, device: int | str | None = None, sample_rate: int = S
     return to_mono_float32(data)
 
 
+def replace_nonfinite(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """``x`` with NaN and infinite samples replaced by 0, and how many there were (no copy when none)."""
+    bad = ~np.isfinite(x)
+    n = int(np.count_nonzero(bad))
+    if n == 0:
+        return x, 0
+    return np.where(bad, np.zeros((), dtype=x.dtype), x), n
+
+
+class HighPass:
+    """Streaming Butterworth high-pass (removes DC offset and rumble), its state kept between chunks.
+
+    Second-order sections run sample by sample with the carried state, so the output does not depend on
+    how the stream is cut into chunks. ``cutoff_hz`` 0 passes the audio through unchanged.
+    """
+
+    def __init__(self, cutoff_hz: float, sample_rate: int = SAMPLE_RATE, order: int = 2) -> None:
+        if not 0 <= cutoff_hz < sample_rate / 2:
+            raise AudioError(f"high-pass cut-off {cutoff_hz} Hz outside 0..{sample_rate / 2:g} Hz")
+        self._sos: np.ndarray | None = None
+        if cutoff_hz > 0:
+            from scipy.signal import butter
+
+            self._sos = np.asarray(butter(order, cutoff_hz, btype="highpass", fs=sample_rate, output="sos"))
+        self.reset()
+
+    def reset(self) -> None:
+        self._zi = None if self._sos is None else np.zeros((self._sos.shape[0], 2))
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        """Filter float32 mono audio (finite samples); returns float32 of the same length."""
+        x = np.asarray(chunk, dtype=np.float32)
+        if self._sos is None or x.size == 0:
+            return x
+        from scipy.signal import sosfilt
+
+        y, self._zi = sosfilt(self._sos, x.astype(np.float64), zi=self._zi)
+        return y.astype(np.float32)
+
+
 class StreamResampler:
     """Chunk-by-chunk polyphase resampling, equal (to float rounding) to ``resample`` of the whole signal.
 

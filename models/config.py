@@ -23,6 +23,12 @@ class SegmenterSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    highpass_hz: float = Field(
+        20.0, ge=0.0, le=1000.0,
+        description="Cut-off of the 2nd-order Butterworth high-pass through which the gate and the VAD "
+        "hear the stream (removes a DC offset and sub-audible rumble; expirations keep the unfiltered "
+        "audio); 0 turns it off.",
+    )
     vad_aggressiveness: int = Field(
         3, ge=0, le=3, description="WebRTC VAD aggressiveness, 0 (least) to 3 (most aggressive)."
     )

@@ -1,5 +1,11 @@
 """Cut a 16 kHz stream into cry expirations: noise-floor energy gate, then WebRTC VAD.
 
+First, NaN and infinite samples (a broken driver or file) are replaced by zeros and counted
+(``nonfinite_samples``). The gate and the VAD then hear the stream through a ``highpass_hz``
+Butterworth high-pass that keeps its state between chunks (a DC offset or rumble would otherwise lift
+every level and keep the gate shut). The expirations keep the unfiltered audio, which the model was
+trained on (training reads whole recordings, unfiltered); their ``level_dbfs`` is the high-passed one.
+
 Per frame (``frame_ms``), in this order:
 
 1. Level in dBFS (RMS, full scale = 0 dB). The noise floor uses minimum statistics with a bounded
@@ -16,7 +22,11 @@ Per frame (``frame_ms``), in this order:
    embedder); steady noise reaches it only for the few seconds the floor needs to climb.
 3. WebRTC VAD (``vad_aggressiveness``) on the frames that pass, lifted so that the gate threshold sits
    at ``vad_reference_dbfs`` (WebRTC VAD ignores voices below about -45 dBFS, i.e. a phone far from
-   the baby); a frame that passes both is a cry frame.
+   the baby; the lift stops short of clipping a loud frame, which WebRTC VAD takes for noise); a frame
+   that passes both is a cry frame. WebRTC VAD adapts its noise model to what it
+   hears, and since it hears only gated (mostly cry) frames it grows deaf over hours of crying; so the
+   VAD is made anew at every frame the gate shuts outside an expiration. Its decisions then depend only
+   on the current run of gated frames: the tenth hour of a stream is heard like the first.
 4. An expiration starts at a cry frame (with ``pre_roll_ms`` of audio before it) and ends when
    ``hangover_ms`` pass without a cry frame; it keeps ``post_roll_ms`` after its last cry frame.
    Longer than ``max_expiration_ms``: split at the quietest frame of the last ``split_search_ms``
@@ -39,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cryid.models.audio import SAMPLE_RATE, AudioError
+from cryid.models.audio import SAMPLE_RATE, AudioError, HighPass, replace_nonfinite
 from cryid.models.config import SegmenterSettings
 
 logger = logging.getLogger(__name__)
@@ -146,6 +156,7 @@ class Segmenter:
         self._max_frames = max(2, ms(s.max_expiration_ms))
         self._split_frames = max(1, ms(s.split_search_ms))
         self._make_vad = lambda: webrtcvad.Vad(s.vad_aggressiveness)
+        self._highpass = HighPass(s.highpass_hz, sample_rate)
         frame_s = s.frame_ms / 1000
         self._floor = NoiseFloor(
             window_frames=max(1, round(s.noise_floor_window_s / frame_s)),
@@ -164,9 +175,14 @@ class Segmenter:
     def reset(self) -> None:
         """Forget everything: the next sample is sample 0 of a new stream."""
         self._vad = self._make_vad()  # WebRTC VAD adapts to the stream: a new stream needs a new one
+        self._vad_fresh = True  # the VAD has heard nothing since it was made
+        self.vad_resets = 0
+        self._highpass.reset()
+        self.nonfinite_samples = 0  # NaN / inf samples replaced by zeros
         self.frames_vad = 0  # frames that reached the VAD (the gate let them through)
         self.frames_total = 0
         self._carry = np.zeros(0, dtype=np.float32)
+        self._carry_f = np.zeros(0, dtype=np.float32)
         self._next_sample = 0  # stream index of the first sample of the next whole frame
         self._floor.reset()
         self._pre: deque[np.ndarray] = deque(maxlen=max(1, self._pre_frames))
@@ -197,18 +213,27 @@ class Segmenter:
             raise AudioError(f"segmenter expects 1-D mono audio, got shape {x.shape}; down-mix first")
         if x.dtype != np.float32:
             x = x.astype(np.float32)
+        x, bad = replace_nonfinite(x)
+        if bad:
+            if not self.nonfinite_samples:
+                logger.warning("the audio holds NaN or infinite samples; they are replaced by silence")
+            self.nonfinite_samples += bad
+        xf = self._highpass.process(x)  # what the gate and the VAD hear; expirations keep ``x``
         buf = np.concatenate([self._carry, x]) if self._carry.size else x
+        buf_f = np.concatenate([self._carry_f, xf]) if self._carry_f.size else xf
         n = buf.size // self.frame_len
         if n == 0:
-            self._carry = buf.copy()
+            self._carry, self._carry_f = buf.copy(), buf_f.copy()
             return []
         frames = buf[: n * self.frame_len].reshape(n, self.frame_len)
+        frames_f = buf_f[: n * self.frame_len].reshape(n, self.frame_len)
         self._carry = buf[n * self.frame_len :].copy()
-        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / self.frame_len
+        self._carry_f = buf_f[n * self.frame_len :].copy()
+        power = np.einsum("ij,ij->i", frames_f, frames_f, dtype=np.float64) / self.frame_len
         levels = np.maximum(_FLOOR_DBFS, 10.0 * np.log10(power + 1e-12))
         out: list[Expiration] = []
         for i in range(n):
-            self._frame(frames[i], float(levels[i]), out)
+            self._frame(frames[i], frames_f[i], float(levels[i]), out)
         self.last_level_dbfs = float(levels[-1])
         return out
 
@@ -228,17 +253,25 @@ class Segmenter:
         lift_db = max(0.0, self.settings.vad_reference_dbfs - self._threshold())
         return 32768.0 * 10.0 ** (lift_db / 20.0)
 
-    def _frame(self, frame: np.ndarray, level: float, out: list[Expiration]) -> None:
+    def _frame(self, frame: np.ndarray, heard: np.ndarray, level: float, out: list[Expiration]) -> None:
+        """One frame: ``frame`` as received (kept), ``heard`` high-passed (gate level and VAD)."""
         self.frames_total += 1
         is_cry = False
         noise = self._open_no_cry >= self._noise_after_frames or self._open_run >= self._steady_after_frames
         self._floor.update(level, noise=noise)
         if level < self._threshold():
             self._open_run = 0
+            if not self._active and not self._vad_fresh:
+                self._vad = self._make_vad()
+                self._vad_fresh = True
+                self.vad_resets += 1
         else:
+            self._vad_fresh = False
             self._open_run += 1
             self.frames_vad += 1
-            pcm = np.clip(frame * self._vad_gain(), -32768.0, 32767.0).astype(np.int16)
+            peak = float(np.max(np.abs(heard)))
+            gain = min(self._vad_gain(), 32767.0 / peak) if peak > 0 else self._vad_gain()  # lift, never clip
+            pcm = np.clip(heard * gain, -32768.0, 32767.0).astype(np.int16)
             is_cry = self._vad.is_speech(pcm.tobytes(), self.sample_rate)
             self._open_no_cry = 0 if is_cry else self._open_no_cry + 1
         start = self._next_sample
@@ -324,7 +357,7 @@ class Segmenter:
                 start_sample=start,
                 end_sample=start + length,
                 audio=audio,
-                level_dbfs=level_dbfs(audio),
+                level_dbfs=10.0 * float(np.log10(np.mean(10.0 ** (np.asarray(levels) / 10.0)))),
                 sample_rate=self.sample_rate,
             )
         )

@@ -1,1 +1,1 @@
-"""Reliability suite: bad inputs, faults and misuse a ward meets over months (issue 15)."""
+"""Reliability suite (issue 15): faults, bad inputs and months of running, each against real parts."""
