@@ -34,8 +34,8 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Sequence
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
