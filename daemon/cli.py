@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (or CRYID_CONFIG).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="More log output (-vv: debug).")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one per line.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.register(sub)
     enrollment_cli.register(sub)
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    __import__("cryid.daemon.logfmt", fromlist=["install"]).install(args.log_format)
     from cryid.daemon.config import load_settings
 
     try:

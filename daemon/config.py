@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cryid.daemon.homeassistant import HomeAssistantSettings
+from cryid.daemon.metrics import MetricsSettings
 from cryid.daemon.sources import SourceSettings
 from cryid.enrollment.config import RegistrySettings
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
@@ -148,6 +150,8 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     service: ServiceSettings = ServiceSettings()
     source: SourceSettings = SourceSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -57,6 +58,10 @@ class MqttPublisher:
         self._client = self._build_client()
         self._started = False
         self._stopping = False
+        self.connects = 0  # successful connections so far (metrics: reconnects)
+        self.on_event_published: Callable[[str], None] | None = None  # first PUBLISH of a stored event
+        self._subscriptions: list[str] = []  # (re)subscribed on every connect (HA's status)
+        self._retry_s: float | None = None  # the reconnect delay paho waits next (for the log)
 
     # topics ---------------------------------------------------------------------------------
     def event_topic(self, baby_id: str | None) -> str:
@@ -90,6 +95,7 @@ class MqttPublisher:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_connect_fail = self._on_connect_fail
         return client
 
     def start(self) -> None:
@@ -140,6 +146,10 @@ class MqttPublisher:
                 logger.warning("broker refused the connection (%s); retrying", name)
             return
         logger.info("connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
+        self._retry_s = None
+        self.connects += 1
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
         self._publish(self.status_topic, ONLINE, 1, True, None)
         self.ever_connected = True
         self._connected.set()
@@ -151,10 +161,25 @@ class MqttPublisher:
         self.connected_changed.set()
         if was and not self._stopping:
             logger.warning(
-                "disconnected from MQTT broker (%s); %d events wait in the outbox; reconnecting",
+                "connection to broker %s:%d lost (%s); %d events wait in the outbox; reconnecting",
+                self.settings.host,
+                self.settings.port,
                 reason,
                 self.outbox.size(),
             )
+
+    def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
+        s = self.settings
+        lo, hi = max(1, round(s.reconnect_min_s)), max(1, round(s.reconnect_max_s))
+        self._retry_s = lo if self._retry_s is None else min(self._retry_s * 2, hi)  # as paho's back-off
+        logger.warning(
+            "broker %s:%d unreachable (nothing accepts connections there, or the network is down), "
+            "retrying in %.0f s; %d events wait in the outbox",
+            s.host,
+            s.port,
+            self._retry_s,
+            self.outbox.size(),
+        )
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         with self._map_lock:
@@ -207,6 +232,8 @@ class MqttPublisher:
                     break
                 if self._publish(item.topic, item.payload, 1, False, item.event_id):
                     sent += 1
+                    if self.on_event_published is not None:
+                        self.on_event_published(item.event_id)
         self.published += sent
         return sent
 
@@ -214,3 +241,16 @@ class MqttPublisher:
         """Stats are not stored: published at QoS 1 only while connected."""
         if self._connected.is_set():
             self._publish(self.stats_topic, payload, 1, False, None)
+
+    def publish_retained(self, topic: str, payload: str) -> bool:
+        """A retained QoS 1 state message (HA discovery, source state), only while connected."""
+        if not self._connected.is_set():
+            return False
+        return self._publish(topic, payload, 1, True, None)
+
+    def subscribe(self, topic: str, callback: Callable[[str, bytes], None]) -> None:
+        """Subscribe (now and after every reconnect); ``callback(topic, payload)`` runs in paho's thread."""
+        self._subscriptions.append(topic)
+        self._client.message_callback_add(topic, lambda _c, _u, msg: callback(msg.topic, bytes(msg.payload)))
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos=1)

@@ -30,6 +30,7 @@ import numpy as np
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import Stats
 from cryid.daemon.identifier import Identification, Identifier
+from cryid.daemon.integrations import Integrations
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from cryid.models.audio import SAMPLE_RATE
@@ -149,6 +150,11 @@ class Service:
         self._needs_reenrollment: list[str] = []
         self._running = False
         self._source_state: Any = None
+        self.plug = Integrations(  # metrics and /healthz, flat mic, retained state, Home Assistant
+            settings.metrics, settings.homeassistant, publisher, settings.room, SAMPLE_RATE,
+            settings.source.flat_timeout_s, max(settings.source.stall_timeout_s, 2.0),
+            settings.identifier.episode_gap_s, Path(settings.state_dir).expanduser(),
+        )  # fmt: skip
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -171,8 +177,10 @@ class Service:
                 chunk = self.source.read(0.5)
                 if chunk is None:
                     if self.source.eof:
+                        self.plug.source_ended = True
                         break
                     continue
+                self.plug.audio_arrived(chunk)
                 while not self._stop.is_set():
                     try:
                         self.queue.put(chunk, timeout=0.2)
@@ -200,6 +208,7 @@ class Service:
                 self._apply_pending()
                 t0 = time.perf_counter()
                 samples = np.asarray(item.samples, dtype=np.float32)
+                self.plug.audio_processed(samples)
                 for exp in self.segmenter.process(samples):
                     self._identify(exp)
                 c.samples = self.segmenter.samples_seen
@@ -220,12 +229,14 @@ class Service:
             self._pipeline_done.set()
 
     def _identify(self, exp: Any) -> None:
+        t0 = time.perf_counter()
         try:
             emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
         except ValueError as exc:  # one bad expiration must not stop the ward's daemon
             logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
             return
         self.counters.expirations += 1
+        self.plug.embedded(time.perf_counter() - t0)
         for r in self.identifier.process(EmbeddedExpiration(exp, emb)):
             self._emit(r)
 
@@ -233,6 +244,7 @@ class Service:
         ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self.plug.event_stored(ev, r.end_sample)
         self._wake.set()
         self.counters.events += 1
         if r.kind == "episode":
@@ -353,10 +365,11 @@ class Service:
         ]
         for t in threads:
             t.start()
+        self.plug.watch_pipeline(threads[1].is_alive, lambda: self.counters.heartbeat)
+        if self.plug.server is not None:
+            threading.Thread(target=self.plug.server.serve_forever, name="cryid-metrics", daemon=True).start()
         self.notifier.notify("READY=1")
-        logger.info(
-            "listening (room %s, model %s, %d babies)", self.settings.room, self.sha[:12], len(self._enrolled)
-        )
+        self.plug.log_start(self.settings, self.sha, self.source, self._enrolled)
         poll_s = self.settings.service.registry_poll_s
         next_poll = next_stats = next_dog = time.monotonic()
         next_stats += min(5.0, self.settings.mqtt.stats_interval_s)
@@ -383,6 +396,7 @@ class Service:
                 if now - self.counters.heartbeat < 10.0:  # only while the pipeline is alive
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
+            self.plug.tick(self._enrolled, self.outbox.size(), getattr(self._source_state, "outages", 0))
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.publisher.pump()
             self._wake.wait(0.1)
@@ -399,6 +413,7 @@ class Service:
             return False
         self._source_state = state
         self.source_error = None if state.ok else state.message
+        self.plug.source_failure = self.source_error
         return True
 
     def _stop_source(self) -> None:
@@ -429,6 +444,7 @@ class Service:
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
         self.publisher.stop()
+        self.plug.close()
         if self.fatal:
             logger.error("%s", self.fatal)
             return 1

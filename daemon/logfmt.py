@@ -1,0 +1,42 @@
+"""Log output: the start line at every level, and ``--log-format json`` for journald / ELK.
+
+``json``: one JSON object per line with ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+``thread``, and ``exc`` when an exception is attached; what a log shipper indexes without parsing.
+The start line of ``cryid run`` goes to the logger ``cryid.start``, which is shown at the default
+level (warnings) too: one line saying what the daemon listens to and where it publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+START_LOGGER = "cryid.start"
+LOG_FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def install(log_format: str) -> None:
+    """After ``logging.basicConfig``: show the start line, and switch the handlers to JSON if asked."""
+    start = logging.getLogger(START_LOGGER)
+    if start.getEffectiveLevel() > logging.INFO:
+        start.setLevel(logging.INFO)
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
