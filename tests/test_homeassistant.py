@@ -47,15 +47,34 @@ SCHEMA: dict[str, dict[str, set[str]]] = {
     },
     "binary_sensor": {
         "required": {"state_topic"},
-        "allowed": _COMMON | {"state_topic", "device_class", "expire_after", "force_update", "off_delay",
-                              "payload_off", "payload_on", "value_template"},
-    },  # fmt: skip
+        "allowed": _COMMON
+        | {
+            "state_topic",
+            "device_class",
+            "expire_after",
+            "force_update",
+            "off_delay",
+            "payload_off",
+            "payload_on",
+            "value_template",
+        },
+    },
     "sensor": {
         "required": {"state_topic"},
-        "allowed": _COMMON | {"state_topic", "device_class", "expire_after", "force_update",
-                              "last_reset_value_template", "options", "state_class",
-                              "suggested_display_precision", "unit_of_measurement", "value_template"},
-    },  # fmt: skip
+        "allowed": _COMMON
+        | {
+            "state_topic",
+            "device_class",
+            "expire_after",
+            "force_update",
+            "last_reset_value_template",
+            "options",
+            "state_class",
+            "suggested_display_precision",
+            "unit_of_measurement",
+            "value_template",
+        },
+    },
 }
 DEVICE_KEYS = {
     "configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model", "model_id",

@@ -46,7 +46,9 @@ def enroll_state(state: Path, model: Path, babies: list[str]) -> None:
     embedder = Embedder(model)
     with Registry.open(state, settings.registry) as registry:
         for i, baby in enumerate(babies):
-            nursery.enroll(registry, embedder, settings, baby, [nursery.bout(voices[i], 6, seed=100 + i)], "w")
+            nursery.enroll(
+                registry, embedder, settings, baby, [nursery.bout(voices[i], 6, seed=100 + i)], "w"
+            )
 
 
 def get(url: str) -> tuple[int, str]:
