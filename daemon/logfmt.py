@@ -13,6 +13,7 @@ import logging
 from datetime import datetime, timezone
 
 START_LOGGER = "cryid.start"
+PAHO_LOGGER = "cryid.daemon.mqtt.paho"  # where cryid.daemon.mqtt sends paho's log
 LOG_FORMATS = ("text", "json")
 
 
@@ -32,8 +33,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class PahoReconnectNoise(logging.Filter):
+    """paho's own lines while it reconnects ("Client is not connected", "Connection failed"): the
+    publisher already warns with the broker's address and the retry delay (cryid.daemon.mqtt)."""
+
+    NOISE = ("Client is not connected", "Connection failed, retrying")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
 def install(log_format: str) -> None:
     """After ``logging.basicConfig``: show the start line, and switch the handlers to JSON if asked."""
+    logging.getLogger(PAHO_LOGGER).addFilter(PahoReconnectNoise())
     start = logging.getLogger(START_LOGGER)
     if start.getEffectiveLevel() > logging.INFO:
         start.setLevel(logging.INFO)

@@ -61,7 +61,7 @@ class MqttPublisher:
         self.connects = 0  # successful connections so far (metrics: reconnects)
         self.on_event_published: Callable[[str], None] | None = None  # first PUBLISH of a stored event
         self._subscriptions: list[str] = []  # (re)subscribed on every connect (HA's status)
-        self._retry_s: float | None = None  # the reconnect delay paho waits next (for the log)
+        self._fails = 0  # failed connection attempts in a row (for the log)
 
     # topics ---------------------------------------------------------------------------------
     def event_topic(self, baby_id: str | None) -> str:
@@ -146,7 +146,7 @@ class MqttPublisher:
                 logger.warning("broker refused the connection (%s); retrying", name)
             return
         logger.info("connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
-        self._retry_s = None
+        self._fails = 0
         self.connects += 1
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
@@ -171,14 +171,18 @@ class MqttPublisher:
     def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
         s = self.settings
         lo, hi = max(1, round(s.reconnect_min_s)), max(1, round(s.reconnect_max_s))
-        self._retry_s = lo if self._retry_s is None else min(self._retry_s * 2, hi)  # as paho's back-off
+        self._fails += 1
+        # paho's back-off: lo * 2^n capped at hi; before the first connection it also waits lo once more
+        wait = min(lo * 2**self._fails, hi)
+        if self._fails == 1 and not self.ever_connected:
+            wait = lo + min(2 * lo, hi)
         logger.warning(
             "broker %s:%d unreachable (nothing accepts connections there, or the network is down), "
-            "retrying in %.0f s; %d events wait in the outbox",
+            "retrying in %d s%s",
             s.host,
             s.port,
-            self._retry_s,
-            self.outbox.size(),
+            wait,
+            f"; {n} events wait in the outbox" if (n := self.outbox.size()) else "",
         )
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:

@@ -357,6 +357,7 @@ class Service:
         left = self.outbox.size()
         if left:
             logger.info("%d events from a previous run wait in the outbox; publishing them first", left)
+        self.plug.log_start(self.settings, self.sha, self.source, self._enrolled)
         self.publisher.start()
         self.stream_start = datetime.now(timezone.utc)
         threads = [
@@ -369,7 +370,6 @@ class Service:
         if self.plug.server is not None:
             threading.Thread(target=self.plug.server.serve_forever, name="cryid-metrics", daemon=True).start()
         self.notifier.notify("READY=1")
-        self.plug.log_start(self.settings, self.sha, self.source, self._enrolled)
         poll_s = self.settings.service.registry_poll_s
         next_poll = next_stats = next_dog = time.monotonic()
         next_stats += min(5.0, self.settings.mqtt.stats_interval_s)
