@@ -97,6 +97,7 @@ class Integrations:
 
     def log_start(self, settings: Any, sha: str, source: Any, enrolled: list[str]) -> None:
         """The one line ``cryid run`` prints at the default log level; a warning when nobody is enrolled."""
+        self.metrics.info.info({"room": settings.room, "model_sha256": sha, "version": _version()})
         mqtt = settings.mqtt
         extras = [f"metrics on http://{self.server.address}/metrics"] if self.server is not None else []
         extras += ["Home Assistant discovery on"] if self.discovery is not None else []

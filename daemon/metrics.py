@@ -8,8 +8,9 @@ the body (for a load balancer, a Kubernetes probe or a monitoring check). The se
 Names (all ``cryid_``): counters ``expirations_total``, ``events_total{kind,decision}``,
 ``mqtt_reconnects_total``, ``source_reopens_total``, ``source_flats_total``; gauges ``outbox_events``,
 ``mqtt_connected``, ``source_up``, ``source_flat``, ``mic_level_dbfs``, ``babies_enrolled``;
-histograms ``publish_latency_seconds{kind}`` (end of the expiration's audio arriving from the source
-to its PUBLISH) and ``embed_seconds`` (one expiration through the ONNX embedder).
+``info{room,model_sha256,version}`` (always 1, for joins on ``instance``); histograms
+``publish_latency_seconds{kind}`` (end of the expiration's audio arriving from the source to its
+PUBLISH) and ``embed_seconds`` (one expiration through the ONNX embedder).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +54,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.info = Info("cryid", "The daemon: room, model and version (join on instance).", registry=r)
         self.expirations = Counter(
             "cryid_expirations", "Cry expirations embedded and identified.", registry=r
         )

@@ -7,6 +7,7 @@ delivers audio, when it pauses (``/healthz`` must turn 503 and say why) and when
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -156,6 +157,11 @@ def test_metrics_and_health_over_http(
         assert m[("cryid_source_reopens_total", ())] == 0
         assert m[("cryid_outbox_events", ())] == 0
         assert -80.0 < m[("cryid_mic_level_dbfs", ())] < 0.0  # the room noise of the stream's tail
+        info = next(labels for name, labels in m if name == "cryid_info")
+        assert dict(info)["room"] == "w" and len(dict(info)["model_sha256"]) == 64
+        # every series the Grafana dashboard queries exists
+        dashboard = (REPO / "deploy" / "grafana" / "cryid.json").read_text()
+        assert set(re.findall(r"cryid_[a-z_]+", dashboard)) <= {name for name, _ in m}
 
         # a broker restart: one reconnect, connected again
         mosquitto.restart()
