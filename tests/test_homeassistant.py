@@ -256,3 +256,55 @@ def test_discovery_is_off_by_default(
     assert daemons[0].stop() == 0
     assert not any(m.topic.startswith("homeassistant/") for m in sub.messages)
     assert not (tmp_path / "state" / "homeassistant.json").exists()
+
+
+def test_discovery_under_the_recommended_acl(
+    request: pytest.FixtureRequest,
+    subscriber_factory: Callable[..., Subscriber],
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """The ACL lines the README gives: the daemon's user writes its own room's discovery configs and
+    reads HA's status, nothing of another room; HA's user reads everything and announces itself."""
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker", users={f"cryid-{ROOM}": "daemon-pw", "ha": "ha-pw"})
+    acl = tmp_path / "acl"
+    acl.write_text(
+        f"user cryid-{ROOM}\ntopic write cryid/{ROOM}/#\ntopic write homeassistant/+/cryid_{ROOM}/#\n"
+        "topic read homeassistant/status\n"
+        "user ha\ntopic read cryid/#\ntopic read homeassistant/#\ntopic write homeassistant/status\n"
+    )
+    with broker.conf.open("a") as f:
+        f.write(f"acl_file {acl}\n")
+    broker.start()
+    request.addfinalizer(broker.stop)
+    state = tmp_path / "state"
+    enroll_state(state, model_dir(request), ["ada"])
+    settings = Settings(
+        room=ROOM,
+        state_dir=state,
+        model=model_dir(request),
+        mqtt=MqttSettings(host=broker.host, port=broker.port, username=f"cryid-{ROOM}", password="daemon-pw"),
+        service=ServiceSettings(shutdown_timeout_s=5.0),
+        homeassistant=HomeAssistantSettings(enabled=True),
+    )
+    ha = subscriber_factory(broker, "homeassistant/#", username="ha", password="ha-pw")
+    daemons.append(Daemon(settings))
+    wait(lambda: len(configs(ha)) == 6, "the room's and ada's configs through the ACL")
+    before = len(ha.messages)
+    ha.client.publish("homeassistant/status", "online", qos=1)  # the daemon may read it: republished
+    wait(lambda: len(configs_after(ha, before)) == 6, "republished configs")
+    # the daemon's user cannot touch another room's entities
+    other = "homeassistant/sensor/cryid_other/level/config"
+    intruder = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="intruder")
+    intruder.username_pw_set(f"cryid-{ROOM}", "daemon-pw")
+    intruder.connect(broker.host, broker.port)
+    intruder.loop_start()
+    intruder.publish(other, "{}", qos=1, retain=True).wait_for_publish(5)
+    own = f"homeassistant/sensor/cryid_{ROOM}/probe/config"
+    intruder.publish(own, "", qos=1, retain=True).wait_for_publish(5)  # a control that does pass
+    intruder.disconnect()
+    intruder.loop_stop()
+    wait(lambda: any(m.topic == own for m in ha.messages), "the control message")
+    assert not any(m.topic == other for m in ha.messages)
+    assert daemons[0].stop() == 0
