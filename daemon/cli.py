@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cryid.daemon import logfmt
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    __import__("cryid.daemon.logfmt", fromlist=["install"]).install(args.log_format)
+    logfmt.install(args.log_format)
     from cryid.daemon.config import load_settings
 
     try:

@@ -16,6 +16,7 @@ PUBLISH) and ``embed_seconds`` (one expiration through the ONNX embedder).
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,11 +170,17 @@ class MetricsServer:
                 "choose a free port or stop what uses it"
             ) from exc
         self.httpd.daemon_threads = True
+        self.serving = threading.Event()
         self.address = f"{settings.host}:{self.httpd.server_address[1]}"
 
     def serve_forever(self) -> None:
+        """The service runs this in its ``cryid-metrics`` thread."""
+        self.serving.set()
         self.httpd.serve_forever(poll_interval=0.2)
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        """Stop serving and release the port; safe to call twice, or when never served."""
+        if self.serving.is_set():
+            self.httpd.shutdown()
+            self.serving.clear()
         self.httpd.server_close()

@@ -453,6 +453,7 @@ class Service:
 
     def close(self) -> None:
         """Release the outbox lock, the registry and the source."""
+        self.plug.close()  # the metrics port, also when run() never ran
         for part in (self.source, self.registry, self.outbox):
             close = getattr(part, "close", None)
             if close is not None:
