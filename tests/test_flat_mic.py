@@ -4,6 +4,7 @@ microphone -> PortAudio -> ``cryid run --source mic``) playing zeros, then a cry
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -140,3 +141,92 @@ def test_virtual_mic_playing_zeros_then_a_cry(
     assert all(m.payload in (b"ok", b"flat") for m in retained)
     ep = next(e for e in sub.events() if e["kind"] == "episode")
     assert ep["decision"] == "unknown" and ep["_topic"] == f"cryid/{ROOM}/unknown"  # nobody enrolled
+
+
+class PulseServer:
+    """A private PulseAudio (as tests/test_virtual_mic.py's fixture) that can be killed and restarted."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from tests.test_virtual_mic import _need_capture_stack
+
+        _need_capture_stack()
+        runtime = tmp_path / "pulse-runtime"
+        runtime.mkdir(mode=0o700)
+        self.sock = runtime / "native"
+        self.log_path = tmp_path / "pulseaudio.log"
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path),
+                        PULSE_SERVER=f"unix:{self.sock}")  # fmt: skip
+        self.env.pop("PULSE_COOKIE", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [
+            "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
+            "--disable-shm=yes", "--log-target=stderr",
+            f"--load=module-native-protocol-unix auth-anonymous=1 socket={self.sock}",
+            "--load=module-null-sink sink_name=virtmic rate=16000 channels=1",
+        ]  # fmt: skip
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], env=self.env, capture_output=True).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("PulseAudio cannot run here: " + self.log_path.read_text()[-500:])
+            time.sleep(0.1)
+        subprocess.run(["pactl", "set-default-source", "virtmic.monitor"], env=self.env, check=True)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+def test_microphone_gone_is_down_then_ok_when_it_returns(
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    pulse = PulseServer(tmp_path)
+    pulse.start()
+    request.addfinalizer(pulse.kill)
+    port = free_port()
+    env = {k: v for k, v in pulse.env.items() if not k.startswith("CRYID_")}
+    env |= {
+        "CRYID_STATE_DIR": str(tmp_path / "state"),
+        "CRYID_MODEL": str(model_dir(request)),
+        "CRYID_ROOM": ROOM,
+        "CRYID_MQTT__HOST": mosquitto.host,
+        "CRYID_MQTT__PORT": str(mosquitto.port),
+        "CRYID_SOURCE__DEVICE": "pulse",
+        "CRYID_SOURCE__REOPEN_MAX_S": "1",
+        "CRYID_METRICS__PORT": str(port),
+    }
+    sub = subscriber_factory(mosquitto, f"cryid/{ROOM}/status/source")
+    daemon = subprocess.Popen([*CRYID, "run", "--source", "mic"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def states() -> list[bytes]:
+        return [m.payload for m in sub.messages]
+
+    try:
+        _wait(lambda: states()[-1:] == [b"ok"], "ok status", daemon, 120)
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        pulse.kill()  # the sound server (the "device") disappears
+        _wait(lambda: states()[-1:] == [b"down"], "down status", daemon, 60)
+        code, body = get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 503 and body.startswith("audio source down: "), body
+        m = scrape(port)
+        assert m[("cryid_source_up", ())] == 0 and m[("cryid_source_reopens_total", ())] >= 1
+        pulse.start()
+        _wait(lambda: states()[-1:] == [b"ok"], "ok status after the device returned", daemon, 60)
+        _wait(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, "healthy again", daemon, 30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            _, err = daemon.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            _, err = daemon.communicate()
+    assert daemon.returncode == 0, err[-3000:]
