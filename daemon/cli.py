@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cryid.daemon import logfmt
 from cryid.models.errors import CryidError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (or CRYID_CONFIG).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="More log output (-vv: debug).")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one per line.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.register(sub)
     enrollment_cli.register(sub)
@@ -103,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose + getattr(args, "sub_verbose", 0))
+    logfmt.install(args.log_format)
     from cryid.daemon.config import load_settings, warn_unknown_environment
 
     warn_unknown_environment()

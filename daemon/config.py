@@ -21,6 +21,8 @@ from pydantic_settings import (
 )
 
 from cryid.daemon.dashboard import DashboardSettings
+from cryid.daemon.homeassistant import HomeAssistantSettings
+from cryid.daemon.metrics import MetricsSettings
 from cryid.daemon.sources import SourceSettings
 from cryid.enrollment.config import RegistrySettings, plain_filename
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
@@ -216,6 +218,8 @@ class Settings(BaseSettings):
     service: ServiceSettings = ServiceSettings()
     source: SourceSettings = SourceSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
 
     @field_validator("state_dir", "model", mode="before")
     @classmethod

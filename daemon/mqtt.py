@@ -109,6 +109,10 @@ class MqttPublisher:
         self._client = self._build_client()
         self._started = False
         self._stopping = False
+        self.connects = 0  # successful connections so far (metrics: reconnects)
+        self.on_event_published: Callable[[str], None] | None = None  # first PUBLISH of a stored event
+        self._subscriptions: list[str] = []  # (re)subscribed on every connect (HA's status)
+        self._fails = 0  # failed connection attempts in a row (for the log)
 
     # topics ---------------------------------------------------------------------------------
     def event_topic(self, baby_id: str | None) -> str:
@@ -238,6 +242,14 @@ class MqttPublisher:
         """A connection attempt failed before CONNECT was sent; paho calls this inside its ``except``."""
         exc = sys.exc_info()[1]
         s = self.settings
+        lo, hi = max(1, round(s.reconnect_min_s)), max(1, round(s.reconnect_max_s))
+        self._fails += 1
+        # paho's back-off: lo * 2^n capped at hi; before the first connection it also waits lo once more
+        wait = min(lo * 2**self._fails, hi)
+        if self._fails == 1 and not self.ever_connected:
+            wait = lo + min(2 * lo, hi)
+        waiting = f"; {n} events wait in the outbox" if (n := self.outbox.size()) else ""
+        retry = f"retrying in {wait} s{waiting}"
         if isinstance(exc, ssl.SSLCertVerificationError):
             detail = exc.verify_message or str(exc)
             hint = (
@@ -247,17 +259,17 @@ class MqttPublisher:
             )
             self._problem(f"{self._where}: certificate verify failed: {detail}; {hint}", fatal=True)
         elif isinstance(exc, ConnectionRefusedError):
-            self._problem(f"{self._where} unreachable (connection refused: is the broker running and "
-                          "mqtt.port right?); retrying")
+            self._problem(f"{self._where} unreachable (nothing accepts connections there, or the network is "
+                          f"down: is the broker running and mqtt.port right?), {retry}")
         elif isinstance(exc, socket.gaierror):
-            self._problem(f"{self._where}: cannot resolve host {s.host!r} ({exc}); retrying")
+            self._problem(f"{self._where}: cannot resolve host {s.host!r} ({exc}); {retry}")
         elif s.tls and isinstance(exc, (ssl.SSLError, ConnectionResetError, ConnectionAbortedError)):
             self._problem(
                 f"{self._where}: TLS handshake failed ({exc}); is port {s.port} a plain MQTT port? "
-                "use the broker's TLS port (usually 8883) or set mqtt.tls = false; retrying"
+                f"use the broker's TLS port (usually 8883) or set mqtt.tls = false; {retry}"
             )
         else:
-            self._problem(f"{self._where}: cannot connect ({exc or 'unknown error'}); retrying")
+            self._problem(f"{self._where}: cannot connect ({exc or 'unknown error'}); {retry}")
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, props: Any) -> None:
         if reason.is_failure:
@@ -278,6 +290,10 @@ class MqttPublisher:
                 self._problem(f"{self._where} refused the connection ({name}); retrying")
             return
         logger.info("connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
+        self._fails = 0
+        self.connects += 1
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
         if self.last_error is not None and self._refused_in_cycle == 0:
             self.last_error = None
         receive_max = getattr(props, "ReceiveMaximum", None)  # the broker's in-flight limit (MQTT 5)
@@ -304,7 +320,9 @@ class MqttPublisher:
                           "retrying")
         if was and not self._stopping:
             logger.warning(
-                "disconnected from MQTT broker (%s); %d events wait in the outbox; reconnecting",
+                "connection to broker %s:%d lost (%s); %d events wait in the outbox; reconnecting",
+                self.settings.host,
+                self.settings.port,
                 reason,
                 self.outbox.size(),
             )
@@ -399,6 +417,8 @@ class MqttPublisher:
                     break
                 if self._publish(item.topic, item.payload, 1, False, item.event_id):
                     sent += 1
+                    if self.on_event_published is not None:
+                        self.on_event_published(item.event_id)
         self.published += sent
         return sent
 
@@ -407,6 +427,15 @@ class MqttPublisher:
         if self._connected.is_set():
             self._publish(self.stats_topic, payload, 1, False, None)
 
-    def publish_retained(self, topic: str, payload: str) -> None:
-        """Retained dashboard state (QoS 1, not in the outbox: it is rebuilt); empty clears the topic."""
-        self._publish(topic, payload, 1, True, None)
+    def publish_retained(self, topic: str, payload: str) -> bool:
+        """A retained QoS 1 state message (HA discovery, source state), only while connected."""
+        if not self._connected.is_set():
+            return False
+        return self._publish(topic, payload, 1, True, None)
+
+    def subscribe(self, topic: str, callback: Callable[[str, bytes], None]) -> None:
+        """Subscribe (now and after every reconnect); ``callback(topic, payload)`` runs in paho's thread."""
+        self._subscriptions.append(topic)
+        self._client.message_callback_add(topic, lambda _c, _u, msg: callback(msg.topic, bytes(msg.payload)))
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos=1)

@@ -39,6 +39,7 @@ from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import CryEvent, Stats
 from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
 from cryid.daemon.identifier import Identification, Identifier
+from cryid.daemon.integrations import Integrations
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from cryid.daemon.state import RoomState
@@ -195,6 +196,11 @@ class Service:
         self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
         self.room_state.load(self._state_file, datetime.now(timezone.utc))
         self._nonfinite = False  # the last chunk was mostly NaN / inf
+        self.plug = Integrations(  # metrics and /healthz, flat mic, retained state, Home Assistant
+            settings.metrics, settings.homeassistant, publisher, settings.room, SAMPLE_RATE,
+            settings.source.flat_timeout_s, max(settings.source.stall_timeout_s, 2.0),
+            settings.identifier.episode_gap_s, Path(settings.state_dir).expanduser(),
+        )  # fmt: skip
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -217,8 +223,10 @@ class Service:
                 chunk = self.source.read(0.5)
                 if chunk is None:
                     if self.source.eof:
+                        self.plug.source_ended = True
                         break
                     continue
+                self.plug.audio_arrived(chunk)
                 while not self._stop.is_set():
                     try:
                         self.queue.put(chunk, timeout=0.2)
@@ -253,6 +261,7 @@ class Service:
                 self._nonfinite = 2 * bad > samples.size  # a source delivering mostly NaN is not ok
                 if bad:
                     samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
+                self.plug.audio_processed(samples)
                 c.samples = self.segmenter.samples_seen
                 for r in self.identifier.advance(c.samples):
                     self._emit(r)
@@ -271,12 +280,14 @@ class Service:
             self._pipeline_done.set()
 
     def _identify(self, exp: Any) -> None:
+        t0 = time.perf_counter()
         try:
             emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
         except ValueError as exc:  # one bad expiration must not stop the ward's daemon
             logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
             return
         self.counters.expirations += 1
+        self.plug.embedded(time.perf_counter() - t0)
         for r in self.identifier.process(EmbeddedExpiration(exp, emb)):
             self._emit(r)
 
@@ -285,6 +296,7 @@ class Service:
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
         self._state_events.put(ev)
+        self.plug.event_stored(ev, r.end_sample)
         self._wake.set()
         self.counters.events += 1
         if r.kind == "episode":
@@ -474,6 +486,7 @@ class Service:
         left = self.outbox.size()
         if left:
             logger.info("%d events from a previous run wait in the outbox; publishing them first", left)
+        self.plug.log_start(self.settings, self.sha, self.source, self._enrolled)
         self.publisher.start()
         self.stream_start = datetime.now(timezone.utc)
         threads = [
@@ -482,10 +495,10 @@ class Service:
         ]
         for t in threads:
             t.start()
+        self.plug.watch_pipeline(threads[1].is_alive, lambda: self.counters.heartbeat)
+        if self.plug.server is not None:
+            threading.Thread(target=self.plug.server.serve_forever, name="cryid-metrics", daemon=True).start()
         self.notifier.notify("READY=1")
-        logger.info(
-            "listening (room %s, model %s, %d babies)", self.settings.room, self.sha[:12], len(self._enrolled)
-        )
         poll_s = self.settings.service.registry_poll_s
         next_poll = next_stats = next_dog = time.monotonic()
         next_stats += min(5.0, self.settings.mqtt.stats_interval_s)
@@ -514,6 +527,7 @@ class Service:
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
             self._serve_ward(now)
+            self.plug.tick(self._enrolled, self.outbox.size(), getattr(self._source_state, "outages", 0))
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.outbox.retry()  # a full disk: store the events held in memory once there is room
             self.publisher.pump()
@@ -561,6 +575,7 @@ class Service:
             return False
         self._source_state = state
         self.source_error = None if state.ok else state.message
+        self.plug.source_failure = self.source_error
         return True
 
     def _stop_source(self) -> None:
@@ -596,6 +611,7 @@ class Service:
         self._update_state(time.monotonic())
         self._publish_state(self.room_state.stop(datetime.now(timezone.utc)))
         self.publisher.stop()
+        self.plug.close()
         if self.fatal:
             logger.error("%s", self.fatal)
             return 1
@@ -604,6 +620,7 @@ class Service:
 
     def close(self) -> None:
         """Release the outbox lock, the registry and the source."""
+        self.plug.close()  # the metrics port, also when run() never ran
         for part in (self.source, self.registry, self.outbox):
             close = getattr(part, "close", None)
             if close is not None:

@@ -67,6 +67,9 @@ class SourceSettings(BaseModel):
     stall_timeout_s: float = Field(
         3.0, gt=0.0, le=600.0, description="A mic that delivers nothing this long is treated as failed."
     )
+    flat_timeout_s: float = Field(
+        60.0, gt=0.0, le=86400.0, description="Audio flat this long (silence, constant, clipped) is an alarm."
+    )
 
 
 @dataclass(frozen=True)
