@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cryid.models.errors import SettingsError
+
 if TYPE_CHECKING:
     from cryid.daemon.config import Settings
 
@@ -111,19 +113,21 @@ def page_config(settings: Settings, dash: DashboardSettings) -> dict[str, Any]:
         try:
             cfg["password"] = path.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            raise ValueError(
+            raise SettingsError(
                 f"dashboard.password_file: cannot read {path} ({exc.strerror}); fix the path or its "
                 "permissions, or leave it out so the page asks for the password"
             ) from exc
         if dash.username is None:
-            raise ValueError("dashboard.password_file is set but dashboard.username is not; give --username")
+            raise SettingsError(
+                "dashboard.password_file is set but dashboard.username is not; give --username"
+            )
     return cfg
 
 
 def static_files(root: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
     """URL path -> (content, type) of every file of the page, read once (nothing else is served)."""
     if not (root / "index.html").is_file():
-        raise ValueError(f"the dashboard's files are missing ({root / 'index.html'}); reinstall cryid")
+        raise SettingsError(f"the dashboard's files are missing ({root / 'index.html'}); reinstall cryid")
     files: dict[str, tuple[bytes, str]] = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -185,7 +189,9 @@ class DashboardServer(HTTPServer):
         root: Path = STATIC_DIR,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
-            raise ValueError("give both --tls-cert and --tls-key (dashboard.tls_cert / tls_key), or neither")
+            raise SettingsError(
+                "give both --tls-cert and --tls-key (dashboard.tls_cert / tls_key), or neither"
+            )
         self.files = static_files(root)
         self.config_body = json.dumps(config, indent=1).encode()
         context = None
@@ -194,13 +200,13 @@ class DashboardServer(HTTPServer):
             try:
                 context.load_cert_chain(str(tls_cert.expanduser()), str(tls_key.expanduser()))
             except (OSError, ssl.SSLError) as exc:
-                raise ValueError(
+                raise SettingsError(
                     f"cannot load the TLS certificate {tls_cert} / key {tls_key}: {exc}; give PEM files"
                 ) from exc
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
-            raise ValueError(
+            raise SettingsError(
                 f"cannot serve the dashboard on {host}:{port} ({exc.strerror}); choose another --port/--host"
             ) from exc
         if context is not None:
@@ -237,7 +243,7 @@ def run_dashboard(settings: Settings, overrides: dict[str, Any]) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"dashboard.{name}: {err['msg']} (got {err.get('input')!r}); fix it") from exc
+        raise SettingsError(f"dashboard.{name}: {err['msg']} (got {err.get('input')!r}); fix it") from exc
     server = build_server(settings, dash)
     print(f"ward dashboard: {server.url} (broker {dash.broker_url}); Ctrl-C stops", flush=True)
     try:

@@ -33,6 +33,8 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from cryid.models.errors import SettingsError
+
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -165,7 +167,7 @@ class MetricsServer:
         try:
             self.httpd = ThreadingHTTPServer((settings.host, settings.port), Handler)
         except OSError as exc:
-            raise ValueError(
+            raise SettingsError(
                 f"metrics.port: cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
                 "choose a free port or stop what uses it"
             ) from exc
