@@ -172,7 +172,7 @@ def test_discovery_configs_roster_changes_and_ha_restart(
 ) -> None:
     model = model_dir(request)
     state = tmp_path / "state"
-    enroll_state(state, model, BABIES)
+    enroll_state(state, model, BABIES, room=ROOM)
     settings = Settings(
         room=ROOM,
         state_dir=state,
@@ -279,7 +279,7 @@ def test_discovery_under_the_recommended_acl(
     broker.start()
     request.addfinalizer(broker.stop)
     state = tmp_path / "state"
-    enroll_state(state, model_dir(request), ["ada"])
+    enroll_state(state, model_dir(request), ["ada"], room=ROOM)
     settings = Settings(
         room=ROOM,
         state_dir=state,

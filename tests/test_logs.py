@@ -43,7 +43,7 @@ def test_default_level_prints_one_start_line(
 ) -> None:
     model = model_dir(request)
     state = tmp_path / "state"
-    enroll_state(state, model, ["ada", "ben"])
+    enroll_state(state, model, ["ada", "ben"], room="ward3")
     quiet = _quiet_file(tmp_path)
     res = subprocess.run([*CRYID, "run", "--source", str(quiet)], env=_env(state, model, mosquitto.port),
                          capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -41,14 +41,15 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
     return Path(request.getfixturevalue("onnx_model_dir"))
 
 
-def enroll_state(state: Path, model: Path, babies: list[str]) -> None:
+def enroll_state(state: Path, model: Path, babies: list[str], room: str = "w") -> None:
+    """Enroll generated babies in ``room`` (the daemon compares a cry only with its own room's babies)."""
     settings = Settings(state_dir=state, model=model)
     voices = nursery.voices(len(babies) + 1, seed=1)
     embedder = Embedder(model)
     with Registry.open(state, settings.registry) as registry:
         for i, baby in enumerate(babies):
             nursery.enroll(
-                registry, embedder, settings, baby, [nursery.bout(voices[i], 6, seed=100 + i)], "w"
+                registry, embedder, settings, baby, [nursery.bout(voices[i], 6, seed=100 + i)], room
             )
 
 
