@@ -142,7 +142,7 @@ def test_enroll_identify_remove_unknown_without_restart(
     log = LogTail(daemon.stderr)
     log.start()
     try:
-        log.wait_for("listening (room ward1", daemon)
+        log.wait_for("cryid run: room ward1", daemon)
         assert any("listening" in x and "0 babies)" in x for _, x in log.lines)
 
         # 3. Enroll from the B recordings with `cryid enroll add` while the daemon runs.
