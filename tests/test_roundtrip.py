@@ -143,7 +143,7 @@ def test_enroll_identify_remove_unknown_without_restart(
     log.start()
     try:
         log.wait_for("cryid run: room ward1", daemon)
-        assert any("listening" in x and "0 babies)" in x for _, x in log.lines)
+        assert any("cryid run: room ward1" in x and "0 babies enrolled" in x for _, x in log.lines)
 
         # 3. Enroll from the B recordings with `cryid enroll add` while the daemon runs.
         for b in babies:
