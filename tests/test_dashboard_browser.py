@@ -40,6 +40,7 @@ from cryid.daemon import nursery
 from cryid.daemon.config import Settings
 from cryid.daemon.dashboard import DashboardServer, DashboardSettings, page_config, page_weight
 from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby, Stats
+from cryid.daemon.feedback import CommandResult
 from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
 from tests.fixtures.broker import Broker, free_port
@@ -56,19 +57,12 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 ROOM = "ward1"
 P = f"cryid/{ROOM}"
 PASSWORDS = {"cryid-ward1": "d-pass", "dashboard": "r-pass", "nurse": "n-pass", "probe": "p-pass"}
-ACL = f"""user cryid-ward1
-topic write {P}/#
-topic read {P}/cmd/confirm
-topic read {P}/cmd/reject
-user dashboard
-topic read cryid/#
-user nurse
-topic read cryid/#
-topic write cryid/+/cmd/confirm
-topic write cryid/+/cmd/reject
-user probe
-topic read cryid/#
-"""
+SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+# The shipped ACL, its example room (nursery) made this test's room, and a read-only test user ``probe``
+# (the broker ties a client id to its user name: concurrent test clients need users of their own).
+ACL = (SHIPPED / "acl").read_text().replace("cryid-nursery", f"cryid-{ROOM}").replace(
+    "cryid/nursery/", f"{P}/"
+).replace("cryid_nursery", f"cryid_{ROOM}") + "\nuser probe\ntopic read cryid/#\n"
 
 
 @dataclass
@@ -89,8 +83,13 @@ def ward(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ward]:
     broker = Broker(d, users=PASSWORDS)
     ws = free_port()
     (d / "acl").write_text(ACL)
+    # as the shipped mosquitto.conf: the client id is the user name on every listener
+    assert (SHIPPED / "mosquitto.conf").read_text().count("use_username_as_clientid true") >= 3
+    tcp = f"listener {broker.port} 127.0.0.1\n"
     broker.conf.write_text(
-        broker.conf.read_text() + f"acl_file {d / 'acl'}\nlistener {ws} 127.0.0.1\nprotocol websockets\n"
+        broker.conf.read_text().replace(tcp, tcp + "use_username_as_clientid true\n")
+        + f"acl_file {d / 'acl'}\nlistener {ws} 127.0.0.1\nprotocol websockets\n"
+        + "use_username_as_clientid true\n"
     )
     broker.start()
     yield Ward(broker, ws, d)
@@ -241,16 +240,16 @@ def ward_state(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     babies: list[str] = []
     bout: np.ndarray | None = None
     with Registry.open(state, settings.registry) as registry:
-        for baby, recs in nursery.real_cries(dac_dir, 6).items():
-            counts = [len(segment(r)) for r in recs]
+        for real in nursery.real_cries(dac_dir, 6):
+            # enrolled from the birth session; the ward hears a later session's recording
+            birth = [r for r in real.birth if segment(r)]
+            counts = [len(segment(r)) for r in real.later]
             best = int(np.argmax(counts))
-            if counts[best] < 2 or sum(c > 0 for c in counts) < 2:
+            if not birth or counts[best] < 2:
                 continue
-            nursery.enroll(
-                registry, embedder, settings, baby, [r for k, r in enumerate(recs) if k != best], ROOM
-            )
-            babies.append(baby)
-            bout = recs[best] if bout is None else bout
+            nursery.enroll(registry, embedder, settings, real.baby_id, birth, ROOM)
+            babies.append(real.baby_id)
+            bout = real.later[best] if bout is None else bout
             if len(babies) == 2:
                 break
         with registry.transaction() as conn:
@@ -473,6 +472,11 @@ def _episode(baby: str | None, **extra: Any) -> dict[str, Any]:
         score=0.62,
         runner_up=None,
         margin=0.1,
+        confidence=extra.pop("confidence", 0.9 if baby else None),
+        candidates=extra.pop(
+            "candidates", [{"baby_id": baby, "score": 0.62, "probability": 0.9}] if baby else []
+        ),
+        n_candidates=2,
         started_at=now - timedelta(seconds=20),
         ended_at=now,
         stream_offset_s=100.0,
@@ -542,8 +546,8 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         assert set(cmd) == {"request_id", "episode_id", "baby_id", "by"}
         assert (cmd["episode_id"], cmd["baby_id"], cmd["by"]) == (ident["episode_id"], a, "nurse")
         assert uuid.UUID(cmd["request_id"]).version == 4
-        reply = {"request_id": cmd["request_id"], "ok": True, "error": None, "confirmation_id": 7}
-        daemon.publish(f"{P}/cmd/result", json.dumps(reply), retain=False)
+        reply = _result(cmd, "confirm", ok=True, confirmation_id=7)
+        daemon.publish(f"{P}/cmd/result", reply, retain=False)
         wait_js(browser, f"return document.querySelector('{row} .result[data-ok=\"true\"]')", "the result")
         assert "Confirmed Ada" in browser.execute_script(text_of(f"{row} .result"))
 
@@ -556,13 +560,8 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         )
         cmd = json.loads(payload)
         assert cmd["episode_id"] == unknown["episode_id"]
-        reply = {
-            "request_id": cmd["request_id"],
-            "ok": False,
-            "error": "episode not found",
-            "confirmation_id": None,
-        }
-        daemon.publish(f"{P}/cmd/result", json.dumps(reply), retain=False)
+        reply = _result(cmd, "confirm", ok=False, error="episode not found")
+        daemon.publish(f"{P}/cmd/result", reply, retain=False)
         wait_js(browser, f"return document.querySelector('{item} .result[data-ok=\"false\"]')", "the refusal")
         assert "Refused: episode not found" in browser.execute_script(text_of(f"{item} .result"))
 
@@ -595,6 +594,16 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
     finally:
         commands.close()
         daemon.close()
+
+
+def _result(
+    cmd: dict[str, Any], verb: str, ok: bool, error: str | None = None, confirmation_id: int | None = None
+) -> str:
+    """The daemon's answer on cmd/result, as :class:`cryid.daemon.feedback.CommandResult` writes it."""
+    return CommandResult(
+        request_id=cmd["request_id"], command=verb, ok=ok, error=error, confirmation_id=confirmation_id,
+        episode_id=cmd["episode_id"], baby_id=cmd["baby_id"] if ok else None, at=datetime.now(timezone.utc),
+    ).to_json()  # fmt: skip
 
 
 def sign_in(browser: Any, user: str, password: str) -> None:
