@@ -633,7 +633,7 @@ def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
             time.sleep(0.2)
         out = "".join(lines)
         print(out)
-        assert "started an embedded one" in out
+        assert "started the demo's own MQTT broker" in out
         url = next(ln.split()[3] for ln in lines if ln.startswith("ward dashboard: open "))
         browser.get(url)
         wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
