@@ -6,9 +6,15 @@ The daemon's thresholds are opened wide (every cry is named after its best match
 not depend on the model's accuracy: it reads which baby the daemon named from a probe subscriber and
 checks that baby's tile. A few payloads are published by the test itself, as the daemon would: the
 latency probes (PUBLISH -> tile change), a long-crying state (5 minutes cannot be waited for), a v2
-event with ``confidence`` and ``candidates``, and the daemon's answer to the nurse's command (the
-daemon side of the nurse commands is another branch: here the test checks that the command arrives
-on the broker, through the ACL, with the right payload). Screenshots go to tests/artifacts/.
+event with ``confidence`` and ``candidates``, and, in the sign-in test, the daemon's answers to the
+nurse's commands (there the test checks that each command arrives on the broker, through the ACL, with
+the right payload, and how the page shows an acceptance and a refusal). The end-to-end test of a nurse's
+click has no stand-in: the real daemon hears the cry, handles the command and changes the registry.
+
+The broker is set up as the shipped deploy/mosquitto: the shipped ACL (its example room made ``ward1``)
+and ``use_username_as_clientid`` on every listener, so each concurrent client signs in as a user of its
+own (a second session of the same user would take the first one's client id and drop it).
+Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -594,6 +600,89 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
     finally:
         commands.close()
         daemon.close()
+
+
+def test_nurse_click_confirms_an_episode_in_the_registry(
+    ward: Ward,
+    ward_state: tuple[Path, Path, list[str]],
+    serve: Callable[[Settings], str],
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    """End to end: the real daemon hears a real cry, the nurse clicks Confirm on its episode in the page,
+    the daemon's command handling writes the confirmation to the registry and the page shows its answer."""
+    state, stream, _ = ward_state
+    # the daemon must still be running when the nurse clicks: the cry, then 60 s of quiet room noise
+    wav, sr = sf.read(stream, dtype="float32")
+    quiet = np.random.default_rng(9).normal(0.0, 10 ** (-60 / 20), 60 * sr).astype(np.float32)
+    long_stream = tmp_path / "stream-then-quiet.wav"
+    sf.write(long_stream, np.concatenate([wav, quiet]), sr)
+    url = serve(_settings(ward, username="nurse"))  # no password file: the nurse signs in on the page
+    probe = Probe(ward, "probe", f"{P}/#")  # its own user: the broker ties client ids to user names
+    try:
+        browser.get(url)
+        sign_in(browser, "nurse", PASSWORDS["nurse"])
+        wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
+        assert "nurse" in browser.execute_script(text_of("#who"))
+        daemon = run_daemon(ward, state, long_stream)
+        try:
+            # the daemon's final episode event (named or not: both kinds can be confirmed)
+            def is_episode(m: tuple[float, str, bytes]) -> bool:
+                event_topic = m[1] == f"{P}/unknown" or (
+                    m[1].startswith(f"{P}/baby/") and not m[1].endswith("/state")
+                )
+                return event_topic and json.loads(m[2]).get("kind") == "episode"
+
+            _, topic, payload = probe.wait(is_episode, 120)
+            episode = CryEvent.model_validate_json(payload)
+            baby = episode.baby_id or episode.best_baby_id
+            assert baby is not None
+            print("daemon's episode", episode.episode_id, "on", topic, "->", baby)
+            with Registry.open(state) as registry:
+                assert registry.feedback(episode_id=episode.episode_id) == []
+            where = (
+                f'#log-body tr[data-event="{episode.event_id}"]'
+                if episode.decision == "identified"
+                else f'.uncertain-list li[data-event="{episode.event_id}"]'
+            )
+            button = f'{where} button[data-action="confirm"]'
+            wait_js(browser, f"return document.querySelector('{button}')", "the Confirm button")
+            browser.find_element(By.CSS_SELECTOR, button).click()
+
+            # the daemon itself answers on cmd/result ...
+            _, _, answer = probe.wait(lambda m: m[1] == f"{P}/cmd/result", 30)
+            result = CommandResult.model_validate_json(answer)
+            print("daemon's answer:", result.to_json())
+            assert result.ok, result.error
+            assert (result.command, result.episode_id, result.baby_id) == (
+                "confirm",
+                episode.episode_id,
+                baby,
+            )
+            # ... the page shows it ...
+            ok = f'{where} .result[data-ok="true"]'
+            wait_js(browser, f"return document.querySelector('{ok}')", "the daemon's answer")
+            shown = browser.execute_script(text_of(f"{where} .result"))
+            assert shown.startswith("Confirmed ") and f"(#{result.confirmation_id})" in shown, shown
+            shot(browser, "nurse-confirmed")
+            # ... and the registry holds the confirmation, made by the nurse over MQTT
+            with Registry.open(state) as registry:
+                rows = registry.feedback(episode_id=episode.episode_id)
+            assert [(f.confirmation_id, f.kind, f.baby_id, f.created_by, f.via, f.live) for f in rows] == [
+                (result.confirmation_id, "confirm", baby, "nurse", "mqtt", True)
+            ]
+        finally:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGINT)
+                try:
+                    daemon.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+            out = daemon.stdout.read() if daemon.stdout else ""
+            print(out[-3000:])
+    finally:
+        probe.close()
 
 
 def _result(
