@@ -211,9 +211,13 @@ OBSERVE = (
 )
 
 
-def shot(driver: Any, name: str) -> None:
+def shot(driver: Any, name: str, at: str | None = None) -> None:
+    """A screenshot in tests/artifacts/: the top of the page, or scrolled to the element ``at``."""
     ARTIFACTS.mkdir(exist_ok=True)
-    driver.execute_script("window.scrollTo(0, 0)")
+    if at is None:
+        driver.execute_script("window.scrollTo(0, 0)")
+    else:
+        driver.execute_script("document.querySelector(arguments[0]).scrollIntoView({block: 'center'})", at)
     driver.save_screenshot(str(ARTIFACTS / f"dashboard-{name}.png"))
 
 
@@ -670,7 +674,7 @@ def test_nurse_click_confirms_an_episode_in_the_registry(
             wait_js(browser, f"return document.querySelector('{ok}')", "the daemon's answer")
             shown = browser.execute_script(text_of(f"{where} .result"))
             assert shown.startswith("Confirmed ") and f"(#{result.confirmation_id})" in shown, shown
-            shot(browser, "nurse-confirmed")
+            shot(browser, "nurse-confirmed", at=where)
             # ... and the registry holds the confirmation, made by the nurse over MQTT
             with Registry.open(state) as registry:
                 rows = registry.feedback(episode_id=episode.episode_id)

@@ -393,7 +393,7 @@
       S.client = null;
       setConn("taken", "Signed out: user in use elsewhere");
       openSignin(`Another screen or tool is most likely signed in to the broker as ${user || "this user"}: ` +
-        "the broker keeps one connection per user and closed this page's each time. Sign in here with a " +
+        "the broker keeps one connection per user and closed this page's connection each time. Sign in with a " +
         "user of its own (deploy/mosquitto/PASSWORDS.md).");
     };
     client.on("connect", () => {
