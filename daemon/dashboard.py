@@ -107,6 +107,7 @@ def page_config(settings: Settings, dash: DashboardSettings) -> dict[str, Any]:
         "silent_below_dbfs": dash.silent_below_dbfs,
         "nurse_users": dash.nurse_users,
         "stats_interval_s": settings.mqtt.stats_interval_s,
+        "mqtt_protocol": settings.mqtt.protocol,  # the daemon's broker is the page's broker
     }
     if dash.password_file is not None:
         path = dash.password_file.expanduser()

@@ -198,9 +198,14 @@ class RoomState:
         logger.info("dashboard state: last cries and 24 h totals of %d babies from %s", len(babies), path)
 
     def snapshot(self, now: datetime) -> list[Retained]:
-        """Every retained message as it stands (after a reconnect: the broker may have lost them)."""
+        """Every retained message as it stands (after a (re)connect: the broker may have lost them).
+
+        Also the clears of babies gone from the room: one found before the connection (the registry is
+        read at start, before the broker answers) could not be published then.
+        """
         self._sent.clear()
-        return self._roster_and_states(now)
+        clears = [Retained(self.state_topic(baby_id), "") for baby_id in sorted(self._cleared)]
+        return clears + self._roster_and_states(now)
 
     # outputs --------------------------------------------------------------------------------
     def baby_state(self, baby_id: str, now: datetime) -> BabyState:

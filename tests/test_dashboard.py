@@ -80,6 +80,7 @@ def test_config_json_names_broker_user_and_rooms_but_no_password(running: list[D
         {"room": "ward2", "prefix": "cryid/ward2"},
     ]
     assert cfg["alert_after_min"] == 5.0 and cfg["nurse_users"] == ["nurse"]
+    assert cfg["mqtt_protocol"] == "5"  # the page says MQTT 5 too: the broker tells it why it is dropped
 
 
 def test_password_only_from_a_file_and_the_rooms_own_prefix(tmp_path: Path) -> None:

@@ -6,9 +6,15 @@ The daemon's thresholds are opened wide (every cry is named after its best match
 not depend on the model's accuracy: it reads which baby the daemon named from a probe subscriber and
 checks that baby's tile. A few payloads are published by the test itself, as the daemon would: the
 latency probes (PUBLISH -> tile change), a long-crying state (5 minutes cannot be waited for), a v2
-event with ``confidence`` and ``candidates``, and the daemon's answer to the nurse's command (the
-daemon side of the nurse commands is another branch: here the test checks that the command arrives
-on the broker, through the ACL, with the right payload). Screenshots go to tests/artifacts/.
+event with ``confidence`` and ``candidates``, and, in the sign-in test, the daemon's answers to the
+nurse's commands (there the test checks that each command arrives on the broker, through the ACL, with
+the right payload, and how the page shows an acceptance and a refusal). The end-to-end test of a nurse's
+click has no stand-in: the real daemon hears the cry, handles the command and changes the registry.
+
+The broker is set up as the shipped deploy/mosquitto: the shipped ACL (its example room made ``ward1``)
+and ``use_username_as_clientid`` on every listener, so each concurrent client signs in as a user of its
+own (a second session of the same user would take the first one's client id and drop it).
+Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cryid.daemon import nursery
 from cryid.daemon.config import Settings
 from cryid.daemon.dashboard import DashboardServer, DashboardSettings, page_config, page_weight
 from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby, Stats
+from cryid.daemon.feedback import CommandResult
 from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
 from tests.fixtures.broker import Broker, free_port
@@ -56,19 +63,12 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 ROOM = "ward1"
 P = f"cryid/{ROOM}"
 PASSWORDS = {"cryid-ward1": "d-pass", "dashboard": "r-pass", "nurse": "n-pass", "probe": "p-pass"}
-ACL = f"""user cryid-ward1
-topic write {P}/#
-topic read {P}/cmd/confirm
-topic read {P}/cmd/reject
-user dashboard
-topic read cryid/#
-user nurse
-topic read cryid/#
-topic write cryid/+/cmd/confirm
-topic write cryid/+/cmd/reject
-user probe
-topic read cryid/#
-"""
+SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+# The shipped ACL, its example room (nursery) made this test's room, and a read-only test user ``probe``
+# (the broker ties a client id to its user name: concurrent test clients need users of their own).
+ACL = (SHIPPED / "acl").read_text().replace("cryid-nursery", f"cryid-{ROOM}").replace(
+    "cryid/nursery/", f"{P}/"
+).replace("cryid_nursery", f"cryid_{ROOM}") + "\nuser probe\ntopic read cryid/#\n"
 
 
 @dataclass
@@ -89,8 +89,13 @@ def ward(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ward]:
     broker = Broker(d, users=PASSWORDS)
     ws = free_port()
     (d / "acl").write_text(ACL)
+    # as the shipped mosquitto.conf: the client id is the user name on every listener
+    assert (SHIPPED / "mosquitto.conf").read_text().count("use_username_as_clientid true") >= 3
+    tcp = f"listener {broker.port} 127.0.0.1\n"
     broker.conf.write_text(
-        broker.conf.read_text() + f"acl_file {d / 'acl'}\nlistener {ws} 127.0.0.1\nprotocol websockets\n"
+        broker.conf.read_text().replace(tcp, tcp + "use_username_as_clientid true\n")
+        + f"acl_file {d / 'acl'}\nlistener {ws} 127.0.0.1\nprotocol websockets\n"
+        + "use_username_as_clientid true\n"
     )
     broker.start()
     yield Ward(broker, ws, d)
@@ -168,6 +173,13 @@ def serve() -> Iterator[Callable[[Settings], str]]:
 
 @pytest.fixture()
 def browser(tmp_path: Path) -> Iterator[Any]:
+    driver = chromium(tmp_path / "chromium")
+    yield driver
+    driver.quit()
+
+
+def chromium(profile: Path) -> Any:
+    """A headless chromium at 1280x800 with its own profile directory."""
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in (
@@ -180,14 +192,13 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         "--disable-component-update",
         "--disable-sync",
         "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--user-data-dir={profile}",
         "--window-size=1280,800",
     ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.set_window_size(1280, 800)
-    yield driver
-    driver.quit()
+    return driver
 
 
 # Records every tile's state change with its time (ms since the epoch, sub-ms resolution).
@@ -200,9 +211,13 @@ OBSERVE = (
 )
 
 
-def shot(driver: Any, name: str) -> None:
+def shot(driver: Any, name: str, at: str | None = None) -> None:
+    """A screenshot in tests/artifacts/: the top of the page, or scrolled to the element ``at``."""
     ARTIFACTS.mkdir(exist_ok=True)
-    driver.execute_script("window.scrollTo(0, 0)")
+    if at is None:
+        driver.execute_script("window.scrollTo(0, 0)")
+    else:
+        driver.execute_script("document.querySelector(arguments[0]).scrollIntoView({block: 'center'})", at)
     driver.save_screenshot(str(ARTIFACTS / f"dashboard-{name}.png"))
 
 
@@ -241,16 +256,16 @@ def ward_state(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     babies: list[str] = []
     bout: np.ndarray | None = None
     with Registry.open(state, settings.registry) as registry:
-        for baby, recs in nursery.real_cries(dac_dir, 6).items():
-            counts = [len(segment(r)) for r in recs]
+        for real in nursery.real_cries(dac_dir, 6):
+            # enrolled from the birth session; the ward hears a later session's recording
+            birth = [r for r in real.birth if segment(r)]
+            counts = [len(segment(r)) for r in real.later]
             best = int(np.argmax(counts))
-            if counts[best] < 2 or sum(c > 0 for c in counts) < 2:
+            if not birth or counts[best] < 2:
                 continue
-            nursery.enroll(
-                registry, embedder, settings, baby, [r for k, r in enumerate(recs) if k != best], ROOM
-            )
-            babies.append(baby)
-            bout = recs[best] if bout is None else bout
+            nursery.enroll(registry, embedder, settings, real.baby_id, birth, ROOM)
+            babies.append(real.baby_id)
+            bout = real.later[best] if bout is None else bout
             if len(babies) == 2:
                 break
         with registry.transaction() as conn:
@@ -473,6 +488,11 @@ def _episode(baby: str | None, **extra: Any) -> dict[str, Any]:
         score=0.62,
         runner_up=None,
         margin=0.1,
+        confidence=extra.pop("confidence", 0.9 if baby else None),
+        candidates=extra.pop(
+            "candidates", [{"baby_id": baby, "score": 0.62, "probability": 0.9}] if baby else []
+        ),
+        n_candidates=2,
         started_at=now - timedelta(seconds=20),
         ended_at=now,
         stream_offset_s=100.0,
@@ -542,8 +562,8 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         assert set(cmd) == {"request_id", "episode_id", "baby_id", "by"}
         assert (cmd["episode_id"], cmd["baby_id"], cmd["by"]) == (ident["episode_id"], a, "nurse")
         assert uuid.UUID(cmd["request_id"]).version == 4
-        reply = {"request_id": cmd["request_id"], "ok": True, "error": None, "confirmation_id": 7}
-        daemon.publish(f"{P}/cmd/result", json.dumps(reply), retain=False)
+        reply = _result(cmd, "confirm", ok=True, confirmation_id=7)
+        daemon.publish(f"{P}/cmd/result", reply, retain=False)
         wait_js(browser, f"return document.querySelector('{row} .result[data-ok=\"true\"]')", "the result")
         assert "Confirmed Ada" in browser.execute_script(text_of(f"{row} .result"))
 
@@ -556,13 +576,8 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         )
         cmd = json.loads(payload)
         assert cmd["episode_id"] == unknown["episode_id"]
-        reply = {
-            "request_id": cmd["request_id"],
-            "ok": False,
-            "error": "episode not found",
-            "confirmation_id": None,
-        }
-        daemon.publish(f"{P}/cmd/result", json.dumps(reply), retain=False)
+        reply = _result(cmd, "confirm", ok=False, error="episode not found")
+        daemon.publish(f"{P}/cmd/result", reply, retain=False)
         wait_js(browser, f"return document.querySelector('{item} .result[data-ok=\"false\"]')", "the refusal")
         assert "Refused: episode not found" in browser.execute_script(text_of(f"{item} .result"))
 
@@ -597,6 +612,128 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         daemon.close()
 
 
+def test_nurse_click_confirms_an_episode_in_the_registry(
+    ward: Ward,
+    ward_state: tuple[Path, Path, list[str]],
+    serve: Callable[[Settings], str],
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    """End to end: the real daemon hears a real cry, the nurse clicks Confirm on its episode in the page,
+    the daemon's command handling writes the confirmation to the registry and the page shows its answer."""
+    state, stream, _ = ward_state
+    # the daemon must still be running when the nurse clicks: the cry, then 60 s of quiet room noise
+    wav, sr = sf.read(stream, dtype="float32")
+    quiet = np.random.default_rng(9).normal(0.0, 10 ** (-60 / 20), 60 * sr).astype(np.float32)
+    long_stream = tmp_path / "stream-then-quiet.wav"
+    sf.write(long_stream, np.concatenate([wav, quiet]), sr)
+    url = serve(_settings(ward, username="nurse"))  # no password file: the nurse signs in on the page
+    probe = Probe(ward, "probe", f"{P}/#")  # its own user: the broker ties client ids to user names
+    try:
+        browser.get(url)
+        sign_in(browser, "nurse", PASSWORDS["nurse"])
+        wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
+        assert "nurse" in browser.execute_script(text_of("#who"))
+        daemon = run_daemon(ward, state, long_stream)
+        try:
+            # the daemon's final episode event (named or not: both kinds can be confirmed)
+            def is_episode(m: tuple[float, str, bytes]) -> bool:
+                event_topic = m[1] == f"{P}/unknown" or (
+                    m[1].startswith(f"{P}/baby/") and not m[1].endswith("/state")
+                )
+                return event_topic and json.loads(m[2]).get("kind") == "episode"
+
+            _, topic, payload = probe.wait(is_episode, 120)
+            episode = CryEvent.model_validate_json(payload)
+            baby = episode.baby_id or episode.best_baby_id
+            assert baby is not None
+            print("daemon's episode", episode.episode_id, "on", topic, "->", baby)
+            with Registry.open(state) as registry:
+                assert registry.feedback(episode_id=episode.episode_id) == []
+            where = (
+                f'#log-body tr[data-event="{episode.event_id}"]'
+                if episode.decision == "identified"
+                else f'.uncertain-list li[data-event="{episode.event_id}"]'
+            )
+            button = f'{where} button[data-action="confirm"]'
+            wait_js(browser, f"return document.querySelector('{button}')", "the Confirm button")
+            browser.find_element(By.CSS_SELECTOR, button).click()
+
+            # the daemon itself answers on cmd/result ...
+            _, _, answer = probe.wait(lambda m: m[1] == f"{P}/cmd/result", 30)
+            result = CommandResult.model_validate_json(answer)
+            print("daemon's answer:", result.to_json())
+            assert result.ok, result.error
+            assert (result.command, result.episode_id, result.baby_id) == (
+                "confirm",
+                episode.episode_id,
+                baby,
+            )
+            # ... the page shows it ...
+            ok = f'{where} .result[data-ok="true"]'
+            wait_js(browser, f"return document.querySelector('{ok}')", "the daemon's answer")
+            shown = browser.execute_script(text_of(f"{where} .result"))
+            assert shown.startswith("Confirmed ") and f"(#{result.confirmation_id})" in shown, shown
+            shot(browser, "nurse-confirmed", at=where)
+            # ... and the registry holds the confirmation, made by the nurse over MQTT
+            with Registry.open(state) as registry:
+                rows = registry.feedback(episode_id=episode.episode_id)
+            assert [(f.confirmation_id, f.kind, f.baby_id, f.created_by, f.via, f.live) for f in rows] == [
+                (result.confirmation_id, "confirm", baby, "nurse", "mqtt", True)
+            ]
+        finally:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGINT)
+                try:
+                    daemon.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+            out = daemon.stdout.read() if daemon.stdout else ""
+            print(out[-3000:])
+    finally:
+        probe.close()
+
+
+def _result(
+    cmd: dict[str, Any], verb: str, ok: bool, error: str | None = None, confirmation_id: int | None = None
+) -> str:
+    """The daemon's answer on cmd/result, as :class:`cryid.daemon.feedback.CommandResult` writes it."""
+    return CommandResult(
+        request_id=cmd["request_id"], command=verb, ok=ok, error=error, confirmation_id=confirmation_id,
+        episode_id=cmd["episode_id"], baby_id=cmd["baby_id"] if ok else None, at=datetime.now(timezone.utc),
+    ).to_json()  # fmt: skip
+
+
+def test_a_second_screen_as_the_same_user_takes_over_and_the_first_gives_way(
+    ward: Ward, serve: Callable[[Settings], str], browser: Any, tmp_path: Path
+) -> None:
+    """Two wall screens handed the same user: the broker (client id = user name) keeps the newer one;
+    the older page says why and stops, instead of both reconnecting and throwing each other out."""
+    pw = tmp_path / "dashboard.pw"
+    pw.write_text(PASSWORDS["dashboard"] + "\n")
+    url = serve(_settings(ward, username="dashboard", password_file=pw))
+    live = "return document.getElementById('conn').dataset.conn === 'connected'"
+    browser.get(url)
+    wait_js(browser, live, "Live on the first screen")
+    second = chromium(tmp_path / "chromium-2")
+    try:
+        second.get(url)
+        wait_js(second, live, "Live on the second screen")
+        wait_js(browser, "return document.getElementById('conn').dataset.conn === 'taken'", "the takeover")
+        assert browser.execute_script("return document.getElementById('signin').open")
+        why = browser.execute_script(text_of("#signin-error"))
+        assert "signed in to the broker as dashboard" in why and "a user of its own" in why, why
+        # mosquitto 2.0.11 gives no reason (MQTT 5's 142, session taken over): the page counted the drops
+        assert not browser.execute_script("return document.getElementById('banner-broker').hidden")
+        shot(browser, "taken-over")
+        time.sleep(5)  # the older page does not come back: the newer one stays connected
+        assert second.execute_script("return document.getElementById('conn').dataset.conn") == "connected"
+        assert browser.execute_script("return document.getElementById('conn').dataset.conn") == "taken"
+    finally:
+        second.quit()
+
+
 def sign_in(browser: Any, user: str, password: str) -> None:
     wait_js(browser, "return document.getElementById('signin').open", "the sign-in dialog")
     for field, value in (("signin-user", user), ("signin-pass", password)):
@@ -624,7 +761,7 @@ def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
             time.sleep(0.2)
         out = "".join(lines)
         print(out)
-        assert "started an embedded one" in out
+        assert "started the demo's own MQTT broker" in out
         url = next(ln.split()[3] for ln in lines if ln.startswith("ward dashboard: open "))
         browser.get(url)
         wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")

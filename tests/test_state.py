@@ -19,7 +19,7 @@ import soundfile as sf
 
 from cryid.daemon import nursery
 from cryid.daemon.config import IdentifierSettings, MqttSettings, ServiceSettings, Settings
-from cryid.daemon.events import BabyState, CryEvent, Roster
+from cryid.daemon.events import BabyState, CandidateOut, CryEvent, Roster
 from cryid.daemon.service import build_service
 from cryid.daemon.state import RoomState
 from cryid.enrollment import enroll
@@ -42,6 +42,9 @@ def _event(kind: str, baby: str | None, episode: str, start: datetime, dur_s: fl
         score=0.8,
         runner_up=None,
         margin=0.8,
+        confidence=0.9 if baby else None,
+        candidates=[CandidateOut(baby_id=baby or "ada", score=0.8, probability=0.9 if baby else None)],
+        n_candidates=2,
         started_at=start,
         ended_at=start + timedelta(seconds=dur_s),
         stream_offset_s=1.0,
@@ -149,8 +152,12 @@ def test_discharged_and_purged_babies_are_cleared(tmp_path: Path) -> None:
     assert [b.baby_id for b in Roster.model_validate_json(out[f"{P}/babies"]).babies] == ["ada"]
     assert f"{P}/baby/old/state" not in out  # cleared once is enough
     assert st.observe(_event("episode", "ben", "e3", T0), T0) == []  # no state for a discharged baby
+    # after a (re)connect: everything again, the clears too (those found before the broker answered
+    # were dropped: the daemon publishes retained state only while connected)
     snap = _by_topic(st.snapshot(T0))
-    assert set(snap) == {f"{P}/babies", f"{P}/baby/ada/state"}
+    gone = {f"{P}/baby/{b}/state" for b in ("ben", "cy", "old")}
+    assert set(snap) == {f"{P}/babies", f"{P}/baby/ada/state"} | gone
+    assert all(snap[t] == "" for t in gone)
     reg.close()
 
 

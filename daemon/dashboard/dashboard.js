@@ -13,6 +13,8 @@
   const LOG_MAX = 200;
   const UNCERTAIN_MAX = 8;
   const COMMAND_TIMEOUT_MS = 15000;
+  const QUICK_DROP_MS = 15000;   // a connection closed by the broker sooner than this after it was accepted
+  const QUICK_DROPS = 3;         // ... this many times within a minute: another client has this user
   const $ = (id) => document.getElementById(id);
 
   const S = {
@@ -363,7 +365,7 @@
     $("conn-text").textContent = text;
     const b = $("banner-broker");
     b.hidden = state === "connected" || state === "connecting";
-    b.textContent = state === "signin" || state === "refused"
+    b.textContent = state === "signin" || state === "refused" || state === "taken"
       ? "Not signed in to the ward broker: nothing on this page is live. Sign in."
       : "No connection to the ward broker: what you see may be out of date. Reconnecting by itself…";
   }
@@ -375,7 +377,8 @@
     const url = brokerUrl(S.cfg.broker_url);
     const opts = {
       clientId: `cryid-dash-${(user || "anon").replace(/[^A-Za-z0-9_-]/g, "")}-${uuid().slice(0, 8)}`,
-      protocolVersion: 4, clean: true, keepalive: 20, reconnectPeriod: 2000, connectTimeout: 8000,
+      // MQTT 5 (the broker says why it disconnects us), 3.1.1 for brokers without it (the demo's amqtt)
+      protocolVersion: S.cfg.mqtt_protocol === "3.1.1" ? 4 : 5, clean: true, keepalive: 20, reconnectPeriod: 2000, connectTimeout: 8000,
       resubscribe: true,
     };
     if (user) { opts.username = user; opts.password = password || ""; }
@@ -383,15 +386,38 @@
     const client = mqtt.connect(url, opts);
     S.client = client;
     const mine = () => S.client === client;  // events of a client replaced by a new sign-in are ignored
+    let connectedAt = 0;         // when the broker last accepted this connection (0: not connected)
+    const quickDrops = [];       // times the broker closed it soon after accepting it
+    const giveWay = () => {
+      client.end(true);
+      S.client = null;
+      setConn("taken", "Signed out: user in use elsewhere");
+      openSignin(`Another screen or tool is most likely signed in to the broker as ${user || "this user"}: ` +
+        "the broker keeps one connection per user and closed this page's connection each time. Sign in with a " +
+        "user of its own (deploy/mosquitto/PASSWORDS.md).");
+    };
     client.on("connect", () => {
       if (!mine()) return;
+      connectedAt = Date.now();
       setConn("connected", `Live${user ? "" : " (anonymous)"}`);
       client.subscribe([...S.rooms.values()].map((r) => `${r.prefix}/#`), { qos: 1 });
     });
     client.on("reconnect", () => { if (mine()) setConn("reconnecting", "Reconnecting…"); });
     client.on("offline", () => { if (mine()) setConn("reconnecting", "Offline, reconnecting…"); });
     client.on("close", () => {
-      if (mine() && $("conn").dataset.conn === "connected") setConn("reconnecting", "Reconnecting…");
+      if (!mine()) return;
+      if (connectedAt) {
+        // The shipped broker makes the client id the user name: a second page or tool signed in as the
+        // same user replaces this connection, this page's reconnect replaces that one, and so on for
+        // ever. Closed soon after being accepted, QUICK_DROPS times in a minute: give way. (A broker
+        // restart closes a connection that had lasted, and the reconnects fail until it is back.)
+        const now = Date.now();
+        if (now - connectedAt < QUICK_DROP_MS) quickDrops.push(now); else quickDrops.length = 0;
+        while (quickDrops.length && now - quickDrops[0] > 60000) quickDrops.shift();
+        connectedAt = 0;
+        if (quickDrops.length >= QUICK_DROPS) { giveWay(); return; }
+      }
+      if ($("conn").dataset.conn === "connected") setConn("reconnecting", "Reconnecting…");
     });
     client.on("error", (err) => {
       if (!mine()) return;
@@ -404,6 +430,10 @@
         setConn("refused", "Sign-in refused");
         openSignin(`The broker refused ${user ? `user ${user}` : "an anonymous connection"}: ${err.message}`);
       }
+    });
+    client.on("disconnect", (packet) => {
+      // MQTT 5 brokers that give the reason (142: session taken over) need no counting
+      if (mine() && packet && packet.reasonCode === 142) giveWay();
     });
     client.on("message", (topic, payload) => { if (mine()) onMessage(topic, payload); });
   }
