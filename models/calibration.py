@@ -6,8 +6,12 @@ trained on, in simulated ward rooms (some crying babies not enrolled), and store
 ``manifest.json`` as ``calibration``.
 
 - **Confidence** (the probability that the best candidate is right) is a logistic regression on the
-  best score, the margin to the runner-up and the log of the number of enrolled candidates:
-  ``p = sigmoid(w . [best, margin, log(n)] + b)``. With one candidate the margin is taken as 0.
+  map's ``features`` (of ``KNOWN_FEATURES``): always the best score, the margin to the runner-up and the
+  log of the number of enrolled candidates (``LEGACY_FEATURES``; with one candidate the margin is taken
+  as 0); a new fit adds whether the best candidate has a nurse-confirmed reference, with its own slope
+  on the best score and the margin (confirmed references score the ward's own cries, so the same score
+  means more). ``p = sigmoid(w . x + b)``. A map stored with the three legacy features still loads and
+  ignores the optional inputs (``confidence(..., best_confirmed=...)``, ``candidates(..., confirmed=...)``).
 - **Candidate probabilities**: the best candidate gets ``p``; the others share ``1 - p`` in proportion
   to a softmax of their scores at the fitted ``temperature``.
 
@@ -34,7 +38,10 @@ KNOWN_FEATURES = {
     "log_expirations": "log of the number of expirations pooled into the episode so far",
     "best_minus_mean": "best score minus the mean score of the other candidates (0 with one candidate)",
 }
-FEATURES = LEGACY_FEATURES  # what a new fit uses (set from the measured comparison below)
+# What a new fit uses: the legacy inputs plus whether the best candidate has a confirmed reference, with
+# its own slope on the best score and the margin (bench/calibration_inputs.py: the CV coverage at <= 5%
+# wrong rose; the runner-up's flag, the episode length and best-minus-mean did not pay).
+FEATURES = (*LEGACY_FEATURES, "best_confirmed", "confirmed_best_score", "confirmed_margin")
 
 
 class CalibrationError(ValueError):
