@@ -332,3 +332,22 @@ def test_model_calibrate_bad_input_is_one_line_and_leaves_the_manifest(
         assert (model / "manifest.json").read_bytes() == before
         names = sorted(p.name for p in model.iterdir())
         assert names == sorted(p.name for p in small_onnx_model_dir.iterdir())
+
+
+def test_the_daemons_call_gives_the_evaluations_confidence() -> None:
+    """``candidates(ids, scores, confirmed=...)`` (the daemon's call, with ``ReferenceSet.confirmed_ids``)
+    gives each query the confidence the evaluation and the calibration use (``query_confidences``)."""
+    from cryid.models.calibration import FEATURES as NEW
+
+    ward = _random_ward(16, 5)
+    rooms = draw_rooms(ward, 6, 1, 10, 2)
+    cal = Calibration(features=NEW, coef=(2.0, 3.0, -0.6, -2.0, 4.5, -0.8), intercept=-0.6)
+    for k in (0, 1):
+        q = score_rooms(ward, rooms, k, 1.0)
+        p = query_confidences(q, cal)
+        for i in range(0, len(q), 7):
+            ids = sorted(rooms[int(q.room[i])].enrolled)
+            ranked = cal.candidates(ids, q.scores[i], confirmed=set(ids) if k else frozenset())
+            assert ranked[0].probability == pytest.approx(p[i], abs=1e-12)
+        unflagged = cal.confidences(q.best, q.margin, q.n_candidates)
+        assert np.allclose(p, unflagged) == (k == 0)  # the flag changes the answer once confirmed
