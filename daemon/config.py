@@ -105,10 +105,11 @@ class IdentifierSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Placeholder: the lead sets this default from calib's cross-validated result (the shipped model's
-    # wrong-baby rate on dev rooms of 8 at or below 5%); see README "Decisions".
+    # 0.96: the lowest value at which the shipped model's cross-validated wrong-baby rate stays at or below
+    # 5% in dev rooms of 8, with and without a confirmed cry per baby (`cryid model calibrate` stores it in
+    # the manifest as calibration.metrics.recommended_min_confidence; another model may need another value).
     min_confidence: float = Field(
-        0.9,
+        0.96,
         gt=0.0,
         le=1.0,
         description="Calibrated probability that the best-matching baby is the one crying, needed to "

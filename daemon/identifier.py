@@ -207,7 +207,7 @@ class Identifier:
         cal = self.calibration
         confidence: float | None
         if cal is not None:
-            ranked = cal.candidates(refs.ids, scores, top=TOP_CANDIDATES)
+            ranked = cal.candidates(refs.ids, scores, top=TOP_CANDIDATES, confirmed=refs.confirmed_ids)
             candidates = tuple(MatchCandidate(c.baby_id, c.score, c.probability) for c in ranked)
             confidence = ranked[0].probability
             ok = confidence >= s.min_confidence

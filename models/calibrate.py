@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cryid.models.calibration import (
+    FEATURES,
     Calibration,
     CalibrationError,
     ReliabilityBin,
@@ -43,7 +44,16 @@ from cryid.models.cryceleb import CryCelebError, load_cryceleb
 from cryid.models.eval_backends import EmbeddingCache, Throughput
 from cryid.models.manifest import MANIFEST_NAME, Manifest
 from cryid.models.metrics import bootstrap_ci, infant_codes
-from cryid.models.ward import CURVE, RoomQueries, WardData, coverage, draw_rooms, score_rooms, wrong_rate
+from cryid.models.ward import (
+    CURVE,
+    RoomQueries,
+    WardData,
+    coverage,
+    draw_rooms,
+    query_confidences,
+    score_rooms,
+    wrong_rate,
+)
 from cryid.models.ward_eval import split_ward_data
 
 logger = logging.getLogger(__name__)
@@ -119,21 +129,44 @@ def _restrict(ward: WardData, infants: set[str]) -> WardData:
     )
 
 
-def _fit_rooms(ward: WardData, settings: CalibrateSettings, seed: int, weight: float) -> RoomQueries:
-    """Queries of mixed-size rooms with 0 and 1 confirmations: what a map is fitted on."""
+def _fit_rooms(
+    ward: WardData,
+    settings: CalibrateSettings,
+    seed: int,
+    weight: float,
+    features: tuple[str, ...] = FEATURES,
+) -> RoomQueries:
+    """Queries of mixed-size rooms with 0 and 1 confirmations: what a map is fitted on. With
+    ``log_expirations`` among the map's features, the same rooms again with episodes cut to their first
+    1..n expirations (``score_rooms(prefixes=True)``). (Adding K=1 rooms where only half the babies have
+    a confirmed reference, ``confirm_share=0.5``, was measured and lowered the CV coverage.)"""
     sizes = [s for s in FIT_ROOM_SIZES if s <= len(ward.pool)] or [len(ward.pool)]
     per_size = max(1, settings.rooms // len(sizes))
     parts = []
     for i, size in enumerate(sizes):
-        rooms = draw_rooms(ward, size, max(1, size // 4) if size > 1 else 0, per_size, seed * 1000 + i)
-        parts += [score_rooms(ward, rooms, k, weight, seed * 1000 + i) for k in (0, 1)]
+        s = seed * 1000 + i
+        rooms = draw_rooms(ward, size, max(1, size // 4) if size > 1 else 0, per_size, s)
+        parts += [score_rooms(ward, rooms, k, weight, s) for k in (0, 1)]
+        if "log_expirations" in features:
+            parts += [score_rooms(ward, rooms, k, weight, s + 700, prefixes=True) for k in (0, 1)]
     return RoomQueries.concat(parts)
 
 
-def _fit(q: RoomQueries, **info: Any) -> Calibration:
+def _fit(q: RoomQueries, features: tuple[str, ...] = FEATURES, **info: Any) -> Calibration:
     rows = [s for s, e in zip(q.scores, q.enrolled, strict=True) if e]
     return fit_calibration(
-        q.best, q.margin, q.n_candidates, q.correct, rows, [int(t) for t in q.true_index[q.enrolled]], **info
+        q.best,
+        q.margin,
+        q.n_candidates,
+        q.correct,
+        rows,
+        [int(t) for t in q.true_index[q.enrolled]],
+        features=features,
+        best_confirmed=q.best_confirmed,
+        runner_confirmed=q.runner_confirmed,
+        expirations=q.n_expirations,
+        others_mean=q.others_mean,
+        **info,
     )
 
 
@@ -143,15 +176,16 @@ def _cv_predictions(
     test: dict[int, RoomQueries],
     settings: CalibrateSettings,
     weight: float,
+    features: tuple[str, ...] = FEATURES,
 ) -> dict[int, np.ndarray]:
     """Each test query's probability from the map fitted without its infant's fold."""
     preds = {k: np.full(len(q), np.nan) for k, q in test.items()}
     for f, held in enumerate(folds):
         train = _restrict(ward, set(ward.pool) - held)
-        cal = _fit(_fit_rooms(train, settings, settings.seed + 7919 * (f + 1), weight))
+        cal = _fit(_fit_rooms(train, settings, settings.seed + 7919 * (f + 1), weight, features), features)
         for k, q in test.items():
             m = np.isin(q.infant, list(held))
-            preds[k][m] = cal.confidences(q.best[m], q.margin[m], q.n_candidates[m])
+            preds[k][m] = query_confidences(q, cal)[m]
     return preds
 
 

@@ -6,8 +6,12 @@ trained on, in simulated ward rooms (some crying babies not enrolled), and store
 ``manifest.json`` as ``calibration``.
 
 - **Confidence** (the probability that the best candidate is right) is a logistic regression on the
-  best score, the margin to the runner-up and the log of the number of enrolled candidates:
-  ``p = sigmoid(w . [best, margin, log(n)] + b)``. With one candidate the margin is taken as 0.
+  map's ``features`` (of ``KNOWN_FEATURES``): always the best score, the margin to the runner-up and the
+  log of the number of enrolled candidates (``LEGACY_FEATURES``; with one candidate the margin is taken
+  as 0); a new fit adds whether the best candidate has a nurse-confirmed reference, with its own slope
+  on the best score and the margin (confirmed references score the ward's own cries, so the same score
+  means more). ``p = sigmoid(w . x + b)``. A map stored with the three legacy features still loads and
+  ignores the optional inputs (``confidence(..., best_confirmed=...)``, ``candidates(..., confirmed=...)``).
 - **Candidate probabilities**: the best candidate gets ``p``; the others share ``1 - p`` in proportion
   to a softmax of their scores at the fitted ``temperature``.
 
@@ -16,14 +20,30 @@ Pure NumPy, so the daemon needs no scikit-learn or torch.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cryid.models.errors import CryidError
 
-FEATURES = ("best_score", "margin", "log_candidates")
+LEGACY_FEATURES = ("best_score", "margin", "log_candidates")  # maps written before issue 12's follow-up
+KNOWN_FEATURES = {
+    "best_score": "cosine score of the best candidate",
+    "margin": "best score minus the runner-up's (0 with one candidate)",
+    "log_candidates": "log of the number of enrolled candidates",
+    "best_confirmed": "1 when the best candidate has a confirmed-cry reference",
+    "runner_confirmed": "1 when the runner-up has one",
+    "confirmed_best_score": "best_score times best_confirmed (its own slope once confirmed)",
+    "confirmed_margin": "margin times best_confirmed",
+    "log_expirations": "log of the number of expirations pooled into the episode so far",
+    "best_minus_mean": "best score minus the mean score of the other candidates (0 with one candidate)",
+}
+# What a new fit uses: the legacy inputs plus whether the best candidate has a confirmed reference, with
+# its own slope on the best score and the margin (bench/calibration_inputs.py: the CV coverage at <= 5%
+# wrong rose; the runner-up's flag, the episode length and best-minus-mean did not pay).
+FEATURES = (*LEGACY_FEATURES, "best_confirmed", "confirmed_best_score", "confirmed_margin")
 
 
 class CalibrationError(CryidError):
@@ -39,11 +59,36 @@ class Candidate:
     probability: float
 
 
-def _features(best: np.ndarray, margin: np.ndarray, n_candidates: np.ndarray) -> np.ndarray:
-    best = np.asarray(best, dtype=np.float64)
-    margin = np.where(np.asarray(n_candidates) > 1, np.asarray(margin, dtype=np.float64), 0.0)
-    logn = np.log(np.maximum(np.asarray(n_candidates, dtype=np.float64), 1.0))
-    return np.stack([best, margin, logn], axis=-1)
+def feature_matrix(
+    names: tuple[str, ...],
+    best: np.ndarray,
+    margin: np.ndarray,
+    n_candidates: np.ndarray,
+    best_confirmed: np.ndarray | bool = False,
+    runner_confirmed: np.ndarray | bool = False,
+    expirations: np.ndarray | float = 1.0,
+    others_mean: np.ndarray | None = None,
+) -> np.ndarray:
+    """The inputs ``names`` (of ``KNOWN_FEATURES``) of every query, one row each."""
+    best = np.atleast_1d(np.asarray(best, dtype=np.float64))
+    n = np.broadcast_to(np.asarray(n_candidates), best.shape)
+    several = n > 1
+    margin = np.where(several, np.asarray(margin, dtype=np.float64), 0.0)
+    conf = np.broadcast_to(np.asarray(best_confirmed, dtype=np.float64), best.shape)
+    cols = {
+        "best_score": lambda: best,
+        "margin": lambda: margin,
+        "log_candidates": lambda: np.log(np.maximum(n.astype(np.float64), 1.0)),
+        "best_confirmed": lambda: conf,
+        "runner_confirmed": lambda: np.where(several, np.asarray(runner_confirmed, np.float64), 0.0),
+        "confirmed_best_score": lambda: conf * best,
+        "confirmed_margin": lambda: conf * margin,
+        "log_expirations": lambda: np.log(np.maximum(np.asarray(expirations, np.float64), 1.0)),
+        "best_minus_mean": lambda: np.where(
+            several, margin if others_mean is None else best - np.asarray(others_mean, np.float64), 0.0
+        ),
+    }
+    return np.stack([np.broadcast_to(cols[name](), best.shape) for name in names], axis=-1)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -56,7 +101,9 @@ class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: str = Field("logistic", pattern="^logistic$", description="How the confidence is computed.")
-    features: tuple[str, ...] = Field(FEATURES, description="Inputs of the logistic regression, in order.")
+    features: tuple[str, ...] = Field(
+        LEGACY_FEATURES, description="Inputs of the logistic regression, in order (of KNOWN_FEATURES)."
+    )
     coef: tuple[float, ...] = Field(description="Logistic regression weights, one per feature.")
     intercept: float = Field(description="Logistic regression intercept.")
     temperature: float = Field(
@@ -67,6 +114,12 @@ class Calibration(BaseModel):
         ge=0.0,
         le=1.0,
         description="Weight of a baby's confirmed-cry reference against its birth reference in the score.",
+    )
+    typical_expirations: float = Field(
+        4.0,
+        ge=1.0,
+        le=1000.0,
+        description="Expirations assumed when a caller does not say how many were pooled (log_expirations).",
     )
     data: str = Field("", description="What the map was fitted on (data set, split, rooms, seed).")
     fitted_at: str = Field("", description="UTC ISO 8601 time of the fit.")
@@ -83,16 +136,19 @@ class Calibration(BaseModel):
     @field_validator("features")
     @classmethod
     def _known_features(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if tuple(v) != FEATURES:
-            raise ValueError(f"features must be {list(FEATURES)}, got {list(v)}")
+        unknown = [f for f in v if f not in KNOWN_FEATURES]
+        if unknown or len(set(v)) != len(v) or tuple(v[:3]) != LEGACY_FEATURES:
+            raise ValueError(
+                f"features must start with {list(LEGACY_FEATURES)} and hold distinct names of "
+                f"{sorted(KNOWN_FEATURES)}, got {list(v)}"
+            )
         return tuple(v)
 
-    @field_validator("coef")
-    @classmethod
-    def _finite_coef(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if len(v) != len(FEATURES) or not np.all(np.isfinite(v)):
-            raise ValueError(f"coef must be {len(FEATURES)} finite numbers")
-        return tuple(float(x) for x in v)
+    @model_validator(mode="after")
+    def _finite_coef(self) -> Calibration:
+        if len(self.coef) != len(self.features) or not np.all(np.isfinite(self.coef)):
+            raise ValueError(f"coef must be {len(self.features)} finite numbers, one per feature")
+        return self
 
     @property
     def recommended_min_confidence(self) -> float | None:
@@ -102,33 +158,94 @@ class Calibration(BaseModel):
         return None if value is None else float(value)
 
     # use ---------------------------------------------------------------------------------------
-    def confidence(self, best_score: float, margin: float | None, n_candidates: int) -> float:
-        """Probability that the best of ``n_candidates`` enrolled babies is the one crying."""
+    def confidence(
+        self,
+        best_score: float,
+        margin: float | None,
+        n_candidates: int,
+        best_confirmed: bool = False,
+        runner_confirmed: bool = False,
+        expirations: int | None = None,
+        others_mean: float | None = None,
+    ) -> float:
+        """Probability that the best of ``n_candidates`` enrolled babies is the one crying.
+
+        ``best_confirmed``/``runner_confirmed``: whether the best candidate / the runner-up has a
+        confirmed-cry reference; ``expirations``: how many expirations the episode pooled (None: the map's
+        ``typical_expirations``); ``others_mean``: mean score of the other candidates (None: best minus
+        margin). A map whose ``features`` do not use an input ignores it."""
         if n_candidates < 1:
             return 0.0
-        x = _features(np.array([best_score]), np.array([margin or 0.0]), np.array([n_candidates]))
-        return float(_sigmoid(x @ np.asarray(self.coef) + self.intercept)[0])
+        return float(
+            self.confidences(
+                np.array([best_score]),
+                np.array([margin or 0.0]),
+                np.array([n_candidates]),
+                best_confirmed=best_confirmed,
+                runner_confirmed=runner_confirmed,
+                expirations=expirations,
+                others_mean=None if others_mean is None else np.array([others_mean]),
+            )[0]
+        )
 
-    def confidences(self, best: np.ndarray, margin: np.ndarray, n_candidates: np.ndarray) -> np.ndarray:
+    def confidences(
+        self,
+        best: np.ndarray,
+        margin: np.ndarray,
+        n_candidates: np.ndarray,
+        best_confirmed: np.ndarray | bool = False,
+        runner_confirmed: np.ndarray | bool = False,
+        expirations: np.ndarray | int | None = None,
+        others_mean: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Vectorised :meth:`confidence`."""
-        return _sigmoid(_features(best, margin, n_candidates) @ np.asarray(self.coef) + self.intercept)
+        x = feature_matrix(
+            self.features,
+            best,
+            margin,
+            n_candidates,
+            best_confirmed,
+            runner_confirmed,
+            self.typical_expirations if expirations is None else expirations,
+            others_mean,
+        )
+        return _sigmoid(x @ np.asarray(self.coef) + self.intercept)
 
-    def candidates(self, ids: list[str], scores: np.ndarray, top: int = 3) -> list[Candidate]:
-        """The ``top`` best-scoring babies with their probabilities (best first)."""
+    def candidates(
+        self,
+        ids: list[str],
+        scores: np.ndarray,
+        top: int = 3,
+        confirmed: Collection[str] = frozenset(),
+        expirations: int | None = None,
+    ) -> list[Candidate]:
+        """The ``top`` best-scoring babies with their probabilities (best first). ``confirmed``: the ids
+        with a confirmed-cry reference (``ReferenceSet.confirmed_ids``); ``expirations``: how many
+        expirations the episode pooled so far."""
         scores = np.asarray(scores, dtype=np.float64).ravel()
         if len(ids) != scores.size:
             raise CalibrationError(f"{len(ids)} ids but {scores.size} scores")
         if scores.size == 0:
             return []
+        confirmed = frozenset(confirmed)
         order = np.argsort(-scores, kind="stable")
         best = float(scores[order[0]])
-        margin = best - float(scores[order[1]]) if scores.size > 1 else 0.0
-        p_best = self.confidence(best, margin, scores.size)
+        several = scores.size > 1
+        p_best = self.confidence(
+            best,
+            best - float(scores[order[1]]) if several else 0.0,
+            scores.size,
+            best_confirmed=ids[order[0]] in confirmed,
+            runner_confirmed=several and ids[order[1]] in confirmed,
+            expirations=expirations,
+            others_mean=float(scores[order[1:]].mean()) if several else None,
+        )
         out = [Candidate(ids[order[0]], best, p_best)]
-        if scores.size > 1:
+        if several:
             rest = scores[order[1:]]
             w = np.exp((rest - rest.max()) / self.temperature)
-            share = (1.0 - p_best) * w / w.sum()
+            # the rest share 1 - p, but a lower-scoring baby is never more likely than the best one
+            share = np.minimum((1.0 - p_best) * w / w.sum(), p_best)
             others = zip(order[1:], share, strict=True)
             out += [Candidate(ids[i], float(scores[i]), float(p)) for i, p in others]
         return out[:top]
@@ -188,15 +305,23 @@ def fit_calibration(
     correct: np.ndarray,
     score_rows: list[np.ndarray] | None = None,
     true_index: list[int] | None = None,
+    features: tuple[str, ...] = FEATURES,
+    best_confirmed: np.ndarray | bool = False,
+    runner_confirmed: np.ndarray | bool = False,
+    expirations: np.ndarray | float = 1.0,
+    others_mean: np.ndarray | None = None,
     **info: object,
 ) -> Calibration:
     """Fit the map on scored queries: ``correct[i]`` is whether query i's best candidate was the right baby
     (false also when the crying baby was not enrolled). ``score_rows``/``true_index`` (queries whose baby
-    is enrolled) fit the candidates' temperature. ``info`` fills the descriptive fields."""
-    x = _features(best, margin, n_candidates)
+    is enrolled) fit the candidates' temperature. The other inputs are those of ``feature_matrix``;
+    ``info`` fills the descriptive fields."""
+    inputs = (best_confirmed, runner_confirmed, expirations, others_mean)
+    x = feature_matrix(tuple(features), best, margin, n_candidates, *inputs)
     coef, intercept = fit_logistic(x, np.asarray(correct, dtype=np.float64))
     temperature = fit_temperature(score_rows or [], true_index or [])
     return Calibration(
+        features=tuple(features),
         coef=tuple(float(c) for c in coef),
         intercept=intercept,
         temperature=temperature,

@@ -258,8 +258,9 @@ def calibration_lines(result: Any) -> list[str]:
     lines = [
         f"{result.manifest_path}: calibration written ({cal.n_queries} room queries, "
         f"{result.infants} infants)",
-        f"  map: p = sigmoid({cal.coef[0]:.3f} best + {cal.coef[1]:.3f} margin + {cal.coef[2]:.3f} "
-        f"log(candidates) + {cal.intercept:.3f}); candidates' temperature {cal.temperature:.3f}",
+        "  map: p = sigmoid("
+        + " + ".join(f"{c:.3f} {f}" for c, f in zip(cal.coef, cal.features, strict=True))
+        + f" + {cal.intercept:.3f}); candidates' temperature {cal.temperature:.3f}",
         "  confirmed_weight by CV log loss of K=1 queries: "
         + ", ".join(f"{w:g}: {loss:.4f}" for w, loss in result.weight_log_loss.items())
         + f" -> {cal.confirmed_weight:g}",

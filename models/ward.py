@@ -110,6 +110,10 @@ class RoomQueries:
     margin: np.ndarray  # best minus runner-up (0 with one candidate)
     n_candidates: np.ndarray
     scores: tuple[np.ndarray, ...]  # each row's scores against the room's enrolled babies
+    best_confirmed: np.ndarray  # bool: the best candidate has a confirmed reference
+    runner_confirmed: np.ndarray  # bool: the runner-up has one (false with one candidate)
+    n_expirations: np.ndarray  # expirations pooled into the query
+    others_mean: np.ndarray  # mean score of the candidates other than the best (the best's with one)
 
     def __len__(self) -> int:
         return int(self.infant.size)
@@ -146,6 +150,10 @@ class RoomQueries:
             self.margin[idx],
             self.n_candidates[idx],
             tuple(self.scores[i] for i in idx),
+            self.best_confirmed[idx],
+            self.runner_confirmed[idx],
+            self.n_expirations[idx],
+            self.others_mean[idx],
         )
 
     @staticmethod
@@ -162,24 +170,42 @@ class RoomQueries:
             cat("margin"),
             cat("n_candidates"),
             tuple(s for p in parts for s in p.scores),
+            cat("best_confirmed"),
+            cat("runner_confirmed"),
+            cat("n_expirations"),
+            cat("others_mean"),
         )
 
 
 def score_rooms(
-    data: WardData, rooms: Sequence[Room], confirm: int = 0, confirmed_weight: float = 0.75, seed: int = 0
+    data: WardData,
+    rooms: Sequence[Room],
+    confirm: int = 0,
+    confirmed_weight: float = 0.75,
+    seed: int = 0,
+    confirm_share: float = 1.0,
+    prefixes: bool = False,
 ) -> RoomQueries:
-    """Score every query of every room (see the module docstring); confirmations are seeded per room."""
-    rows: dict[str, list] = {k: [] for k in ("infant", "room", "enrolled", "true_index", "scores")}
+    """Score every query of every room (see the module docstring); confirmations are seeded per room.
+
+    ``confirm_share``: the share of each room's enrolled babies that get their ``confirm`` confirmed files
+    (seeded; 1: all of them), so a room mixes babies with and without a confirmed reference.
+    ``prefixes``: each query pools only a seeded random leading run of 1 to n of its file's n expirations,
+    as a daemon episode seen after its first expirations (else the whole file)."""
+    rows: dict[str, list] = {
+        k: [] for k in ("infant", "room", "enrolled", "true_index", "scores", "has", "n_exp")
+    }
     for r, room in enumerate(rooms):
         if not room.enrolled:
             continue
         rng = np.random.default_rng([seed, confirm, r])
+        share = rng.random(len(room.enrolled)) < confirm_share if confirm_share < 1.0 else None
         confirmed, held_out = {}, {}
-        for baby in room.enrolled:
+        for j, baby in enumerate(room.enrolled):
             files = data.d_files.get(baby, [])
             pick = (
                 set(rng.choice(len(files), min(confirm, len(files)), replace=False).tolist())
-                if confirm and files
+                if confirm and files and (share is None or share[j])
                 else set()
             )
             if pick:
@@ -187,12 +213,16 @@ def score_rooms(
             held_out[baby] = pick
         refs = ReferenceSet({b: data.birth[b] for b in room.enrolled}, confirmed, confirmed_weight)
         column = {b: i for i, b in enumerate(refs.ids)}
-        queries, truth = [], []
+        has = np.array([b in confirmed for b in refs.ids], dtype=bool)
+        prefix_rng = np.random.default_rng([seed, confirm, r, 1])
+        queries, truth, n_exp = [], [], []
         for baby in (*room.enrolled, *room.strangers):
             for i, emb in enumerate(data.d_files.get(baby, [])):
                 if i not in held_out.get(baby, ()):
-                    queries.append(centroid(emb))
+                    n = int(prefix_rng.integers(1, emb.shape[0] + 1)) if prefixes else emb.shape[0]
+                    queries.append(centroid(emb[:n]))
                     truth.append(baby)
+                    n_exp.append(n)
         if not queries:
             continue
         matrix = refs.score_matrix(np.stack(queries)).astype(np.float64)
@@ -201,10 +231,23 @@ def score_rooms(
         rows["enrolled"] += [b in column for b in truth]
         rows["true_index"] += [column.get(b, -1) for b in truth]
         rows["scores"] += list(matrix)
+        rows["has"] += [has] * len(truth)
+        rows["n_exp"] += n_exp
     scores = tuple(rows["scores"])
-    ordered = [np.sort(s)[::-1] for s in scores]
-    best = np.array([o[0] for o in ordered], dtype=np.float64)
-    margin = np.array([o[0] - o[1] if o.size > 1 else 0.0 for o in ordered], dtype=np.float64)
+    orders = [np.argsort(-s, kind="stable") for s in scores]
+    best = np.array([s[o[0]] for s, o in zip(scores, orders, strict=True)], dtype=np.float64)
+    margin = np.array(
+        [s[o[0]] - s[o[1]] if o.size > 1 else 0.0 for s, o in zip(scores, orders, strict=True)],
+        dtype=np.float64,
+    )
+    others = np.array(
+        [
+            (s.sum() - s[o[0]]) / (s.size - 1) if s.size > 1 else s[o[0]]
+            for s, o in zip(scores, orders, strict=True)
+        ],
+        dtype=np.float64,
+    )
+    has_rows = rows["has"]
     return RoomQueries(
         infant=np.array(rows["infant"], dtype=str),
         room=np.array(rows["room"], dtype=np.int64),
@@ -214,6 +257,13 @@ def score_rooms(
         margin=margin,
         n_candidates=np.array([s.size for s in scores], dtype=np.int64),
         scores=scores,
+        best_confirmed=np.array([h[o[0]] for h, o in zip(has_rows, orders, strict=True)], dtype=bool),
+        runner_confirmed=np.array(
+            [bool(h[o[1]]) if o.size > 1 else False for h, o in zip(has_rows, orders, strict=True)],
+            dtype=bool,
+        ),
+        n_expirations=np.array(rows["n_exp"], dtype=np.int64),
+        others_mean=others,
     )
 
 
@@ -277,9 +327,22 @@ def open_set_eer(q: RoomQueries, weights: np.ndarray | None = None) -> float | N
     return weighted_eer(tgt, non, weights[tgt_row], weights[non_row])
 
 
+def query_confidences(q: RoomQueries, calibration: Calibration) -> np.ndarray:
+    """The calibrated confidence of every query's best candidate, from every input the map uses."""
+    return calibration.confidences(
+        q.best,
+        q.margin,
+        q.n_candidates,
+        best_confirmed=q.best_confirmed,
+        runner_confirmed=q.runner_confirmed,
+        expirations=q.n_expirations,
+        others_mean=q.others_mean,
+    )
+
+
 def named_mask(q: RoomQueries, calibration: Calibration, min_confidence: float) -> np.ndarray:
     """Queries the daemon would name: calibrated confidence of the best candidate >= ``min_confidence``."""
-    p = calibration.confidences(q.best, q.margin, q.n_candidates)
+    p = query_confidences(q, calibration)
     return (p >= min_confidence) & (q.n_candidates > 0)
 
 

@@ -34,6 +34,7 @@ from cryid.models.ward import (
     named_mask,
     open_set_eer,
     operating_curve,
+    query_confidences,
     score_rooms,
     top_k,
     whole_ward,
@@ -174,7 +175,7 @@ def ward_figures(
     out["operating_curve"] = (
         None
         if calibration is None
-        else operating_curve(q, calibration.confidences(q.best, q.margin, q.n_candidates))
+        else operating_curve(q, query_confidences(q, calibration))
     )
     return out
 

@@ -12,13 +12,21 @@ import numpy as np
 import pytest
 
 from cryid.daemon.cli import main
-from cryid.models.calibration import Calibration, fit_calibration, fit_logistic, reliability
+from cryid.models.calibration import (
+    FEATURES,
+    LEGACY_FEATURES,
+    Calibration,
+    fit_calibration,
+    fit_logistic,
+    reliability,
+)
 from cryid.models.manifest import load_manifest
 from cryid.models.ward import (
     WardData,
     coverage,
     draw_rooms,
     named_mask,
+    query_confidences,
     score_rooms,
     top_k,
     wrong_rate,
@@ -39,7 +47,7 @@ def test_logistic_fit_recovers_a_known_model_and_is_calibrated() -> None:
     coef, intercept = np.array([4.0, 6.0, -0.8]), -2.0
     p_true = _sigmoid(np.stack([best, margin, np.log(cands)], 1) @ coef + intercept)
     y = rng.uniform(size=n) < p_true
-    cal = fit_calibration(best, margin, cands, y)
+    cal = fit_calibration(best, margin, cands, y, features=LEGACY_FEATURES)
     np.testing.assert_allclose(cal.coef, coef, atol=0.3)
     assert abs(cal.intercept - intercept) < 0.3
     p = cal.confidences(best, margin, cands)
@@ -131,6 +139,114 @@ def test_confirming_one_file_per_baby_uses_the_confirmed_reference() -> None:
     assert top_k(k0, 1) < top_k(half, 1) <= top_k(k1, 1)
 
 
+# the optional inputs ------------------------------------------------------------------------------
+OLD_MAP = {  # a calibration as manifests stored it before the optional inputs (the shipped model's)
+    "method": "logistic",
+    "features": ["best_score", "margin", "log_candidates"],
+    "coef": [3.877885485685205, 3.6973216207721915, -0.6523841561544738],
+    "intercept": -1.5147270358849623,
+    "temperature": 0.11587448004356327,
+    "confirmed_weight": 1.0,
+    "data": "dev",
+    "fitted_at": "2026-12-02T06:29:59+00:00",
+    "n_queries": 10606,
+    "room_size": 8,
+    "room_strangers": 2,
+    "rooms": 300,
+    "seed": 0,
+    "metrics": {"recommended_min_confidence": 0.98},
+}
+
+
+def test_an_old_format_map_loads_and_ignores_the_new_inputs() -> None:
+    cal = Calibration.model_validate_json(json.dumps(OLD_MAP))
+    assert cal.features == LEGACY_FEATURES and cal.recommended_min_confidence == 0.98
+    p = cal.confidence(0.7, 0.1, 6)
+    assert p == pytest.approx(_sigmoid(np.dot(OLD_MAP["coef"], [0.7, 0.1, np.log(6)]) + OLD_MAP["intercept"]))
+    assert cal.confidence(0.7, 0.1, 6, best_confirmed=True, runner_confirmed=True, expirations=1,
+                          others_mean=0.2) == p  # fmt: skip
+    ids, scores = ["a", "b", "c"], np.array([0.3, 0.7, 0.6])
+    assert cal.candidates(ids, scores, confirmed={"b"}, expirations=2) == cal.candidates(ids, scores)
+    assert Calibration.model_validate_json(cal.model_dump_json()) == cal
+
+
+@pytest.mark.parametrize(
+    ("features", "coef"),
+    [
+        (["best_score", "margin", "log_candidates", "loudness"], [1, 1, 1, 1]),  # unknown input
+        (["best_score", "margin", "log_candidates", "best_confirmed"], [1, 1, 1]),  # a weight short
+        (["margin", "best_score", "log_candidates"], [1, 1, 1]),  # not the legacy three first
+        (["best_score", "margin", "log_candidates", "margin"], [1, 1, 1, 1]),  # repeated
+    ],
+)
+def test_a_map_with_bad_features_is_refused(features: list[str], coef: list[float]) -> None:
+    with pytest.raises(ValueError, match=r"features|coef"):
+        Calibration.model_validate({**OLD_MAP, "features": features, "coef": coef})
+
+
+def test_the_confirmed_flag_and_episode_length_have_the_known_answer() -> None:
+    """Generated queries whose probability of being right depends on whether the best candidate has a
+    confirmed reference (its own slope and intercept) and on how many expirations were pooled: the fit
+    recovers the weights, is calibrated within each group, and a legacy map (blind to both) is not."""
+    rng = np.random.default_rng(12)
+    n = 60_000
+    best, margin = rng.uniform(0, 1, n), rng.uniform(0, 0.4, n)
+    cands = rng.choice([2, 4, 8, 16], n)
+    conf = rng.uniform(size=n) < 0.5
+    runner = conf & (rng.uniform(size=n) < 0.5)
+    n_exp = rng.integers(1, 9, n)
+    feats = (*LEGACY_FEATURES, "best_confirmed", "confirmed_best_score", "confirmed_margin")
+    feats = (*feats, "log_expirations")
+    x = np.stack([best, margin, np.log(cands), conf, conf * best, conf * margin, np.log(n_exp)], 1)
+    coef, intercept = np.array([3.0, 4.0, -0.7, 1.5, 2.0, 3.0, 0.8]), -3.0
+    y = rng.uniform(size=n) < _sigmoid(x @ coef + intercept)
+    cal = fit_calibration(best, margin, cands, y, features=feats, best_confirmed=conf,
+                          runner_confirmed=runner, expirations=n_exp)  # fmt: skip
+    assert cal.features == feats
+    np.testing.assert_allclose(cal.coef, coef, atol=0.35)
+    assert abs(cal.intercept - intercept) < 0.35
+    p = cal.confidences(best, margin, cands, best_confirmed=conf, expirations=n_exp)
+    old = fit_calibration(best, margin, cands, y)
+    p_old = old.confidences(best, margin, cands)
+    for group in (conf, ~conf, n_exp == 1, n_exp == 8):
+        gap = abs(float(p[group].mean() - y[group].mean()))
+        assert gap < 0.02
+        assert abs(float(p_old[group].mean() - y[group].mean())) > 2 * gap + 0.03
+    # the scalar call and the candidates agree with the vectorised map
+    one = cal.confidence(0.8, 0.2, 4, best_confirmed=True, expirations=3)
+    z = np.dot(coef, [0.8, 0.2, np.log(4), 1, 0.8, 0.2, np.log(3)]) + intercept
+    assert one == pytest.approx(_sigmoid(z), abs=0.03)
+    ids, scores = ["a", "b", "c", "d"], np.array([0.5, 0.8, 0.6, 0.1])
+    ranked = cal.candidates(ids, scores, confirmed={"b"}, expirations=3)
+    assert ranked[0].baby_id == "b" and ranked[0].probability == one
+    unconfirmed = cal.candidates(ids, scores, expirations=3)
+    assert unconfirmed[0].probability == cal.confidence(0.8, 0.2, 4, expirations=3) < one
+    # without an episode length the map assumes its typical one
+    typical = int(cal.typical_expirations)
+    assert cal.confidence(0.8, 0.2, 4) == cal.confidence(0.8, 0.2, 4, expirations=typical)
+    assert Calibration.model_validate_json(cal.model_dump_json()) == cal
+
+
+def test_rooms_with_partial_confirmations_and_short_episodes() -> None:
+    ward = _random_ward(24, 4)
+    rooms = draw_rooms(ward, 8, 2, 60, 1)
+    k0, k1 = score_rooms(ward, rooms, 0), score_rooms(ward, rooms, 1, 1.0)
+    assert not k0.best_confirmed.any() and k1.best_confirmed.all() and k1.runner_confirmed.all()
+    assert (k0.n_expirations == 2).all()  # whole files of 2 expirations
+    mixed = score_rooms(ward, rooms, 1, 1.0, confirm_share=0.5)
+    assert 0.3 < mixed.best_confirmed.mean() < 0.7 and len(k1) < len(mixed) < len(k0)
+    short = score_rooms(ward, rooms, 0, prefixes=True)
+    assert set(short.n_expirations.tolist()) == {1, 2} and len(short) == len(k0)
+    whole = short.n_expirations == 2
+    np.testing.assert_allclose(short.best[whole], k0.best[whole], atol=1e-6)
+    for q in (k0, mixed):
+        s = np.array([np.sort(r)[::-1] for r in q.scores])
+        np.testing.assert_allclose(q.others_mean, s[:, 1:].mean(1), atol=1e-9)
+    cal = Calibration(features=(*LEGACY_FEATURES, "best_confirmed"), coef=(0, 0, 0, 5.0), intercept=-2.5)
+    p = query_confidences(mixed, cal)
+    np.testing.assert_allclose(p, np.where(mixed.best_confirmed, _sigmoid(2.5), _sigmoid(-2.5)))
+
+
 # cryid model calibrate through the CLI ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def calib_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -166,7 +282,7 @@ def test_model_calibrate_round_trips_through_the_manifest(
     assert 0.0 < cal.recommended_min_confidence < 1.0
     assert cal.metrics["cv_wrong_rate_k0"] <= 0.05 or cal.metrics.get("cv_coverage_k0", 0) < 0.05
     assert cal.confirmed_weight in (0.0, 0.25, 0.5, 0.75, 1.0)
-    assert Calibration.model_validate_json(cal.model_dump_json()) == cal
+    assert Calibration.model_validate_json(cal.model_dump_json()) == cal and cal.features == FEATURES
     assert (model / "model.onnx").read_bytes() == onnx_before
     assert load_manifest(model).onnx_sha256 == load_manifest(small_onnx_model_dir).onnx_sha256
     assert not list(model.glob(".manifest.json.*"))  # no temporary file left
@@ -216,3 +332,22 @@ def test_model_calibrate_bad_input_is_one_line_and_leaves_the_manifest(
         assert (model / "manifest.json").read_bytes() == before
         names = sorted(p.name for p in model.iterdir())
         assert names == sorted(p.name for p in small_onnx_model_dir.iterdir())
+
+
+def test_the_daemons_call_gives_the_evaluations_confidence() -> None:
+    """``candidates(ids, scores, confirmed=...)`` (the daemon's call, with ``ReferenceSet.confirmed_ids``)
+    gives each query the confidence the evaluation and the calibration use (``query_confidences``)."""
+    from cryid.models.calibration import FEATURES as NEW
+
+    ward = _random_ward(16, 5)
+    rooms = draw_rooms(ward, 6, 1, 10, 2)
+    cal = Calibration(features=NEW, coef=(2.0, 3.0, -0.6, -2.0, 4.5, -0.8), intercept=-0.6)
+    for k in (0, 1):
+        q = score_rooms(ward, rooms, k, 1.0)
+        p = query_confidences(q, cal)
+        for i in range(0, len(q), 7):
+            ids = sorted(rooms[int(q.room[i])].enrolled)
+            ranked = cal.candidates(ids, q.scores[i], confirmed=set(ids) if k else frozenset())
+            assert ranked[0].probability == pytest.approx(p[i], abs=1e-12)
+        unflagged = cal.confidences(q.best, q.margin, q.n_candidates)
+        assert np.allclose(p, unflagged) == (k == 0)  # the flag changes the answer once confirmed
