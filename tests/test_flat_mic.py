@@ -212,7 +212,8 @@ def test_microphone_gone_is_down_then_ok_when_it_returns(
 
     try:
         _wait(lambda: states()[-1:] == [b"ok"], "ok status", daemon, 120)
-        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        # the device is open ("ok"); /healthz is 200 once its first audio has reached the pipeline
+        _wait(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, "healthy", daemon, 30)
         pulse.kill()  # the sound server (the "device") disappears
         _wait(lambda: states()[-1:] == [b"down"], "down status", daemon, 60)
         code, body = get(f"http://127.0.0.1:{port}/healthz")
