@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
 from tests.fixtures.broker import Broker, Subscriber
 from tests.fixtures.data import dac_rows
+from tests.fixtures.logtail import LogTail
 
 pytestmark = pytest.mark.slow
 
@@ -53,32 +53,6 @@ def feed_audio(d_file: str) -> np.ndarray:
     quiet = lambda s: (rng.standard_normal(int(s * SR)) * 10 ** (-70 / 20)).astype(np.float32)  # noqa: E731
     wav = np.concatenate([quiet(1.0), load_audio(d_file), quiet(10.0)])
     return np.round(np.clip(wav, -1, 32767 / 32768) * 32768).astype("<i2").astype(np.float32) / 32768.0
-
-
-class LogTail(threading.Thread):
-    """Collects the daemon's stderr lines with their arrival time."""
-
-    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(daemon=True)
-        self.stream = stream
-        self.lines: list[tuple[float, str]] = []
-
-    def run(self) -> None:
-        for raw in self.stream:
-            self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
-
-    def wait_for(
-        self, text: str, proc: subprocess.Popen[bytes], after: int = 0, limit_s: float = 120
-    ) -> float:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            for t, line in self.lines[after:]:
-                if text in line:
-                    return t
-            if proc.poll() is not None:
-                pytest.fail(f"daemon exited ({proc.returncode}):\n" + "\n".join(x for _, x in self.lines))
-            time.sleep(0.02)
-        pytest.fail(f"daemon never logged {text!r}:\n" + "\n".join(x for _, x in self.lines[-30:]))
 
 
 def test_enroll_identify_remove_unknown_without_restart(
