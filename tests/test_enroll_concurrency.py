@@ -88,11 +88,11 @@ class Reader(threading.Thread):
             self.reg.close()
 
 
-def test_two_enrollments_at_once_while_reading(tmp_path: Path, onnx_model_dir: Path, dac_dir: Path) -> None:
+def test_two_enrollments_at_once_while_reading(tmp_path: Path, shipped_model_dir: Path, dac_dir: Path) -> None:
     state = tmp_path / "state"
-    sha = load_manifest(onnx_model_dir).onnx_sha256
+    sha = load_manifest(shipped_model_dir).onnx_sha256
     Registry.open(state, RegistrySettings()).close()
-    env = env_for(state, onnx_model_dir, CRYID_REGISTRY__BUSY_TIMEOUT_MS="300000")
+    env = env_for(state, shipped_model_dir, CRYID_REGISTRY__BUSY_TIMEOUT_MS="300000")
     reader = Reader(state, sha)
     reader.start()
     # Hold the write lock so that both enrollments reach their write and then contend for it.
@@ -126,11 +126,11 @@ def test_two_enrollments_at_once_while_reading(tmp_path: Path, onnx_model_dir: P
 
 @pytest.mark.parametrize("point", ["after-sample", "before-commit"])
 def test_kill_9_inside_enrollment_leaves_all_or_nothing(
-    tmp_path: Path, onnx_model_dir: Path, dac_dir: Path, point: str
+    tmp_path: Path, shipped_model_dir: Path, dac_dir: Path, point: str
 ) -> None:
     state = tmp_path / "state"
-    sha = load_manifest(onnx_model_dir).onnx_sha256
-    env = env_for(state, onnx_model_dir)
+    sha = load_manifest(shipped_model_dir).onnx_sha256
+    env = env_for(state, shipped_model_dir)
     ok = subprocess.run(
         [*CRYID, "enroll", "add", "dac0059", *files(dac_dir, "dac0059")],
         env=env, capture_output=True, text=True,
