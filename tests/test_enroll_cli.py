@@ -36,7 +36,10 @@ def state_digest(state_dir: Path) -> dict[str, str]:
 
 @pytest.fixture
 def cryid(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, shipped_model_dir: Path
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    shipped_model_dir: Path,
 ):
     """Run ``cryid ARGS...`` in-process with its own state dir; returns (rc, stdout, stderr)."""
     monkeypatch.setenv("CRYID_STATE_DIR", str(tmp_path / "state"))

@@ -156,8 +156,8 @@ def test_unlabelled_pairs_write_submission_and_skip_eer(
         csv.writer(fh).writerows([r[:3] for r in rows])
     sub, out_json = tmp_path / "sub.csv", tmp_path / "out.json"
     code, out, err = _eval(
-        capsys, "--data", str(root), "--split", "test", "--model", str(shipped_model_dir), "--protocol", "pairs",
-        "--no-cache", "--submission", str(sub), "--json", str(out_json),
+        capsys, "--data", str(root), "--split", "test", "--model", str(shipped_model_dir),
+        "--protocol", "pairs", "--no-cache", "--submission", str(sub), "--json", str(out_json),
     )  # fmt: skip
     assert code == 0, err
     assert "no label column: EER skipped" in out
