@@ -1,7 +1,10 @@
-"""Provisional decisions weigh the whole episode so far, not the last expiration alone.
+"""Decision behaviour that survived mutation: provisional decisions weigh the whole episode so far, not
+the last expiration alone; the thresholds are inclusive.
 
-Public ``Identifier`` API only (constructor, ``process``, ``flush``) with its default settings, and
-assertions on the best candidate, so the test holds whatever the decision rule on top of it is.
+Public ``Identifier`` API only (constructor with plain centroids, ``process``, ``flush``): the episode
+test uses the default settings and asserts on the best candidate, so it holds whatever the decision
+rule on top of it is; the threshold test sets ``min_score``/``min_margin``, the cosine rule of a model
+without a calibration.
 """
 
 from __future__ import annotations
@@ -41,3 +44,18 @@ def test_provisional_decision_uses_the_episode_so_far() -> None:
     (final,) = ident.flush()
     assert final.kind == "episode" and final.n_expirations == len(vectors)
     assert final.match.best_baby_id == "ben"
+
+
+def test_a_cry_exactly_at_the_thresholds_is_named() -> None:
+    """The configured thresholds are inclusive ("at least"): an expiration identical to ada's centroid
+    scores exactly 1.0 with a margin of exactly 1.0 (exact in float32), so thresholds of exactly those
+    values name ada, and anything above them does not."""
+    refs = {"ada": ADA, "ben": BEN}
+    for min_score, min_margin in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+        at = Identifier(IdentifierSettings(min_score=min_score, min_margin=min_margin), refs, SR)
+        (r,) = at.process(_item(0.0, ADA))
+        assert (r.match.score, r.match.margin) == (1.0, 1.0)
+        assert (r.match.decision, r.match.baby_id) == ("identified", "ada"), (min_score, min_margin)
+    above = Identifier(IdentifierSettings(min_score=0.0, min_margin=1.0 + 1e-6), refs, SR)
+    (r,) = above.process(_item(0.0, ADA))
+    assert (r.match.decision, r.match.baby_id, r.match.best_baby_id) == ("unknown", None, "ada")
