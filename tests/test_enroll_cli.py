@@ -264,16 +264,14 @@ def test_record_from_microphone(cryid, monkeypatch: pytest.MonkeyPatch, dac_dir:
 
 @pytest.fixture(scope="module")
 def other_model_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fixture model saved again with another producer string: same function, another sha256,
-    which is all the registry knows of a model ("a model change")."""
-    onnx = pytest.importorskip("onnx")
+    """The model saved again with one unknown protobuf field appended (field 1000 = 1, which ONNX
+    readers keep and ignore): same function, another sha256, which is all the registry knows of a
+    model ("a model change"). Byte-level, so the base install (no ``onnx`` package) runs it."""
     from cryid.models.manifest import load_manifest, sha256_file, write_manifest
 
     out = tmp_path_factory.mktemp("other-model") / "model"
     out.mkdir()
-    proto = onnx.load(str(shipped_model_dir / "model.onnx"))
-    proto.producer_name = "cryid-tests-model-change"
-    onnx.save(proto, str(out / "model.onnx"))
+    (out / "model.onnx").write_bytes((shipped_model_dir / "model.onnx").read_bytes() + b"\xc0\x3e\x01")
     manifest = load_manifest(shipped_model_dir)
     write_manifest(manifest.model_copy(update={"onnx_sha256": sha256_file(out / "model.onnx")}), out)
     return out
