@@ -240,3 +240,60 @@ def test_cry_played_into_virtual_mic_is_identified(
     assert "READY=1" in notify.messages and "WATCHDOG=1" in notify.messages, notify.messages
     assert notify.messages.index("READY=1") < notify.messages.index("WATCHDOG=1")
     assert "STOPPING=1" in notify.messages
+
+
+def test_enroll_record_captures_a_cry_from_the_virtual_mic(
+    virtual_mic: dict[str, str], tmp_path: Path
+) -> None:
+    """``cryid enroll record`` enrolls from live audio: a recording played into the virtual microphone
+    while it records gives the same baby as ``cryid enroll add`` of that recording (centroids agree)."""
+    import numpy as np
+    import soundfile as sf
+
+    from cryid.enrollment.config import RegistrySettings
+    from cryid.enrollment.registry import Registry
+    from cryid.models.embedder import Embedder
+
+    model = REPO / "models" / "default"
+    babies, _ = _babies(tmp_path)
+    cry = babies[0][1][0]
+    env = {k: v for k, v in virtual_mic.items() if not k.startswith("CRYID_")} | {"CRYID_MODEL": str(model)}
+    seconds = f"{sf.info(str(cry)).duration + 4.0:.1f}"
+    rec = subprocess.Popen(
+        [*CRYID, "enroll", "record", "live", "--seconds", seconds, "--device", "pulse"],
+        env=env | {"CRYID_STATE_DIR": str(tmp_path / "live")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert rec.stderr is not None
+    line = rec.stderr.readline()  # printed once the model is loaded, just before recording starts
+    assert line.startswith("recording ") and "from input device pulse" in line, line + rec.stderr.read()
+    time.sleep(0.5)  # let PortAudio open the stream
+    played = subprocess.run(
+        ["paplay", "--device=virtmic", str(cry)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert played.returncode == 0, played.stderr
+    out, err = rec.communicate(timeout=120)
+    assert rec.returncode == 0, err
+    assert out.startswith("enrolled live: 1 recording(s)"), out
+    added = subprocess.run(
+        [*CRYID, "enroll", "add", "file", str(cry)],
+        env=env | {"CRYID_STATE_DIR": str(tmp_path / "file")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert added.returncode == 0, added.stderr
+    sha = Embedder(model).sha256
+    with Registry.open(tmp_path / "live", RegistrySettings()) as live:
+        (sample,) = live.samples("live")
+        a = live.centroids(sha)["live"]
+    with Registry.open(tmp_path / "file", RegistrySettings()) as ref:
+        (reference,) = ref.samples("file")
+        b = ref.centroids(sha)["file"]
+    assert sample.source_kind == "mic" and sample.n_expirations >= 1
+    assert abs(sample.cry_s - reference.cry_s) < 1.0
+    cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    print(f"\nenroll record vs enroll add of the same cry: centroid cosine {cos:.4f}")
+    assert cos >= 0.9
