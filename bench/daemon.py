@@ -126,7 +126,7 @@ def main() -> int:
         now = time.time()
         if msg.topic.endswith("/stats"):
             stats.append(json.loads(msg.payload))
-        elif "/baby/" in msg.topic or msg.topic.endswith("/unknown"):
+        elif ("/baby/" in msg.topic and not msg.topic.endswith("/state")) or msg.topic.endswith("/unknown"):
             with lock:
                 arrivals.append((now, json.loads(msg.payload)))
 

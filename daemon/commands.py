@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     devices.set_defaults(func=cmd_devices)
 
     demo = sub.add_parser(
-        "demo", help="the whole job end to end on a fresh machine: enroll, replay, identify"
+        "demo",
+        help="the whole job end to end on a fresh machine: enroll, replay, identify (own broker and "
+        "topics: never a ward's)",
     )
     demo.add_argument("--babies", type=int, default=3, help="babies to enroll (2-8)")
     demo.add_argument(
@@ -43,6 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.add_argument("--realtime", action="store_true", help="replay the nursery stream at real speed")
     demo.add_argument(
         "--keep", type=Path, default=None, help="keep the demo state (registry, outbox, stream) here"
+    )
+    demo.add_argument(
+        "--broker",
+        default=None,
+        metavar="HOST:PORT",
+        help="publish on this MQTT broker (anonymous, demo topics cryid-demo/... only) instead of the "
+        "demo's own embedded one",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=None, help="pick other babies (shuffled by this seed) than the default"
+    )
+    demo.add_argument(
+        "--dashboard", action="store_true", help="also serve the ward dashboard beside the demo's broker"
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -57,6 +72,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the MQTT payloads")
     schema.set_defaults(func=cmd_schema)
+
+    register_dashboard(sub)
+
+
+def register_dashboard(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``cryid dashboard``: defaults from ``dashboard.*`` in the configuration."""
+    dash = sub.add_parser("dashboard", help="serve the ward's web page (it connects to the broker itself)")
+    dash.add_argument("--host", default=None, help="address to serve on (dashboard.host)")
+    dash.add_argument("--port", type=int, default=None, help="port to serve on (dashboard.port)")
+    dash.add_argument("--broker-url", default=None, help="broker websockets URL, ws(s)://HOST:PORT/")
+    dash.add_argument("--username", default=None, help="broker user the page signs in as")
+    dash.add_argument(
+        "--password-file", type=Path, default=None, help="that user's password, handed to the page"
+    )
+    dash.add_argument("--tls-cert", type=Path, default=None, help="serve over HTTPS with this certificate")
+    dash.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert")
+    dash.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="TOML config file (or CRYID_CONFIG)"
+    )
+    dash.set_defaults(func=cmd_dashboard)
 
 
 # --------------------------------------------------------------------------------------- run
@@ -88,7 +123,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cryid.daemon.demo import run_demo
 
     return run_demo(
-        settings, babies=args.babies, synthetic=args.synthetic, realtime=args.realtime, keep=args.keep
+        settings,
+        babies=args.babies,
+        synthetic=args.synthetic,
+        realtime=args.realtime,
+        keep=args.keep,
+        broker=args.broker,
+        seed=args.seed,
+        dashboard=args.dashboard,
     )
 
 
@@ -124,7 +166,10 @@ def masked(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.models.manifest import load_manifest
+
     settings.mqtt.resolved_password()  # an unreadable password file is an error here, not at 3 a.m.
+    load_manifest(Path(settings.model).expanduser())  # so is a missing or broken model
     data = masked(settings)
     print(json.dumps(data, indent=2) if args.json else to_toml(data), end="" if not args.json else "\n")
     return 0
@@ -135,3 +180,10 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
     print(schema_text())
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from cryid.daemon.dashboard import run_dashboard
+
+    names = ("host", "port", "broker_url", "username", "password_file", "tls_cert", "tls_key")
+    return run_dashboard(settings, {n: getattr(args, n) for n in names})

@@ -1,10 +1,17 @@
-"""Identifier: embeddings of cry expirations -> which enrolled baby, per expiration and per episode.
+"""Identifier: embeddings of cry expirations -> which of the room's babies, per expiration and per episode.
 
 A plain synchronous stage. Each expiration's L2-normalised embedding joins the current crying episode
-(expirations less than ``episode_gap_s`` apart); the episode's decision compares the re-normalised
-mean of its embeddings with every enrolled centroid (cosine): best, runner-up, margin, and
-``identified`` when ``score >= min_score`` and ``margin >= min_margin``. ``process`` returns a
-provisional ``expiration`` result at once; the final ``episode`` result comes when the episode is over
+(expirations less than ``episode_gap_s`` apart); a decision scores the re-normalised mean of the
+episode's embeddings so far against the room's references (:class:`~cryid.models.scoring.ReferenceSet`):
+best, runner-up, margin, and, with a calibrated model, the probability that the best baby is the one
+crying given how many babies the room has (:class:`~cryid.models.calibration.Calibration`). A baby is
+named (``identified``) when that probability is at least ``min_confidence`` and any expert
+``min_score``/``min_margin`` override is met too. A model without a calibration decides on cosine
+thresholds (``min_score``/``min_margin``, else ``fallback_min_score``/``fallback_min_margin``) and reports
+no confidence. Unnamed decisions still carry the three likeliest candidates.
+
+``process`` returns a provisional ``expiration`` result at once; the final ``episode`` result (with the
+episode's embeddings, so they can be kept for nurse confirmation) comes when the episode is over
 (``advance`` / ``flush``) or a new one starts. Time is the sample index of the stream.
 """
 
@@ -12,25 +19,38 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from cryid.daemon.config import IdentifierSettings
-from cryid.daemon.events import CryEvent, RunnerUp
-from cryid.models.scoring import l2_normalize
+from cryid.daemon.events import CandidateOut, CryEvent, RunnerUp
+from cryid.models.scoring import ReferenceSet, l2_normalize
 
 if TYPE_CHECKING:
+    from cryid.models.calibration import Calibration
     from cryid.models.pipeline import EmbeddedExpiration
 
 logger = logging.getLogger(__name__)
 
+TOP_CANDIDATES = 3
+DEFAULT_CONFIRMED_WEIGHT = 0.75  # ReferenceSet's own default, for models without a calibration
+
+
+@dataclass(frozen=True)
+class MatchCandidate:
+    """One of the likeliest babies: its score and, with a calibrated model, its probability."""
+
+    baby_id: str
+    score: float
+    probability: float | None
+
 
 @dataclass(frozen=True)
 class Match:
-    """Best and runner-up centroid for one (aggregate) embedding."""
+    """The decision for one (aggregate) embedding against the room's references."""
 
     decision: Literal["identified", "unknown"]
     best_baby_id: str | None
@@ -38,15 +58,26 @@ class Match:
     runner_up_id: str | None
     runner_up_score: float | None
     margin: float | None
+    confidence: float | None = None
+    candidates: tuple[MatchCandidate, ...] = ()
+    n_candidates: int = 0
 
     @property
     def baby_id(self) -> str | None:
         return self.best_baby_id if self.decision == "identified" else None
 
 
+def _r(x: float | None, digits: int = 5) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
 @dataclass(frozen=True)
 class Identification:
-    """One result of the identifier, in stream samples; :meth:`to_event` turns it into a payload."""
+    """One result of the identifier, in stream samples; :meth:`to_event` turns it into a payload.
+
+    ``embeddings``: for ``episode`` results, the episode's L2-normalised expiration embeddings
+    (float32, one row per expiration, in order), so the service can keep them; None for provisional ones.
+    """
 
     kind: Literal["expiration", "episode"]
     event_id: str
@@ -56,6 +87,7 @@ class Identification:
     end_sample: int
     n_expirations: int
     level_dbfs: float
+    embeddings: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_event(
         self, stream_start: datetime, sample_rate: int, model_sha256: str, room: str
@@ -65,7 +97,7 @@ class Identification:
         end_s = self.end_sample / sample_rate
         m = self.match
         runner_up = (
-            RunnerUp(baby_id=m.runner_up_id, score=m.runner_up_score)
+            RunnerUp(baby_id=m.runner_up_id, score=round(m.runner_up_score, 5))
             if m.runner_up_id is not None and m.runner_up_score is not None
             else None
         )
@@ -76,9 +108,15 @@ class Identification:
             decision=m.decision,
             baby_id=m.baby_id,
             best_baby_id=m.best_baby_id,
-            score=m.score,
+            score=_r(m.score),
             runner_up=runner_up,
-            margin=m.margin,
+            margin=_r(m.margin),
+            confidence=_r(m.confidence),
+            candidates=[
+                CandidateOut(baby_id=c.baby_id, score=round(c.score, 5), probability=_r(c.probability))
+                for c in m.candidates
+            ],
+            n_candidates=m.n_candidates,
             started_at=stream_start + timedelta(seconds=start_s),
             ended_at=stream_start + timedelta(seconds=end_s),
             stream_offset_s=round(start_s, 4),
@@ -96,37 +134,43 @@ class Identifier:
     def __init__(
         self,
         settings: IdentifierSettings,
-        centroids: dict[str, np.ndarray],
+        references: ReferenceSet | dict[str, np.ndarray],
         sample_rate: int = 16000,
         settle_samples: int = 0,
+        calibration: Calibration | None = None,
     ) -> None:
-        """``settle_samples``: how long after its start an expiration can still be reported
-        (the segmenter's longest expiration plus hang-over); an episode closes only once no
-        expiration that could still arrive can belong to it."""
+        """``references``: the room's babies (a dict of birth centroids is taken as a ReferenceSet).
+        ``settle_samples``: how long after its start an expiration can still be reported (the
+        segmenter's longest expiration plus hang-over); an episode closes only once no expiration that
+        could still arrive can belong to it. ``calibration``: the model's, or None (cosine thresholds)."""
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         if settle_samples < 0:
             raise ValueError(f"settle_samples must be >= 0, got {settle_samples}")
         self.sample_rate = sample_rate
         self.settle_samples = settle_samples
-        self._ids: list[str] = []
-        self._matrix = np.zeros((0, 0), dtype=np.float32)
         self.settings = settings
-        self.set_centroids(centroids)
+        self.calibration = calibration
+        self._refs = ReferenceSet({})
+        if isinstance(references, ReferenceSet):
+            self.set_references(references)
+        else:
+            self.set_centroids(references)
         self.reset()
 
     # configuration -------------------------------------------------------------------------
+    @property
+    def confirmed_weight(self) -> float:
+        """Weight of confirmed-cry references: the calibration's, else ReferenceSet's default."""
+        return self.calibration.confirmed_weight if self.calibration is not None else DEFAULT_CONFIRMED_WEIGHT
+
+    def set_references(self, references: ReferenceSet) -> None:
+        """Replace the room's references (after an enrollment, a move, a confirmation, a reload)."""
+        self._refs = references
+
     def set_centroids(self, centroids: dict[str, np.ndarray]) -> None:
-        """Replace the enrolled centroids (after an enrollment or a registry reload)."""
-        ids = sorted(centroids)
-        if ids:
-            matrix = l2_normalize(np.stack([np.asarray(centroids[i], dtype=np.float32).ravel() for i in ids]))
-            if matrix.ndim != 2:
-                raise ValueError("centroids must be 1-D vectors of one size")
-        else:
-            matrix = np.zeros((0, 0), dtype=np.float32)
-        self._ids = ids
-        self._matrix = matrix
+        """Replace the references by birth centroids only."""
+        self.set_references(ReferenceSet(centroids, None, self.confirmed_weight))
 
     def set_settings(self, settings: IdentifierSettings) -> None:
         """New thresholds and gaps (SIGHUP); the current episode continues under them."""
@@ -134,7 +178,7 @@ class Identifier:
 
     @property
     def enrolled(self) -> list[str]:
-        return list(self._ids)
+        return list(self._refs.ids)
 
     # stage -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -146,34 +190,49 @@ class Identifier:
         self._level = -120.0
 
     def match(self, embedding: np.ndarray) -> Match:
-        """Best match of one (possibly aggregate) embedding against the enrolled centroids."""
+        """The decision for one (possibly pooled) embedding against the room's references."""
         s = self.settings
-        if not self._ids:
+        refs = self._refs
+        n = len(refs)
+        if n == 0:
             return Match("unknown", None, None, None, None, None)
-        emb = l2_normalize(np.asarray(embedding, dtype=np.float32).ravel())
-        if emb.shape[0] != self._matrix.shape[1]:
-            raise ValueError(
-                f"embedding has {emb.shape[0]} dimensions but the centroids have {self._matrix.shape[1]}; "
-                "re-enroll the babies with the current model (cryid enroll reembed)"
-            )
-        scores = self._matrix @ emb
-        order = np.argsort(-scores)
-        best = int(order[0])
-        score = float(scores[best])
-        if len(order) > 1:
-            second = int(order[1])
-            ru_id, ru_score = self._ids[second], float(scores[second])
-            margin = score - ru_score
+        scores = refs.scores(embedding)  # a wrong embedding size is a ValueError naming the fix
+        order = np.argsort(-scores.astype(np.float64), kind="stable")
+        best_id, best = refs.ids[int(order[0])], float(scores[order[0]])
+        if n > 1:
+            ru_id, ru_score = refs.ids[int(order[1])], float(scores[order[1]])
+            margin = best - ru_score
         else:
-            ru_id, ru_score, margin = None, None, score
-        ok = score >= s.min_score and margin >= s.min_margin
+            ru_id, ru_score, margin = None, None, best
+        cal = self.calibration
+        confidence: float | None
+        if cal is not None:
+            ranked = cal.candidates(refs.ids, scores, top=TOP_CANDIDATES)
+            candidates = tuple(MatchCandidate(c.baby_id, c.score, c.probability) for c in ranked)
+            confidence = ranked[0].probability
+            ok = confidence >= s.min_confidence
+            if s.min_score is not None:
+                ok = ok and best >= s.min_score
+            if s.min_margin is not None:
+                ok = ok and margin >= s.min_margin
+        else:
+            candidates = tuple(
+                MatchCandidate(refs.ids[int(k)], float(scores[k]), None) for k in order[:TOP_CANDIDATES]
+            )
+            confidence = None
+            min_score = s.fallback_min_score if s.min_score is None else s.min_score
+            min_margin = s.fallback_min_margin if s.min_margin is None else s.min_margin
+            ok = best >= min_score and margin >= min_margin
         return Match(
             "identified" if ok else "unknown",
-            self._ids[best],
-            round(score, 5),
+            best_id,
+            best,
             ru_id,
-            None if ru_score is None else round(ru_score, 5),
-            round(margin, 5),
+            ru_score,
+            margin,
+            confidence,
+            candidates,
+            n,
         )
 
     def process(self, item: EmbeddedExpiration) -> list[Identification]:
@@ -195,7 +254,7 @@ class Identifier:
         self._embeddings.append(l2_normalize(np.asarray(item.embedding, dtype=np.float32).ravel()))
         self._end = max(self._end, end)
         self._level = max(self._level, float(exp.level_dbfs))
-        match = self.match(np.mean(self._embeddings, axis=0))
+        match = self.match(np.mean(self._embeddings, axis=0))  # the whole episode so far
         out.append(
             Identification(
                 kind="expiration",
@@ -236,14 +295,17 @@ class Identifier:
             end_sample=self._end,
             n_expirations=len(self._embeddings),
             level_dbfs=self._level,
+            embeddings=np.stack(self._embeddings).astype(np.float32),
         )
         logger.info(
-            "episode %s: %s %s (score %s, %d expirations)",
+            "episode %s: %s %s (confidence %s, score %s, %d expirations, %d candidates)",
             result.episode_id[:8],
             result.match.decision,
             result.match.best_baby_id,
-            result.match.score,
+            _r(result.match.confidence, 4),
+            _r(result.match.score, 4),
             result.n_expirations,
+            result.match.n_candidates,
         )
         self.reset()
         return result

@@ -8,6 +8,10 @@ first, :meth:`MqttPublisher.pump` publishes the oldest waiting ones while connec
 re-sends its unacknowledged messages after a reconnect with the same message ids; after a restart
 every stored event is published again. A broker refusing the credentials is fatal
 (:attr:`MqttPublisher.fatal_error`): retrying never helps.
+
+Nurses' commands: after :meth:`MqttPublisher.set_command_sink` the client subscribes (QoS 1, again at
+every connect) to ``<prefix>/cmd/<verb>`` and hands each message to the sink from paho's thread; the
+service answers with :meth:`MqttPublisher.publish_result` on ``<prefix>/cmd/result``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -23,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from cryid.daemon.config import MqttSettings
 from cryid.daemon.outbox import Outbox
+from cryid.models.errors import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class MqttPublisher:
         self._early: set[int] = set()
         self._connected = threading.Event()
         self.connected_changed = threading.Event()
+        self._command_topics: dict[str, str] = {}  # topic -> verb
+        self._command_sink: Callable[[str, bytes], None] | None = None
         self._client = self._build_client()
         self._started = False
         self._stopping = False
@@ -62,6 +70,33 @@ class MqttPublisher:
     def event_topic(self, baby_id: str | None) -> str:
         """``<prefix>/baby/<baby_id>``, or ``<prefix>/unknown`` when nobody was identified."""
         return f"{self.prefix}/baby/{baby_id}" if baby_id else f"{self.prefix}/unknown"
+
+    def command_topic(self, verb: str) -> str:
+        """``<prefix>/cmd/<verb>``: ``confirm``, ``reject``, ``undo`` (from nurses), ``result`` (answers)."""
+        return f"{self.prefix}/cmd/{verb}"
+
+    # nurses' commands -------------------------------------------------------------------------
+    def set_command_sink(self, verbs: Sequence[str], sink: Callable[[str, bytes], None]) -> None:
+        """Subscribe to ``<prefix>/cmd/<verb>`` for each verb (call before :meth:`start`); ``sink(verb,
+        payload)`` runs in paho's network thread, so it must only hand the command over."""
+        self._command_topics = {self.command_topic(v): v for v in verbs}
+        self._command_sink = sink
+
+    def publish_result(self, payload: str) -> bool:
+        """An answer on ``<prefix>/cmd/result`` (QoS 1, not retained, not kept in the outbox)."""
+        return self._publish(self.command_topic("result"), payload, 1, False, None)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        verb = self._command_topics.get(msg.topic)
+        if verb is None or self._command_sink is None:
+            logger.warning("message on unexpected topic %s ignored", msg.topic)
+            return
+        self._command_sink(verb, bytes(msg.payload))
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            logger.error("broker refused the command subscriptions (%s); check the ACL", ", ".join(refused))
 
     # lifecycle --------------------------------------------------------------------------------
     def _build_client(self) -> mqtt.Client:
@@ -84,12 +119,14 @@ class MqttPublisher:
         if s.tls:
             ca = str(s.ca_file.expanduser()) if s.ca_file is not None else None
             if ca is not None and not s.ca_file.expanduser().is_file():  # type: ignore[union-attr]
-                raise ValueError(f"mqtt.ca_file: {ca} does not exist; give the broker's CA certificate")
+                raise SettingsError(f"mqtt.ca_file: {ca} does not exist; give the broker's CA certificate")
             client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def start(self) -> None:
@@ -141,6 +178,8 @@ class MqttPublisher:
             return
         logger.info("connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
         self._publish(self.status_topic, ONLINE, 1, True, None)
+        if self._command_topics:  # clean session: subscribe again at every connect
+            client.subscribe([(t, 1) for t in self._command_topics])
         self.ever_connected = True
         self._connected.set()
         self.connected_changed.set()
@@ -214,3 +253,7 @@ class MqttPublisher:
         """Stats are not stored: published at QoS 1 only while connected."""
         if self._connected.is_set():
             self._publish(self.stats_topic, payload, 1, False, None)
+
+    def publish_retained(self, topic: str, payload: str) -> None:
+        """Retained dashboard state (QoS 1, not in the outbox: it is rebuilt); empty clears the topic."""
+        self._publish(topic, payload, 1, True, None)

@@ -122,16 +122,46 @@ def nursery_stream(
     return np.concatenate(parts), truth
 
 
-def real_cries(dac_dir: Path, n_babies: int) -> dict[str, list[np.ndarray]]:
-    """Recordings of ``n_babies`` infants with at least three recordings each (dev split first),
-    read from a CryCeleb-layout folder such as ``../shared/data/donateacry-cc``."""
-    by_baby: dict[str, list[str]] = {}
+@dataclass(frozen=True)
+class RealBaby:
+    """A real infant's recordings: ``birth`` from its first session (for enrollment), ``later`` from a
+    later session (the cries the ward hears), so enrollment and identification never share a recording."""
+
+    baby_id: str
+    birth: list[np.ndarray]
+    later: list[np.ndarray]
+
+
+def real_cries(
+    dac_dir: Path, n_babies: int, seed: int | None = None, channel: str | None = None
+) -> list[RealBaby]:
+    """Up to ``n_babies`` dev-split infants that have both a B and a D session, read from a
+    CryCeleb-layout folder such as ``../shared/data/donateacry-cc``: in id order, or shuffled by ``seed``.
+    ``channel``: only infants recorded through this channel (``provenance.csv``'s ``recording``, e.g.
+    ``ios-ima4-16k``), when the folder has that file. At most 4 B and 2 D recordings each."""
+    by_baby: dict[str, dict[str, list[str]]] = {}
+    codec: dict[str, str] = {}
+    if channel is not None and (dac_dir / "provenance.csv").is_file():
+        with open(dac_dir / "provenance.csv", newline="") as fh:
+            codec = {r["file_id"]: r["recording"] for r in csv.DictReader(fh)}
     with open(dac_dir / "metadata.csv", newline="") as fh:
-        rows = sorted(csv.DictReader(fh), key=lambda r: (r["split"] != "dev", r["baby_id"], r["file_name"]))
+        rows = sorted(csv.DictReader(fh), key=lambda r: (r["baby_id"], r["period"], r["file_name"]))
     for r in rows:
-        by_baby.setdefault(r["baby_id"], []).append(r["file_name"])
-    chosen = [b for b, files in by_baby.items() if len(files) >= 3][:n_babies]
-    return {b: [load_audio(dac_dir / f) for f in by_baby[b][:4]] for b in chosen}
+        if codec and codec.get(r["file_id"]) != channel:
+            continue
+        if r["split"] == "dev" and r["period"] in ("B", "D"):
+            by_baby.setdefault(r["baby_id"], {}).setdefault(r["period"], []).append(r["file_name"])
+    chosen = [b for b, p in by_baby.items() if p.get("B") and p.get("D")]
+    if seed is not None:
+        chosen = [chosen[i] for i in np.random.default_rng(seed).permutation(len(chosen))]
+    return [
+        RealBaby(
+            b,
+            [load_audio(dac_dir / f) for f in by_baby[b]["B"][:4]],
+            [load_audio(dac_dir / f) for f in by_baby[b]["D"][:2]],
+        )
+        for b in chosen[:n_babies]
+    ]
 
 
 def enroll(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryid.daemon.config import OutboxSettings
+from cryid.enrollment.sqlite_files import foreign_tables, is_damage, make_private_dir, sqlite_failure
+from cryid.models.errors import CryidError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
-class OutboxError(ValueError):
+class OutboxError(CryidError):
     """The outbox cannot be opened (locked by another daemon, unwritable state directory)."""
 
 
@@ -55,9 +58,10 @@ class Outbox:
     def __init__(self, path: Path, settings: OutboxSettings | None = None) -> None:
         self.path = Path(path)
         self.settings = settings = settings or OutboxSettings()
+        make_private_dir(self.path.parent, OutboxError)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fh = open(self.path.with_suffix(self.path.suffix + ".lock"), "a+")  # noqa: SIM115
+            lock_path = self.path.with_suffix(self.path.suffix + ".lock")
+            self._lock_fh = open(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")  # noqa: SIM115
         except OSError as exc:
             raise OutboxError(
                 f"cannot create the outbox in {self.path.parent} ({exc.strerror}); set CRYID_STATE_DIR "
@@ -72,15 +76,58 @@ class Outbox:
                 "CRYID_STATE_DIR"
             ) from exc
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if settings.fsync else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
-        self._size = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-        row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
-        self._dropped = int(row[0]) if row else 0
+        try:
+            self._open_db()
+        except OutboxError:
+            self._lock_fh.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                self._lock_fh.close()
+                raise OutboxError(sqlite_failure(self.path, exc, "outbox")) from exc
+            self._set_aside(exc)  # the daemon must start: a damaged outbox is moved aside, not fatal
+            self._open_db()
         if self._size:
             logger.info("outbox %s holds %d unacknowledged events from before", self.path, self._size)
+
+    def _open_db(self) -> None:
+        created = not self.path.exists()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+        try:
+            if created:
+                os.chmod(self.path, 0o600)  # events name babies: only the cryid user may read them
+            foreign = foreign_tables(self._db, own_table="events", versioned=False)
+            if foreign is not None:
+                raise OutboxError(
+                    f"{self.path} is not a cryid outbox ({foreign}); it was left untouched: point "
+                    "outbox.filename or CRYID_STATE_DIR elsewhere"
+                )
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if self.settings.fsync else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+            self._size = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
+            self._dropped = int(row[0]) if row else 0
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """Move a damaged outbox (with its -wal and -shm) to ``<name>.corrupt-<UTC time>`` and say so."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(aside) + suffix))
+        logger.error(
+            "outbox %s is damaged (%s); moved it aside to %s and started a new one: the events it held "
+            "were not published (recover them with `sqlite3 %s .recover` if needed)",
+            self.path, " ".join(str(exc).split()), aside, aside,
+        )
 
     @classmethod
     def open(cls, state_dir: Path, settings: OutboxSettings | None = None) -> Outbox:

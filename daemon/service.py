@@ -10,6 +10,14 @@ its final event), the outbox is given ``service.shutdown_timeout_s`` to be ackno
 left is published at the next start), ``offline`` is published, exit 0. SIGHUP re-reads the config
 (identifier thresholds and gaps; other sections need a restart) and the registry. A broker refusing
 the credentials is fatal.
+
+The ward teaches the model: the pipeline hands every final episode (its expiration embeddings) to the
+main thread, which keeps it in the registry (:func:`cryid.enrollment.feedback.keep_episode`) and purges
+expired ones at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands
+(:mod:`cryid.daemon.feedback`) arrive from paho's thread on a bounded queue; the main thread applies
+them, answers on ``<prefix>/cmd/result`` and reloads the references at once. The references are each
+baby's birth centroid and, once confirmed cries exist, their centroid as a separate reference
+(:class:`~cryid.models.scoring.ReferenceSet`, weighted by the model's ``calibration.confirmed_weight``).
 """
 
 from __future__ import annotations
@@ -28,20 +36,27 @@ from typing import Any, Protocol
 import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
-from cryid.daemon.events import Stats
+from cryid.daemon.events import CryEvent, Stats
+from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
 from cryid.daemon.identifier import Identification, Identifier
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
+from cryid.daemon.state import RoomState
+from cryid.enrollment import feedback as ward_feedback
+from cryid.enrollment.episodes import NewEpisode
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.errors import CryidError
 from cryid.models.pipeline import EmbeddedExpiration
+from cryid.models.scoring import ReferenceSet
 from cryid.models.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
 _EOF = object()
+DEFAULT_CONFIRMED_WEIGHT = 0.75  # for a model without a calibration (ReferenceSet's own default)
 
 
-class ServiceError(ValueError):
+class ServiceError(CryidError):
     """A fatal condition the daemon cannot recover from (bad credentials, no model, ...)."""
 
 
@@ -65,11 +80,19 @@ class EmbedderLike(Protocol):
 
 
 class RegistryLike(Protocol):
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]: ...
+    def centroids(
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
+    ) -> dict[str, np.ndarray]: ...
 
-    def needs_reenrollment(self, model_sha256: str) -> list[str]: ...
+    def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]: ...
 
     def data_version(self) -> int: ...
+
+    def references(
+        self, model_sha256: str, room: str | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+
+    def infants(self) -> list[Any]: ...
 
 
 @dataclass
@@ -130,7 +153,18 @@ class Service:
         seg = settings.segmenter
         self.segmenter = Segmenter(seg, SAMPLE_RATE)
         settle = (seg.max_expiration_ms + seg.hangover_ms + seg.pre_roll_ms) * SAMPLE_RATE // 1000
-        self.identifier = Identifier(settings.identifier, {}, SAMPLE_RATE, settle_samples=settle)
+        calibration = getattr(getattr(embedder, "manifest", None), "calibration", None)
+        if calibration is None:
+            logger.warning(
+                "model %s has no calibration: babies are named on cosine thresholds (identifier.min_score/"
+                "min_margin, else fallback_min_score %s/fallback_min_margin %s) and events carry no "
+                "confidence; fix: `cryid model calibrate %s --data DIR`",
+                settings.model, settings.identifier.fallback_min_score,
+                settings.identifier.fallback_min_margin, settings.model,
+            )
+        self.identifier = Identifier(
+            settings.identifier, {}, SAMPLE_RATE, settle_samples=settle, calibration=calibration
+        )
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.service.queue_chunks)
         self.counters = _Counters()
         self.stream_start = datetime.now(timezone.utc)
@@ -142,13 +176,25 @@ class Service:
         self._wake = threading.Event()  # an event waits in the outbox: publish it now, not at the next tick
         self._reload = threading.Event()
         self._pipeline_done = threading.Event()
-        self._pending_centroids: dict[str, np.ndarray] | None = None
+        self._pending_references: ReferenceSet | None = None
         self._pending_identifier_settings: Any = None
         self._registry_version: int | None = None
         self._enrolled: list[str] = []
         self._needs_reenrollment: list[str] = []
         self._running = False
         self._source_state: Any = None
+        self._episodes: queue.Queue[NewEpisode] = queue.Queue(maxsize=1000)
+        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        self.commands = CommandHandler(registry, settings.registry, settings.room)  # type: ignore[arg-type]
+        publisher.set_command_sink(COMMAND_VERBS, self._on_command)
+        self._next_purge = 0.0
+        # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
+        self.room_state = RoomState(publisher.prefix, settings.room, settings.dashboard.crying_timeout_s)
+        self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
+        self._state_online = False
+        self._next_state_tick = 0.0
+        self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
+        self.room_state.load(self._state_file, datetime.now(timezone.utc))
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -233,10 +279,12 @@ class Service:
         ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self._state_events.put(ev)
         self._wake.set()
         self.counters.events += 1
         if r.kind == "episode":
             self.counters.episodes += 1
+            self._keep_episode(r, ev)
         logger.info(
             "event %s %s at %.2f s: %s baby=%s score=%s margin=%s n=%d",
             ev.event_id,
@@ -250,35 +298,62 @@ class Service:
         )
         self.publisher.pump()
 
+    def _keep_episode(self, r: Identification, ev: Any) -> None:
+        """Hand a final episode's embeddings to the main thread, which keeps them in the registry."""
+        if r.embeddings is None:
+            return
+        ep = NewEpisode(
+            episode_id=ev.episode_id, room=ev.room, started_at=ev.started_at, ended_at=ev.ended_at,
+            model_sha256=ev.model_sha256, decision=ev.decision, baby_id=ev.baby_id,
+            best_baby_id=ev.best_baby_id, event_json=ev.to_json(), vectors=r.embeddings,
+        )
+        try:
+            self._episodes.put_nowait(ep)
+        except queue.Full:
+            logger.warning("episode %s not kept: the registry is not keeping up", ev.episode_id)
+        self._wake.set()
+
     def _apply_pending(self) -> None:
-        cents, self._pending_centroids = self._pending_centroids, None
-        if cents is not None:
-            self.identifier.set_centroids(cents)
+        refs, self._pending_references = self._pending_references, None
+        if refs is not None:
+            self.identifier.set_references(refs)
         ids, self._pending_identifier_settings = self._pending_identifier_settings, None
         if ids is not None:
             self.identifier.set_settings(ids)
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
+        reopen = getattr(self.registry, "reopen_if_replaced", None)  # the file deleted or replaced
+        if reopen is not None and reopen():
+            self._registry_version = None
         version = self.registry.data_version()
         if version == self._registry_version:
             return
         self._registry_version = version
-        cents = self.registry.centroids(self.sha)
+        birth, confirmed = self.registry.references(  # only the room's babies, usable vectors only
+            self.sha, self.settings.room, getattr(self.embedder, "dim", None)
+        )
+        refs = ReferenceSet(birth, confirmed, self._confirmed_weight())
+        cents = birth
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
         self._enrolled = sorted(cents)
-        self._needs_reenrollment = self.registry.needs_reenrollment(self.sha)
+        self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
         if self._running:
-            self._pending_centroids = cents  # the pipeline thread applies it before its next chunk
+            self._pending_references = refs  # the pipeline thread applies it before its next chunk
         else:
-            self.identifier.set_centroids(cents)
+            self.identifier.set_references(refs)
+        self._publish_state(self.room_state.roster(self.registry.infants(), datetime.now(timezone.utc)))
         logger.info(
-            "registry: %d babies enrolled for model %s (added %s, removed %s)",
+            "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
+            "%d with confirmed cries",
             len(cents),
+            "baby" if len(cents) == 1 else "babies",
+            self.settings.room,
             self.sha[:12],
             ", ".join(added) or "-",
             ", ".join(removed) or "-",
+            len(confirmed),
         )
         if self._needs_reenrollment:
             logger.warning(
@@ -287,6 +362,55 @@ class Service:
                 len(self._needs_reenrollment),
                 ", ".join(self._needs_reenrollment),
             )
+
+    def _confirmed_weight(self) -> float:
+        """Weight of confirmed cries against the birth reference: the model's calibration, else 0.75."""
+        manifest = getattr(self.embedder, "manifest", None)
+        calibration = getattr(manifest, "calibration", None)
+        return calibration.confirmed_weight if calibration is not None else DEFAULT_CONFIRMED_WEIGHT
+
+    def _on_command(self, verb: str, payload: bytes) -> None:
+        """A nurse's command (paho's thread): queue it for the main thread, or refuse it when flooded."""
+        try:
+            self._commands.put_nowait((verb, payload))
+        except queue.Full:
+            logger.warning("cmd/%s dropped: %d commands already wait", verb, self._commands.qsize())
+            return
+        self._wake.set()
+
+    def _serve_ward(self, now: float) -> None:
+        """Main thread: keep the pipeline's episodes, apply nurses' commands, purge expired episodes."""
+        reg: Any = self.registry
+        while True:
+            try:
+                ep = self._episodes.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                ward_feedback.keep_episode(reg, ep, self.settings.registry)
+            except Exception:  # loop boundary: a failed write must not stop the ward's daemon
+                logger.exception("episode %s could not be kept in the registry", ep.episode_id)
+        applied = False
+        while True:
+            try:
+                verb, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                result = self.commands.handle(verb, payload)
+            except Exception as exc:  # loop boundary: answer, log, carry on
+                logger.exception("cmd/%s failed", verb)
+                result = self.commands.failure(verb, payload, f"internal error: {exc}")
+            self.publisher.publish_result(result.to_json())
+            applied = applied or result.ok
+        if applied:
+            self._poll_registry()  # the confirmation counts from the next chunk, not the next poll
+        if now >= self._next_purge:
+            self._next_purge = now + self.settings.registry.episode_purge_interval_s
+            try:
+                ward_feedback.purge_episodes(reg, self.settings.registry)
+            except Exception:  # loop boundary
+                logger.exception("expired episodes could not be purged")
 
     def _do_reload(self) -> None:
         self._reload.clear()
@@ -383,14 +507,45 @@ class Service:
                 if now - self.counters.heartbeat < 10.0:  # only while the pipeline is alive
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
+            self._serve_ward(now)
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.publisher.pump()
+            self._update_state(now)
             self._wake.wait(0.1)
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()
                 break
         return self._shutdown(threads)
+
+    def _update_state(self, now: float) -> None:
+        """Retained dashboard state: identifications, "crying now" time-outs, all again after a reconnect."""
+        wall = datetime.now(timezone.utc)
+        if self.publisher.connected != self._state_online:
+            self._state_online = self.publisher.connected
+            if self._state_online:
+                self._publish_state(self.room_state.snapshot(wall))
+        while True:
+            try:
+                ev = self._state_events.get_nowait()
+            except queue.Empty:
+                break
+            self._publish_state(self.room_state.observe(ev, wall))
+            if ev.kind == "episode":
+                self._save_state(wall)
+        if now >= self._next_state_tick:
+            self._publish_state(self.room_state.tick(wall))
+            self._next_state_tick = now + 1.0
+
+    def _save_state(self, now: datetime) -> None:
+        try:
+            self.room_state.save(self._state_file, now)
+        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
+            logger.error("dashboard state not saved to %s: %s", self._state_file, exc)
+
+    def _publish_state(self, messages: list[Any]) -> None:
+        for m in messages:
+            self.publisher.publish_retained(m.topic, m.payload)
 
     def _check_source_state(self) -> bool:
         """A live source went down or came back (``state`` of a MicSource): True when it changed."""
@@ -414,6 +569,7 @@ class Service:
             self._stop_source()
         for t in threads:
             t.join(timeout=max(5.0, self.settings.service.shutdown_timeout_s))
+        self._serve_ward(time.monotonic())  # the last episodes (and any command) before going offline
         deadline = time.monotonic() + self.settings.service.shutdown_timeout_s
         while (
             (self.outbox.size() or not self.publisher.ever_connected)
@@ -428,6 +584,8 @@ class Service:
                 "%d events not acknowledged yet; they are published at the next start", self.outbox.size()
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
+        self._update_state(time.monotonic())
+        self._publish_state(self.room_state.stop(datetime.now(timezone.utc)))
         self.publisher.stop()
         if self.fatal:
             logger.error("%s", self.fatal)

@@ -30,11 +30,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cryid.models.audio import SAMPLE_RATE, AudioError, StreamResampler, to_mono_float32
+from cryid.models.errors import CryidError
 
 logger = logging.getLogger(__name__)
 
 
-class SourceError(ValueError):
+class SourceError(CryidError):
     """A source that cannot be used as configured; the message names the problem and the fix."""
 
 
@@ -256,7 +257,13 @@ class StdinSource(AudioSource):
 
     def open(self) -> None:
         if self._stream is None:
-            self._stream = sys.stdin.buffer
+            stdin = sys.stdin
+            if stdin is None or getattr(stdin, "buffer", None) is None or stdin.closed:
+                raise SourceError(
+                    "--source -: standard input is closed; pipe raw s16le 16 kHz mono audio into it, "
+                    "e.g. `arecord -f S16_LE -r 16000 -c 1 | cryid run --source -`"
+                )
+            self._stream = stdin.buffer
 
     def _wait_readable(self, timeout_s: float | None) -> bool:
         try:

@@ -7,7 +7,8 @@
 #
 # What it installs: the `cryid` system user (member of `audio`), a virtual environment with cryid
 # under /opt/cryid/venv, /etc/cryid/ (cryid.toml, root:cryid 0750), /var/lib/cryid/ (registry and
-# outbox, cryid:cryid 0750), /etc/systemd/system/cryid.service and /usr/local/sbin/cryid-admin.
+# outbox, cryid:cryid 0750), /etc/systemd/system/cryid.service, /usr/local/sbin/cryid-admin and the
+# ward dashboard's page under /opt/cryid/dashboard (with an nginx snippet in /opt/cryid/nginx).
 set -euo pipefail
 
 usage() {
@@ -143,6 +144,17 @@ ensure_file "$SOURCE/deploy/cryid.service" "$UNIT" 0644 0 0
 ensure_file "$SOURCE/deploy/cryid-admin" "$ADMIN" 0755 0 0
 ensure_file "$SOURCE/README.md" "$OPT/README.md" 0644 0 0
 
+# The ward dashboard's static page, for nginx (deploy/nginx/cryid-dashboard.conf) or any web server;
+# config.json (broker URL, user, rooms) is the admin's to edit: kept across upgrades like cryid.toml.
+ensure_dir "$OPT/dashboard" 0755 0 0
+ensure_dir "$OPT/dashboard/vendor" 0755 0 0
+ensure_dir "$OPT/nginx" 0755 0 0
+for f in index.html dashboard.css dashboard.js vendor/mqtt.min.js vendor/LICENSE.md vendor/VENDOR.md; do
+    ensure_file "$SOURCE/daemon/dashboard/$f" "$OPT/dashboard/$f" 0644 0 0
+done
+ensure_file "$SOURCE/deploy/nginx/config.json" "$OPT/dashboard/config.json" 0644 0 0 keep
+ensure_file "$SOURCE/deploy/nginx/cryid-dashboard.conf" "$OPT/nginx/cryid-dashboard.conf" 0644 0 0
+
 # --- virtual environment ------------------------------------------------------------------------
 if [ -x "$R$VENV/bin/python" ]; then
     say "ok      $VENV"
@@ -198,3 +210,6 @@ echo "  $n. Enroll the babies: sudo cryid-admin enroll record BABY_ID --seconds 
 echo "     (or copy cry recordings under $STATE/incoming/ and: sudo cryid-admin enroll add BABY_ID FILES...)"
 n=$((n + 1))
 echo "  $n. Start and watch: sudo systemctl start cryid && journalctl -u cryid -f"
+n=$((n + 1))
+echo "  $n. Ward dashboard: serve $OPT/dashboard with nginx ($OPT/nginx/cryid-dashboard.conf says how)"
+echo "     after editing $OPT/dashboard/config.json, or run: cryid dashboard --help"

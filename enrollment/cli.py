@@ -1,4 +1,4 @@
-"""``cryid enroll add|record|list|show|remove|update|reembed|export|import``: the nurse's commands.
+"""``cryid enroll add|record|list|show|remove|update|move|reembed|export|import``: the nurse's commands.
 
 Handlers get ``(args, settings)``; bad input raises a ``ValueError`` that ``cryid`` prints as one line.
 """
@@ -13,10 +13,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryid.enrollment import enroll, transfer
-from cryid.enrollment.registry import PERIODS, Registry, check_baby_id, utc_now
+from cryid.enrollment.registry import (
+    PERIODS,
+    Registry,
+    check_baby_id,
+    check_display_name,
+    check_room,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     from cryid.models.embedder import Embedder
+
+
+def _n(count: int, one: str, many: str) -> str:
+    """``1 baby``, ``2 babies``."""
+    return f"{count} {one if count == 1 else many}"
+
+
+def _safe(text: str) -> str:
+    """Text from the registry for a terminal: control characters (escape sequences) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _registry(settings: Any) -> Registry:
@@ -35,8 +52,9 @@ def _keep_audio(args: argparse.Namespace, settings: Any) -> bool:
 
 def _report(result: enroll.EnrollResult, verb: str, settings: Any) -> None:
     print(
-        f"{verb} {result.baby_id}: {result.n_samples} recording(s), {result.cry_s:.1f} s of cry in "
-        f"{result.n_expirations} expirations (model {result.model_sha256[:12]})"
+        f"{verb} {result.baby_id}: {_n(result.n_samples, 'recording', 'recordings')}, "
+        f"{result.cry_s:.1f} s of cry in {_n(result.n_expirations, 'expiration', 'expirations')} "
+        f"(model {result.model_sha256[:12]})"
     )
     for c in result.confusable:
         print(
@@ -49,6 +67,7 @@ def _report(result: enroll.EnrollResult, verb: str, settings: Any) -> None:
 
 def _add(args: argparse.Namespace, settings: Any) -> int:
     baby_id = check_baby_id(args.baby_id)
+    check_display_name(args.name)
     with _registry(settings) as reg:
         enroll.ensure_can_add(reg, baby_id, args.replace)
         samples = enroll.prepare_files(
@@ -80,6 +99,7 @@ def _record(args: argparse.Namespace, settings: Any) -> int:
     from cryid.models.audio import record
 
     baby_id = check_baby_id(args.baby_id)
+    check_display_name(args.name)
     device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     with _registry(settings) as reg:
         if args.update:
@@ -126,7 +146,8 @@ def _list(args: argparse.Namespace, settings: Any) -> int:
     head = ("BABY_ID", "NAME", "ROOM", "STATUS", "SAMPLES", "CRY_S", "ENROLLED", "NOTE")
     table = [head] + [
         (
-            r.baby_id, r.display_name or "-", r.room, r.status, str(r.n_samples), f"{r.cry_s:.1f}",
+            r.baby_id, _safe(r.display_name) or "-", _safe(r.room), r.status, str(r.n_samples),
+            f"{r.cry_s:.1f}",
             r.created_at[:16].replace("T", " "),
             "needs re-enrollment" if r.needs_reenrollment else ("audio kept" if r.audio_kept else ""),
         )
@@ -149,17 +170,27 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         print(json.dumps(dataclasses.asdict(rep), indent=2))
         return 0
     i = rep.infant
-    name = f' "{i.display_name}"' if i.display_name else ""
-    print(f"{i.baby_id}{name}: {i.status}, room {i.room}, enrolled {i.created_at}, updated {i.updated_at}")
-    print(f"samples: {len(rep.samples)}, {rep.cry_s:.1f} s of cry in {rep.n_expirations} expirations")
-    for s in rep.samples:
+    name = f' "{_safe(i.display_name)}"' if i.display_name else ""
+    print(
+        f"{i.baby_id}{name}: {i.status}, room {_safe(i.room)}, enrolled {_safe(i.created_at)}, "
+        f"updated {_safe(i.updated_at)}"
+    )
+    print(
+        f"recordings: {len(rep.samples)}, {rep.cry_s:.1f} s of cry in "
+        f"{_n(rep.n_expirations, 'expiration', 'expirations')}"
+    )
+    for k, s in enumerate(rep.samples, 1):
         models = ", ".join(m[:12] for m in s.models) or "none"
         print(
-            f"  #{s.sample_id} {s.period} {s.source_kind} {s.source}: {s.duration_s:.1f} s audio, "
+            f"  {k}. (sample id {s.sample_id}) {s.period} {s.source_kind} {_safe(s.source)}: "
+            f"{s.duration_s:.1f} s audio, "
             f"{s.cry_s:.1f} s cry, {s.n_expirations} expirations, "
             f"audio {'kept' if s.has_audio else 'not kept'}, models {models}"
         )
-    print(f"current model {sha[:12]}: {rep.n_embedded} expiration embeddings")
+    print(
+        f"current model {sha[:12]}: {rep.n_embedded} expiration embeddings, "
+        f"{rep.n_confirmed} confirmed by nurses"
+    )
     if rep.mean_cosine_to_centroid is not None:
         print(
             f"centroid quality: mean cosine of expirations to centroid {rep.mean_cosine_to_centroid:.3f} "
@@ -173,6 +204,11 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
         print(f"needs re-enrollment: yes, no embeddings for the current model; run {fix}")
     else:
         print("needs re-enrollment: no")
+    from cryid.enrollment import cli_feedback  # confirm|reject|undo|episodes live there
+
+    print(f"confirmations: {len(rep.feedback)}" + ("" if rep.feedback else " (`cryid enroll confirm`)"))
+    for f in rep.feedback:
+        print("  " + cli_feedback.describe(f))
     return 0
 
 
@@ -184,15 +220,31 @@ def _remove(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def _move(args: argparse.Namespace, settings: Any) -> int:
+    baby_id, room = check_baby_id(args.baby_id), check_room(args.room)
+    with _registry(settings) as reg, reg.transaction() as conn:
+        old = Registry.set_room(conn, baby_id, room)
+    if old == room:
+        print(f"{baby_id} is already in room {room}")
+    else:
+        print(f"moved {baby_id} from room {old} to room {room}")
+    return 0
+
+
 def _reembed(args: argparse.Namespace, settings: Any) -> int:
     with _registry(settings) as reg:
         res = enroll.reembed(reg, settings.segmenter, _embedder(settings))
     print(
-        f"re-embedded {res.n_samples} recording(s) of {len(res.babies)} babies "
-        f"for model {res.model_sha256[:12]}"
+        f"re-embedded {_n(res.n_samples, 'recording', 'recordings')} of "
+        f"{_n(len(res.babies), 'baby', 'babies')} for model {res.model_sha256[:12]}"
     )
     if res.failed_samples:
-        print(f"cryid: warning: no cry found again in samples {list(res.failed_samples)}", file=sys.stderr)
+        ids = ", ".join(str(i) for i in res.failed_samples)
+        print(
+            f"cryid: warning: no cry found again in the kept audio of sample id(s) {ids} "
+            "(see `cryid enroll show BABY_ID`); they keep their old embeddings only",
+            file=sys.stderr,
+        )
     if res.needs_reenrollment:
         print(
             "cryid: warning: audio not kept, these babies need re-enrollment: "
@@ -206,15 +258,18 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
     sha = enroll.model_sha256(settings.model)
     with _registry(settings) as reg:
         n = transfer.export_registry(reg, sha, args.file)
-    print(f"exported {n} babies (model {sha[:12]}) to {args.file}")
+    print(f"exported {_n(n, 'baby', 'babies')} (model {sha[:12]}) to {args.file}")
     return 0
 
 
 def _import(args: argparse.Namespace, settings: Any) -> int:
+    from cryid.models.manifest import load_manifest
+
     sha = enroll.model_sha256(settings.model)
+    dim = load_manifest(Path(settings.model)).embedding_dim
     with _registry(settings) as reg:
-        n = transfer.import_registry(reg, args.file, sha, replace=args.replace)
-    print(f"imported {n} babies from {args.file}")
+        n = transfer.import_registry(reg, args.file, sha, replace=args.replace, dim=dim)
+    print(f"imported {_n(n, 'baby', 'babies')} from {args.file}")
     return 0
 
 
@@ -235,7 +290,7 @@ def _add_new_baby_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``enroll`` to ``cryid``'s parser."""
-    p = sub.add_parser("enroll", help="Enroll newborns: add, record, list, show, remove, update, ...")
+    p = sub.add_parser("enroll", help="Enroll newborns: add, record, list, show, remove, update, move, ...")
     esub = p.add_subparsers(dest="enroll_command", metavar="ACTION", required=True)
 
     a = esub.add_parser("add", help="Enroll a baby from recordings of its cry.")
@@ -274,6 +329,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_sample_options(u, "birth")
     u.set_defaults(func=_update)
 
+    mv = esub.add_parser("move", help="Move a baby to another room (the daemons follow within a second).")
+    mv.add_argument("baby_id", metavar="BABY_ID")
+    mv.add_argument("room", metavar="ROOM")
+    mv.set_defaults(func=_move)
+
     re = esub.add_parser("reembed", help="Rebuild every embedding for the current model from kept audio.")
     re.set_defaults(func=_reembed)
 
@@ -285,3 +345,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     im.add_argument("file", metavar="FILE", type=Path)
     im.add_argument("--replace", action="store_true", help="Overwrite babies already enrolled.")
     im.set_defaults(func=_import)
+
+    from cryid.enrollment import cli_feedback
+
+    cli_feedback.register(esub)  # confirm, reject, undo, episodes

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_PLAIN_FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_filename(cls: type, v: str) -> str:
+    """A file name inside the state directory: letters, digits, '.', '_', '-'; no path, no '..'."""
+    if not _PLAIN_FILENAME.fullmatch(v) or ".." in v:
+        raise ValueError(
+            "must be a plain file name inside the state directory (letters, digits, '.', '_', '-'; "
+            "no '/' or '..'); move the state directory with CRYID_STATE_DIR instead"
+        )
+    return v
 
 
 class RegistrySettings(BaseModel):
@@ -10,7 +24,10 @@ class RegistrySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    filename: str = Field("registry.sqlite3", description="Registry file name inside the state directory.")
+    filename: str = Field(
+        "registry.sqlite3",
+        description="Registry file name inside the state directory (a plain name, no path).",
+    )
     min_cry_s: float = Field(
         2.0, ge=0.0, le=600.0, description="Seconds of detected cry an enrollment needs at least."
     )
@@ -23,4 +40,16 @@ class RegistrySettings(BaseModel):
     keep_audio: bool = Field(
         False, description="Keep enrollment audio (needed for `cryid enroll reembed` after a model change)."
     )
+    _plain_filename = field_validator("filename")(classmethod(plain_filename))  # type: ignore[arg-type]
+
     busy_timeout_ms: int = Field(10000, ge=0, le=600000, description="SQLite busy timeout.")
+    episode_retention_days: float = Field(
+        14.0,
+        gt=0.0,
+        le=3650.0,
+        description="Days the daemon keeps each episode's expiration embeddings (numbers, never audio) "
+        "for nurses to confirm or reject; older episodes are purged (confirmations keep their copy).",
+    )
+    episode_purge_interval_s: float = Field(
+        3600.0, gt=0.0, le=86400.0, description="How often the running daemon purges expired episodes."
+    )

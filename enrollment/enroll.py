@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.episodes import Feedback
 from cryid.enrollment.registry import (
     Infant,
     NewSample,
@@ -27,6 +28,7 @@ from cryid.enrollment.registry import (
     SampleInfo,
     check_baby_id,
 )
+from cryid.enrollment.sqlite_files import usable_vector
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.config import SegmenterSettings
 from cryid.models.scoring import centroid, cosine_matrix
@@ -77,7 +79,10 @@ def encode_flac(wav: np.ndarray) -> bytes:
 def decode_flac(data: bytes) -> np.ndarray:
     import soundfile as sf
 
-    wav, sr = sf.read(io.BytesIO(data), dtype="float32")
+    try:
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32")
+    except (RuntimeError, TypeError, ValueError) as exc:  # libsndfile: not FLAC, truncated, garbage
+        raise EnrollmentError(f"kept audio does not decode ({exc}); re-enroll the baby") from None
     if sr != SAMPLE_RATE:
         raise EnrollmentError(f"kept audio has sample rate {sr}, expected {SAMPLE_RATE}; re-enroll the baby")
     return wav
@@ -135,13 +140,27 @@ def prepare_recording(
 
 
 def load_files(paths: Sequence[Path]) -> list[tuple[str, np.ndarray]]:
-    """Read every file (name, 16 kHz mono audio) before any embedding, so bad input fails fast."""
+    """Read every file (name, 16 kHz mono audio) before any embedding, so bad input fails fast.
+
+    A recording given twice (the same audio, whatever the file name or format) counts once: the
+    repeats are dropped with a warning, so they cannot make up ``registry.min_cry_s``.
+    """
     if not paths:
         raise EnrollmentError("no audio files given; name one or more WAV/FLAC recordings")
     for p in paths:
         if not Path(p).is_file():
             raise EnrollmentError(f"{p}: no such file; check the path")
-    return [(Path(p).name, load_audio(p)) for p in paths]
+    loaded: list[tuple[str, np.ndarray]] = []
+    seen: dict[str, str] = {}
+    for p in paths:
+        wav = load_audio(p)
+        digest = hashlib.sha256(np.ascontiguousarray(wav, dtype="<f4").tobytes()).hexdigest()
+        if digest in seen:
+            logger.warning("%s is the same recording as %s (identical audio): counted once", p, seen[digest])
+            continue
+        seen[digest] = str(p)
+        loaded.append((Path(p).name, wav))
+    return loaded
 
 
 def prepare_files(
@@ -357,24 +376,30 @@ class InfantReport:
     nearest: Confusable | None  # the most similar other ACTIVE baby
     needs_reenrollment: bool
     can_reembed: bool
+    feedback: tuple[Feedback, ...]  # nurses' confirmations and rejections of episodes, undone ones too
+    n_confirmed: int  # confirmed expiration embeddings (live) for the current model
 
 
 def show(registry: Registry, baby_id: str, model_sha: str) -> InfantReport:
     infant = registry.require_infant(baby_id)
     samples = tuple(registry.samples(baby_id))
-    vectors = registry.sample_vectors(baby_id, model_sha)
+    cents = registry.centroids(model_sha)  # unusable embeddings (a poisoned registry) left out
+    dim = next(iter(cents.values())).size if cents else None
+    usable = [v for v in registry.sample_vectors(baby_id, model_sha) if usable_vector(v, dim)]
+    vectors = np.stack(usable) if usable else np.zeros((0, 0), np.float32)
     mean_cos = min_cos = None
     nearest = None
     if vectors.shape[0]:
         c = centroid(vectors)
         sims = cosine_matrix(vectors, c[None, :])[:, 0]
         mean_cos, min_cos = float(sims.mean()), float(sims.min())
-        others = {b: v for b, v in registry.centroids(model_sha).items() if b != baby_id}
+        others = {b: v for b, v in cents.items() if b != baby_id}
         if others:
             ids = sorted(others)
             s = cosine_matrix(c, np.stack([others[b] for b in ids]))[0]
             i = int(np.argmax(s))
             nearest = Confusable(ids[i], float(s[i]))
+    fb = tuple(registry.feedback(baby_id=baby_id))
     return InfantReport(
         infant=infant,
         samples=samples,
@@ -387,6 +412,10 @@ def show(registry: Registry, baby_id: str, model_sha: str) -> InfantReport:
         nearest=nearest,
         needs_reenrollment=infant.status == "active" and vectors.shape[0] == 0,
         can_reembed=bool(samples) and all(s.has_audio for s in samples),
+        feedback=fb,
+        n_confirmed=sum(
+            f.n_expirations for f in fb if f.live and f.kind == "confirm" and f.model_sha256 == model_sha
+        ),
     )
 
 

@@ -12,6 +12,7 @@ one ``BEGIN IMMEDIATE`` transaction, so an enrollment is all there or not there.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -24,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.episodes import MIGRATION as EPISODES_MIGRATION
+from cryid.enrollment.episodes import EpisodeTables
+from cryid.enrollment.sqlite_files import foreign_tables, make_private_dir, sqlite_failure, usable_vector
+from cryid.models.errors import CryidError
 from cryid.models.scoring import centroid
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ BABY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PERIODS = ("birth", "discharge")
 SOURCE_KINDS = ("file", "mic", "import")
 STATUSES = ("active", "discharged")
+MAX_NAME_CHARS = 200
 
 # Each entry migrates from version i to i + 1 (PRAGMA user_version); never edit a released entry.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -69,11 +75,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX embeddings_by_model ON embeddings(model_sha256)",
     ),
+    EPISODES_MIGRATION,  # episodes heard by the daemon, nurses' confirmations (enrollment/episodes.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class RegistryError(ValueError):
+class RegistryError(CryidError):
     """Bad registry input or state; the message names the problem and the fix."""
 
 
@@ -85,6 +92,25 @@ def check_baby_id(baby_id: str) -> str:
             "(it becomes an MQTT topic level)"
         )
     return baby_id
+
+
+def check_room(room: str) -> str:
+    """Return ``room`` if it can be a room name (an MQTT topic level, like the daemon's ``room``)."""
+    if not BABY_ID_PATTERN.fullmatch(room or ""):
+        raise RegistryError(
+            f"room {room!r} is not allowed: use 1-64 letters, digits, '_' or '-' (as the daemon's `room`)"
+        )
+    return room
+
+
+def check_display_name(name: str) -> str:
+    """Return ``name`` if it is short and printable (no terminal escapes), else raise ``RegistryError``."""
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise RegistryError(
+            f"display name {name[:40]!r}: use at most {MAX_NAME_CHARS} printable characters "
+            "(no control characters)"
+        )
+    return name
 
 
 def utc_now() -> str:
@@ -171,7 +197,16 @@ def _blob_vector(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<f4").astype(np.float32)
 
 
-class Registry:
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class Registry(EpisodeTables):
     """The SQLite registry. Thread-safe (one connection behind a lock); use ``Registry.open``."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -180,45 +215,95 @@ class Registry:
         self._lock = threading.RLock()
         self._version = 0
         self._last_pragma_version: int | None = None
+        self._settings = RegistrySettings()
+        self._identity = _file_identity(path)
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
     def open(cls, state_dir: Path, settings: RegistrySettings | None = None) -> Registry:
-        """Open (creating and migrating when needed) the registry in ``state_dir``."""
+        """Open (creating and migrating when needed) the registry in ``state_dir``.
+
+        A new state directory is made 0700 and a new registry file 0600 (they identify newborns). A file
+        that is not a cryid registry (another program's SQLite file) is refused before anything is
+        written to it, and is not switched to WAL.
+        """
         settings = settings or RegistrySettings()
         state_dir = Path(state_dir).expanduser()
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(
-                f"cannot create state directory {state_dir} ({exc}); set CRYID_STATE_DIR"
-            ) from exc
+        make_private_dir(state_dir, RegistryError)
         path = state_dir / settings.filename
+        created = not path.exists()
         try:
             timeout_s = settings.busy_timeout_ms / 1000
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s
             )
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
+        try:
+            if created:
+                os.chmod(path, 0o600)
             conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+            foreign = foreign_tables(conn)
+            if foreign is not None:
+                raise RegistryError(
+                    f"{path} is not a cryid registry ({foreign}); it was left untouched: point "
+                    "registry.filename or CRYID_STATE_DIR at the cryid registry"
+                )
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{path}: not a usable registry ({exc}); restore it from an export") from exc
-        registry = cls(conn, path)
-        try:
-            registry._migrate()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            conn.close()
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
         except BaseException:
             conn.close()
             raise
-        registry.data_version()
+        registry = cls(conn, path)
+        registry._settings = settings
+        try:
+            registry._migrate()
+            registry.data_version()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise RegistryError(sqlite_failure(path, exc, "registry")) from exc
+        except BaseException:
+            conn.close()
+            raise
         return registry
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def reopen_if_replaced(self) -> bool:
+        """Reopen when the file was deleted or replaced (another inode) since it was opened.
+
+        An open SQLite connection keeps reading a deleted file, so a daemon would go on identifying the
+        babies of a registry that is gone. Returns True when it reopened (and ``data_version`` changed).
+        """
+        identity = _file_identity(self.path)
+        if identity is not None and identity == self._identity:
+            return False
+        try:
+            fresh = Registry.open(self.path.parent, self._settings)
+        except RegistryError as exc:  # keep the open one; try again when the file changes again
+            self._identity = identity
+            logger.error("registry %s was replaced but cannot be reopened: %s", self.path, exc)
+            return False
+        with self._lock:
+            self._conn.close()
+            self._conn, self._identity = fresh._conn, fresh._identity
+            self._last_pragma_version = None
+            self._version += 1
+        logger.warning(
+            "registry %s was %s while open; reopened it (%d babies in it now)",
+            self.path,
+            "deleted" if identity is None else "replaced by another file",
+            len(self.infants()),
+        )
+        return True
 
     def __enter__(self) -> Registry:
         return self
@@ -248,19 +333,30 @@ class Registry:
                 logger.info("registry %s migrated to schema version %s", self.path, target)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error."""
+    def transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error.
+
+        ``bump=False``: this connection's ``data_version`` does not change (the daemon keeping its own
+        episodes must not make itself reload the babies' references); other connections still see it."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             try:
                 yield self._conn
                 _crash_point("before-commit")
                 self._conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
-            self._version += 1
+            if bump:
+                self._version += 1
 
     # ---------------------------------------------------------------- daemon interface
     def data_version(self) -> int:
@@ -273,36 +369,63 @@ class Registry:
                 self._last_pragma_version = pragma
             return self._version
 
-    def centroids(self, model_sha256: str) -> dict[str, np.ndarray]:
-        """Unit centroid of every ACTIVE baby that has embeddings for this model."""
+    def centroids(
+        self, model_sha256: str, room: str | None = None, dim: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Unit centroid of every ACTIVE baby that has embeddings for this model (in ``room`` if given).
+
+        An embedding that cannot be used (not finite, zero or huge norm, or not ``dim`` long: a damaged
+        or poisoned registry) is skipped with a warning naming the baby, so the others stay identified.
+        Without ``dim``, the size most babies have is taken as the model's.
+        """
         rows = self._query(
             """SELECT s.baby_id, e.vector FROM embeddings e
                JOIN samples s ON s.sample_id = e.sample_id
                JOIN infants i ON i.baby_id = s.baby_id
-               WHERE e.model_sha256 = ? AND i.status = 'active'
+               WHERE e.model_sha256 = ?1 AND i.status = 'active' AND (?2 IS NULL OR i.room = ?2)
                ORDER BY s.baby_id, e.sample_id, e.expiration_index""",
-            (model_sha256,),
+            (model_sha256, room),
         )
         grouped: dict[str, list[np.ndarray]] = {}
         for baby_id, blob in rows:
             grouped.setdefault(baby_id, []).append(_blob_vector(blob))
-        return {baby_id: centroid(np.stack(vectors)) for baby_id, vectors in grouped.items()}
+        if dim is None and grouped:
+            sizes = [v[0].size for v in grouped.values()]
+            dim = max(set(sizes), key=lambda n: (sizes.count(n), n))
+        out: dict[str, np.ndarray] = {}
+        for baby_id, vectors in grouped.items():
+            good = [v for v in vectors if usable_vector(v, dim)]
+            if len(good) < len(vectors):
+                logger.warning(
+                    "registry %s: baby %s has %d of %d embeddings for model %s that cannot be used "
+                    "(not %s values, not finite, or a zero or huge norm); %s",
+                    self.path, baby_id, len(vectors) - len(good), len(vectors), model_sha256[:12], dim,
+                    "skipped them" if good else "baby left out: re-enroll it",
+                )
+            if good:
+                out[baby_id] = centroid(np.stack(good))
+        return out
 
-    def needs_reenrollment(self, model_sha256: str) -> list[str]:
-        """ACTIVE babies with no embedding for this model (enrolled with another model, audio not kept)."""
+    def needs_reenrollment(self, model_sha256: str, room: str | None = None) -> list[str]:
+        """ACTIVE babies (in ``room`` if given) with no embedding for this model (enrolled with another
+        model, audio not kept)."""
         rows = self._query(
-            """SELECT i.baby_id FROM infants i WHERE i.status = 'active' AND NOT EXISTS (
+            """SELECT i.baby_id FROM infants i
+               WHERE i.status = 'active' AND (?2 IS NULL OR i.room = ?2) AND NOT EXISTS (
                    SELECT 1 FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id
-                   WHERE s.baby_id = i.baby_id AND e.model_sha256 = ?)
+                   WHERE s.baby_id = i.baby_id AND e.model_sha256 = ?1)
                ORDER BY i.baby_id""",
-            (model_sha256,),
+            (model_sha256, room),
         )
         return [r[0] for r in rows]
 
     # ---------------------------------------------------------------- reads
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
 
     def get_infant(self, baby_id: str) -> Infant | None:
         rows = self._query(
@@ -378,8 +501,10 @@ class Registry:
         conn: sqlite3.Connection, baby_id: str, display_name: str, room: str, status: str = "active"
     ) -> None:
         check_baby_id(baby_id)
+        check_room(room)
         if status not in STATUSES:
             raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        check_display_name(display_name)
         now = utc_now()
         conn.execute(
             "INSERT INTO infants (baby_id, display_name, room, status, created_at, updated_at, "
@@ -444,3 +569,18 @@ class Registry:
             "UPDATE infants SET status = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
             (status, now, now if status == "discharged" else None, baby_id),
         )
+
+    @staticmethod
+    def set_room(conn: sqlite3.Connection, baby_id: str, room: str) -> str:
+        """Move a baby to ``room``; returns its previous room. ``RegistryError`` (inside the caller's
+        transaction, so nothing changes) for a bad room name or a baby that is not enrolled."""
+        check_baby_id(baby_id)
+        check_room(room)
+        row = conn.execute("SELECT room FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"baby {baby_id!r} is not enrolled; see `cryid enroll list`")
+        if row[0] != room:
+            conn.execute(
+                "UPDATE infants SET room = ?, updated_at = ? WHERE baby_id = ?", (room, utc_now(), baby_id)
+            )
+        return str(row[0])

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cryid.models.errors import CryidError
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 
 
-class AudioError(ValueError):
+class AudioError(CryidError):
     """An audio file or buffer that cryid cannot use; the message names the problem and the fix."""
 
 

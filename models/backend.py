@@ -21,12 +21,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import linalg
 
+from cryid.models.errors import CryidError
+
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "backend.npz"
 
 
-class BackendError(ValueError):
+class BackendError(CryidError):
     """A back-end cannot be fitted or read (too few classes, wrong shapes, bad file)."""
 
 

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cryid.models.errors import CryidError
+
 FEATURES = ("best_score", "margin", "log_candidates")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(CryidError):
     """Calibration data or a stored map that cannot be used; the message names the problem and the fix."""
 
 
@@ -69,6 +71,10 @@ class Calibration(BaseModel):
     data: str = Field("", description="What the map was fitted on (data set, split, rooms, seed).")
     fitted_at: str = Field("", description="UTC ISO 8601 time of the fit.")
     n_queries: int = Field(0, ge=0, description="Scored queries the map was fitted on.")
+    room_size: int = Field(0, ge=0, description="Babies per simulated room of the operating point (0: none).")
+    room_strangers: int = Field(0, ge=0, description="Of them, babies not enrolled (their cries: unknown).")
+    rooms: int = Field(0, ge=0, description="Simulated rooms per fit (seeded).")
+    seed: int = Field(0, ge=0, description="Seed of the rooms, folds and confirmations.")
     metrics: dict[str, float] = Field(
         default_factory=dict,
         description="Cross-validated figures of the fit (log loss, coverage, wrong rate).",
@@ -87,6 +93,13 @@ class Calibration(BaseModel):
         if len(v) != len(FEATURES) or not np.all(np.isfinite(v)):
             raise ValueError(f"coef must be {len(FEATURES)} finite numbers")
         return tuple(float(x) for x in v)
+
+    @property
+    def recommended_min_confidence(self) -> float | None:
+        """The operating point ``cryid model calibrate`` chose (``metrics['recommended_min_confidence']``):
+        the lowest min_confidence whose cross-validated wrong-baby rate stays at or below the target."""
+        value = self.metrics.get("recommended_min_confidence")
+        return None if value is None else float(value)
 
     # use ---------------------------------------------------------------------------------------
     def confidence(self, best_score: float, margin: float | None, n_candidates: int) -> float:
@@ -123,9 +136,11 @@ class Calibration(BaseModel):
 
 # fitting ---------------------------------------------------------------------------------------
 def fit_logistic(
-    x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int = 100
+    x: np.ndarray, y: np.ndarray, l2: float = 0.1, iterations: int = 100
 ) -> tuple[np.ndarray, float]:
-    """Weights and intercept of an L2-regularised logistic regression (Newton / IRLS)."""
+    """Weights and intercept of a logistic regression (Newton / IRLS) with a weak ridge ``l2`` on the
+    weights (not the intercept): a fixed prior, so it fades as data grows and keeps a feature that does
+    not vary (one room size) at a finite weight."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.ndim != 2 or x.shape[0] != y.size:
@@ -136,7 +151,7 @@ def fit_logistic(
         )
     xb = np.hstack([x, np.ones((x.shape[0], 1))])
     w = np.zeros(xb.shape[1])
-    reg = np.full(xb.shape[1], l2 * y.size)
+    reg = np.full(xb.shape[1], float(l2))
     reg[-1] = 0.0
     for _ in range(iterations):
         p = _sigmoid(xb @ w)
@@ -188,3 +203,44 @@ def fit_calibration(
         n_queries=int(np.asarray(correct).size),
         **info,  # type: ignore[arg-type]
     )
+
+
+# figures of a fitted map -----------------------------------------------------------------------
+def log_loss(p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood (nats) of outcomes ``y`` under probabilities ``p``."""
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    y = np.asarray(y, np.float64)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, np.float64)
+    return float(-np.sum(w * (y * np.log(p) + (1 - y) * np.log(1 - p))) / np.sum(w))
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """Queries whose predicted probability fell in [low, high): their mean prediction and outcome."""
+
+    low: float
+    high: float
+    count: int
+    predicted: float
+    observed: float
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[ReliabilityBin]:
+    """Predicted against observed frequency in equal-width probability bins (empty bins left out)."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out.append(ReliabilityBin(float(edges[b]), float(edges[b + 1]), int(m.sum()),
+                                      float(p[m].mean()), float(y[m].mean())))
+    return out
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Count-weighted mean |predicted - observed| over the reliability bins."""
+    rel = reliability(p, y, bins)
+    total = sum(b.count for b in rel)
+    return float(sum(b.count * abs(b.predicted - b.observed) for b in rel) / max(total, 1))

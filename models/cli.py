@@ -1,4 +1,4 @@
-"""Sub-commands of the model layer: ``cryid model export|info|train`` and ``cryid eval``.
+"""Sub-commands of the model layer: ``cryid model export|info|train|calibrate`` and ``cryid eval``.
 
 Heavy imports (torch, speechbrain, onnx) happen inside the handlers, never at module import.
 """
@@ -6,6 +6,8 @@ Heavy imports (torch, speechbrain, onnx) happen inside the handlers, never at mo
 from __future__ import annotations
 
 import argparse
+
+from cryid.models.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -15,7 +17,51 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _register_export(msub)
     _register_info(msub)
     _register_train(msub)
+    _register_calibrate(msub)
     _register_eval(sub)
+
+
+def _option_error(exc: Exception) -> UsageError:
+    """A pydantic ValidationError of CLI options as one line naming the option."""
+    err = exc.errors()[0]  # type: ignore[attr-defined]
+    loc = err["loc"]
+    where = f"--{str(loc[0]).replace('_', '-')}: " if loc else ""
+    return UsageError(f"{where}{err['msg'].removeprefix('Value error, ')}")
+
+
+def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Options of ``cryid.models.calibrate.CalibrateSettings`` (defaults and descriptions from there)."""
+    from cryid.models.calibrate import CalibrateSettings
+
+    fields = CalibrateSettings.model_fields
+    for name, typ in (("split", str), ("room_size", int), ("room_strangers", int), ("rooms", int),
+                      ("seed", int), ("folds", int), ("target_wrong_rate", float), ("bootstrap", int)):
+        flag = f"--{prefix}{name.replace('_', '-')}"
+        p.add_argument(flag, dest=f"cal_{name}", type=typ, default=None,
+                       help=f"{fields[name].description} (default: {fields[name].default})")
+
+
+def _run_calibration(model_dir: object, data: object, args: argparse.Namespace, settings: object) -> None:
+    """Fit and store the calibration; print its figures."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from cryid.models.calibrate import CalibrateSettings, calibrate_model
+    from cryid.models.eval_backends import default_cache_dir
+    from cryid.models.eval_output import calibration_lines
+
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cal_") and v is not None}
+    try:
+        cal_settings = CalibrateSettings(**given)
+    except ValidationError as exc:
+        raise _option_error(exc) from None
+    result = calibrate_model(
+        Path(str(model_dir)), Path(str(data)), cal_settings, settings.segmenter,  # type: ignore[attr-defined]
+        settings.embedder, default_cache_dir(),  # type: ignore[attr-defined]
+    )
+    for line in calibration_lines(result):
+        print(line)
 
 
 def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,6 +82,9 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--backend", type=Path, default=None,
                    help="back-end .npz (mean, transform) to append; default: SRC/backend.npz if present")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--calibrate-data", type=Path, default=None, metavar="DIR",
+                   help="after export, calibrate on this CryCeleb-layout data (as `cryid model calibrate`)")
+    _add_calibrate_options(p, prefix="calibrate-")
 
     def handler(args: argparse.Namespace, settings: object) -> int:
         import shlex
@@ -52,9 +101,24 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
                  if m.quantization is not None else "")
         print(f"{args.out}: {m.embedding_dim}-d embedding, parity min cosine {m.parity.min_cosine:.6f}"
               f"{extra}, sha256 {m.onnx_sha256[:12]}")
+        if args.calibrate_data is not None:
+            _run_calibration(args.out, args.calibrate_data, args, settings)
+        else:
+            print(f"calibrate it (needed for decisions): cryid model calibrate {args.out} --data DIR")
         return 0
 
     p.set_defaults(func=handler)
+
+
+def _source_shown(source: str) -> str:
+    """The manifest's source without the exporting machine's absolute path (a hub id stays as is)."""
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    where = "here" if path.is_dir() else "on the machine that exported it, not shipped"
+    return f"{path.name} (a local model folder, {where})"
 
 
 def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -83,7 +147,7 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         fe = m.frontend
         rows = [
             ("model", str(model_dir)),
-            ("source", m.source),
+            ("source", _source_shown(m.source)),
             ("created", m.created_at),
             ("embedding", f"{m.embedding_dim}-d, input {m.input_name!r} (batch, frames, {fe.n_mels})"),
             ("front end", f"{fe.sample_rate} Hz, n_fft {fe.n_fft}, hop {fe.hop_length}, {fe.n_mels} mels "
@@ -98,6 +162,7 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
              f"{m.backend.kind or 'linear'} {m.backend.input_dim}->{m.backend.output_dim} "
              f"({m.backend.file})"),
             ("trained by", m.training.command if m.training is not None and m.training.command else "-"),
+            ("calibration", _calibration_row(m.calibration)),
             ("metrics", ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.metrics.items())) or "-"),
             ("exported by", m.export_command or "-"),
             ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items()) or "-"),
@@ -155,14 +220,22 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
         import shlex
         import sys
 
+        from pydantic import ValidationError
+
         from cryid.models.train import train
 
         given = {n: getattr(args, n) for n in TrainSettings.model_fields if getattr(args, n) is not None}
-        config = TrainSettings(**given)
+        try:
+            config = TrainSettings(**given)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         command = "cryid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
         result = train(config, args.data, args.out, init=args.init, command=command, progress=not args.quiet)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
         print(f"{result.out_dir}: best epoch {result.best_epoch}" + (f" ({figures})" if figures else ""))
+        print(f"next: cryid model export {result.out_dir} --out MODEL_DIR --calibrate-data {args.data} "
+              "(export, then fit the score-to-probability map on infants not trained on)")
         return 0
 
     p.set_defaults(func=handler)
@@ -192,6 +265,16 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--score-norm", choices=["none", "asnorm"], default=None, help="normalise the pair scores")
     p.add_argument("--cohort", default=None, help="split of the same data set used as AS-norm cohort")
     p.add_argument("--cohort-top-k", type=int, default=None, help="AS-norm top-k cohort scores")
+    p.add_argument("--room-size", type=int, default=None, help="ward protocol in seeded rooms of N babies")
+    p.add_argument("--room-strangers", type=int, default=None, help="babies per room not enrolled")
+    p.add_argument("--rooms", type=int, default=None, help="number of rooms with --room-size")
+    p.add_argument("--confirm", type=int, default=None, metavar="K",
+                   help="confirm K D files per enrolled baby, identify the rest")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="operating point (default: the model calibration's recommendation)")
+    p.add_argument("--bootstrap", type=int, default=None, help="infant resamples for the 95%% intervals")
+    p.add_argument("--ward-channel", type=int, default=None, metavar="SEED",
+                   help="pass every recording through one simulated ward channel (pyroomacoustics)")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON (fractions 0-1)")
     p.add_argument("--plot", type=Path, default=None, help="score histogram PNG (needs matplotlib)")
     p.add_argument("--submission", type=Path, default=None, help="CSV id,score for every pair")
@@ -205,15 +288,21 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         from cryid.models.eval_backends import default_cache_dir, load_backend_for_eval
         from cryid.models.evaluate import EvalOptions, run_evaluation
 
-        names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k")
+        names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k", "room_size",
+                 "room_strangers", "rooms", "confirm", "min_confidence", "bootstrap", "ward_channel")
         given = {k: getattr(args, k) for k in names}
         try:
             options = EvalOptions(split=args.split, **{k: v for k, v in given.items() if v is not None})
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+            raise _option_error(exc) from None
+        if options.ward_channel is not None:
+            try:
+                import pyroomacoustics  # noqa: F401
+            except ImportError:
+                raise UsageError("--ward-channel needs pyroomacoustics, which is not installed; "
+                                 "pip install 'cryid[train]' (or pyroomacoustics)") from None
         if args.submission is not None and options.protocol == "ward":
-            raise ValueError("--submission needs the paper protocol; drop --protocol ward")
+            raise UsageError("--submission needs the paper protocol; drop --protocol ward")
         for option, path in (("--json", args.json), ("--plot", args.plot), ("--submission", args.submission)):
             if path is not None:
                 eval_output.check_output_path(path, option)
@@ -243,6 +332,40 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         if args.json is not None:
             eval_output.write_json(report, args.json)
             print(f"json: {args.json}")
+        return 0
+
+    p.set_defaults(func=handler)
+
+
+def _calibration_row(cal: object) -> str:
+    if cal is None:
+        return "none: decisions need one (cryid model calibrate DIR --data DIR)"
+    rec = cal.recommended_min_confidence  # type: ignore[attr-defined]
+    return (f"{cal.method}, recommended min_confidence {rec if rec is not None else '-'}, "  # type: ignore[attr-defined]
+            f"confirmed_weight {cal.confirmed_weight:g}, fitted {cal.fitted_at or '-'} on "  # type: ignore[attr-defined]
+            f"{cal.data or '-'}")  # type: ignore[attr-defined]
+
+
+def _register_calibrate(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """cryid model calibrate DIR --data DIR [--split dev] [--room-size 8] [--rooms R] [--seed S] ..."""
+    from pathlib import Path
+
+    p = msub.add_parser(
+        "calibrate",
+        help="fit the score -> probability map of a model and store it in its manifest",
+        description="Fits the probability that the best-scoring enrolled baby is the crying one, from the "
+        "best score, the margin and the number of candidates, in seeded ward rooms (a quarter of each room "
+        "not enrolled) of infants the model was not trained on, by cross-validation over infants. Chooses "
+        "the recommended min_confidence (CV wrong-baby rate <= target in rooms of --room-size, with 0 and "
+        "1 confirmed files) and confirmed_weight, then writes manifest.json's calibration (model.onnx "
+        "is unchanged).",
+    )
+    p.add_argument("dir", metavar="DIR", type=Path, help="model directory (model.onnx + manifest.json)")
+    p.add_argument("--data", type=Path, required=True, help="CryCeleb-layout data with B and D recordings")
+    _add_calibrate_options(p)
+
+    def handler(args: argparse.Namespace, settings: object) -> int:
+        _run_calibration(args.dir, args.data, args, settings)
         return 0
 
     p.set_defaults(func=handler)

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryid.models.errors import CryidError
+
 logger = logging.getLogger(__name__)
 
 METADATA_COLUMNS = ("baby_id", "period", "duration", "split", "chronological_index", "file_name", "file_id")
@@ -22,7 +24,7 @@ PAIR_COLUMNS = ("baby_id_B", "baby_id_D", "id")
 PERIODS = ("B", "D")
 
 
-class CryCelebError(ValueError):
+class CryCelebError(CryidError):
     """A data set that does not follow the CryCeleb layout; the message names the problem and the fix."""
 
 

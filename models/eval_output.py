@@ -1,7 +1,7 @@
 """What ``cryid eval`` writes: the summary lines, ``--json``, ``--submission`` CSV and the ``--plot`` PNG.
 
 Files are written to a temporary name and renamed into place, so nothing is ever half-written.
-matplotlib (the ``train`` extra) is imported only when a plot is asked for.
+matplotlib (the ``plot`` extra) is imported only when a plot is asked for.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from cryid.models.errors import CryidError
 from cryid.models.evaluate import EvalReport, PairReport
 
 logger = logging.getLogger(__name__)
 
 
-class OutputError(ValueError):
+class OutputError(CryidError):
     """An output that cannot be written; the message names the problem and the fix."""
 
 
@@ -37,7 +38,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise OutputError(
-            "--plot needs matplotlib, which is not installed; pip install 'cryid[train]' (or matplotlib)"
+            "--plot needs matplotlib, which is not installed; pip install 'cryid[plot]'"
         ) from None
 
 
@@ -78,7 +79,8 @@ def _histogram(ax: Any, pos: np.ndarray, neg: np.ndarray, threshold: float | Non
 
 
 def plot_scores(report: EvalReport, path: Path) -> None:
-    """Score histograms: the paper protocol's pairs and, when run, the ward protocol's file-vs-baby scores."""
+    """Score histograms: the paper protocol's pairs and, when run, the ward protocol's file-vs-baby scores;
+    for a calibrated model also the ward's coverage against wrong-baby rate over min_confidence."""
     require_matplotlib()
     import matplotlib
 
@@ -110,9 +112,13 @@ def plot_scores(report: EvalReport, path: Path) -> None:
         )
     if not panels:
         raise OutputError("--plot: no labelled scores to plot (the pairs file has no label column)")
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (pos, neg, thr, title) in zip(axes[0], panels, strict=True):
+    curve = wr.operating_curve if wr is not None else None
+    n = len(panels) + (curve is not None)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
+    for ax, (pos, neg, thr, title) in zip(axes[0], panels, strict=False):
         _histogram(ax, pos, neg, thr, title)
+    if wr is not None and curve is not None:
+        plot_operating_curve(axes[0][-1], curve, wr.min_confidence, "ward: coverage vs wrong baby")
     fig.suptitle(f"{report.backend} {report.model_sha256[:12]} on {Path(report.data).name}")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
@@ -131,6 +137,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _ci(ci: tuple[float, float] | list[float] | None) -> str:
+    """`` [low-high%]``: a bootstrap 95% interval printed next to its figure."""
+    return "" if ci is None else f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%]"
+
+
 def summary_lines(report: EvalReport) -> list[str]:
     """Human-readable summary for the terminal (figures as percentages; the JSON holds fractions)."""
     lines = [
@@ -145,29 +156,61 @@ def summary_lines(report: EvalReport) -> list[str]:
         lines.append(f"paper protocol (concatenate each baby-period, cosine B vs D){extra}: {pr.pairs} pairs")
         if pr.labels:
             lines.append(
-                f"  EER {_pct(pr.eer)} at threshold {pr.threshold:.4f}, minDCF {pr.min_dcf:.4f}, "
+                f"  EER {_pct(pr.eer)}{_ci(pr.eer_ci)} at threshold {pr.threshold:.4f}, "
+                f"minDCF {pr.min_dcf:.4f}, "
                 f"{pr.positive_pairs} positive pairs"
             )
             if pr.channel_matched_pairs is not None:
                 lines.append(
-                    f"  channel-matched EER {_pct(pr.eer_channel_matched)}, {pr.channel_matched_pairs} pairs"
+                    f"  channel-matched EER {_pct(pr.eer_channel_matched)}{_ci(pr.eer_channel_matched_ci)}, "
+                    f"{pr.channel_matched_pairs} pairs"
                 )
         else:
             lines.append(
                 "  the pairs file has no label column: EER skipped; write the scores with --submission FILE"
             )
+    if report.ward_channel is not None:
+        lines.append(f"every recording through the simulated {report.ward_channel}")
     wr = report.ward
     if wr is not None:
+        rooms = wr.rooms
+        where = (
+            ""
+            if rooms is None
+            else f" in {rooms['count']} seeded rooms of {rooms['size']} babies "
+            f"({rooms['size'] - rooms['strangers']} enrolled, {rooms['strangers']} strangers, seed "
+            f"{rooms['seed']})"
+        )
+        confirm = (
+            f", {wr.confirm} D files per baby confirmed (confirmed_weight {wr.confirmed_weight:g})"
+            if wr.confirm
+            else ""
+        )
         lines.append(
-            f"ward protocol (enroll from B files, identify each D file): {wr.enrolled} babies enrolled, "
-            f"{wr.queries} D files identified"
+            f"ward protocol (enroll from B files, identify each D file){where}{confirm}: "
+            f"{wr.enrolled} babies enrollable, {wr.queries} queries of enrolled babies "
+            f"from {wr.infants} crying infants"
         )
         lines.append(
             f"  no expiration found in {wr.b_files_without_expirations} B files "
             f"({len(wr.babies_not_enrolled)} babies not enrolled), {wr.d_files_without_expirations} D files; "
-            f"{wr.unenrolled_queries} D files of unenrolled babies scored as impostors only"
+            f"{wr.unenrolled_queries} queries of babies not enrolled (strangers: only 'unknown' is right)"
         )
-        lines.append(f"  top-1 {_pct(wr.top1)}, top-5 {_pct(wr.top5)}, open-set EER {_pct(wr.eer)}")
+        lines.append(
+            f"  top-1 {_pct(wr.top1)}{_ci(wr.top1_ci)}, top-5 {_pct(wr.top5)}{_ci(wr.top5_ci)}, "
+            f"open-set EER {_pct(wr.eer)}{_ci(wr.eer_ci)}"
+        )
+        if not wr.calibrated:
+            lines.append(
+                "  no calibration in the model: no decisions (cryid model calibrate MODEL --data DIR)"
+            )
+        else:
+            lines.append(
+                f"  at min_confidence {wr.min_confidence:g}: coverage "
+                f"{_pct(wr.coverage)}{_ci(wr.coverage_ci)} of enrolled babies' queries named, "
+                f"wrong baby {_pct(wr.wrong_rate)}{_ci(wr.wrong_rate_ci)} "
+                f"of {wr.named} named"
+            )
     for name, tp in report.throughput.items():
         rate = tp["audio_s_per_wall_s"]
         lines.append(
@@ -179,4 +222,61 @@ def summary_lines(report: EvalReport) -> list[str]:
             f"cache: {report.cache['hits']} embeddings reused, {report.cache['misses']} computed "
             f"({report.cache['dir']})"
         )
+    return lines
+
+
+def plot_operating_curve(
+    ax: Any, curve: list[dict[str, float | None]], chosen: float | None, title: str
+) -> None:
+    """Coverage against wrong-baby rate over min_confidence, the chosen operating point marked."""
+    pts = [
+        (c["wrong_rate"], c["coverage"], c["min_confidence"])
+        for c in curve
+        if c["wrong_rate"] is not None and c["coverage"] is not None
+    ]
+    if not pts:
+        ax.set_title(f"{title}: nothing named at any min_confidence")
+        return
+    w, cov, t = (np.array(x, dtype=np.float64) for x in zip(*pts, strict=True))
+    ax.plot(100 * w, 100 * cov, marker=".", lw=1)
+    for i in range(0, len(t), 10):
+        ax.annotate(f"{t[i]:.2f}", (100 * w[i], 100 * cov[i]), fontsize=7)
+    if chosen is not None:
+        i = int(np.argmin(np.abs(t - chosen)))
+        ax.plot(100 * w[i], 100 * cov[i], "ro", label=f"min_confidence {chosen:g}")
+        ax.legend()
+    ax.axvline(5, color="grey", ls=":", lw=1)
+    ax.set_xlabel("wrong baby, % of named")
+    ax.set_ylabel("coverage, % of enrolled babies' queries named")
+    ax.set_title(title)
+
+
+def calibration_lines(result: Any) -> list[str]:
+    """What ``cryid model calibrate`` prints (``result``: ``calibrate.CalibrationResult``)."""
+    cal = result.calibration
+    m = cal.metrics
+    lines = [
+        f"{result.manifest_path}: calibration written ({cal.n_queries} room queries, "
+        f"{result.infants} infants)",
+        f"  map: p = sigmoid({cal.coef[0]:.3f} best + {cal.coef[1]:.3f} margin + {cal.coef[2]:.3f} "
+        f"log(candidates) + {cal.intercept:.3f}); candidates' temperature {cal.temperature:.3f}",
+        "  confirmed_weight by CV log loss of K=1 queries: "
+        + ", ".join(f"{w:g}: {loss:.4f}" for w, loss in result.weight_log_loss.items())
+        + f" -> {cal.confirmed_weight:g}",
+        f"  CV log loss {m['cv_log_loss']:.4f}, ECE {m['cv_ece']:.4f}; mean confidence "
+        f"{m['cv_mean_confidence']:.3f} vs observed {m['cv_base_rate']:.3f}",
+        "  reliability (CV, predicted -> observed, queries): "
+        + "; ".join(f"{b.predicted:.2f}->{b.observed:.2f} ({b.count})" for b in result.reliability),
+        f"  recommended min_confidence {m['recommended_min_confidence']:g} (lowest with CV wrong-baby rate "
+        f"<= {100 * m['target_wrong_rate']:g}% from there on, K=0 and K=1)",
+    ]
+    for op in result.operating:
+        lines.append(
+            f"  rooms of {cal.room_size}, K={op.confirm}: top-1 {_pct(op.top1)}; at {op.min_confidence:g}: "
+            f"coverage {_pct(op.coverage)}{_ci(op.coverage_ci)}, wrong baby {_pct(op.wrong_rate)}"
+            f"{_ci(op.wrong_rate_ci)} of {op.named} named ({op.queries} queries)"
+        )
+    for k, curve in result.curves.items():
+        pts = [f"{t:g}: {_pct(c)}/{_pct(w)}" for t, c, w, _ in curve if round(t * 100) % 10 == 0]
+        lines.append(f"  K={k} coverage/wrong by min_confidence: " + ", ".join(pts))
     return lines

@@ -9,7 +9,10 @@ concatenation orders) and AS-norm against cohort embeddings (the concatenations 
 Ward protocol: each baby enrolled from its B files exactly as enrollment does (``pipeline.embed_expirations``
 then ``scoring.centroid``); each D file, segmented the same way, is pooled like a daemon episode (the
 re-normalised mean of its L2-normalised expiration embeddings, ``scoring.centroid``) and scored against
-every enrolled baby: top-1/top-5 identification and the open-set EER of those scores.
+every enrolled baby: top-1/top-5 identification and the open-set EER of those scores; in simulated
+rooms, with confirmations and the calibrated decisions (coverage, wrong-baby rate): ``ward_eval``.
+Every EER gets a bootstrap 95% interval over infants; ``--ward-channel`` passes every recording through
+one simulated ward channel (``channel.WardChannel``) first.
 This module never imports ``cryid.enrollment`` or ``cryid.daemon``.
 """
 
@@ -17,52 +20,34 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from cryid.models.audio import load_audio
+from cryid.models.channel import WardChannel
 from cryid.models.config import SegmenterSettings
 from cryid.models.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
 from cryid.models.eval_backends import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
-from cryid.models.metrics import eer, identification_rates, min_dcf
-from cryid.models.scoring import centroid, cosine_matrix, l2_normalize
+from cryid.models.eval_options import EvalOptions
+from cryid.models.metrics import bootstrap_ci, eer, infant_codes, min_dcf, weighted_eer
+from cryid.models.scoring import cosine_matrix, l2_normalize
+from cryid.models.ward_eval import (
+    WardReport,
+    channel_key,
+    file_expiration_embeddings,
+    load_recording,
+    progress,
+    ward_protocol,
+)
+
+__all__ = ["EvalOptions", "EvalReport", "PairReport", "WardReport", "concatenation_embeddings",
+           "file_expiration_embeddings", "pair_protocol", "run_evaluation", "ward_protocol"]
 
 logger = logging.getLogger(__name__)
 
 GroupKey = tuple[str, str]  # (baby_id, period)
-POOLING = "re-normalised mean of the file's L2-normalised expiration embeddings (as a daemon episode)"
-
-
-class EvalOptions(BaseModel):
-    """How ``cryid eval`` evaluates; each default is written here once."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    split: Literal["dev", "test"] = Field(description="Split whose pairs (and B/D recordings) are evaluated.")
-    protocol: Literal["pairs", "ward", "both"] = Field(
-        "both", description="pairs: the paper's protocol; ward: enroll B files, identify D files; both."
-    )
-    tta: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="1: chronological concatenation; N>1: mean score of N seeded shuffled orders.",
-    )
-    seed: int = Field(0, ge=0, description="Seed of the shuffled concatenation orders of --tta.")
-    score_norm: Literal["none", "asnorm"] = Field(
-        "none", description="Score normalisation of the pair scores."
-    )
-    cohort: str = Field(
-        "train", min_length=1, description="Split whose concatenations form the AS-norm cohort."
-    )
-    cohort_top_k: int = Field(
-        200, ge=1, le=100_000, description="AS-norm: the k cohort scores closest to each side."
-    )
 
 
 @dataclass(frozen=True)
@@ -81,33 +66,11 @@ class PairReport:
     tta: int
     score_norm: str
     cohort_size: int | None
+    eer_ci: tuple[float, float] | None
+    eer_channel_matched_ci: tuple[float, float] | None
     pair_ids: list[str] = field(repr=False)
     scores: list[float] = field(repr=False)
     label_values: list[int | None] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class WardReport:
-    """Ward protocol results (fractions 0-1)."""
-
-    top1: float | None
-    top5: float | None
-    eer: float | None
-    enrolled: int
-    queries: int  # D files of enrolled babies with at least one expiration (top-1/top-5 base)
-    unenrolled_queries: int  # D files of babies that could not be enrolled: non-target scores only
-    b_files_without_expirations: int
-    d_files_without_expirations: int
-    babies_not_enrolled: list[str]
-    pooling: str
-    target_scores: list[float] = field(repr=False)
-    nontarget_scores: list[float] = field(repr=False)
-
-
-def _progress(items: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, total=total, unit="item", leave=False, disable=None)
 
 
 def _orders(recs: list[Recording], k: int, seed: int, key: GroupKey) -> list[Recording]:
@@ -127,21 +90,23 @@ def concatenation_embeddings(
     meter: Throughput,
     order: int = -1,
     seed: int = 0,
+    channel: WardChannel | None = None,
 ) -> np.ndarray:
     """One embedding per (baby, period) in ``keys``: its files concatenated (order -1: chronological)."""
     out = []
-    for key in _progress(keys, f"embedding {len(keys)} concatenations", len(keys)):
+    for key in progress(keys, f"embedding {len(keys)} concatenations", len(keys)):
         recs = _orders(groups[key], order, seed, key)
 
         def compute(recs: list[Recording] = recs) -> np.ndarray:
-            wav = np.concatenate([load_audio(r.path, backend.sample_rate) for r in recs])
+            wav = np.concatenate([load_recording(r, backend.sample_rate, channel) for r in recs])
             meter.start()
             emb = backend.embed(wav, backend.sample_rate)
             meter.stop(len(wav) / backend.sample_rate)
             return emb
 
         fingerprint = "|".join(file_fingerprint(r.path) for r in recs)
-        out.append(cache.get_or_compute(f"concat|{backend.sample_rate}|{fingerprint}", compute))
+        key = f"concat|{backend.sample_rate}|{fingerprint}{channel_key(channel)}"
+        out.append(cache.get_or_compute(key, compute))
     return np.stack(out)
 
 
@@ -169,6 +134,26 @@ def _verification(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float, float
     return e, thr, dcf, dcf_thr
 
 
+def pair_eer_ci(
+    b_ids: list[str], d_ids: list[str], scores: np.ndarray, labels: np.ndarray, resamples: int, seed: int
+) -> tuple[float, float] | None:
+    """Bootstrap 95% interval of the pairs' EER over infants: a resample draws infants with replacement;
+    a pair counts (multiplicity of its B infant) x (multiplicity of its D infant) times, a same-infant
+    pair once per draw of the infant (never two copies of one infant as an impostor pair)."""
+    if not resamples or scores.size == 0:
+        return None
+    codes, n = infant_codes(list(b_ids) + list(d_ids))
+    cb, cd = codes[: len(b_ids)], codes[len(b_ids) :]
+    pos, neg = labels == 1, labels == 0
+    same = cb == cd
+
+    def stat(counts: np.ndarray) -> float | None:
+        w = np.where(same, counts[cb], counts[cb] * counts[cd])
+        return weighted_eer(scores[pos], scores[neg], w[pos], w[neg])
+
+    return bootstrap_ci(n, stat, resamples, seed)
+
+
 def pair_protocol(
     data: CryCelebSet,
     split: str,
@@ -177,6 +162,7 @@ def pair_protocol(
     cache: EmbeddingCache,
     meter: Throughput,
     options: EvalOptions,
+    channel: WardChannel | None = None,
 ) -> PairReport:
     """The paper's protocol on ``pairs`` (see the module docstring)."""
     groups = data.groups(split)
@@ -196,16 +182,18 @@ def pair_protocol(
             )
         data.check_audio(options.cohort)
         cohort = l2_normalize(
-            concatenation_embeddings(cohort_groups, list(cohort_groups), backend, cache, meter)
+            concatenation_embeddings(
+                cohort_groups, list(cohort_groups), backend, cache, meter, channel=channel
+            )
         )
     orders = [-1] if options.tta == 1 else list(range(options.tta))
     total = np.zeros(len(pairs), dtype=np.float64)
     for order in orders:
         emb_b = l2_normalize(
-            concatenation_embeddings(groups, b_keys, backend, cache, meter, order, options.seed)
+            concatenation_embeddings(groups, b_keys, backend, cache, meter, order, options.seed, channel)
         )
         emb_d = l2_normalize(
-            concatenation_embeddings(groups, d_keys, backend, cache, meter, order, options.seed)
+            concatenation_embeddings(groups, d_keys, backend, cache, meter, order, options.seed, channel)
         )
         # float32 cosines, as the notebook's torch.nn.CosineSimilarity(...).item(), then float64
         raw = np.einsum("ij,ij->i", emb_b[ib], emb_d[id_]).astype(np.float32).astype(np.float64)
@@ -215,7 +203,18 @@ def pair_protocol(
     scores = total / len(orders)
     labels = [p.label for p in pairs]
     has_labels = all(lab is not None for lab in labels)
-    result = dict.fromkeys(("eer", "threshold", "min_dcf", "min_dcf_threshold", "eer_channel_matched"))
+    result = dict.fromkeys(
+        (
+            "eer",
+            "threshold",
+            "min_dcf",
+            "min_dcf_threshold",
+            "eer_channel_matched",
+            "eer_ci",
+            "eer_channel_matched_ci",
+        )
+    )
+    b_ids, d_ids = [p.baby_id_b for p in pairs], [p.baby_id_d for p in pairs]
     matched_n = None
     positives = None
     if has_labels:
@@ -227,7 +226,13 @@ def pair_protocol(
                 f"{split}_pairs.csv: EER needs both positive and negative pairs (has {positives} positive "
                 f"of {len(pairs)}); use the full B x D pairs file"
             )
-        result.update(eer=ver[0], threshold=ver[1], min_dcf=ver[2], min_dcf_threshold=ver[3])
+        result.update(
+            eer=ver[0],
+            threshold=ver[1],
+            min_dcf=ver[2],
+            min_dcf_threshold=ver[3],
+            eer_ci=pair_eer_ci(b_ids, d_ids, scores, lab, options.bootstrap, options.seed),
+        )
         if data.channels is not None:
             matched = np.array(
                 [
@@ -239,6 +244,16 @@ def pair_protocol(
             matched_n = int(matched.sum())
             ver_m = _verification(scores[matched & (lab == 1)], scores[matched & (lab == 0)])
             result["eer_channel_matched"] = None if ver_m is None else ver_m[0]
+            if ver_m is not None:
+                m = np.flatnonzero(matched)
+                result["eer_channel_matched_ci"] = pair_eer_ci(
+                    [b_ids[i] for i in m],
+                    [d_ids[i] for i in m],
+                    scores[m],
+                    lab[m],
+                    options.bootstrap,
+                    options.seed,
+                )
     return PairReport(
         pairs=len(pairs),
         positive_pairs=positives,
@@ -254,109 +269,6 @@ def pair_protocol(
     )
 
 
-def file_expiration_embeddings(
-    rec: Recording,
-    backend: EmbeddingBackend,
-    segmenter: SegmenterSettings,
-    cache: EmbeddingCache,
-    meter: Throughput,
-) -> np.ndarray:
-    """(n, dim) embeddings of the expirations the segmenter finds in one file (n may be 0)."""
-    from cryid.models.pipeline import embed_expirations
-
-    def compute() -> np.ndarray:
-        wav = load_audio(rec.path, backend.sample_rate)
-        meter.start()
-        embedded = embed_expirations(wav, segmenter, backend)  # type: ignore[arg-type]
-        meter.stop(len(wav) / backend.sample_rate)
-        if not embedded:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.stack([e.embedding for e in embedded])
-
-    key = f"expirations|{segmenter.model_dump_json()}|{file_fingerprint(rec.path)}"
-    return cache.get_or_compute(key, compute)
-
-
-def ward_protocol(
-    data: CryCelebSet,
-    split: str,
-    backend: EmbeddingBackend,
-    segmenter: SegmenterSettings,
-    cache: EmbeddingCache,
-    meter: Throughput,
-) -> WardReport:
-    """Enroll each baby from its B files, identify each D file (see the module docstring)."""
-    groups = data.groups(split)
-    recs = [r for key in groups for r in groups[key]]
-    per_file = {
-        r.file_id: file_expiration_embeddings(r, backend, segmenter, cache, meter)
-        for r in _progress(recs, f"segmenting and embedding {len(recs)} files", len(recs))
-    }
-    babies_b = sorted({b for b, p in groups if p == "B"})
-    enrolled, centroids, not_enrolled = [], [], []
-    for baby in babies_b:
-        embs = [per_file[r.file_id] for r in groups[(baby, "B")] if per_file[r.file_id].shape[0] > 0]
-        if embs:
-            enrolled.append(baby)
-            centroids.append(centroid(np.concatenate(embs)))
-        else:
-            not_enrolled.append(baby)
-    if not enrolled:
-        raise CryCelebError(
-            f"{split}: the segmenter found no expiration in any B file; nobody could be enrolled"
-        )
-    column = {b: i for i, b in enumerate(enrolled)}
-    queries, truth, silent = [], [], 0
-    for (baby, period), files in groups.items():
-        if period != "D":
-            continue
-        for r in files:
-            emb = per_file[r.file_id]
-            if emb.shape[0] == 0:
-                silent += 1
-                continue
-            queries.append(centroid(emb))
-            truth.append(column.get(baby, -1))
-    if not queries:
-        raise CryCelebError(f"{split}: no D file with an expiration; the ward protocol needs D recordings")
-    scores = cosine_matrix(np.stack(queries), np.stack(centroids)).astype(np.float64)
-    truth_arr = np.array(truth)
-    known = truth_arr >= 0
-    target_mask = np.zeros_like(scores, dtype=bool)
-    target_mask[np.flatnonzero(known), truth_arr[known]] = True
-    targets, nontargets = scores[target_mask], scores[~target_mask]
-    top1 = top5 = ward_eer = None
-    if known.any():
-        ident = identification_rates(scores[known], truth_arr[known])
-        top1, top5 = ident.top1, ident.top5
-        if nontargets.size:
-            ward_eer = eer(targets, nontargets)[0]
-    else:
-        logger.warning(
-            "%s: no D file belongs to an enrolled baby (B and D ids differ?); no identification", split
-        )
-    return WardReport(
-        top1=top1,
-        top5=top5,
-        eer=ward_eer,
-        enrolled=len(enrolled),
-        queries=int(known.sum()),
-        unenrolled_queries=int((~known).sum()),
-        b_files_without_expirations=sum(
-            1
-            for (_, period), files in groups.items()
-            if period == "B"
-            for r in files
-            if per_file[r.file_id].size == 0
-        ),
-        d_files_without_expirations=silent,
-        babies_not_enrolled=not_enrolled,
-        pooling=POOLING,
-        target_scores=[float(s) for s in targets],
-        nontarget_scores=[float(s) for s in nontargets],
-    )
-
-
 @dataclass(frozen=True)
 class EvalReport:
     """Everything ``cryid eval`` measured; ``to_json`` gives the ``--json`` document."""
@@ -368,6 +280,7 @@ class EvalReport:
     model_sha256: str
     pairs: PairReport | None
     ward: WardReport | None
+    ward_channel: str | None
     throughput: dict[str, dict[str, float | int | None]]
     cache: dict[str, Any]
 
@@ -378,6 +291,7 @@ class EvalReport:
             "backend": self.backend,
             "model": self.model,
             "model_sha256": self.model_sha256,
+            "ward_channel": self.ward_channel,
         }
         if self.pairs is not None:
             pr = {
@@ -403,7 +317,11 @@ def run_evaluation(
     segmenter: SegmenterSettings,
     cache_dir: Path | None,
 ) -> EvalReport:
-    """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries)."""
+    (
+        """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries).
+    The ward protocol decides with the backend's calibration (``backend.manifest.calibration``), if any."""
+        ""
+    )
     data = load_cryceleb(data_dir)
     if not data.split_recordings(options.split):
         raise CryCelebError(
@@ -412,12 +330,18 @@ def run_evaluation(
     pairs = data.read_pairs(options.split) if options.protocol in ("pairs", "both") else None
     data.check_audio(options.split)
     cache = EmbeddingCache(cache_dir, backend.sha256)
+    channel = None if options.ward_channel is None else WardChannel(options.ward_channel, backend.sample_rate)
+    calibration = getattr(getattr(backend, "manifest", None), "calibration", None)
     meters = {"pairs": Throughput(), "ward": Throughput()}
     pair_report = ward_report = None
     if pairs is not None:
-        pair_report = pair_protocol(data, options.split, pairs, backend, cache, meters["pairs"], options)
+        pair_report = pair_protocol(
+            data, options.split, pairs, backend, cache, meters["pairs"], options, channel
+        )
     if options.protocol in ("ward", "both"):
-        ward_report = ward_protocol(data, options.split, backend, segmenter, cache, meters["ward"])
+        ward_report = ward_protocol(
+            data, options.split, backend, segmenter, cache, meters["ward"], options, calibration, channel
+        )
     return EvalReport(
         data=str(data.root),
         split=options.split,
@@ -426,6 +350,7 @@ def run_evaluation(
         model_sha256=backend.sha256,
         pairs=pair_report,
         ward=ward_report,
+        ward_channel=None if channel is None else channel.describe(),
         throughput={k: m.as_dict() for k, m in meters.items() if m.items},
         cache={
             "dir": None if cache.root is None else str(cache.root),

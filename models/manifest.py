@@ -16,13 +16,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cryid.models.calibration import Calibration
+from cryid.models.errors import CryidError
 
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
 FORMAT_VERSION = 1
 
 
-class ModelError(ValueError):
+class ModelError(CryidError):
     """A model directory or source that cryid cannot use; the message names the problem and the fix."""
 
 

@@ -7,12 +7,15 @@ backend are the paper's figures. ``tests/test_metrics.py`` proves the equality o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from cryid.models.errors import CryidError
 
-class MetricError(ValueError):
+
+class MetricError(CryidError):
     """Scores that no metric can be computed from (empty, NaN, wrong shape)."""
 
 
@@ -113,3 +116,67 @@ def identification_rates(scores: np.ndarray, true_index: np.ndarray) -> Identifi
     return Identification(
         top1=float(np.mean(rank < 1)), top5=float(np.mean(rank < 5)), queries=int(s.shape[0])
     )
+
+
+# bootstrap over infants ---------------------------------------------------------------------------
+def weighted_eer(
+    positive_scores: np.ndarray,
+    negative_scores: np.ndarray,
+    positive_weights: np.ndarray,
+    negative_weights: np.ndarray,
+) -> float | None:
+    """EER of weighted scores (a resample's multiplicities), vectorised for the bootstrap.
+
+    Same candidate thresholds as :func:`eer` (unique scores and midpoints); the threshold where
+    ``|FAR - FRR|`` is smallest. With unit weights it agrees with :func:`eer` up to speechbrain's
+    float32 tie-breaking. None when either side has no weight.
+    """
+    pos, neg = np.asarray(positive_scores, np.float64), np.asarray(negative_scores, np.float64)
+    wp, wn = np.asarray(positive_weights, np.float64), np.asarray(negative_weights, np.float64)
+    keep_p, keep_n = wp > 0, wn > 0
+    pos, wp, neg, wn = pos[keep_p], wp[keep_p], neg[keep_n], wn[keep_n]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    thresholds = _candidate_thresholds(pos, neg)
+    op, on = np.argsort(pos, kind="stable"), np.argsort(neg, kind="stable")
+    cp = np.concatenate([[0.0], np.cumsum(wp[op])])
+    cn = np.concatenate([[0.0], np.cumsum(wn[on])])
+    frr = cp[np.searchsorted(pos[op], thresholds, side="right")] / cp[-1]
+    far = 1.0 - cn[np.searchsorted(neg[on], thresholds, side="right")] / cn[-1]
+    i = int(np.argmin(np.abs(far - frr)))
+    return float((far[i] + frr[i]) / 2)
+
+
+def bootstrap_ci(
+    n_infants: int,
+    statistic: Callable[[np.ndarray], float | None],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile interval of ``statistic(counts)`` over ``resamples`` resamples of the infants.
+
+    ``counts[i]`` is how often infant ``i`` (0..n_infants-1) was drawn, with replacement; the statistic
+    weighs each infant's data by it. Resamples where the statistic is undefined (None or NaN) are
+    dropped; None when fewer than half are defined or there are fewer than two infants.
+    """
+    if n_infants < 2 or resamples < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        counts = np.bincount(rng.integers(0, n_infants, n_infants), minlength=n_infants)
+        v = statistic(counts.astype(np.float64))
+        if v is not None and np.isfinite(v):
+            values.append(v)
+    if len(values) < resamples / 2:
+        return None
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def infant_codes(infants: list[str] | np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer code of each row's infant (for :func:`bootstrap_ci` weights) and the number of infants."""
+    uniq, codes = np.unique(np.asarray(infants, dtype=str), return_inverse=True)
+    return codes.astype(np.int64), int(uniq.size)

@@ -103,3 +103,18 @@ class ReferenceSet:
             w = self.confirmed_weight
             s = np.where(self._has, w * (self._confirmed @ q) + (1.0 - w) * s, s)
         return s.astype(np.float32)
+
+    def score_matrix(self, queries: np.ndarray) -> np.ndarray:
+        """Scores of many embeddings (rows) against every baby: shape (n_queries, len(ids))."""
+        q = l2_normalize(np.atleast_2d(np.asarray(queries, np.float32)))
+        if not self.ids:
+            return np.zeros((q.shape[0], 0), np.float32)
+        if q.shape[1] != self._birth.shape[1]:
+            raise ValueError(
+                f"embeddings have {q.shape[1]} dimensions but the references have {self._birth.shape[1]}"
+            )
+        s = q @ self._birth.T
+        if self._has.any():
+            w = self.confirmed_weight
+            s = np.where(self._has[None, :], w * (q @ self._confirmed.T) + (1.0 - w) * s, s)
+        return s.astype(np.float32)

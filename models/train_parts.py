@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from cryid.models.audio import SAMPLE_RATE, load_audio
+from cryid.models.errors import CryidError
 
 N_MELS = 80
 
 
-class TrainError(ValueError):
+class TrainError(CryidError):
     """Training cannot start or continue (bad data, mismatching resume state, unknown device)."""
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cryid.daemon.config import Settings, load_settings
-from cryid.daemon.events import CryEvent
+from cryid.daemon.events import SCHEMA_VERSION, CryEvent
 
 
 def _run(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,6 +110,30 @@ def test_schema_prints_the_payload_schemas() -> None:
         "stream_offset_s",
         "n_expirations",
         "model_sha256",
+        "confidence",
+        "candidates",
+        "n_candidates",
     ):
         assert key in event["properties"]
+    assert SCHEMA_VERSION == 2 and event["properties"]["schema_version"]["default"] == 2
+    candidate = schemas["<prefix>/baby/<baby_id> and <prefix>/unknown"]["$defs"]["CandidateOut"]
+    assert set(candidate["properties"]) == {"baby_id", "score", "probability"}
+    assert event["properties"]["candidates"]["maxItems"] == 3
     assert "queue_depth" in schemas["<prefix>/stats"]["properties"]
+
+
+def test_identifier_thresholds_in_config_check(tmp_path: Path) -> None:
+    """min_confidence is a setting; the expert overrides are unset (commented) by default and can be set."""
+    done = _run("config", "check")
+    assert done.returncode == 0, done.stderr
+    assert "# min_score = (unset)" in done.stdout and "# min_margin = (unset)" in done.stdout
+    tomllib = pytest.importorskip("tomllib")
+    assert tomllib.loads(done.stdout)["identifier"]["min_confidence"] == Settings().identifier.min_confidence
+    done = _run(
+        "config", "check", "--json",
+        env_extra={"CRYID_IDENTIFIER__MIN_CONFIDENCE": "0.97", "CRYID_IDENTIFIER__MIN_SCORE": "0.4"},
+    )
+    ident = json.loads(done.stdout)["identifier"]
+    assert ident["min_confidence"] == 0.97 and ident["min_score"] == 0.4 and ident["min_margin"] is None
+    bad = _run("config", "check", env_extra={"CRYID_IDENTIFIER__MIN_CONFIDENCE": "1.5"})
+    assert bad.returncode == 2 and "identifier.min_confidence:" in bad.stderr

@@ -181,9 +181,10 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.room == "nursery"
     assert settings.mqtt.username == "cryid-nursery"
     assert settings.mqtt.password_file == Path("mqtt-password")
-    # The ACL grants this PC's user exactly its room's topics.
+    # The ACL grants this PC's user exactly its room's topics (tests/test_mosquitto_acl.py checks them).
     acl = (DEPLOY / "mosquitto" / "acl").read_text()
-    assert f"user {settings.mqtt.username}\ntopic write cryid/{settings.room}/#" in acl
+    assert f"user {settings.mqtt.username}\ntopic write cryid/{settings.room}/status\n" in acl
+    assert f"topic read cryid/{settings.room}/cmd/#\n" in acl
 
 
 def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:

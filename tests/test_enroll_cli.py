@@ -82,7 +82,7 @@ def ward(cryid, enrolled_state: Path):
 def test_add_show_list_update_remove(cryid, dac_dir: Path, shipped_model_dir: Path) -> None:
     rc, out, err = cryid("enroll", "add", "dac0018", *files(dac_dir, "dac0018")[:2], "--name", "Baby A")
     assert rc == 0, err
-    assert out.startswith("enrolled dac0018: 2 recording(s), ") and "s of cry in" in out
+    assert out.startswith("enrolled dac0018: 2 recordings, ") and "s of cry in" in out
     rc, out, err = cryid("enroll", "add", "dac0059", *files(dac_dir, "dac0059"))
     assert rc == 0, err
 
@@ -95,7 +95,7 @@ def test_add_show_list_update_remove(cryid, dac_dir: Path, shipped_model_dir: Pa
 
     d_file = files(dac_dir, "dac0018", "D")[0]
     rc, out, _ = cryid("enroll", "update", "dac0018", d_file, "--period", "discharge")
-    assert rc == 0 and out.startswith("updated dac0018: 1 recording(s)")
+    assert rc == 0 and out.startswith("updated dac0018: 1 recording,")
     rc, out, _ = cryid("enroll", "show", "dac0018", "--json")
     report = json.loads(out)
     assert [s["period"] for s in report["samples"]] == ["birth", "birth", "discharge"]
@@ -127,7 +127,7 @@ def test_replace_and_confusable_warning(ward, monkeypatch: pytest.MonkeyPatch, d
     monkeypatch.setenv("CRYID_REGISTRY__CONFUSABLE_SIMILARITY", "-1.0")  # every other baby is "too close"
     rc, out, err = ward("enroll", "add", "dac0059", files(dac_dir, "dac0059")[0], "--replace")
     assert rc == 0, err
-    assert out.startswith("re-enrolled dac0059: 1 recording(s)")
+    assert out.startswith("re-enrolled dac0059: 1 recording,")
     assert "cryid: warning: dac0059 is" in err and "similar to dac0018" in err and "may confuse them" in err
 
 
@@ -256,7 +256,7 @@ def test_record_from_microphone(cryid, monkeypatch: pytest.MonkeyPatch, dac_dir:
     rc, out, err = cryid("enroll", "record", "dac0018", "--seconds", "7", "--device", "3")
     assert rc == 0, err
     assert calls == {"frames": 7 * 16000, "samplerate": 16000, "channels": 1, "device": 3}
-    assert out.startswith("enrolled dac0018: 1 recording(s)")
+    assert out.startswith("enrolled dac0018: 1 recording,")
     rc, out, _ = cryid("enroll", "show", "dac0018", "--json")
     (sample,) = json.loads(out)["samples"]
     assert sample["source_kind"] == "mic" and sample["has_audio"] is False
@@ -297,7 +297,7 @@ def test_model_change_reembed_from_kept_audio(
 
     rc, out, err = ward("enroll", "reembed")
     assert rc == 0, err
-    assert out.startswith(f"re-embedded 2 recording(s) of 1 babies for model {new_sha[:12]}")
+    assert out.startswith(f"re-embedded 2 recordings of 1 baby for model {new_sha[:12]}")
     assert "these babies need re-enrollment: dac0059" in err
 
     with Registry.open(ward.state_dir, RegistrySettings()) as reg:

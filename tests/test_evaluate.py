@@ -296,3 +296,81 @@ def test_shipped_model_beats_the_references_on_donateacry_dev(
     assert doc["pairs"] == 900 and doc["eer"] < 0.164
     assert doc["eer_channel_matched"] <= 0.267
     assert doc["identification"]["top1"] > 0.233
+
+
+def test_ward_rooms_confirmations_and_intervals(
+    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """--room-size/--rooms/--confirm through the CLI: query counts follow from the rooms, the intervals
+    hold their figures, and an uncalibrated model reports no decisions."""
+    out_json = state / "rooms.json"
+    args = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir),
+            "--cache-dir", str(cache_dir), "--protocol", "ward", "--json", str(out_json)]  # fmt: skip
+    code, out, err = _eval(capsys, *args, "--room-size", "4", "--rooms", "10", "--confirm", "1")
+    assert code == 0, err
+    ident = json.loads(out_json.read_text())["identification"]
+    assert ident["rooms"] == {"size": 4, "strangers": 1, "count": 10, "seed": 0}
+    # 8 babies with 2 D files each: per room 3 enrolled keep 1 query each, the stranger 2
+    assert ident["queries"] == 30 and ident["unenrolled_queries"] == 20 and ident["confirm"] == 1
+    assert ident["top1"] >= 0.9 and ident["top1_ci"][0] <= ident["top1"] <= ident["top1_ci"][1]
+    assert ident["calibrated"] is False and ident["coverage"] is None and "no calibration" in out
+    assert "in 10 seeded rooms of 4 babies (3 enrolled, 1 strangers" in out and "%]" in out
+    code, _, err = _eval(capsys, *args, "--room-size", "9")
+    assert code == 2 and "only 8 infants" in err and err.count("\n") == 1
+    code, _, err = _eval(capsys, *args, "--room-size", "4", "--room-strangers", "4")
+    assert code == 2 and "cannot hold 4 strangers" in err and err.count("\n") == 1
+
+
+def _f0_only_set(root: Path, n_babies: int = 6) -> Path:
+    """Babies that differ only in F0 (same formants, same recording), B and D two files each."""
+    import soundfile as sf
+
+    from tests.fixtures.cryceleb import SR, _recording
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for k in range(n_babies):
+        baby = f"{k:04d}"
+        for period in ("B", "D"):
+            for idx in range(2):
+                wav = _recording(rng, 280.0 + 60.0 * k, (1200.0, 2800.0), n_cries=2)
+                name = f"audio/dev/{baby}/{period}/{baby}_{period}_{idx:03d}.wav"
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                sf.write(root / name, wav, SR, subtype="PCM_16")
+                rows.append([baby, period, f"{len(wav) / SR:.2f}", "dev", f"{idx:03d}", name,
+                             f"{baby}_{period}_{idx:03d}"])  # fmt: skip
+    with open(root / "metadata.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["baby_id", "period", "duration", "split", "chronological_index", "file_name", "file_id"])
+        w.writerows(rows)
+    babies = [f"{k:04d}" for k in range(n_babies)]
+    with open(root / "dev_pairs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["baby_id_B", "baby_id_D", "id", "label"])
+        w.writerows([b, d, f"{b}B_{d}D", int(b == d)] for b in babies for d in babies)
+    return root
+
+
+def test_ward_channel_keeps_f0_only_babies_apart(
+    onnx_model_dir: Path, state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("pyroomacoustics", reason="pyroomacoustics (the `train` extra) is not installed")
+    root = _f0_only_set(tmp_path / "f0")
+    cache = tmp_path / "cache"
+    docs = {}
+    for name, extra in {"clean": [], "ward": ["--ward-channel", "3"], "again": ["--ward-channel", "3"],
+                        "other": ["--ward-channel", "4"]}.items():  # fmt: skip
+        out_json = tmp_path / f"{name}.json"
+        code, out, err = _eval(capsys, "--data", str(root), "--split", "dev", "--model", str(onnx_model_dir),
+                               "--cache-dir", str(cache), "--json", str(out_json), *extra)  # fmt: skip
+        assert code == 0, err
+        docs[name] = json.loads(out_json.read_text())
+        docs[name]["out"] = out
+    ward = docs["ward"]
+    assert ward["ward_channel"].startswith("ward channel 3: room")
+    assert "simulated ward channel 3" in ward["out"]
+    assert ward["eer"] <= 0.2 and ward["identification"]["top1"] >= 0.7, (ward["eer"], ward["identification"])
+    assert docs["again"]["cache"]["misses"] == 0  # the channel is part of the cache key, and seeded
+    assert docs["again"]["eer"] == ward["eer"]
+    assert docs["other"]["cache"]["misses"] > 0 and docs["clean"]["ward_channel"] is None

@@ -1,4 +1,8 @@
-"""The identifier stage: decisions, runner-up and margin, episodes, payload conversion."""
+"""The identifier stage: calibrated decisions, expert overrides, the uncalibrated fallback, runner-up and
+margin, candidates, episodes (and their embeddings), payload conversion.
+
+The calibration is fitted with ``fit_calibration`` on generated rooms of 2-8 babies in the same 64-d
+space as the test babies (noisy cries of enrolled babies and cries of babies nobody enrolled)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ import numpy as np
 import pytest
 
 from cryid.daemon.config import IdentifierSettings
-from cryid.daemon.events import CryEvent
+from cryid.daemon.events import SCHEMA_VERSION, CryEvent
 from cryid.daemon.identifier import Identifier
+from cryid.models.calibration import Calibration, fit_calibration
 from cryid.models.pipeline import EmbeddedExpiration
+from cryid.models.scoring import ReferenceSet, l2_normalize
 from cryid.models.segmenter import Expiration
 
 SR = 16000
@@ -33,6 +39,43 @@ def _noisy(baby: str, noise: float) -> np.ndarray:
 
 def _ident(**kw: float) -> Identifier:
     return Identifier(IdentifierSettings(min_score=0.6, min_margin=0.1, **kw), dict(BASIS), SR)
+
+
+def _fit_calibration(seed: int = 11) -> Calibration:
+    """Rooms of 2-8 babies who sound alike to a varying degree (a shared component: cosines between
+    babies of 0 to about 0.9); a quarter of the cries come from a baby nobody enrolled."""
+    rng = np.random.default_rng(seed)
+    best, margin, n_cands, correct, rows, truth = [], [], [], [], [], []
+    for _ in range(1500):
+        n = int(rng.integers(2, 9))
+        shared = float(rng.uniform(0.0, 3.0)) * l2_normalize(rng.normal(size=64))
+        voices = l2_normalize(rng.normal(size=(n + 1, 64))) + shared
+        refs = ReferenceSet({f"b{i}": v for i, v in enumerate(voices[:n])})
+        stranger = rng.random() < 0.25
+        k = int(rng.integers(n))
+        base = voices[n] if stranger else voices[k]
+        q = l2_normalize(base) + float(rng.uniform(0.5, 3.0)) * rng.normal(size=64) / 8.0
+        sc = refs.scores(q)
+        order = np.argsort(-sc)
+        best.append(float(sc[order[0]]))
+        margin.append(float(sc[order[0]] - sc[order[1]]))
+        n_cands.append(n)
+        correct.append((not stranger) and int(order[0]) == k)
+        if not stranger:
+            rows.append(sc)
+            truth.append(k)
+    return fit_calibration(
+        np.array(best), np.array(margin), np.array(n_cands), np.array(correct), rows, truth,
+        data="generated rooms (tests/test_identifier.py)",
+    )
+
+
+CAL = _fit_calibration()
+
+
+def _calibrated(babies: dict[str, np.ndarray] | None = None, **kw: float | None) -> Identifier:
+    settings = IdentifierSettings(**kw)  # type: ignore[arg-type]
+    return Identifier(settings, dict(BASIS if babies is None else babies), SR, calibration=CAL)
 
 
 def test_identifies_the_right_baby_with_runner_up_and_margin() -> None:
@@ -149,3 +192,138 @@ def test_event_payload_has_the_contract_fields_in_utc() -> None:
     assert data["ended_at"] == "2024-05-01T08:00:13.250000Z"
     assert data["runner_up"]["baby_id"] in {"ben", "cy"}
     assert CryEvent.model_validate_json(ev.to_json()) == ev
+
+
+# calibrated decisions ---------------------------------------------------------------------------
+def test_fixture_calibration_is_sensible() -> None:
+    """More similar and more separated is more likely right."""
+    assert CAL.confidence(0.9, 0.5, 3) > CAL.confidence(0.5, 0.1, 3)
+    assert CAL.confidence(0.7, 0.5, 3) > CAL.confidence(0.7, 0.05, 3)
+
+
+def test_calibrated_decision_names_a_clear_cry_with_its_confidence_and_candidates() -> None:
+    ident = _calibrated(min_confidence=0.9)
+    r = ident.process(_item(1.0, 0.8, _noisy("ben", 0.3)))[0]
+    m = r.match
+    assert m.decision == "identified" and m.baby_id == "ben"
+    assert m.n_candidates == 3
+    assert m.confidence == CAL.confidence(m.score, m.margin, 3) and m.confidence >= 0.9
+    assert m.candidates[0].baby_id == "ben" and len(m.candidates) == 3
+    assert m.candidates[0].probability == m.confidence
+    assert sum(c.probability for c in m.candidates) == pytest.approx(1.0, abs=1e-9)
+    ev = json.loads(r.to_event(datetime.now(timezone.utc), SR, "ab" * 32, "ward1").to_json())
+    assert ev["schema_version"] == SCHEMA_VERSION == 2
+    assert ev["confidence"] == round(m.confidence, 5) and ev["n_candidates"] == 3
+    assert [c["baby_id"] for c in ev["candidates"]] == [c.baby_id for c in m.candidates]
+    assert all(set(c) == {"baby_id", "score", "probability"} for c in ev["candidates"])
+
+
+def test_min_confidence_boundary_is_inclusive() -> None:
+    """Named at exactly min_confidence, not named just above it (>=, not >)."""
+    q = _noisy("cy", 1.0)
+    conf = _calibrated().match(q).confidence
+    assert conf is not None and 0.0 < conf < 1.0
+    at = _calibrated(min_confidence=conf).match(q)
+    above = _calibrated(min_confidence=float(np.nextafter(conf, 2.0))).match(q)
+    assert at.decision == "identified" and at.baby_id == "cy"
+    assert above.decision == "unknown" and above.baby_id is None and above.best_baby_id == "cy"
+
+
+@pytest.mark.parametrize("override", ["min_score", "min_margin"])
+def test_expert_overrides_must_also_be_met_inclusively(override: str) -> None:
+    q = _noisy("ada", 0.5)
+    m = _calibrated(min_confidence=1e-6).match(q)
+    value = m.score if override == "min_score" else m.margin
+    assert _calibrated(min_confidence=1e-6, **{override: value}).match(q).decision == "identified"
+    above = float(np.nextafter(value, 2.0))
+    assert _calibrated(min_confidence=1e-6, **{override: above}).match(q).decision == "unknown"
+    # the override does not replace the confidence: a high min_confidence still refuses
+    lenient = -0.5 if override == "min_score" else 0.0
+    strict = _calibrated(min_confidence=float(np.nextafter(m.confidence, 2.0)), **{override: lenient})
+    assert strict.match(q).decision == "unknown"
+
+
+def test_unknown_cry_still_lists_the_likeliest_candidates() -> None:
+    """A cry between two babies is not named, but the nurse hears "probably ada or ben"."""
+    ident = _calibrated(min_confidence=0.9)
+    r = ident.process(_item(0.0, 0.6, BASIS["ada"] + BASIS["ben"]))[0]
+    m = r.match
+    assert m.decision == "unknown" and m.confidence is not None and m.confidence < 0.9
+    assert {c.baby_id for c in m.candidates[:2]} == {"ada", "ben"}
+    ev = r.to_event(datetime.now(timezone.utc), SR, "ab" * 32, "ward1")
+    assert ev.baby_id is None and {c.baby_id for c in ev.candidates[:2]} == {"ada", "ben"}
+    assert all(c.probability is not None for c in ev.candidates)
+
+
+def test_confidence_accounts_for_the_number_of_candidates() -> None:
+    """The room's candidate count goes into the calibration: with a map that is less sure in bigger rooms
+    (negative log-count weight), the same best score and margin give a lower confidence among 8 babies."""
+    cal = Calibration(coef=(8.0, 6.0, -1.5), intercept=-2.0)
+    rng = np.random.default_rng(3)
+    far = {f"x{i}": -(BASIS["ada"] + 0.1 * v / 8) for i, v in enumerate(rng.normal(size=(6, 64)))}
+    q = _noisy("ada", 1.0)
+    two = {"ada": BASIS["ada"], "ben": BASIS["ben"]}
+    small = Identifier(IdentifierSettings(), two, SR, calibration=cal).match(q)
+    big = Identifier(IdentifierSettings(), {**two, **far}, SR, calibration=cal).match(q)
+    assert (small.n_candidates, big.n_candidates) == (2, 8)
+    assert (small.score, small.margin) == (big.score, big.margin)  # the far babies change neither
+    assert small.confidence == cal.confidence(small.score, small.margin, 2)
+    assert big.confidence == cal.confidence(big.score, big.margin, 8)
+    assert big.confidence < small.confidence
+    for ident in (_calibrated(two), _calibrated({**two, **far})):  # the fitted map gets the count too
+        m = ident.match(q)
+        assert m.confidence == CAL.confidence(m.score, m.margin, m.n_candidates)
+
+
+def test_provisional_decisions_use_the_whole_episode_so_far() -> None:
+    """Second expiration: scored on the re-normalised mean of both, not on the last one alone."""
+    ident = _calibrated(min_confidence=0.9)
+    first = ident.process(_item(0.0, 0.7, BASIS["ada"]))[0]
+    second = ident.process(_item(1.0, 0.7, BASIS["ben"]))[0]
+    assert first.match.baby_id == "ada" and second.episode_id == first.episode_id
+    pooled = l2_normalize(BASIS["ada"] + BASIS["ben"])
+    want = {b: float(np.dot(pooled, v)) for b, v in BASIS.items()}
+    got = {c.baby_id: c.score for c in second.match.candidates}
+    assert got == pytest.approx(want, abs=1e-5)
+    assert second.match.score < 0.9  # the last expiration alone would score 1.0 for ben
+    assert second.match.decision == "unknown"  # ada and ben are equally likely: nobody is named
+
+
+def test_episode_result_carries_its_expiration_embeddings() -> None:
+    ident = _calibrated()
+    vecs = [_noisy("ben", 0.5) for _ in range(3)]
+    for i, v in enumerate(vecs):
+        ident.process(_item(i * 1.0, 0.7, v))
+    (ep,) = ident.flush()
+    assert ep.kind == "episode" and ep.embeddings is not None
+    assert ep.embeddings.dtype == np.float32 and ep.embeddings.shape == (3, 64)
+    np.testing.assert_allclose(ep.embeddings, l2_normalize(np.stack(vecs)), atol=1e-6)
+    provisional = _calibrated().process(_item(0.0, 0.7, vecs[0]))[0]
+    assert provisional.embeddings is None
+
+
+# uncalibrated models ----------------------------------------------------------------------------
+def test_uncalibrated_model_decides_on_fallback_thresholds_without_confidence() -> None:
+    q = _noisy("ben", 0.5)
+    probe = Identifier(IdentifierSettings(), dict(BASIS), SR).match(q)
+    assert probe.confidence is None and all(c.probability is None for c in probe.candidates)
+    assert probe.candidates[0].baby_id == "ben"
+    at = IdentifierSettings(fallback_min_score=probe.score, fallback_min_margin=probe.margin)
+    assert Identifier(at, dict(BASIS), SR).match(q).decision == "identified"
+    above = IdentifierSettings(fallback_min_score=float(np.nextafter(probe.score, 2.0)))
+    assert Identifier(above, dict(BASIS), SR).match(q).decision == "unknown"
+    # min_score, when set, replaces the fallback (and min_confidence is not used without calibration)
+    low = IdentifierSettings(min_score=-1.0, min_margin=0.0, fallback_min_score=1.0, min_confidence=1.0)
+    assert Identifier(low, dict(BASIS), SR).match(q).decision == "identified"
+    ev = Identifier(IdentifierSettings(), dict(BASIS), SR).process(_item(0.0, 0.5, q))[0].to_event(
+        datetime.now(timezone.utc), SR, "ab" * 32, "ward1"
+    )
+    assert ev.confidence is None and ev.candidates[0].probability is None
+
+
+def test_settings_defaults_and_bounds() -> None:
+    s = IdentifierSettings()
+    assert s.min_score is None and s.min_margin is None and 0.0 < s.min_confidence <= 1.0
+    for bad in ({"min_confidence": 0.0}, {"min_confidence": 1.5}, {"min_score": 2.0}, {"min_margin": -0.1}):
+        with pytest.raises(ValueError):
+            IdentifierSettings(**bad)  # type: ignore[arg-type]

@@ -76,3 +76,36 @@ def test_identification_rates() -> None:
     assert result.top5 == pytest.approx(2 / 3)
     with pytest.raises(MetricError, match="not among"):
         identification_rates(scores, np.array([0, 1, 7]))
+
+
+def test_weighted_eer_matches_eer_with_unit_weights_and_repetition() -> None:
+    from cryid.models.metrics import weighted_eer
+
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        pos, neg = rng.normal(1, 1, 40), rng.normal(0, 1, 300)
+        assert abs(weighted_eer(pos, neg, np.ones(40), np.ones(300)) - eer(pos, neg)[0]) <= 1 / 40
+        wp, wn = rng.integers(0, 3, 40), rng.integers(0, 3, 300)
+        got = weighted_eer(pos, neg, wp, wn)
+        assert got == pytest.approx(weighted_eer(np.repeat(pos, wp), np.repeat(neg, wn), np.ones(wp.sum()),
+                                                 np.ones(wn.sum())))  # fmt: skip
+    assert weighted_eer(np.array([1.0]), np.array([0.0]), np.zeros(1), np.ones(1)) is None
+
+
+def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_infants() -> None:
+    from cryid.models.metrics import bootstrap_ci
+
+    widths = []
+    for n in (20, 500):
+        rng = np.random.default_rng(n)
+        per_infant = rng.uniform(size=n) < 0.3  # each infant right or wrong
+
+        def rate(counts: np.ndarray, x: np.ndarray = per_infant) -> float:
+            return float(np.sum(counts * x) / np.sum(counts))
+
+        lo, hi = bootstrap_ci(n, rate, 1000, seed=1)
+        assert lo <= per_infant.mean() <= hi
+        assert bootstrap_ci(n, rate, 1000, seed=1) == (lo, hi)  # seeded
+        widths.append(hi - lo)
+    assert widths[1] < 0.35 * widths[0]
+    assert bootstrap_ci(1, lambda c: 0.0) is None

@@ -97,7 +97,7 @@ def ward_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WardBroker
             pytest.skip(f"{tool} is not installed (apt-get install openssl mosquitto; .ci/run does it)")
     d = tmp_path_factory.mktemp("ward-broker")
     make_certificates(d)
-    passwords = {"dashboard": uuid.uuid4().hex, DAEMON_USER: uuid.uuid4().hex}
+    passwords = {"dashboard": uuid.uuid4().hex, DAEMON_USER: uuid.uuid4().hex, "nurse": uuid.uuid4().hex}
     (d / "passwd").write_text("")
     for user, pw in passwords.items():
         subprocess.run(["mosquitto_passwd", "-b", str(d / "passwd"), user, pw], check=True)
@@ -226,7 +226,7 @@ def test_daemon_can_publish_its_room_only_and_read_nothing(client: Callable[...,
     # mosquitto 2.0 grants every SUBACK and applies the read ACL when it delivers; the PUBACK of a
     # publish comes after the deliveries it causes (and after the retained messages of an earlier
     # subscribe), so "nothing before the PUBACK" means nothing was delivered.
-    retained = f"cryid/{ROOM}/acl-test"
+    retained = f"cryid/{ROOM}/status/acl-test"  # a topic it may write (it reads only its room's cmd/#)
     daemon = client(DAEMON_USER)
     assert daemon.connected().value == 0
     try:
@@ -253,7 +253,8 @@ def _event(room: str, baby_id: str) -> Any:
     return CryEvent(
         event_id=str(uuid.uuid4()), episode_id=str(uuid.uuid4()), kind="episode", decision="identified",
         baby_id=baby_id, best_baby_id=baby_id, score=0.71, runner_up={"baby_id": "0002", "score": 0.42},
-        margin=0.29, started_at=now, ended_at=now, stream_offset_s=12.5, duration_s=0.0, n_expirations=3,
+        margin=0.29, confidence=0.97, candidates=[{"baby_id": baby_id, "score": 0.71, "probability": 0.97}],
+        n_candidates=2, started_at=now, ended_at=now, stream_offset_s=12.5, duration_s=0.0, n_expirations=3,
         level_dbfs=-21.0, model_sha256="0" * 64, room=room,
     )
 
@@ -281,7 +282,9 @@ def test_daemon_events_arrive_over_tls_and_websockets(
     settings = Settings(state_dir=tmp_path / "state")
     assert settings.mqtt.username == DAEMON_USER and settings.room == ROOM
 
-    browser = client("dashboard", port=ward_broker.ws_port, transport="websockets")
+    # the browser signs in as the nurse: with client id = user name, a second `dashboard` login (the
+    # mosquitto_sub below) would take over its session
+    browser = client("nurse", port=ward_broker.ws_port, transport="websockets")
     assert browser.connected().value == 0
     assert [rc.value for rc in browser.subscribe(f"cryid/{ROOM}/#")] == [1]
 
@@ -321,3 +324,125 @@ def test_daemon_events_arrive_over_tls_and_websockets(
     assert json.loads(ws_payload)["event_id"] == event.event_id
     log = (ward_broker.workdir / "mosquitto.log").read_text()
     assert re.search(rf"New client connected .* as cryid-{ROOM} .*u'{DAEMON_USER}'", log), log[-2000:]
+
+
+def test_only_the_nurse_may_send_commands(client: Callable[..., Client]) -> None:
+    """cmd/confirm|reject|undo: the nurse may publish them (any room), nobody else; the daemon user reads
+    its own room's commands only and answers on cmd/result, which the nurse cannot forge."""
+    nurse, dash, daemon = client("nurse"), client("dashboard"), client(DAEMON_USER)
+    assert [c.connected().value for c in (nurse, dash, daemon)] == [0, 0, 0]
+    daemon.subscribe(f"cryid/{ROOM}/cmd/#", "cryid/other-room/cmd/#")
+    nurse.subscribe(f"cryid/{ROOM}/cmd/result")
+    cmd = f"cryid/{ROOM}/cmd/confirm"
+    assert dash.publish(cmd, '{"request_id": "d"}').value == 135  # the dashboard: read-only
+    assert daemon.publish(cmd, '{"request_id": "x"}').value == 135  # a daemon cannot command itself
+    assert nurse.publish(f"cryid/{ROOM}/cmd/result", '{"ok": true}').value == 135  # no forged answers
+    assert nurse.publish(f"cryid/{ROOM}/baby/0001", "{}").value == 135  # no forged events
+    assert nurse.publish("cryid/other-room/cmd/reject", '{"request_id": "o"}').value == 0
+    for verb in ("confirm", "reject", "undo"):
+        assert nurse.publish(f"cryid/{ROOM}/cmd/{verb}", f'{{"request_id": "{verb}"}}').value == 0
+    assert not daemon.publish(f"cryid/{ROOM}/cmd/result", '{"request_id": "undo"}').is_failure
+    nurse.wait(lambda: len(nurse.messages) >= 1, "the daemon's answer")
+    assert nurse.messages == [(f"cryid/{ROOM}/cmd/result", b'{"request_id": "undo"}')]
+    # delivered before its own PUBACK: its room's 3 commands (and its own answer), not the other room's
+    verbs = ("confirm", "reject", "undo", "result")
+    assert [t for t, _ in daemon.messages] == [f"cryid/{ROOM}/cmd/{v}" for v in verbs]
+
+
+def test_nurse_confirms_over_the_ward_broker_and_the_daemon_answers(
+    ward_broker: WardBroker, client: Callable[..., Client], tmp_path: Path, dac_dir: Path
+) -> None:
+    """The daemon as deployed (its user, TLS, the shipped ACL) with real cries kept as episodes: the
+    nurse's confirm, reject and undo are applied and answered; the dashboard's and anonymous ones never
+    reach it; bad commands are answered ok=false and leave the registry unchanged."""
+    from cryid.daemon.config import MqttSettings, Settings
+    from cryid.daemon.feedback import MAX_COMMAND_BYTES
+    from cryid.enrollment.registry import Registry
+    from cryid.models.config import DEFAULT_MODEL_DIR
+    from cryid.models.embedder import Embedder
+    from tests.fixtures.ward import PipedDaemon, enroll_room, files, keep, registry_dump
+
+    state = tmp_path / "state"
+    embedder = Embedder(DEFAULT_MODEL_DIR)
+    with Registry.open(state) as reg:
+        a, b = enroll_room(reg, embedder, dac_dir, ROOM, n=2)
+        ep_a, ep_b = (keep(reg, embedder, files(dac_dir, x, "D")[0], ROOM, named=b) for x in (a, b))
+        ep_nicu = keep(reg, embedder, files(dac_dir, a, "D")[0], "nicu")
+    creds = tmp_path / "mqtt-password"
+    creds.write_text(ward_broker.passwords[DAEMON_USER])
+    settings = Settings(
+        room=ROOM, state_dir=state, model=DEFAULT_MODEL_DIR,
+        mqtt=MqttSettings(host="127.0.0.1", port=ward_broker.tls_port, tls=True, ca_file=ward_broker.ca_file,
+                          username=DAEMON_USER, password_file=creds, reconnect_min_s=0.2),
+    )
+    nurse, dash, anon = client("nurse"), client("dashboard"), client(None)
+    assert nurse.connected().value == 0 and dash.connected().value == 0 and anon.connected().value == 135
+    nurse.subscribe(f"cryid/{ROOM}/cmd/result", f"cryid/{ROOM}/status")
+    daemon = PipedDaemon(settings)
+    path = state / settings.registry.filename
+    try:
+        nurse.wait(lambda: (f"cryid/{ROOM}/status", b"online") in nurse.messages, "the daemon online")
+
+        def ask(who: Client, verb: str, doc: dict[str, object]) -> dict[str, object] | None:
+            """Publish a command as ``who``: the daemon's answer, or None if the broker refused it."""
+            rid = uuid.uuid4().hex
+            body = json.dumps({"request_id": rid, **doc})
+            if who.publish(f"cryid/{ROOM}/cmd/{verb}", body).is_failure:
+                return None
+            key = rid if len(body) <= MAX_COMMAND_BYTES else None  # an oversized payload is not read
+
+            def answers() -> list[dict[str, object]]:
+                docs = [json.loads(p) for t, p in nurse.messages if t.endswith("/cmd/result")]
+                return [d for d in docs if d["request_id"] == key]
+
+            nurse.wait(lambda: bool(answers()), "an answer")
+            return answers()[-1]
+
+        before = registry_dump(path)
+        assert ask(dash, "confirm", {"episode_id": ep_a, "baby_id": a}) is None  # PUBACK 135
+        anon_pub = anon.c.publish(f"cryid/{ROOM}/cmd/confirm", "{}", qos=1)
+        assert anon_pub.rc != 0  # never connected: nothing can be sent
+        bad = [
+            ("confirm", {"episode_id": ep_nicu, "baby_id": a}, "heard in room 'nicu'"),
+            ("confirm", {"episode_id": str(uuid.uuid4()), "baby_id": a}, "not in the registry"),
+            ("confirm", {"episode_id": ep_a, "baby_id": "nobody"}, "not enrolled"),
+            ("confirm", {"episode_id": ep_a, "baby_id": a, "n": 1}, "malformed"),
+            ("confirm", {"episode_id": ep_a, "baby_id": a, "by": "x" * 5000}, "byte limit"),
+        ]
+        for verb, doc, expect in bad:
+            got = ask(nurse, verb, doc)
+            assert got is not None and got["ok"] is False and expect in str(got["error"]), (doc, got)
+        assert registry_dump(path) == before
+        ok = ask(nurse, "confirm", {"episode_id": ep_a, "baby_id": a, "by": "Nurse Joy"})
+        assert ok is not None and ok["ok"] is True and ok["baby_id"] == a, ok
+        dup = ask(nurse, "confirm", {"episode_id": ep_a, "baby_id": a})
+        assert dup is not None and dup["ok"] is False and "already confirmed" in str(dup["error"])
+        rej = ask(nurse, "reject", {"episode_id": ep_b})
+        assert rej is not None and rej["ok"] is True and rej["baby_id"] == b, rej
+        undo = ask(nurse, "undo", {"confirmation_id": rej["confirmation_id"]})
+        assert undo is not None and undo["ok"] is True and undo["confirmation_id"] == rej["confirmation_id"]
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    with Registry.open(state) as reg:
+        got = [(f.kind, f.baby_id, f.created_by, f.via, f.live) for f in reg.feedback()]
+    assert got == [("confirm", a, "Nurse Joy", "mqtt", True), ("reject", b, "nurse", "mqtt", False)]
+
+
+def test_the_broker_drops_oversized_packets(client: Callable[..., Client]) -> None:
+    """mosquitto.conf's max_packet_size: a 70 kB command never reaches the daemon user; the sender is
+    disconnected (MQTT 5: reason 149, packet too large) and a normal command still goes through."""
+    daemon = client(DAEMON_USER)
+    assert daemon.connected().value == 0
+    daemon.subscribe(f"cryid/{ROOM}/cmd/#")
+    big = client("nurse")
+    assert big.connected().value == 0
+    gone = threading.Event()
+    big.c.on_disconnect = lambda _c, _u, _f, rc, _p: gone.set()
+    big.c.publish(f"cryid/{ROOM}/cmd/confirm", "x" * 70_000, qos=1)
+    assert gone.wait(10), "the broker kept a client that sent a 70 kB packet"
+    nurse = client("nurse")
+    assert nurse.connected().value == 0
+    assert nurse.publish(f"cryid/{ROOM}/cmd/confirm", "small").value == 0
+    daemon.wait(lambda: len(daemon.messages) >= 1, "the small command")
+    assert daemon.messages == [(f"cryid/{ROOM}/cmd/confirm", b"small")]

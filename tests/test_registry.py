@@ -1,4 +1,5 @@
-"""The SQLite registry on its own: schema, centroids per model, data_version across processes.
+"""The SQLite registry on its own: schema and migration, centroids and references per model and room,
+data_version across processes.
 
 The embeddings here are plain vectors written by the test (the registry stores whatever the embedder
 produced; the enrollment tests feed it real embeddings of real cries).
@@ -10,12 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cryid.enrollment import feedback
 from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.episodes import NewEpisode
 from cryid.enrollment.registry import (
     SCHEMA_VERSION,
     NewSample,
@@ -132,3 +137,81 @@ def test_data_version_sees_other_process_commit(tmp_path: Path) -> None:
         # own commits change it too
         _enroll(reg, "own", np.ones((1, 4)))
         assert reg.data_version() != after
+
+
+def test_migration_from_schema_1_keeps_babies_and_adds_episodes(tmp_path: Path) -> None:
+    """A registry made by the first release (schema 1) opens, migrates and keeps its babies."""
+    from cryid.enrollment.registry import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / RegistrySettings().filename)
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO infants VALUES ('old', '', 'nursery', 'active', '2026-01-01', '2026-01-01', NULL)"
+    )
+    db.commit()
+    db.close()
+    with Registry.open(tmp_path, RegistrySettings()) as reg:
+        assert reg.schema_version() == SCHEMA_VERSION == 2
+        assert [i.baby_id for i in reg.infants()] == ["old"]
+        assert reg.episodes() == [] and reg.feedback() == []
+        assert reg.integrity_check() == "ok"
+
+
+def _episode(vectors: np.ndarray, sha: str = SHA_A) -> NewEpisode:
+    t = datetime.now(timezone.utc)
+    return NewEpisode(str(uuid.uuid4()), "nursery", t, t, sha, "unknown", None, "a", "{}", vectors)
+
+
+def test_references_birth_and_confirmed_per_room_model_and_status(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    s = RegistrySettings()
+    with Registry.open(tmp_path, s) as reg:
+        va, vb, vc = rng.standard_normal((3, 4, 8))
+        _enroll(reg, "a", va)
+        _enroll(reg, "b", vb)
+        with reg.transaction() as conn:
+            Registry.insert_infant(conn, "c", "", "nicu")
+            Registry.insert_sample(conn, "c", _sample(vc))
+        e1, e2, e3 = (_episode(rng.standard_normal((3, 8)).astype(np.float32)) for _ in range(3))
+        e_other = _episode(rng.standard_normal((2, 8)).astype(np.float32), sha=SHA_B)
+        for e in (e1, e2, e3, e_other):
+            feedback.keep_episode(reg, e, s)
+        c1 = feedback.confirm(reg, e1.episode_id, "a", s, by="t")
+        feedback.confirm(reg, e2.episode_id, "a", s, by="t")
+        feedback.confirm(reg, e3.episode_id, "c", s, by="t")
+        feedback.confirm(reg, e_other.episode_id, "b", s, by="t")
+        birth, confirmed = reg.references(SHA_A, "nursery")
+        assert sorted(birth) == ["a", "b"] and sorted(confirmed) == ["a"]  # b's is for another model
+        assert np.allclose(birth["a"], centroid(va), atol=1e-6)
+        assert np.allclose(confirmed["a"], centroid(np.concatenate([e1.vectors, e2.vectors])), atol=1e-6)
+        assert sorted(reg.references(SHA_A, None)[1]) == ["a", "c"]
+        assert sorted(reg.references(SHA_A, "nicu")[1]) == ["c"]
+        feedback.undo(reg, c1.confirmation_id, by="t")  # a's confirmed reference is e2's alone
+        assert np.allclose(reg.references(SHA_A, "nursery")[1]["a"], centroid(e2.vectors), atol=1e-6)
+        with reg.transaction() as conn:
+            Registry.set_status(conn, "a", "discharged")
+        birth, confirmed = reg.references(SHA_A, "nursery")
+        assert sorted(birth) == ["b"] and confirmed == {}
+
+
+def test_keeping_episodes_does_not_bump_own_data_version_confirming_does(tmp_path: Path) -> None:
+    """The daemon keeps an episode every few seconds: that must not make it reload the references; a
+    confirmation must (from this connection, as over MQTT, and from another one, as the CLI)."""
+    from cryid.enrollment import feedback
+
+    s = RegistrySettings()
+    with Registry.open(tmp_path, s) as reg, Registry.open(tmp_path, s) as cli:
+        _enroll(reg, "a", np.ones((2, 8)))
+        e1, e2 = _episode(np.ones((2, 8), np.float32)), _episode(np.ones((2, 8), np.float32))
+        v0, c0 = reg.data_version(), cli.data_version()
+        feedback.keep_episode(reg, e1, s)
+        feedback.keep_episode(reg, e2, s)
+        assert reg.data_version() == v0
+        assert cli.data_version() != c0  # other connections do see the write
+        feedback.confirm(reg, e1.episode_id, "a", s, by="t")
+        v1 = reg.data_version()
+        assert v1 != v0
+        feedback.confirm(cli, e2.episode_id, "a", s, by="t")
+        assert reg.data_version() != v1

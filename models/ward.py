@@ -1,0 +1,300 @@
+"""Simulated ward rooms: who is enrolled, who cries, and what the daemon would decide.
+
+A room holds ``size`` babies drawn (seeded) from the split's infants with B and D recordings; all but
+``strangers`` of them are enrolled from their B (birth) files, as ``cryid enroll`` does. Every D file of
+the room's babies is a query, pooled like a daemon episode (``scoring.centroid`` of its expiration
+embeddings) and scored through ``scoring.ReferenceSet`` against the room's enrolled babies only. A
+stranger's cry can only be "unknown"; naming anyone for it is a wrong baby. With ``confirm`` K, K of
+each enrolled baby's D files are confirmed by a nurse (their embeddings form the baby's confirmed
+reference) and only its other D files are queries.
+
+Figures (all optionally weighted per query, which the infant bootstrap uses):
+- top-1 / top-5 among the enrolled, over the enrolled babies' queries;
+- at ``min_confidence`` (a query is named when the calibrated probability of its best candidate reaches
+  it): **coverage**, the share of enrolled babies' queries that get a name, and the **wrong-baby rate**,
+  the share of named queries whose name is not the crying baby (every named stranger counts);
+- the open-set EER of every (query, enrolled baby) score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from cryid.models.calibration import Calibration
+from cryid.models.errors import UsageError
+from cryid.models.metrics import eer, weighted_eer
+from cryid.models.scoring import ReferenceSet, centroid
+
+CURVE = tuple(round(float(x), 2) for x in np.arange(0.05, 0.991, 0.01))  # min_confidence grid
+
+
+def _seed_of(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+@dataclass(frozen=True)
+class WardData:
+    """A split's expiration embeddings as the ward sees them.
+
+    ``birth``: each baby whose B files hold an expiration -> its birth centroid (enrollment).
+    ``d_files``: each baby -> the expiration embeddings of each of its D files that holds one.
+    ``pool``: the babies with both B and D recordings (those rooms are drawn from), sorted.
+    """
+
+    birth: Mapping[str, np.ndarray]
+    d_files: Mapping[str, Sequence[np.ndarray]]
+    pool: tuple[str, ...]
+
+    @classmethod
+    def build(
+        cls, b_files: Mapping[str, Sequence[np.ndarray]], d_files: Mapping[str, Sequence[np.ndarray]]
+    ) -> WardData:
+        """From each baby's per-file expiration embeddings ((n, dim) arrays; n may be 0)."""
+        birth = {}
+        for baby, files in b_files.items():
+            embs = [e for e in files if e.shape[0] > 0]
+            if embs:
+                birth[baby] = centroid(np.concatenate(embs))
+        d = {baby: [e for e in files if e.shape[0] > 0] for baby, files in d_files.items()}
+        return cls(birth=birth, d_files=d, pool=tuple(sorted(set(b_files) & set(d_files))))
+
+
+@dataclass(frozen=True)
+class Room:
+    """The enrolled babies of a room and the others whose cries it hears."""
+
+    enrolled: tuple[str, ...]
+    strangers: tuple[str, ...]
+
+
+def whole_ward(data: WardData) -> list[Room]:
+    """One room: every baby with a birth reference enrolled, every other baby with D files a stranger."""
+    enrolled = tuple(sorted(data.birth))
+    return [Room(enrolled, tuple(sorted(set(data.d_files) - set(enrolled))))]
+
+
+def draw_rooms(data: WardData, size: int, strangers: int, count: int, seed: int) -> list[Room]:
+    """``count`` seeded rooms of ``size`` babies from ``data.pool``, the last ``strangers`` not enrolled.
+    A baby drawn for enrollment whose B files hold no expiration stays a stranger (as ``enroll`` refuses)."""
+    if not 1 <= size <= len(data.pool):
+        raise UsageError(
+            f"a room of {size} babies needs {size} infants with B and D recordings; "
+            f"the split has {len(data.pool)}"
+        )
+    if not 0 <= strangers < size:
+        raise UsageError(f"a room of {size} babies cannot hold {strangers} strangers; give fewer")
+    rng = np.random.default_rng(seed)
+    rooms = []
+    for _ in range(count):
+        babies = [data.pool[i] for i in rng.choice(len(data.pool), size, replace=False)]
+        chosen = babies[: size - strangers]
+        enrolled = tuple(b for b in chosen if b in data.birth)
+        rooms.append(Room(enrolled, tuple(b for b in babies if b not in enrolled)))
+    return rooms
+
+
+@dataclass(frozen=True)
+class RoomQueries:
+    """Every scored query of a set of rooms, one row each."""
+
+    infant: np.ndarray  # true baby id (str)
+    room: np.ndarray  # room index
+    enrolled: np.ndarray  # bool: the crying baby is enrolled in the room
+    true_index: np.ndarray  # column of the crying baby in its row's scores; -1 for a stranger
+    best: np.ndarray  # best score
+    margin: np.ndarray  # best minus runner-up (0 with one candidate)
+    n_candidates: np.ndarray
+    scores: tuple[np.ndarray, ...]  # each row's scores against the room's enrolled babies
+
+    def __len__(self) -> int:
+        return int(self.infant.size)
+
+    @cached_property
+    def correct(self) -> np.ndarray:
+        """The best candidate is the crying baby (always false for a stranger)."""
+        top = np.array([int(np.argmax(s)) if s.size else -1 for s in self.scores], dtype=np.int64)
+        return self.enrolled & (top == self.true_index)
+
+    @cached_property
+    def rank(self) -> np.ndarray:
+        """Candidates scoring strictly above the crying baby (ties in its favour); -1 for a stranger."""
+        return np.array(
+            [
+                int((s > s[t]).sum()) if t >= 0 else -1
+                for s, t in zip(self.scores, self.true_index, strict=True)
+            ],
+            dtype=np.int64,
+        )
+
+    @cached_property
+    def targets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return _target_scores(self)
+
+    def subset(self, mask: np.ndarray) -> RoomQueries:
+        idx = np.flatnonzero(mask)
+        return RoomQueries(
+            self.infant[idx],
+            self.room[idx],
+            self.enrolled[idx],
+            self.true_index[idx],
+            self.best[idx],
+            self.margin[idx],
+            self.n_candidates[idx],
+            tuple(self.scores[i] for i in idx),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[RoomQueries]) -> RoomQueries:
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return RoomQueries(
+            cat("infant"),
+            cat("room"),
+            cat("enrolled"),
+            cat("true_index"),
+            cat("best"),
+            cat("margin"),
+            cat("n_candidates"),
+            tuple(s for p in parts for s in p.scores),
+        )
+
+
+def score_rooms(
+    data: WardData, rooms: Sequence[Room], confirm: int = 0, confirmed_weight: float = 0.75, seed: int = 0
+) -> RoomQueries:
+    """Score every query of every room (see the module docstring); confirmations are seeded per room."""
+    rows: dict[str, list] = {k: [] for k in ("infant", "room", "enrolled", "true_index", "scores")}
+    for r, room in enumerate(rooms):
+        if not room.enrolled:
+            continue
+        rng = np.random.default_rng([seed, confirm, r])
+        confirmed, held_out = {}, {}
+        for baby in room.enrolled:
+            files = data.d_files.get(baby, [])
+            pick = (
+                set(rng.choice(len(files), min(confirm, len(files)), replace=False).tolist())
+                if confirm and files
+                else set()
+            )
+            if pick:
+                confirmed[baby] = centroid(np.concatenate([files[i] for i in sorted(pick)]))
+            held_out[baby] = pick
+        refs = ReferenceSet({b: data.birth[b] for b in room.enrolled}, confirmed, confirmed_weight)
+        column = {b: i for i, b in enumerate(refs.ids)}
+        queries, truth = [], []
+        for baby in (*room.enrolled, *room.strangers):
+            for i, emb in enumerate(data.d_files.get(baby, [])):
+                if i not in held_out.get(baby, ()):
+                    queries.append(centroid(emb))
+                    truth.append(baby)
+        if not queries:
+            continue
+        matrix = refs.score_matrix(np.stack(queries)).astype(np.float64)
+        rows["infant"] += truth
+        rows["room"] += [r] * len(truth)
+        rows["enrolled"] += [b in column for b in truth]
+        rows["true_index"] += [column.get(b, -1) for b in truth]
+        rows["scores"] += list(matrix)
+    scores = tuple(rows["scores"])
+    ordered = [np.sort(s)[::-1] for s in scores]
+    best = np.array([o[0] for o in ordered], dtype=np.float64)
+    margin = np.array([o[0] - o[1] if o.size > 1 else 0.0 for o in ordered], dtype=np.float64)
+    return RoomQueries(
+        infant=np.array(rows["infant"], dtype=str),
+        room=np.array(rows["room"], dtype=np.int64),
+        enrolled=np.array(rows["enrolled"], dtype=bool),
+        true_index=np.array(rows["true_index"], dtype=np.int64),
+        best=best,
+        margin=margin,
+        n_candidates=np.array([s.size for s in scores], dtype=np.int64),
+        scores=scores,
+    )
+
+
+# figures --------------------------------------------------------------------------------------------
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def top_k(q: RoomQueries, k: int, weights: np.ndarray | None = None) -> float | None:
+    """Share of the enrolled babies' queries whose baby is among the ``k`` best candidates."""
+    w = np.ones(len(q)) if weights is None else weights
+    hit = (q.rank >= 0) & (q.rank < k)
+    return _ratio(float(np.sum(w * hit)), float(np.sum(w * q.enrolled)))
+
+
+def coverage(q: RoomQueries, named: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Share of the enrolled babies' queries that get a name."""
+    w = np.ones(len(q)) if weights is None else weights
+    return _ratio(float(np.sum(w * (named & q.enrolled))), float(np.sum(w * q.enrolled)))
+
+
+def wrong_rate(
+    q: RoomQueries, named: np.ndarray, weights: np.ndarray | None = None, correct: np.ndarray | None = None
+) -> float | None:
+    """Share of the named queries whose name is not the crying baby (a named stranger is wrong)."""
+    w = np.ones(len(q)) if weights is None else weights
+    ok = q.correct if correct is None else correct
+    return _ratio(float(np.sum(w * (named & ~ok))), float(np.sum(w * named)))
+
+
+def target_scores(q: RoomQueries) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of each query against its own baby and against the others, with each score's query row."""
+    return q.targets
+
+
+def _target_scores(q: RoomQueries) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    tgt, tgt_row, non, non_row = [], [], [], []
+    for i, (s, t) in enumerate(zip(q.scores, q.true_index, strict=True)):
+        mask = np.ones(s.size, dtype=bool)
+        if t >= 0:
+            tgt.append(s[t])
+            tgt_row.append(i)
+            mask[t] = False
+        non.extend(s[mask].tolist())
+        non_row.extend([i] * int(mask.sum()))
+    return (
+        np.array(tgt, np.float64),
+        np.array(tgt_row, np.int64),
+        np.array(non, np.float64),
+        np.array(non_row, np.int64),
+    )
+
+
+def open_set_eer(q: RoomQueries, weights: np.ndarray | None = None) -> float | None:
+    """EER of the (query, enrolled baby) scores: speechbrain's ``eer`` unweighted, else ``weighted_eer``."""
+    tgt, tgt_row, non, non_row = target_scores(q)
+    if tgt.size == 0 or non.size == 0:
+        return None
+    if weights is None:
+        return eer(tgt, non)[0]
+    return weighted_eer(tgt, non, weights[tgt_row], weights[non_row])
+
+
+def named_mask(q: RoomQueries, calibration: Calibration, min_confidence: float) -> np.ndarray:
+    """Queries the daemon would name: calibrated confidence of the best candidate >= ``min_confidence``."""
+    p = calibration.confidences(q.best, q.margin, q.n_candidates)
+    return (p >= min_confidence) & (q.n_candidates > 0)
+
+
+def operating_curve(q: RoomQueries, p: np.ndarray) -> list[dict[str, float | None]]:
+    """Coverage and wrong-baby rate at every ``CURVE`` min_confidence, for confidences ``p``."""
+    correct = q.correct
+    out = []
+    for t in CURVE:
+        named = p >= t
+        out.append(
+            {
+                "min_confidence": t,
+                "coverage": coverage(q, named),
+                "wrong_rate": wrong_rate(q, named, correct=correct),
+                "named": int(named.sum()),
+            }
+        )
+    return out
