@@ -167,9 +167,11 @@ def test_three_enrolled_babies_and_an_unknown_one(
         want = f"cryid/ward1/baby/{t.baby_id}" if t.baby_id else "cryid/ward1/unknown"
         assert ep["_topic"] == want
         assert ep["model_sha256"] and ep["room"] == "ward1" and ep["started_at"].endswith("Z")
-    for ex in expirations:  # every provisional event lies inside one bout and names its baby
+    for ex in expirations:  # every provisional event lies inside one bout, never names another baby, and
+        # ranks its own baby first (a single expiration may be too little to name it: calibrated confidence)
         t = next(t for t in truth if t.start_s - 0.2 <= ex["stream_offset_s"] <= t.end_s)
-        assert ex["baby_id"] == t.baby_id, ex
+        assert ex["baby_id"] in (None, t.baby_id), ex
+        assert t.baby_id is None or ex["best_baby_id"] == t.baby_id, ex
     assert len(expirations) >= 2 * len(truth)
     assert service.outbox.size() == 0
     status = [m.payload for m in sub.messages if m.topic == "cryid/ward1/status"]
