@@ -276,7 +276,7 @@ def test_enroll_record_captures_a_cry_from_the_virtual_mic(
     assert played.returncode == 0, played.stderr
     out, err = rec.communicate(timeout=120)
     assert rec.returncode == 0, err
-    assert out.startswith("enrolled live: 1 recording(s)"), out
+    assert out.startswith("enrolled live: 1 recording"), out
     added = subprocess.run(
         [*CRYID, "enroll", "add", "file", str(cry)],
         env=env | {"CRYID_STATE_DIR": str(tmp_path / "file")},
