@@ -37,7 +37,7 @@ MODULES: dict[str, list[str]] = {
     "models/segmenter.py": ["tests/test_segmenter.py"],
     "models/frontend.py": ["tests/test_frontend.py"],
     "daemon/identifier.py": ["tests/test_identifier.py", "tests/test_decisions_mutants.py"],
-    "daemon/outbox.py": ["tests/test_outbox.py", "tests/test_no_loss.py"],
+    "daemon/outbox.py": ["tests/test_outbox.py", "tests/test_mqtt.py", "tests/test_no_loss.py"],
     "daemon/mqtt.py": ["tests/test_mqtt.py", "tests/test_no_loss.py"],
     "enrollment/registry.py": ["tests/test_registry.py", "tests/test_enroll_import.py"],
     "enrollment/transfer.py": ["tests/test_enroll_import.py", "tests/test_enroll_cli.py"],
