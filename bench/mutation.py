@@ -37,10 +37,25 @@ MODULES: dict[str, list[str]] = {
     "models/segmenter.py": ["tests/test_segmenter.py"],
     "models/frontend.py": ["tests/test_frontend.py"],
     "daemon/identifier.py": ["tests/test_identifier.py", "tests/test_decisions_mutants.py"],
-    "daemon/outbox.py": ["tests/test_outbox.py", "tests/test_mqtt.py", "tests/test_no_loss.py"],
+    "daemon/outbox.py": [
+        "tests/test_outbox.py",
+        "tests/reliability/test_state_permissions.py",
+        "tests/test_mqtt.py",
+        "tests/test_no_loss.py",
+        "tests/reliability/test_cli_errors.py::test_damaged_outbox_is_moved_aside_and_the_daemon_starts",
+    ],
     "daemon/mqtt.py": ["tests/test_mqtt.py", "tests/test_no_loss.py"],
-    "enrollment/registry.py": ["tests/test_registry.py", "tests/test_enroll_import.py"],
-    "enrollment/transfer.py": ["tests/test_enroll_import.py", "tests/test_enroll_cli.py"],
+    "enrollment/registry.py": [
+        "tests/test_registry.py",
+        "tests/reliability/test_registry_replaced.py",
+        "tests/test_enroll_import.py",
+        "tests/reliability/test_cli_errors.py",
+    ],
+    "enrollment/transfer.py": [
+        "tests/test_enroll_import.py",
+        "tests/reliability/test_import_validation.py",
+        "tests/test_enroll_cli.py",
+    ],
 }
 PACKAGES = {"daemon": "daemon", "enrollment": "enrollment", "models": "models"}  # cryid.<name> -> folder
 
