@@ -421,7 +421,9 @@ def test_sighup_reloads_a_threshold_and_the_registry(
     log = LogTail(proc.stderr)
     log.start()
     try:
-        log.wait_for("listening (room ward1", proc)
+        sub.wait_for(
+            lambda m: any(x.topic == "cryid/ward1/status" and x.payload == b"online" for x in m), 120
+        )
         # 1. Before: ben's cry is identified under the default settings.
         proc.stdin.write(_pcm(nursery.room_noise(1.0, rng), nursery.bout(voices[1], 3.0, seed=301),
                               nursery.room_noise(8.0, rng)))  # fmt: skip
