@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # CRYID_* variables that are not settings fields but are read elsewhere (so not typos).
 OTHER_ENVIRONMENT = (
-    "CRYID_CONFIG", "CRYID_DEMO_DATA", "CRYID_TEST_CRASH_AT", "CRYID_TEST_DATA", "CRYID_FULL_PARITY"
+    "CRYID_CONFIG", "CRYID_DEMO_DATA", "CRYID_TEST_DATA", "CRYID_TEST_SHIPPED_SOURCE", "CRYID_FULL_PARITY"
 )
 
 DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "~/.local/state/cryid")).expanduser()

@@ -14,10 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +38,6 @@ PERIODS = ("birth", "discharge")
 SOURCE_KINDS = ("file", "mic", "import")
 STATUSES = ("active", "discharged")
 MAX_NAME_CHARS = 200
-CRASH_ENV = "CRYID_TEST_CRASH_AT"  # test hook: SIGKILL this process at a named point inside a write
 
 # Each entry migrates from version i to i + 1 (PRAGMA user_version); never edit a released entry.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -119,11 +117,14 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Test seam: cryid never sets this. The tests' own entry point (tests/crash_entry.py) installs a
+# callable that kills its process at a named point inside a write ("after-sample", "before-commit").
+crash_hook: Callable[[str], None] | None = None
+
+
 def _crash_point(name: str) -> None:
-    """Test hook: die like ``kill -9`` here when CRYID_TEST_CRASH_AT names this point."""
-    if os.environ.get(CRASH_ENV) == name:
-        logger.warning("test hook %s=%s: killing this process", CRASH_ENV, name)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if crash_hook is not None:
+        crash_hook(name)
 
 
 @dataclass(frozen=True)

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.broker",
     "tests.fixtures.cryceleb",
+    "tests.fixtures.silent_broker",
 ]

@@ -107,13 +107,15 @@ def test_int8_agrees_with_fp32(
     assert min(cos) >= 0.99
 
 
-def test_embedder_attributes(embedder: Embedder, onnx_model_dir: Path) -> None:
-    assert embedder.dim == 192 and embedder.sample_rate == 16000
-    assert embedder.sha256 == sha256_file(onnx_model_dir / ONNX_NAME) == embedder.manifest.onnx_sha256
+def test_embedder_attributes(shipped_model_dir: Path) -> None:
+    embedder = Embedder(shipped_model_dir)
+    dim = json.loads((shipped_model_dir / MANIFEST_NAME).read_text())["embedding_dim"]
+    assert embedder.dim == dim and embedder.sample_rate == 16000
+    assert embedder.sha256 == sha256_file(shipped_model_dir / ONNX_NAME) == embedder.manifest.onnx_sha256
     out = embedder.embed(np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1)
-    assert out.shape == (192,) and out.dtype == np.float32
+    assert out.shape == (dim,) and out.dtype == np.float32
     assert abs(float(np.linalg.norm(out)) - 1.0) > 1e-3  # not normalised
-    assert embedder.embed_batch([]).shape == (0, 192)
+    assert embedder.embed_batch([]).shape == (0, dim)
 
 
 def test_embedder_import_pulls_in_no_torch() -> None:
@@ -130,9 +132,9 @@ def test_embedder_import_pulls_in_no_torch() -> None:
 
 
 @pytest.fixture()
-def model_copy(small_onnx_model_dir: Path, tmp_path: Path) -> Path:
+def model_copy(shipped_model_dir: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "model"
-    shutil.copytree(small_onnx_model_dir, dst)
+    shutil.copytree(shipped_model_dir, dst)
     return dst
 
 
@@ -144,12 +146,12 @@ def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return err
 
 
-def test_cli_info_prints_manifest(small_onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cryid_main(["model", "info", str(small_onnx_model_dir)]) == 0
+def test_cli_info_prints_manifest(shipped_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cryid_main(["model", "info", str(shipped_model_dir)]) == 0
     out = capsys.readouterr().out
     assert "parity" in out and "verified" in out
-    assert cryid_main(["model", "info", str(small_onnx_model_dir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["embedding_dim"] == 192
+    assert cryid_main(["model", "info", str(shipped_model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["embedding_dim"] == Embedder(shipped_model_dir).dim == 80
 
 
 def test_missing_model_onnx(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,8 +189,8 @@ def test_missing_or_invalid_manifest(model_copy: Path, capsys: pytest.CaptureFix
     assert "no such model directory" in _cli_error(capsys, ["model", "info", str(model_copy / "nope")])
 
 
-def test_wrong_audio_is_refused(small_onnx_model_dir: Path) -> None:
-    emb = Embedder(small_onnx_model_dir, EmbedderSettings(warmup=False))
+def test_wrong_audio_is_refused(shipped_model_dir: Path) -> None:
+    emb = Embedder(shipped_model_dir, EmbedderSettings(warmup=False))
     wav = np.zeros(16000, dtype=np.float32)
     with pytest.raises(AudioError, match=r"audio at 8000 Hz, the model expects 16000 Hz"):
         emb.embed(wav, sample_rate=8000)

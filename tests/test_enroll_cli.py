@@ -36,11 +36,14 @@ def state_digest(state_dir: Path) -> dict[str, str]:
 
 @pytest.fixture
 def cryid(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, onnx_model_dir: Path
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    shipped_model_dir: Path,
 ):
     """Run ``cryid ARGS...`` in-process with its own state dir; returns (rc, stdout, stderr)."""
     monkeypatch.setenv("CRYID_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CRYID_MODEL", str(onnx_model_dir))
+    monkeypatch.setenv("CRYID_MODEL", str(shipped_model_dir))
     monkeypatch.delenv("CRYID_CONFIG", raising=False)
 
     def run(*args: str | Path) -> tuple[int, str, str]:
@@ -54,12 +57,12 @@ def cryid(
 
 
 @pytest.fixture(scope="module")
-def enrolled_state(tmp_path_factory: pytest.TempPathFactory, onnx_model_dir: Path, dac_dir: Path) -> Path:
+def enrolled_state(tmp_path_factory: pytest.TempPathFactory, shipped_model_dir: Path, dac_dir: Path) -> Path:
     """A registry with dac0018 (active, audio kept) and dac0059 (active), made once per module."""
     state = tmp_path_factory.mktemp("enrolled") / "state"
     mp = pytest.MonkeyPatch()
     mp.setenv("CRYID_STATE_DIR", str(state))
-    mp.setenv("CRYID_MODEL", str(onnx_model_dir))
+    mp.setenv("CRYID_MODEL", str(shipped_model_dir))
     try:
         a_files = [str(p) for p in files(dac_dir, "dac0018")[:2]]
         assert main(["enroll", "add", "dac0018", *a_files, "--keep-audio"]) == 0
@@ -76,7 +79,7 @@ def ward(cryid, enrolled_state: Path):
     return cryid
 
 
-def test_add_show_list_update_remove(cryid, dac_dir: Path, onnx_model_dir: Path) -> None:
+def test_add_show_list_update_remove(cryid, dac_dir: Path, shipped_model_dir: Path) -> None:
     rc, out, err = cryid("enroll", "add", "dac0018", *files(dac_dir, "dac0018")[:2], "--name", "Baby A")
     assert rc == 0, err
     assert out.startswith("enrolled dac0018: 2 recordings, ") and "s of cry in" in out
@@ -111,7 +114,7 @@ def test_add_show_list_update_remove(cryid, dac_dir: Path, onnx_model_dir: Path)
     assert any(line.startswith("dac0059") and "discharged" in line for line in out.splitlines())
 
     with Registry.open(cryid.state_dir, RegistrySettings()) as reg:
-        sha = hashlib.sha256((onnx_model_dir / "model.onnx").read_bytes()).hexdigest()
+        sha = hashlib.sha256((shipped_model_dir / "model.onnx").read_bytes()).hexdigest()
         assert set(reg.centroids(sha)) == {"dac0018"}  # a discharged baby is no longer matched
 
     rc, out, _ = cryid("enroll", "remove", "dac0059", "--purge")
@@ -260,26 +263,24 @@ def test_record_from_microphone(cryid, monkeypatch: pytest.MonkeyPatch, dac_dir:
 
 
 @pytest.fixture(scope="module")
-def other_model_dir(onnx_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fixture model saved again with another producer string: same function, another sha256,
-    which is all the registry knows of a model ("a model change")."""
-    onnx = pytest.importorskip("onnx")
+def other_model_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model saved again with one unknown protobuf field appended (field 1000 = 1, which ONNX
+    readers keep and ignore): same function, another sha256, which is all the registry knows of a
+    model ("a model change"). Byte-level, so the base install (no ``onnx`` package) runs it."""
     from cryid.models.manifest import load_manifest, sha256_file, write_manifest
 
     out = tmp_path_factory.mktemp("other-model") / "model"
     out.mkdir()
-    proto = onnx.load(str(onnx_model_dir / "model.onnx"))
-    proto.producer_name = "cryid-tests-model-change"
-    onnx.save(proto, str(out / "model.onnx"))
-    manifest = load_manifest(onnx_model_dir)
+    (out / "model.onnx").write_bytes((shipped_model_dir / "model.onnx").read_bytes() + b"\xc0\x3e\x01")
+    manifest = load_manifest(shipped_model_dir)
     write_manifest(manifest.model_copy(update={"onnx_sha256": sha256_file(out / "model.onnx")}), out)
     return out
 
 
 def test_model_change_reembed_from_kept_audio(
-    ward, monkeypatch: pytest.MonkeyPatch, onnx_model_dir: Path, other_model_dir: Path
+    ward, monkeypatch: pytest.MonkeyPatch, shipped_model_dir: Path, other_model_dir: Path
 ) -> None:
-    old_sha = hashlib.sha256((onnx_model_dir / "model.onnx").read_bytes()).hexdigest()
+    old_sha = hashlib.sha256((shipped_model_dir / "model.onnx").read_bytes()).hexdigest()
     new_sha = hashlib.sha256((other_model_dir / "model.onnx").read_bytes()).hexdigest()
     assert old_sha != new_sha
     monkeypatch.setenv("CRYID_MODEL", str(other_model_dir))

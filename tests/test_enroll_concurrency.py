@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 
 from cryid.enrollment.config import RegistrySettings
-from cryid.enrollment.registry import CRASH_ENV, Registry
+from cryid.enrollment.registry import Registry
 from cryid.models.manifest import load_manifest
+from tests.crash_entry import CRASH_MESSAGE
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def row_counts(reg: Registry) -> tuple[int, int]:
@@ -41,11 +43,15 @@ def env_for(state: Path, model: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start(
+    args: list[str], env: dict[str, str], log: Path, crash_at: str | None = None
+) -> subprocess.Popen[bytes]:
+    """``cryid -v ARGS`` in the background; with ``crash_at``, through tests/crash_entry.py."""
+    cmd = [*CRYID, "-v", *args]
+    if crash_at is not None:
+        cmd = [sys.executable, "-m", "tests.crash_entry", crash_at, "-v", *args]
     with open(log, "wb") as fh:
-        return subprocess.Popen(
-            [*CRYID, "-v", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], limit_s: float = 300.0) -> None:
@@ -88,11 +94,13 @@ class Reader(threading.Thread):
             self.reg.close()
 
 
-def test_two_enrollments_at_once_while_reading(tmp_path: Path, onnx_model_dir: Path, dac_dir: Path) -> None:
+def test_two_enrollments_at_once_while_reading(
+    tmp_path: Path, shipped_model_dir: Path, dac_dir: Path
+) -> None:
     state = tmp_path / "state"
-    sha = load_manifest(onnx_model_dir).onnx_sha256
+    sha = load_manifest(shipped_model_dir).onnx_sha256
     Registry.open(state, RegistrySettings()).close()
-    env = env_for(state, onnx_model_dir, CRYID_REGISTRY__BUSY_TIMEOUT_MS="300000")
+    env = env_for(state, shipped_model_dir, CRYID_REGISTRY__BUSY_TIMEOUT_MS="300000")
     reader = Reader(state, sha)
     reader.start()
     # Hold the write lock so that both enrollments reach their write and then contend for it.
@@ -126,11 +134,11 @@ def test_two_enrollments_at_once_while_reading(tmp_path: Path, onnx_model_dir: P
 
 @pytest.mark.parametrize("point", ["after-sample", "before-commit"])
 def test_kill_9_inside_enrollment_leaves_all_or_nothing(
-    tmp_path: Path, onnx_model_dir: Path, dac_dir: Path, point: str
+    tmp_path: Path, shipped_model_dir: Path, dac_dir: Path, point: str
 ) -> None:
     state = tmp_path / "state"
-    sha = load_manifest(onnx_model_dir).onnx_sha256
-    env = env_for(state, onnx_model_dir)
+    sha = load_manifest(shipped_model_dir).onnx_sha256
+    env = env_for(state, shipped_model_dir)
     ok = subprocess.run(
         [*CRYID, "enroll", "add", "dac0059", *files(dac_dir, "dac0059")],
         env=env, capture_output=True, text=True,
@@ -143,11 +151,12 @@ def test_kill_9_inside_enrollment_leaves_all_or_nothing(
     # Two files, so "after-sample" dies with one sample written and one still to come.
     crash = start(
         ["enroll", "add", "dac0018", *files(dac_dir, "dac0018")[:2]],
-        {**env, CRASH_ENV: point},
+        env,
         tmp_path / "crash.log",
+        crash_at=point,
     )
     assert crash.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "crash.log").read_text()
-    assert f"test hook {CRASH_ENV}={point}" in (tmp_path / "crash.log").read_text()
+    assert CRASH_MESSAGE.format(point=point) in (tmp_path / "crash.log").read_text()
 
     with Registry.open(state, RegistrySettings()) as reg:
         assert reg.integrity_check() == "ok"

@@ -8,6 +8,7 @@ random ECAPA weights separate them.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -42,13 +43,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_separable_set_reaches_low_eer_and_writes_every_output(
-    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, cache_dir: Path,
+    synthetic_cryceleb_dir: Path, shipped_model_dir: Path, state: Path, cache_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     out_json, plot, sub = state / "eval.json", state / "scores.png", state / "sub.csv"
-    args = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir)]
+    args = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(shipped_model_dir)]
     args += ["--cache-dir", str(cache_dir)]
-    outputs = ["--json", str(out_json), "--plot", str(plot), "--submission", str(sub)]
+    plotting = importlib.util.find_spec("matplotlib") is not None  # the `train` extra
+    outputs = ["--json", str(out_json), "--submission", str(sub)]
+    outputs += ["--plot", str(plot)] if plotting else []
     code, out, err = _eval(capsys, *args, *outputs)
     assert code == 0, err
     doc = json.loads(out_json.read_text())
@@ -62,7 +65,7 @@ def test_separable_set_reaches_low_eer_and_writes_every_output(
         assert 0.0 <= doc[key] <= 1.0
     assert "throughput (pairs, onnx)" in out and "s of audio per second" in out
     assert doc["throughput"]["pairs"]["audio_s_per_wall_s"] > 0
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plotting or plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.reader(sub.open()))
     assert rows[0] == ["id", "score"] and len(rows) == 65 and rows[1][0] == "0000B_0000D"
 
@@ -87,7 +90,7 @@ def test_separable_set_reaches_low_eer_and_writes_every_output(
             for d in babies:
                 w.writerow([b, d, f"{b}B_{d}D", int(d == babies[(i + 4) % 8])])
     code, _, err = _eval(
-        capsys, "--data", str(shuffled), "--split", "dev", "--model", str(onnx_model_dir),
+        capsys, "--data", str(shuffled), "--split", "dev", "--model", str(shipped_model_dir),
         "--protocol", "pairs", "--cache-dir", str(cache_dir), "--json", str(out_json),
     )  # fmt: skip
     assert code == 0, err
@@ -96,10 +99,10 @@ def test_separable_set_reaches_low_eer_and_writes_every_output(
 
 
 def test_tta_and_asnorm(
-    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, cache_dir: Path,
+    synthetic_cryceleb_dir: Path, shipped_model_dir: Path, state: Path, cache_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    base = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir)]
+    base = ["--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(shipped_model_dir)]
     base += ["--protocol", "pairs", "--cache-dir", str(cache_dir)]
     docs = {}
     for name, extra in {
@@ -122,14 +125,14 @@ def test_tta_and_asnorm(
 
 
 def test_concatenation_is_chronological_and_ward_uses_the_pipeline(
-    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, tmp_path: Path
+    synthetic_cryceleb_dir: Path, shipped_model_dir: Path, tmp_path: Path
 ) -> None:
     from cryid.models.embedder import Embedder
     from cryid.models.pipeline import embed_expirations
 
     data = load_cryceleb(synthetic_cryceleb_dir)
     groups = data.groups("dev")
-    embedder = Embedder(onnx_model_dir)
+    embedder = Embedder(shipped_model_dir)
     cache = EmbeddingCache(None, embedder.sha256)
     key = ("0003", "D")
     got = concatenation_embeddings(groups, [key], embedder, cache, Throughput())[0]
@@ -146,7 +149,7 @@ def test_concatenation_is_chronological_and_ward_uses_the_pipeline(
 
 
 def test_unlabelled_pairs_write_submission_and_skip_eer(
-    tmp_path: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, shipped_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tests.fixtures.cryceleb import make_cryceleb_set
 
@@ -156,8 +159,8 @@ def test_unlabelled_pairs_write_submission_and_skip_eer(
         csv.writer(fh).writerows([r[:3] for r in rows])
     sub, out_json = tmp_path / "sub.csv", tmp_path / "out.json"
     code, out, err = _eval(
-        capsys, "--data", str(root), "--split", "test", "--model", str(onnx_model_dir), "--protocol", "pairs",
-        "--no-cache", "--submission", str(sub), "--json", str(out_json),
+        capsys, "--data", str(root), "--split", "test", "--model", str(shipped_model_dir),
+        "--protocol", "pairs", "--no-cache", "--submission", str(sub), "--json", str(out_json),
     )  # fmt: skip
     assert code == 0, err
     assert "no label column: EER skipped" in out
@@ -170,7 +173,7 @@ def test_unlabelled_pairs_write_submission_and_skip_eer(
     "problem", ["missing_audio", "unknown_baby", "missing_column", "bad_tta", "no_folder"]
 )
 def test_bad_input_is_one_line_and_writes_nothing(
-    problem: str, tmp_path: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
+    problem: str, tmp_path: Path, shipped_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tests.fixtures.cryceleb import make_cryceleb_set
 
@@ -198,7 +201,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     elif problem == "no_folder":
         out_json = tmp_path / "nope" / "out.json"
     code, out, err = _eval(
-        capsys, "--data", str(root), "--split", "dev", "--model", str(onnx_model_dir), "--no-cache",
+        capsys, "--data", str(root), "--split", "dev", "--model", str(shipped_model_dir), "--no-cache",
         "--json", str(out_json), *extra,
     )  # fmt: skip
     assert code == 2
@@ -208,13 +211,13 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_plot_without_matplotlib_is_one_line_error(
-    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str],
+    synthetic_cryceleb_dir: Path, shipped_model_dir: Path, state: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     # matplotlib is installed here; hide it (None in sys.modules makes the import fail) to test the message
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     code, _, err = _eval(
-        capsys, "--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(onnx_model_dir),
+        capsys, "--data", str(synthetic_cryceleb_dir), "--split", "dev", "--model", str(shipped_model_dir),
         "--plot", str(state / "p.png"),
     )  # fmt: skip
     assert code == 2 and "--plot needs matplotlib" in err and err.count("\n") == 1
@@ -246,7 +249,7 @@ def test_onnx_and_speechbrain_agree_on_donateacry_dev(
 
 
 def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
-    synthetic_cryceleb_dir: Path, onnx_model_dir: Path, cache_dir: Path, tmp_path: Path
+    synthetic_cryceleb_dir: Path, shipped_model_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     """Both protocols with --model run without torch/speechbrain and without cryid.enrollment/daemon."""
     import subprocess
@@ -258,7 +261,7 @@ def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
         "from cryid.models.config import EmbedderSettings, SegmenterSettings\n"
         "from cryid.models.eval_backends import load_backend_for_eval\n"
         "from cryid.models.evaluate import EvalOptions, run_evaluation\n"
-        f"backend = load_backend_for_eval(Path({str(onnx_model_dir)!r}), None, EmbedderSettings())\n"
+        f"backend = load_backend_for_eval(Path({str(shipped_model_dir)!r}), None, EmbedderSettings())\n"
         f"data = Path({str(synthetic_cryceleb_dir)!r})\n"
         f"r = run_evaluation(data, EvalOptions(split='dev'), backend, 'onnx', 'm', SegmenterSettings(),\n"
         f"                   Path({str(cache_dir)!r}))\n"

@@ -81,3 +81,14 @@ def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(OutboxError, match="CRYID_STATE_DIR"):
         Outbox.open(blocker / "state")
+
+
+def test_a_state_dir_that_does_not_exist_yet_is_created(tmp_path: Path) -> None:
+    """A fresh install: CRYID_STATE_DIR and its parents do not exist; the first start creates them and
+    the events stored there are found again by the next start."""
+    state = tmp_path / "var" / "lib" / "cryid"
+    with Outbox.open(state) as ob:
+        ob.add("e1", "episode", "t", "{}")
+    assert (state / OutboxSettings().filename).is_file()
+    with Outbox.open(state) as ob:
+        assert ob.event_ids() == ["e1"] and ob.size() == 1

@@ -15,10 +15,10 @@ from tests.fixtures.data import dac_rows
 
 
 @pytest.fixture(scope="module")
-def embedder(onnx_model_dir: Path):  # type: ignore[no-untyped-def]
+def embedder(shipped_model_dir: Path):  # type: ignore[no-untyped-def]
     from cryid.models.embedder import Embedder
 
-    return Embedder(onnx_model_dir, EmbedderSettings(warmup=False))
+    return Embedder(shipped_model_dir, EmbedderSettings(warmup=False))
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
 """Round trip with a running daemon and real cries: enroll from B recordings, a D recording identifies
 the baby, ``remove`` makes the same recording come out ``unknown``; the daemon is never restarted.
 
-Everything is real: donateacry-cc cries, the ONNX fixture model, ``cryid run --source -`` as a
-subprocess, ``cryid enroll`` subprocesses, mosquitto. The fixture model has random weights (no trained
-model exists here) and separates real babies only by a small cosine margin, so the decision threshold
-is derived in the test from the same audio, pipeline and centroids (computed beforehand in a scratch
-registry): midway between the D recording's score against its own baby and its best score against
-the others. What the test checks is the registry-to-daemon path, not the model's accuracy.
+Everything is real: donateacry-cc cries, the shipped model (``models/default``, no torch needed),
+``cryid run --source -`` as a subprocess, ``cryid enroll`` subprocesses, mosquitto, and the daemon's
+default decision settings. The babies are chosen so that the shipped model separates them by far
+(the D recording scores about 0.8 against its own B centroid and below 0 against the others; the
+test checks that first, on the same audio, pipeline and centroids, in a scratch registry): what the
+test checks is the registry-to-daemon path, not the model's accuracy. The daemon must pick up the
+removal within the README's bound (``service.registry_poll_s``, 1 s by default) plus a tolerance for
+a loaded machine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cryid.daemon.config import Settings
 from cryid.enrollment import enroll
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import Registry
@@ -32,14 +34,16 @@ from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
 from tests.fixtures.broker import Broker, Subscriber
 from tests.fixtures.data import dac_rows
+from tests.fixtures.logtail import LogTail
 
 pytestmark = pytest.mark.slow
 
 SR = 16000
-TARGET = "dac0018"  # its D recording is closest to its own B centroid under the fixture model
-OTHERS = ["dac0059", "dac0084"]
+TARGET = "dac0126"  # shipped model: its D recording scores 0.78 against its own B centroid
+OTHERS = ["dac0059", "dac0084"]  # ... and below 0 against these two
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 EPISODE_GAP_S = 3.0  # IdentifierSettings.episode_gap_s default
+PICKUP_TOLERANCE_S = 2.0  # scheduling on a loaded CI machine, on top of service.registry_poll_s
 
 
 def files(dac_dir: Path, baby_id: str, period: str) -> list[str]:
@@ -55,34 +59,8 @@ def feed_audio(d_file: str) -> np.ndarray:
     return np.round(np.clip(wav, -1, 32767 / 32768) * 32768).astype("<i2").astype(np.float32) / 32768.0
 
 
-class LogTail(threading.Thread):
-    """Collects the daemon's stderr lines with their arrival time."""
-
-    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(daemon=True)
-        self.stream = stream
-        self.lines: list[tuple[float, str]] = []
-
-    def run(self) -> None:
-        for raw in self.stream:
-            self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
-
-    def wait_for(
-        self, text: str, proc: subprocess.Popen[bytes], after: int = 0, limit_s: float = 120
-    ) -> float:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            for t, line in self.lines[after:]:
-                if text in line:
-                    return t
-            if proc.poll() is not None:
-                pytest.fail(f"daemon exited ({proc.returncode}):\n" + "\n".join(x for _, x in self.lines))
-            time.sleep(0.02)
-        pytest.fail(f"daemon never logged {text!r}:\n" + "\n".join(x for _, x in self.lines[-30:]))
-
-
 def test_enroll_identify_remove_unknown_without_restart(
-    onnx_model_dir: Path,
+    shipped_model_dir: Path,
     dac_dir: Path,
     mosquitto: Broker,
     subscriber_factory: Callable[..., Subscriber],
@@ -90,23 +68,28 @@ def test_enroll_identify_remove_unknown_without_restart(
 ) -> None:
     babies = [TARGET, *OTHERS]
     seg = SegmenterSettings()
-    embedder = Embedder(onnx_model_dir)
+    embedder = Embedder(shipped_model_dir)
 
     # 1. Beforehand, in a scratch registry: the centroids enrollment will produce, and the D recording's
     #    episode embedding as the daemon will see it (same stream, same segmenter, same embedder).
     with Registry.open(tmp_path / "scratch", RegistrySettings()) as scratch:
         for b in babies:
             samples = enroll.prepare_files(
-                [Path(f) for f in files(dac_dir, b, "B")], period="birth", segmenter=seg,
-                embedder_factory=lambda: embedder, keep_audio=False,
+                [Path(f) for f in files(dac_dir, b, "B")],
+                period="birth",
+                segmenter=seg,
+                embedder_factory=lambda: embedder,
+                keep_audio=False,
             )
             enroll.add(scratch, b, samples, RegistrySettings(), room="ward1")
         cents = scratch.centroids(embedder.sha256)
     feed = feed_audio(files(dac_dir, TARGET, "D")[0])
     items = embed_expirations(np.concatenate([feed, feed]), seg, embedder)
     half = feed.size
-    groups = [[it for it in items if it.expiration.start_sample < half],
-              [it for it in items if it.expiration.start_sample >= half]]
+    groups = [
+        [it for it in items if it.expiration.start_sample < half],
+        [it for it in items if it.expiration.start_sample >= half],
+    ]
     for g in groups:
         starts = [it.expiration.start_sample for it in g]
         ends = [it.expiration.end_sample for it in g]
@@ -120,20 +103,20 @@ def test_enroll_identify_remove_unknown_without_restart(
     own, best_other = float(s1[ids.index(TARGET)]), float(max(s1[ids.index(b)] for b in OTHERS))
     s2 = cosine_matrix(ep[1], matrix)[0]
     after_removal = float(max(s2[ids.index(b)] for b in OTHERS))
-    assert own > max(best_other, after_removal), (
-        f"the fixture model no longer separates {TARGET}'s D recording (own {own:.4f}, others "
-        f"{best_other:.4f}); choose another baby in this test"
+    assert own > 0.7 and max(best_other, after_removal) < 0.2, (
+        f"the shipped model no longer separates {TARGET}'s D recording by far (own {own:.4f}, others "
+        f"{best_other:.4f}); choose other babies in this test"
     )
-    min_score = (own + max(best_other, after_removal)) / 2
-    min_margin = (own - best_other) / 2
 
     # 2. The daemon, started on an EMPTY registry.
     state = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
     env.update(
-        CRYID_ROOM="ward1", CRYID_STATE_DIR=str(state), CRYID_MODEL=str(onnx_model_dir),
-        CRYID_MQTT__HOST=mosquitto.host, CRYID_MQTT__PORT=str(mosquitto.port),
-        CRYID_IDENTIFIER__MIN_SCORE=f"{min_score:.6f}", CRYID_IDENTIFIER__MIN_MARGIN=f"{min_margin:.6f}",
+        CRYID_ROOM="ward1",
+        CRYID_STATE_DIR=str(state),
+        CRYID_MODEL=str(shipped_model_dir),
+        CRYID_MQTT__HOST=mosquitto.host,
+        CRYID_MQTT__PORT=str(mosquitto.port),
     )
     sub = subscriber_factory(mosquitto, "cryid/ward1/#")
     daemon = subprocess.Popen(
@@ -142,13 +125,17 @@ def test_enroll_identify_remove_unknown_without_restart(
     log = LogTail(daemon.stderr)
     log.start()
     try:
-        log.wait_for("cryid run: room ward1", daemon)
+        sub.wait_for(
+            lambda m: any(x.topic == "cryid/ward1/status" and x.payload == b"online" for x in m), 120
+        )
+        log.wait_for("0 babies", daemon)
         assert any("cryid run: room ward1" in x and "0 babies enrolled" in x for _, x in log.lines)
 
         # 3. Enroll from the B recordings with `cryid enroll add` while the daemon runs.
         for b in babies:
-            done = subprocess.run([*CRYID, "enroll", "add", b, *files(dac_dir, b, "B")], env=env,
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [*CRYID, "enroll", "add", b, *files(dac_dir, b, "B")], env=env, capture_output=True, text=True
+            )
             assert done.returncode == 0, done.stderr
         log.wait_for("registry: 3 babies enrolled", daemon)
         with Registry.open(state, RegistrySettings()) as reg:
@@ -173,10 +160,12 @@ def test_enroll_identify_remove_unknown_without_restart(
         returned = time.monotonic()
         assert done.returncode == 0, done.stderr
         seen = log.wait_for(f"removed {TARGET}", daemon, after=n_lines)
-        print(  # a figure for the report, not a timed assertion
+        poll_s = Settings().service.registry_poll_s
+        print(
             f"daemon logged the removal {seen - returned:+.2f} s after `cryid enroll remove` returned "
-            f"({seen - started:.2f} s after it started)"
+            f"({seen - started:.2f} s after it started; bound {poll_s} s)"
         )
+        assert seen - returned <= poll_s + PICKUP_TOLERANCE_S, "the removal was not picked up in time"
 
         # 6. ... and the same recording now comes out unknown.
         daemon.stdin.write(pcm)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -149,14 +151,57 @@ def test_wav_without_samples_and_directory_fail(tmp_path: Path) -> None:
         FileSource(tmp_path).open()
 
 
-def test_unreadable_file_fails(tmp_path: Path, cry_file: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can read files without read permission")
-    path = tmp_path / "locked.flac"
-    path.write_bytes(cry_file.read_bytes())
-    path.chmod(0)
-    with pytest.raises(AudioError, match="not a readable audio file"):
-        FileSource(path).open()
+def _open_as(user: str, path: Path) -> str:
+    """``FileSource(path).open()`` in a forked child that dropped to ``user`` (the test runs as root in
+    CI, and root reads any file): "ok", or the exception's type and message."""
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            try:
+                FileSource(path).open()
+                msg = "ok"
+            except Exception as exc:  # reported to the parent, which asserts on it
+                msg = f"{type(exc).__name__}: {exc}"
+            os.write(w, msg.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out
+
+
+def test_unreadable_file_fails(cry_file: Path) -> None:
+    """As an unprivileged user (``nobody`` when the suite runs as root): mode 000 is refused in one line,
+    and the same file made readable opens (so the refusal is the permission's doing)."""
+    folder = Path(tempfile.mkdtemp(prefix="cryid-unreadable-"))  # not under tmp_path: nobody must reach it
+    try:
+        folder.chmod(0o755)
+        path = folder / "locked.flac"
+        path.write_bytes(cry_file.read_bytes())
+        path.chmod(0)
+        if os.geteuid() != 0:
+            with pytest.raises(AudioError, match="not a readable audio file"):
+                FileSource(path).open()
+            return
+        got = _open_as("nobody", path)
+        assert got.startswith("AudioError: ") and "not a readable audio file" in got and "\n" not in got, got
+        path.chmod(0o644)
+        assert _open_as("nobody", path) == "ok"
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_truncated_file_delivers_what_decodes_then_fails_clearly(tmp_path: Path, cry_file: Path) -> None:

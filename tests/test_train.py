@@ -179,12 +179,36 @@ def test_global_input_norm_with_init_is_refused(tiny_set: Path, tmp_path: Path) 
     assert not (tmp_path / "ft" / "train_info.json").exists()
 
 
-def test_resume_with_other_settings_is_refused(tiny_set: Path, tmp_path: Path) -> None:
-    from cryid.models.train import TrainError, train
+def test_cv_selection_and_resume_with_other_settings_is_refused(tiny_set: Path, tmp_path: Path) -> None:
+    """``--select cv``: the reported train_cv_eer is the cross-validated EER of the chosen model's own
+    embeddings of the training recordings (recomputed here through speechbrain's ``encode_batch``),
+    and the chosen epoch is the first with the lowest CV EER. Then a resume with other settings fails."""
+    import torch
 
-    settings = _settings(1).model_copy(update={"backend": "none", "val_split": None, "select": "cv"})
+    from cryid.models.audio import load_audio
+    from cryid.models.backend import BackendSettings, cross_validated_eer
+    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.train import TrainError, read_items, train
+
+    settings = _settings(2).model_copy(update={"backend": "none", "val_split": None, "select": "cv"})
     result = train(settings, tiny_set, tmp_path / "run", progress=False)
-    assert 0.0 <= result.metrics["train_cv_eer"] <= 1.0  # chosen on the training split alone
+    history = json.loads((tmp_path / "run" / "train_info.json").read_text())["epochs"]
+    cv = [h["train_cv_eer"] for h in history]
+    assert len(cv) == 2 and result.metrics["train_cv_eer"] == min(cv)
+    assert result.best_epoch == history[cv.index(min(cv))]["epoch"]
+
+    items, _ = read_items(tiny_set, "train")
+    clf = load_encoder_classifier(tmp_path / "run")
+    embs, labels = [], []
+    with torch.no_grad():
+        for it in items:
+            for f in it.files:
+                wav = torch.from_numpy(load_audio(f))[None]
+                embs.append(clf.encode_batch(wav, normalize=False)[0, 0].numpy())
+                labels.append(it.baby_id)
+    assert len(set(labels)) == N_TRAIN_BABIES
+    again = cross_validated_eer(np.stack(embs), labels, BackendSettings(kind="center", dims=3))
+    assert again == pytest.approx(result.metrics["train_cv_eer"], abs=1e-6)
     with pytest.raises(TrainError, match="other settings"):
         train(settings.model_copy(update={"lr": 0.5}), tiny_set, tmp_path / "run", progress=False)
 

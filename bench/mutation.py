@@ -1,0 +1,210 @@
+"""Mutation testing of the run-time modules, bounded in time: which small code changes no test notices.
+
+    python bench/mutation.py                          # every module, 300 s each
+    python bench/mutation.py daemon/outbox.py --budget-s 600
+    nice -n 10 python bench/mutation.py models/frontend.py daemon/mqtt.py
+
+For each module, ``mutmut`` (2.x, the ``dev`` extra) changes one operator, constant or statement at
+a time and runs that module's fast test selection (``MODULES``); a mutant no test fails on
+"survives". It runs in a scratch copy of the repository (the working tree is never mutated, even if
+the run is killed), with the real cries found through ``CRYID_TEST_DATA``. Each module gets a time
+budget; what the budget did not reach is reported as untested. Prints, per module, the killed,
+surviving and timed-out mutants, the kill rate (killed / tested) and the diff of every survivor.
+
+A habit, not a gate: run it after changing one of these modules, and add a test for each survivor
+that is a real change of behaviour (some are equivalent mutants: same behaviour, different code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CRYID_TEST_DATA", REPO.parent / "shared" / "data" / "donateacry-cc"))
+
+# module -> the tests that exercise it, fastest first (pytest stops at the first failure).
+MODULES: dict[str, list[str]] = {
+    "models/segmenter.py": ["tests/test_segmenter.py"],
+    "models/frontend.py": ["tests/test_frontend.py"],
+    "daemon/identifier.py": ["tests/test_identifier.py", "tests/test_decisions_mutants.py"],
+    "daemon/outbox.py": [
+        "tests/test_outbox.py",
+        "tests/reliability/test_state_permissions.py",
+        "tests/test_mqtt.py",
+        "tests/test_no_loss.py",
+        "tests/reliability/test_cli_errors.py::test_damaged_outbox_is_moved_aside_and_the_daemon_starts",
+    ],
+    "daemon/mqtt.py": ["tests/test_mqtt.py", "tests/test_no_loss.py"],
+    "enrollment/registry.py": [
+        "tests/test_registry.py",
+        "tests/reliability/test_registry_replaced.py",
+        "tests/test_enroll_import.py",
+        "tests/reliability/test_cli_errors.py",
+    ],
+    "enrollment/transfer.py": [
+        "tests/test_enroll_import.py",
+        "tests/reliability/test_import_validation.py",
+        "tests/test_enroll_cli.py",
+    ],
+}
+PACKAGES = {"daemon": "daemon", "enrollment": "enrollment", "models": "models"}  # cryid.<name> -> folder
+
+
+@dataclass(frozen=True)
+class Result:
+    module: str
+    killed: int
+    survived: int
+    timeout: int
+    suspicious: int
+    untested: int
+    survivors: tuple[str, ...]  # diffs
+    seconds: float
+
+    @property
+    def tested(self) -> int:
+        return self.killed + self.survived + self.timeout + self.suspicious
+
+    @property
+    def kill_rate(self) -> float | None:
+        """Killed (by a failing test or a time-out) over every mutant that was tested."""
+        return (self.killed + self.timeout) / self.tested if self.tested else None
+
+
+def scratch_copy(dest: Path) -> dict[str, str]:
+    """The tracked and untracked (not ignored) files of the working tree copied to ``dest``, with an
+    import shim so ``cryid.*`` loads the copy; returns the environment to run in it."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    shim = dest / ".shim" / "cryid"
+    shim.mkdir(parents=True)
+    for name, folder in PACKAGES.items():
+        (shim / name).symlink_to(dest / folder)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env["PYTHONPATH"] = str(dest / ".shim")
+    if (DATA / "metadata.csv").is_file():
+        env["CRYID_TEST_DATA"] = str(DATA)
+    return env
+
+
+def _counts(cache: Path, module: str) -> tuple[dict[str, int], list[int]]:
+    db = sqlite3.connect(cache)
+    try:
+        rows = db.execute(
+            "SELECT m.status, m.id FROM Mutant m JOIN Line l ON m.line = l.id "
+            "JOIN SourceFile f ON l.sourcefile = f.id WHERE f.filename = ?",
+            (module,),
+        ).fetchall()
+    finally:
+        db.close()
+    counts: dict[str, int] = {}
+    for status, _ in rows:
+        counts[status] = counts.get(status, 0) + 1
+    return counts, [int(i) for s, i in rows if s == "bad_survived"]
+
+
+def run_module(work: Path, env: dict[str, str], module: str, budget_s: float) -> Result:
+    tests = " ".join(MODULES[module])
+    runner = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}"
+    cmd = [
+        sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", module, "--tests-dir", "tests",
+        "--runner", runner, "--no-progress", "--simple-output",
+    ]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        proc.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    seconds = time.monotonic() - started
+    shutil.copy2(REPO / module, work / module)  # a killed run may leave its mutant in the copy
+    cache = work / ".mutmut-cache"
+    if not cache.is_file():
+        raise SystemExit(f"mutmut wrote no results for {module}; run it by hand: {' '.join(cmd)}")
+    counts, survivor_ids = _counts(cache, module)
+    diffs = []
+    for pk in survivor_ids:
+        shown = subprocess.run(
+            [sys.executable, "-m", "mutmut", "show", str(pk)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        diffs.append(shown.stdout.strip())
+    return Result(
+        module=module,
+        killed=counts.get("ok_killed", 0),
+        survived=counts.get("bad_survived", 0),
+        timeout=counts.get("bad_timeout", 0),
+        suspicious=counts.get("ok_suspicious", 0),
+        untested=counts.get("untested", 0),
+        survivors=tuple(diffs),
+        seconds=seconds,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"default: every module ({', '.join(MODULES)})")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="time budget per module")
+    parser.add_argument("--keep", type=Path, help="keep the scratch copy (and its .mutmut-cache) here")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"not configured: {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+    if subprocess.run([sys.executable, "-m", "mutmut", "version"], capture_output=True).returncode:
+        print("mutmut is not installed: pip install -e '.[dev]'", file=sys.stderr)
+        return 2
+    work = args.keep or Path(tempfile.mkdtemp(prefix="cryid-mutation-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = scratch_copy(work)
+    results = []
+    try:
+        for module in args.modules or list(MODULES):
+            r = run_module(work, env, module, args.budget_s)
+            results.append(r)
+            rate = "-" if r.kill_rate is None else f"{100 * r.kill_rate:.0f}%"
+            print(
+                f"{module}: kill rate {rate} ({r.killed} killed, {r.timeout} timed out, {r.survived} "
+                f"survived, {r.suspicious} suspicious; {r.untested} not reached in {r.seconds:.0f} s)",
+                flush=True,
+            )
+            for diff in r.survivors:
+                print("  survived:\n    " + diff.replace("\n", "\n    "))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\nmodule | tested | killed+timeout | survived | not reached | kill rate")
+    for r in results:
+        rate = "-" if r.kill_rate is None else f"{100 * r.kill_rate:.0f}%"
+        print(f"{r.module} | {r.tested} | {r.killed + r.timeout} | {r.survived} | {r.untested} | {rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
