@@ -1,7 +1,8 @@
 """The daemon's lifecycle: the only place with threads, queues and signals.
 
-Threads: a reader (``source.read()`` -> bounded queue), the pipeline (segmenter -> embedder ->
-identifier -> outbox -> MQTT pump) and the main thread (signals, registry polling, stats, systemd
+Threads: a reader (``source.read()`` -> bounded queue), the pipeline (the thread-free
+:class:`~cryid.daemon.live.LivePipeline`, segmenter -> embedder -> identifier, then outbox -> MQTT pump)
+and the main thread (signals, registry polling, stats, systemd
 notify, outbox retries, shutdown). paho runs its own network thread (:mod:`cryid.daemon.mqtt`).
 
 Stopping (SIGTERM/SIGINT, or the end of a file): the reader stops, the pipeline drains the queue and
@@ -28,7 +29,6 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,8 +38,9 @@ import numpy as np
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import CryEvent, Stats
 from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
-from cryid.daemon.identifier import Identification, Identifier
+from cryid.daemon.identifier import Identification
 from cryid.daemon.integrations import Integrations
+from cryid.daemon.live import EmbedderLike, LivePipeline, NewIdentifierSettings, NewReferences, Output
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from cryid.daemon.state import RoomState
@@ -47,9 +48,7 @@ from cryid.enrollment import feedback as ward_feedback
 from cryid.enrollment.episodes import NewEpisode
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.errors import CryidError
-from cryid.models.pipeline import EmbeddedExpiration
 from cryid.models.scoring import ReferenceSet
-from cryid.models.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +72,6 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-class EmbedderLike(Protocol):
-    sha256: str
-
-    def embed(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray: ...
-
-
 class RegistryLike(Protocol):
     def centroids(
         self, model_sha256: str, room: str | None = None, dim: int | None = None
@@ -93,21 +86,6 @@ class RegistryLike(Protocol):
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
 
     def infants(self) -> list[Any]: ...
-
-
-@dataclass
-class _Counters:
-    """Figures the pipeline thread writes and the main thread reads (plain ints/floats: atomic enough)."""
-
-    samples: int = 0
-    expirations: int = 0
-    episodes: int = 0
-    events: int = 0
-    busy_s: float = 0.0
-    audio_s: float = 0.0
-    sumsq: float = 0.0
-    n_level: int = 0
-    heartbeat: float = field(default_factory=time.monotonic)
 
 
 class Notifier:
@@ -150,9 +128,6 @@ class Service:
         self.publisher = publisher
         self.config_file = config_file
         self.sha = embedder.sha256
-        seg = settings.segmenter
-        self.segmenter = Segmenter(seg, SAMPLE_RATE)
-        settle = (seg.max_expiration_ms + seg.hangover_ms + seg.pre_roll_ms) * SAMPLE_RATE // 1000
         calibration = getattr(getattr(embedder, "manifest", None), "calibration", None)
         if calibration is None:
             logger.warning(
@@ -162,11 +137,7 @@ class Service:
                 settings.model, settings.identifier.fallback_min_score,
                 settings.identifier.fallback_min_margin, settings.model,
             )
-        self.identifier = Identifier(
-            settings.identifier, {}, SAMPLE_RATE, settle_samples=settle, calibration=calibration
-        )
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.service.queue_chunks)
-        self.counters = _Counters()
         self.stream_start = datetime.now(timezone.utc)
         self.started = time.monotonic()
         self.notifier = Notifier()
@@ -176,12 +147,9 @@ class Service:
         self._wake = threading.Event()  # an event waits in the outbox: publish it now, not at the next tick
         self._reload = threading.Event()
         self._pipeline_done = threading.Event()
-        self._pending_references: ReferenceSet | None = None
-        self._pending_identifier_settings: Any = None
         self._registry_version: int | None = None
         self._enrolled: list[str] = []
         self._needs_reenrollment: list[str] = []
-        self._running = False
         self._source_state: Any = None
         self._episodes: queue.Queue[NewEpisode] = queue.Queue(maxsize=1000)
         self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
@@ -195,12 +163,16 @@ class Service:
         self._next_state_tick = 0.0
         self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
         self.room_state.load(self._state_file, datetime.now(timezone.utc))
-        self._nonfinite = False  # the last chunk was mostly NaN / inf
         self.plug = Integrations(  # metrics and /healthz, flat mic, retained state, Home Assistant
             settings.metrics, settings.homeassistant, publisher, settings.room, SAMPLE_RATE,
             settings.source.flat_timeout_s, max(settings.source.stall_timeout_s, 2.0),
             settings.identifier.episode_gap_s, Path(settings.state_dir).expanduser(),
         )  # fmt: skip
+        self.pipeline = LivePipeline(  # the references arrive with the first registry poll
+            embedder, settings.segmenter, settings.identifier, room=settings.room, calibration=calibration,
+            observer=self.plug,
+        )  # fmt: skip
+        self.counters = self.pipeline.health  # written by the pipeline thread, read by the main thread
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -241,66 +213,37 @@ class Service:
             self.queue.put(_EOF)
 
     def _pipeline(self) -> None:
-        c = self.counters
+        health = self.counters
         try:
             while True:
-                c.heartbeat = time.monotonic()
+                health.beat()
                 try:
                     item = self.queue.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if item is _EOF:
                     break
-                self._apply_pending()
+                outputs = self.pipeline.feed(item.samples)
                 t0 = time.perf_counter()
-                samples = np.asarray(item.samples, dtype=np.float32)
-                bad = self.segmenter.nonfinite_samples
-                for exp in self.segmenter.process(samples):
-                    self._identify(exp)
-                bad = self.segmenter.nonfinite_samples - bad
-                self._nonfinite = 2 * bad > samples.size  # a source delivering mostly NaN is not ok
-                if bad:
-                    samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
-                self.plug.audio_processed(samples)
-                c.samples = self.segmenter.samples_seen
-                for r in self.identifier.advance(c.samples):
-                    self._emit(r)
-                c.busy_s += time.perf_counter() - t0
-                c.audio_s += samples.size / SAMPLE_RATE
-                c.sumsq += float(np.dot(samples, samples))
-                c.n_level += samples.size
-            for exp in self.segmenter.flush():
-                self._identify(exp)
-            for r in self.identifier.flush():
-                self._emit(r)
+                for out in outputs:
+                    self._emit(out)
+                health.add_busy(time.perf_counter() - t0)
+            for out in self.pipeline.flush():
+                self._emit(out)
         except Exception as exc:  # thread boundary
             logger.exception("pipeline failed")
             self.fatal = f"pipeline failed: {exc}"
         finally:
             self._pipeline_done.set()
 
-    def _identify(self, exp: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
-        except ValueError as exc:  # one bad expiration must not stop the ward's daemon
-            logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
-            return
-        self.counters.expirations += 1
-        self.plug.embedded(time.perf_counter() - t0)
-        for r in self.identifier.process(EmbeddedExpiration(exp, emb)):
-            self._emit(r)
-
-    def _emit(self, r: Identification) -> None:
-        ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
+    def _emit(self, out: Output) -> None:
+        r, ev = out.identification, out.event
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
         self._state_events.put(ev)
         self.plug.event_stored(ev, r.end_sample)
         self._wake.set()
-        self.counters.events += 1
         if r.kind == "episode":
-            self.counters.episodes += 1
             self._keep_episode(r, ev)
         logger.info(
             "event %s %s at %.2f s: %s baby=%s score=%s margin=%s n=%d",
@@ -330,14 +273,6 @@ class Service:
             logger.warning("episode %s not kept: the registry is not keeping up", ev.episode_id)
         self._wake.set()
 
-    def _apply_pending(self) -> None:
-        refs, self._pending_references = self._pending_references, None
-        if refs is not None:
-            self.identifier.set_references(refs)
-        ids, self._pending_identifier_settings = self._pending_identifier_settings, None
-        if ids is not None:
-            self.identifier.set_settings(ids)
-
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
         reopen = getattr(self.registry, "reopen_if_replaced", None)  # the file deleted or replaced
@@ -350,16 +285,13 @@ class Service:
         birth, confirmed = self.registry.references(  # only the room's babies, usable vectors only
             self.sha, self.settings.room, getattr(self.embedder, "dim", None)
         )
-        refs = ReferenceSet(birth, confirmed, self.identifier.confirmed_weight)
+        refs = ReferenceSet(birth, confirmed, self.pipeline.confirmed_weight)
         cents = birth
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
         self._enrolled = sorted(cents)
         self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
-        if self._running:
-            self._pending_references = refs  # the pipeline thread applies it before its next chunk
-        else:
-            self.identifier.set_references(refs)
+        self.pipeline.apply(NewReferences(refs))  # taken before the pipeline's next chunk
         self._publish_state(self.room_state.roster(self.registry.infants(), datetime.now(timezone.utc)))
         logger.info(
             "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
@@ -438,7 +370,7 @@ class Service:
             ]
             if restart:
                 logger.warning("changes to %s take effect after a restart", ", ".join(restart))
-            self._pending_identifier_settings = new.identifier
+            self.pipeline.apply(NewIdentifierSettings(new.identifier))
             self.settings = self.settings.model_copy(
                 update={"identifier": new.identifier, "room": self.settings.room}
             )
@@ -446,33 +378,29 @@ class Service:
         self._poll_registry()
 
     def stats(self) -> Stats:
-        c = self.counters
-        busy, audio = c.busy_s, c.audio_s
-        c.busy_s = c.audio_s = 0.0
-        sumsq, n = c.sumsq, c.n_level
-        c.sumsq, c.n_level = 0.0, 0
-        level = 10.0 * float(np.log10(sumsq / n + 1e-12)) if n else None
+        c = self.counters.snapshot_and_reset()  # totals and this interval's figures at one instant
+        rtf, level = c.realtime_factor, c.level_dbfs
         return Stats(
             at=datetime.now(timezone.utc),
             room=self.settings.room,
             uptime_s=round(time.monotonic() - self.started, 1),
             stream_offset_s=round(c.samples / SAMPLE_RATE, 2),
-            realtime_factor=round(busy / audio, 4) if audio > 0 else None,
+            realtime_factor=None if rtf is None else round(rtf, 4),
             queue_depth=self.queue.qsize(),
             dropped_frames=int(getattr(self.source, "dropped_chunks", 0))
             + int(getattr(self.source, "overflows", 0)),
             outbox_size=self.outbox.size(),
             outbox_dropped=self.outbox.dropped,
             input_level_dbfs=None if level is None else round(max(level, -120.0), 1),
-            source_ok=self.source_error is None and not self._nonfinite,
+            source_ok=self.source_error is None and not c.nonfinite,
             source_error=self.source_error
-            or ("the audio source delivers NaN or infinite samples" if self._nonfinite else None),
+            or ("the audio source delivers NaN or infinite samples" if c.nonfinite else None),
             expirations=c.expirations,
             episodes=c.episodes,
             enrolled=len(self._enrolled),
             needs_reenrollment=self._needs_reenrollment,
             model_sha256=self.sha,
-            nonfinite_samples=self.segmenter.nonfinite_samples,
+            nonfinite_samples=c.nonfinite_samples,
             disk_full=self.outbox.disk_full,
             memory_events=self.outbox.memory_size,
             publish_refused=self.publisher.refused,
@@ -482,13 +410,12 @@ class Service:
     def run(self) -> int:
         """Run until stopped (signal) or the source ends; returns the exit status."""
         self._poll_registry()
-        self._running = True
         left = self.outbox.size()
         if left:
             logger.info("%d events from a previous run wait in the outbox; publishing them first", left)
         self.plug.log_start(self.settings, self.sha, self.source, self._enrolled)
         self.publisher.start()
-        self.stream_start = datetime.now(timezone.utc)
+        self.stream_start = self.pipeline.stream_start = datetime.now(timezone.utc)
         threads = [
             threading.Thread(target=self._reader, name="cryid-reader", daemon=True),
             threading.Thread(target=self._pipeline, name="cryid-pipeline", daemon=True),
