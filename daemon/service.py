@@ -12,11 +12,11 @@ left is published at the next start), ``offline`` is published, exit 0. SIGHUP r
 (identifier thresholds and gaps; other sections need a restart) and the registry. A broker refusing
 the credentials is fatal.
 
-The ward teaches the model: the pipeline hands every final episode (its expiration embeddings) to the
-main thread, which keeps it in the registry (:func:`cryid.enrollment.feedback.keep_episode`) and purges
-expired ones at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands
-(:mod:`cryid.daemon.feedback`) arrive from paho's thread on a bounded queue; the main thread applies
-them, answers on ``<prefix>/cmd/result`` and reloads the references at once. The references are each
+The ward teaches the model (:class:`cryid.daemon.ward.Ward`): the pipeline hands every final episode
+(its expiration embeddings) to the main thread, which keeps it in the registry and purges expired ones
+at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands arrive from paho's
+thread on a bounded queue; the main thread applies them, answers on ``<prefix>/cmd/result`` and
+reloads the references at once. The references are each
 baby's birth centroid and, once confirmed cries exist, their centroid as a separate reference
 (:class:`~cryid.models.scoring.ReferenceSet`, weighted by the model's ``calibration.confirmed_weight``).
 """
@@ -37,15 +37,13 @@ import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import CryEvent, Stats
-from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
-from cryid.daemon.identifier import Identification
+from cryid.daemon.feedback import COMMAND_VERBS
 from cryid.daemon.integrations import Integrations
 from cryid.daemon.live import EmbedderLike, LivePipeline, NewIdentifierSettings, NewReferences, Output
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from cryid.daemon.state import RoomState
-from cryid.enrollment import feedback as ward_feedback
-from cryid.enrollment.episodes import NewEpisode
+from cryid.daemon.ward import Ward
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.errors import CryidError
 from cryid.models.scoring import ReferenceSet
@@ -151,11 +149,8 @@ class Service:
         self._enrolled: list[str] = []
         self._needs_reenrollment: list[str] = []
         self._source_state: Any = None
-        self._episodes: queue.Queue[NewEpisode] = queue.Queue(maxsize=1000)
-        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
-        self.commands = CommandHandler(registry, settings.registry, settings.room)  # type: ignore[arg-type]
-        publisher.set_command_sink(COMMAND_VERBS, self._on_command)
-        self._next_purge = 0.0
+        self.ward = Ward(registry, settings.registry, settings.room, publisher.publish_result, self._wake.set)
+        publisher.set_command_sink(COMMAND_VERBS, self.ward.command)
         # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
         self.room_state = RoomState(publisher.prefix, settings.room, settings.dashboard.crying_timeout_s)
         self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
@@ -244,7 +239,7 @@ class Service:
         self.plug.event_stored(ev, r.end_sample)
         self._wake.set()
         if r.kind == "episode":
-            self._keep_episode(r, ev)
+            self.ward.keep(r, ev)  # the main thread keeps it in the registry
         logger.info(
             "event %s %s at %.2f s: %s baby=%s score=%s margin=%s n=%d",
             ev.event_id,
@@ -257,21 +252,6 @@ class Service:
             ev.n_expirations,
         )
         self.publisher.pump()
-
-    def _keep_episode(self, r: Identification, ev: Any) -> None:
-        """Hand a final episode's embeddings to the main thread, which keeps them in the registry."""
-        if r.embeddings is None:
-            return
-        ep = NewEpisode(
-            episode_id=ev.episode_id, room=ev.room, started_at=ev.started_at, ended_at=ev.ended_at,
-            model_sha256=ev.model_sha256, decision=ev.decision, baby_id=ev.baby_id,
-            best_baby_id=ev.best_baby_id, event_json=ev.to_json(), vectors=r.embeddings,
-        )
-        try:
-            self._episodes.put_nowait(ep)
-        except queue.Full:
-            logger.warning("episode %s not kept: the registry is not keeping up", ev.episode_id)
-        self._wake.set()
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
@@ -312,48 +292,11 @@ class Service:
                 ", ".join(self._needs_reenrollment),
             )
 
-    def _on_command(self, verb: str, payload: bytes) -> None:
-        """A nurse's command (paho's thread): queue it for the main thread, or refuse it when flooded."""
-        try:
-            self._commands.put_nowait((verb, payload))
-        except queue.Full:
-            logger.warning("cmd/%s dropped: %d commands already wait", verb, self._commands.qsize())
-            return
-        self._wake.set()
-
     def _serve_ward(self, now: float) -> None:
         """Main thread: keep the pipeline's episodes, apply nurses' commands, purge expired episodes."""
-        reg: Any = self.registry
-        while True:
-            try:
-                ep = self._episodes.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                ward_feedback.keep_episode(reg, ep, self.settings.registry)
-            except Exception:  # loop boundary: a failed write must not stop the ward's daemon
-                logger.exception("episode %s could not be kept in the registry", ep.episode_id)
-        applied = False
-        while True:
-            try:
-                verb, payload = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                result = self.commands.handle(verb, payload)
-            except Exception as exc:  # loop boundary: answer, log, carry on
-                logger.exception("cmd/%s failed", verb)
-                result = self.commands.failure(verb, payload, f"internal error: {exc}")
-            self.publisher.publish_result(result.to_json())
-            applied = applied or result.ok
-        if applied:
+        if self.ward.serve():
             self._poll_registry()  # the confirmation counts from the next chunk, not the next poll
-        if now >= self._next_purge:
-            self._next_purge = now + self.settings.registry.episode_purge_interval_s
-            try:
-                ward_feedback.purge_episodes(reg, self.settings.registry)
-            except Exception:  # loop boundary
-                logger.exception("expired episodes could not be purged")
+        self.ward.purge_if_due(now)
 
     def _do_reload(self) -> None:
         self._reload.clear()
