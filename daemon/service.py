@@ -36,13 +36,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
-from cryid.daemon.events import CryEvent, Stats
+from cryid.daemon.events import Stats
 from cryid.daemon.feedback import COMMAND_VERBS
 from cryid.daemon.integrations import Integrations
 from cryid.daemon.live import EmbedderLike, LivePipeline, NewIdentifierSettings, NewReferences, Output
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
-from cryid.daemon.state import RoomState
+from cryid.daemon.roomfeed import RoomFeed
 from cryid.daemon.ward import Ward
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.errors import CryidError
@@ -152,16 +152,12 @@ class Service:
         self.ward = Ward(registry, settings.registry, settings.room, publisher.publish_result, self._wake.set)
         publisher.set_command_sink(COMMAND_VERBS, self.ward.command)
         # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
-        self.room_state = RoomState(publisher.prefix, settings.room, settings.dashboard.crying_timeout_s)
-        self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
-        self._state_online = False
-        self._next_state_tick = 0.0
-        self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
-        self.room_state.load(self._state_file, datetime.now(timezone.utc))
+        state_dir = Path(settings.state_dir).expanduser()
+        self.dashboard = RoomFeed(publisher, settings.room, settings.dashboard.crying_timeout_s, state_dir)
         self.plug = Integrations(  # metrics and /healthz, flat mic, retained state, Home Assistant
             settings.metrics, settings.homeassistant, publisher, settings.room, SAMPLE_RATE,
             settings.source.flat_timeout_s, max(settings.source.stall_timeout_s, 2.0),
-            settings.identifier.episode_gap_s, Path(settings.state_dir).expanduser(),
+            settings.identifier.episode_gap_s, state_dir,
         )  # fmt: skip
         self.pipeline = LivePipeline(  # the references arrive with the first registry poll
             embedder, settings.segmenter, settings.identifier, room=settings.room, calibration=calibration,
@@ -235,7 +231,7 @@ class Service:
         r, ev = out.identification, out.event
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
-        self._state_events.put(ev)
+        self.dashboard.observe(ev)
         self.plug.event_stored(ev, r.end_sample)
         self._wake.set()
         if r.kind == "episode":
@@ -272,7 +268,7 @@ class Service:
         self._enrolled = sorted(cents)
         self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
         self.pipeline.apply(NewReferences(refs))  # taken before the pipeline's next chunk
-        self._publish_state(self.room_state.roster(self.registry.infants(), datetime.now(timezone.utc)))
+        self.dashboard.roster(self.registry.infants())
         logger.info(
             "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
             "%d with confirmed cries",
@@ -401,42 +397,13 @@ class Service:
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.outbox.retry()  # a full disk: store the events held in memory once there is room
             self.publisher.pump()
-            self._update_state(now)
+            self.dashboard.update(now)
             self._wake.wait(0.1)
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()
                 break
         return self._shutdown(threads)
-
-    def _update_state(self, now: float) -> None:
-        """Retained dashboard state: identifications, "crying now" time-outs, all again after a reconnect."""
-        wall = datetime.now(timezone.utc)
-        if self.publisher.connected != self._state_online:
-            self._state_online = self.publisher.connected
-            if self._state_online:
-                self._publish_state(self.room_state.snapshot(wall))
-        while True:
-            try:
-                ev = self._state_events.get_nowait()
-            except queue.Empty:
-                break
-            self._publish_state(self.room_state.observe(ev, wall))
-            if ev.kind == "episode":
-                self._save_state(wall)
-        if now >= self._next_state_tick:
-            self._publish_state(self.room_state.tick(wall))
-            self._next_state_tick = now + 1.0
-
-    def _save_state(self, now: datetime) -> None:
-        try:
-            self.room_state.save(self._state_file, now)
-        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
-            logger.error("dashboard state not saved to %s: %s", self._state_file, exc)
-
-    def _publish_state(self, messages: list[Any]) -> None:
-        for m in messages:
-            self.publisher.publish_retained(m.topic, m.payload)
 
     def _check_source_state(self) -> bool:
         """A live source went down or came back (``state`` of a MicSource): True when it changed."""
@@ -478,8 +445,7 @@ class Service:
                 f" (last broker problem: {self.publisher.last_error})" if self.publisher.last_error else "",
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
-        self._update_state(time.monotonic())
-        self._publish_state(self.room_state.stop(datetime.now(timezone.utc)))
+        self.dashboard.stop(time.monotonic())
         self.publisher.stop()
         self.plug.close()
         if self.fatal:
