@@ -43,6 +43,7 @@ class RoomFeed:
         self._publisher = publisher
         self._events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
         self._online = False
+        self._unsent_clears: dict[str, str] = {}  # emptied topics not published (offline), sent on connect
         self._next_tick = 0.0
         self._file = state_dir / "dashboard-state.json"
         self.state.load(self._file, datetime.now(timezone.utc))
@@ -61,6 +62,8 @@ class RoomFeed:
         if self._publisher.connected != self._online:
             self._online = self._publisher.connected
             if self._online:
+                clears, self._unsent_clears = self._unsent_clears, {}
+                self._publish([Retained(t, p) for t, p in clears.items()])
                 self._publish(self.state.snapshot(wall))
         while True:
             try:
@@ -86,5 +89,11 @@ class RoomFeed:
             logger.error("dashboard state not saved to %s: %s", self._file, exc)
 
     def _publish(self, messages: list[Retained]) -> None:
+        """The publisher drops retained messages while offline; the snapshot after the next connection
+        sends the roster and states again, but a cleared topic (a baby who left) must be kept for it."""
         for m in messages:
-            self._publisher.publish_retained(m.topic, m.payload)
+            sent = self._publisher.publish_retained(m.topic, m.payload)
+            if m.payload == "" and sent is False:
+                self._unsent_clears[m.topic] = m.payload
+            elif m.payload:
+                self._unsent_clears.pop(m.topic, None)
