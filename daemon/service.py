@@ -2,8 +2,10 @@
 
 Threads: a reader (``source.read()`` -> bounded queue), the pipeline (the thread-free
 :class:`~cryid.daemon.live.LivePipeline`, segmenter -> embedder -> identifier, then outbox -> MQTT pump)
-and the main thread (signals, registry polling, stats, systemd
-notify, outbox retries, shutdown). paho runs its own network thread (:mod:`cryid.daemon.mqtt`).
+and the main thread (signals, registry polling, stats, systemd notify, outbox retries, shutdown). paho
+runs its own network thread (:mod:`cryid.daemon.mqtt`). The main thread hands new references and
+identifier settings to the pipeline with ``LivePipeline.apply`` (a queue it drains before each chunk),
+and reads its counters with one locked ``PipelineHealth.snapshot_and_reset``.
 
 Stopping (SIGTERM/SIGINT, or the end of a file): the reader stops, the pipeline drains the queue and
 flushes the segmenter (the expiration being heard is finished) and the identifier (the episode gets
@@ -16,9 +18,10 @@ The ward teaches the model (:class:`cryid.daemon.ward.Ward`): the pipeline hands
 (its expiration embeddings) to the main thread, which keeps it in the registry and purges expired ones
 at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands arrive from paho's
 thread on a bounded queue; the main thread applies them, answers on ``<prefix>/cmd/result`` and
-reloads the references at once. The references are each
-baby's birth centroid and, once confirmed cries exist, their centroid as a separate reference
-(:class:`~cryid.models.scoring.ReferenceSet`, weighted by the model's ``calibration.confirmed_weight``).
+reloads the references at once. The references are each baby's birth centroid and, once confirmed
+cries exist, their centroid as a separate reference (:class:`~cryid.models.scoring.ReferenceSet`,
+weighted by the model's ``calibration.confirmed_weight``). The dashboard's retained room state
+(:class:`cryid.daemon.roomfeed.RoomFeed`) is fed every published event the same way.
 """
 
 from __future__ import annotations
