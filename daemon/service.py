@@ -1,8 +1,11 @@
 """The daemon's lifecycle: the only place with threads, queues and signals.
 
-Threads: a reader (``source.read()`` -> bounded queue), the pipeline (segmenter -> embedder ->
-identifier -> outbox -> MQTT pump) and the main thread (signals, registry polling, stats, systemd
-notify, outbox retries, shutdown). paho runs its own network thread (:mod:`cryid.daemon.mqtt`).
+Threads: a reader (``source.read()`` -> bounded queue), the pipeline (the thread-free
+:class:`~cryid.daemon.live.LivePipeline`, segmenter -> embedder -> identifier, then outbox -> MQTT pump)
+and the main thread (signals, registry polling, stats, systemd notify, outbox retries, shutdown). paho
+runs its own network thread (:mod:`cryid.daemon.mqtt`). The main thread hands new references and
+identifier settings to the pipeline with ``LivePipeline.apply`` (a queue it drains before each chunk),
+and reads its counters with one locked ``PipelineHealth.snapshot_and_reset``.
 
 Stopping (SIGTERM/SIGINT, or the end of a file): the reader stops, the pipeline drains the queue and
 flushes the segmenter (the expiration being heard is finished) and the identifier (the episode gets
@@ -11,13 +14,14 @@ left is published at the next start), ``offline`` is published, exit 0. SIGHUP r
 (identifier thresholds and gaps; other sections need a restart) and the registry. A broker refusing
 the credentials is fatal.
 
-The ward teaches the model: the pipeline hands every final episode (its expiration embeddings) to the
-main thread, which keeps it in the registry (:func:`cryid.enrollment.feedback.keep_episode`) and purges
-expired ones at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands
-(:mod:`cryid.daemon.feedback`) arrive from paho's thread on a bounded queue; the main thread applies
-them, answers on ``<prefix>/cmd/result`` and reloads the references at once. The references are each
-baby's birth centroid and, once confirmed cries exist, their centroid as a separate reference
-(:class:`~cryid.models.scoring.ReferenceSet`, weighted by the model's ``calibration.confirmed_weight``).
+The ward teaches the model (:class:`cryid.daemon.ward.Ward`): the pipeline hands every final episode
+(its expiration embeddings) to the main thread, which keeps it in the registry and purges expired ones
+at start and every ``registry.episode_purge_interval_s``. Nurses' MQTT commands arrive from paho's
+thread on a bounded queue; the main thread applies them, answers on ``<prefix>/cmd/result`` and
+reloads the references at once. The references are each baby's birth centroid and, once confirmed
+cries exist, their centroid as a separate reference (:class:`~cryid.models.scoring.ReferenceSet`,
+weighted by the model's ``calibration.confirmed_weight``). The dashboard's retained room state
+(:class:`cryid.daemon.roomfeed.RoomFeed`) is fed every published event the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,20 +39,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from cryid.daemon.config import Settings, load_settings
-from cryid.daemon.events import CryEvent, Stats
-from cryid.daemon.feedback import COMMAND_VERBS, CommandHandler
-from cryid.daemon.identifier import Identification, Identifier
+from cryid.daemon.events import Stats
+from cryid.daemon.feedback import COMMAND_VERBS
 from cryid.daemon.integrations import Integrations
+from cryid.daemon.live import EmbedderLike, LivePipeline, NewIdentifierSettings, NewReferences, Output
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
-from cryid.daemon.state import RoomState
-from cryid.enrollment import feedback as ward_feedback
-from cryid.enrollment.episodes import NewEpisode
+from cryid.daemon.roomfeed import RoomFeed
+from cryid.daemon.ward import Ward
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.errors import CryidError
-from cryid.models.pipeline import EmbeddedExpiration
 from cryid.models.scoring import ReferenceSet
-from cryid.models.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +73,6 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-class EmbedderLike(Protocol):
-    sha256: str
-
-    def embed(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray: ...
-
-
 class RegistryLike(Protocol):
     def centroids(
         self, model_sha256: str, room: str | None = None, dim: int | None = None
@@ -93,21 +87,6 @@ class RegistryLike(Protocol):
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
 
     def infants(self) -> list[Any]: ...
-
-
-@dataclass
-class _Counters:
-    """Figures the pipeline thread writes and the main thread reads (plain ints/floats: atomic enough)."""
-
-    samples: int = 0
-    expirations: int = 0
-    episodes: int = 0
-    events: int = 0
-    busy_s: float = 0.0
-    audio_s: float = 0.0
-    sumsq: float = 0.0
-    n_level: int = 0
-    heartbeat: float = field(default_factory=time.monotonic)
 
 
 class Notifier:
@@ -150,9 +129,6 @@ class Service:
         self.publisher = publisher
         self.config_file = config_file
         self.sha = embedder.sha256
-        seg = settings.segmenter
-        self.segmenter = Segmenter(seg, SAMPLE_RATE)
-        settle = (seg.max_expiration_ms + seg.hangover_ms + seg.pre_roll_ms) * SAMPLE_RATE // 1000
         calibration = getattr(getattr(embedder, "manifest", None), "calibration", None)
         if calibration is None:
             logger.warning(
@@ -162,11 +138,7 @@ class Service:
                 settings.model, settings.identifier.fallback_min_score,
                 settings.identifier.fallback_min_margin, settings.model,
             )
-        self.identifier = Identifier(
-            settings.identifier, {}, SAMPLE_RATE, settle_samples=settle, calibration=calibration
-        )
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.service.queue_chunks)
-        self.counters = _Counters()
         self.stream_start = datetime.now(timezone.utc)
         self.started = time.monotonic()
         self.notifier = Notifier()
@@ -176,31 +148,25 @@ class Service:
         self._wake = threading.Event()  # an event waits in the outbox: publish it now, not at the next tick
         self._reload = threading.Event()
         self._pipeline_done = threading.Event()
-        self._pending_references: ReferenceSet | None = None
-        self._pending_identifier_settings: Any = None
         self._registry_version: int | None = None
         self._enrolled: list[str] = []
         self._needs_reenrollment: list[str] = []
-        self._running = False
         self._source_state: Any = None
-        self._episodes: queue.Queue[NewEpisode] = queue.Queue(maxsize=1000)
-        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
-        self.commands = CommandHandler(registry, settings.registry, settings.room)  # type: ignore[arg-type]
-        publisher.set_command_sink(COMMAND_VERBS, self._on_command)
-        self._next_purge = 0.0
+        self.ward = Ward(registry, settings.registry, settings.room, publisher.publish_result, self._wake.set)
+        publisher.set_command_sink(COMMAND_VERBS, self.ward.command)
         # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
-        self.room_state = RoomState(publisher.prefix, settings.room, settings.dashboard.crying_timeout_s)
-        self._state_events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
-        self._state_online = False
-        self._next_state_tick = 0.0
-        self._state_file = Path(settings.state_dir).expanduser() / "dashboard-state.json"
-        self.room_state.load(self._state_file, datetime.now(timezone.utc))
-        self._nonfinite = False  # the last chunk was mostly NaN / inf
+        state_dir = Path(settings.state_dir).expanduser()
+        self.dashboard = RoomFeed(publisher, settings.room, settings.dashboard.crying_timeout_s, state_dir)
         self.plug = Integrations(  # metrics and /healthz, flat mic, retained state, Home Assistant
             settings.metrics, settings.homeassistant, publisher, settings.room, SAMPLE_RATE,
             settings.source.flat_timeout_s, max(settings.source.stall_timeout_s, 2.0),
-            settings.identifier.episode_gap_s, Path(settings.state_dir).expanduser(),
+            settings.identifier.episode_gap_s, state_dir,
         )  # fmt: skip
+        self.pipeline = LivePipeline(  # the references arrive with the first registry poll
+            embedder, settings.segmenter, settings.identifier, room=settings.room, calibration=calibration,
+            observer=self.plug,
+        )  # fmt: skip
+        self.counters = self.pipeline.health  # written by the pipeline thread, read by the main thread
 
     # control (any thread, signal handlers) -----------------------------------------------------
     def request_stop(self) -> None:
@@ -241,67 +207,38 @@ class Service:
             self.queue.put(_EOF)
 
     def _pipeline(self) -> None:
-        c = self.counters
+        health = self.counters
         try:
             while True:
-                c.heartbeat = time.monotonic()
+                health.beat()
                 try:
                     item = self.queue.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if item is _EOF:
                     break
-                self._apply_pending()
+                outputs = self.pipeline.feed(item.samples)
                 t0 = time.perf_counter()
-                samples = np.asarray(item.samples, dtype=np.float32)
-                bad = self.segmenter.nonfinite_samples
-                for exp in self.segmenter.process(samples):
-                    self._identify(exp)
-                bad = self.segmenter.nonfinite_samples - bad
-                self._nonfinite = 2 * bad > samples.size  # a source delivering mostly NaN is not ok
-                if bad:
-                    samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
-                self.plug.audio_processed(samples)
-                c.samples = self.segmenter.samples_seen
-                for r in self.identifier.advance(c.samples):
-                    self._emit(r)
-                c.busy_s += time.perf_counter() - t0
-                c.audio_s += samples.size / SAMPLE_RATE
-                c.sumsq += float(np.dot(samples, samples))
-                c.n_level += samples.size
-            for exp in self.segmenter.flush():
-                self._identify(exp)
-            for r in self.identifier.flush():
-                self._emit(r)
+                for out in outputs:
+                    self._emit(out)
+                health.add_busy(time.perf_counter() - t0)
+            for out in self.pipeline.flush():
+                self._emit(out)
         except Exception as exc:  # thread boundary
             logger.exception("pipeline failed")
             self.fatal = f"pipeline failed: {exc}"
         finally:
             self._pipeline_done.set()
 
-    def _identify(self, exp: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
-        except ValueError as exc:  # one bad expiration must not stop the ward's daemon
-            logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
-            return
-        self.counters.expirations += 1
-        self.plug.embedded(time.perf_counter() - t0)
-        for r in self.identifier.process(EmbeddedExpiration(exp, emb)):
-            self._emit(r)
-
-    def _emit(self, r: Identification) -> None:
-        ev = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.settings.room)
+    def _emit(self, out: Output) -> None:
+        r, ev = out.identification, out.event
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
-        self._state_events.put(ev)
+        self.dashboard.observe(ev)
         self.plug.event_stored(ev, r.end_sample)
         self._wake.set()
-        self.counters.events += 1
         if r.kind == "episode":
-            self.counters.episodes += 1
-            self._keep_episode(r, ev)
+            self.ward.keep(r, ev)  # the main thread keeps it in the registry
         logger.info(
             "event %s %s at %.2f s: %s baby=%s score=%s margin=%s n=%d",
             ev.event_id,
@@ -315,29 +252,6 @@ class Service:
         )
         self.publisher.pump()
 
-    def _keep_episode(self, r: Identification, ev: Any) -> None:
-        """Hand a final episode's embeddings to the main thread, which keeps them in the registry."""
-        if r.embeddings is None:
-            return
-        ep = NewEpisode(
-            episode_id=ev.episode_id, room=ev.room, started_at=ev.started_at, ended_at=ev.ended_at,
-            model_sha256=ev.model_sha256, decision=ev.decision, baby_id=ev.baby_id,
-            best_baby_id=ev.best_baby_id, event_json=ev.to_json(), vectors=r.embeddings,
-        )
-        try:
-            self._episodes.put_nowait(ep)
-        except queue.Full:
-            logger.warning("episode %s not kept: the registry is not keeping up", ev.episode_id)
-        self._wake.set()
-
-    def _apply_pending(self) -> None:
-        refs, self._pending_references = self._pending_references, None
-        if refs is not None:
-            self.identifier.set_references(refs)
-        ids, self._pending_identifier_settings = self._pending_identifier_settings, None
-        if ids is not None:
-            self.identifier.set_settings(ids)
-
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
         reopen = getattr(self.registry, "reopen_if_replaced", None)  # the file deleted or replaced
@@ -350,17 +264,14 @@ class Service:
         birth, confirmed = self.registry.references(  # only the room's babies, usable vectors only
             self.sha, self.settings.room, getattr(self.embedder, "dim", None)
         )
-        refs = ReferenceSet(birth, confirmed, self.identifier.confirmed_weight)
+        refs = ReferenceSet(birth, confirmed, self.pipeline.confirmed_weight)
         cents = birth
         added = sorted(set(cents) - set(self._enrolled))
         removed = sorted(set(self._enrolled) - set(cents))
         self._enrolled = sorted(cents)
         self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
-        if self._running:
-            self._pending_references = refs  # the pipeline thread applies it before its next chunk
-        else:
-            self.identifier.set_references(refs)
-        self._publish_state(self.room_state.roster(self.registry.infants(), datetime.now(timezone.utc)))
+        self.pipeline.apply(NewReferences(refs))  # taken before the pipeline's next chunk
+        self.dashboard.roster(self.registry.infants())
         logger.info(
             "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
             "%d with confirmed cries",
@@ -380,48 +291,11 @@ class Service:
                 ", ".join(self._needs_reenrollment),
             )
 
-    def _on_command(self, verb: str, payload: bytes) -> None:
-        """A nurse's command (paho's thread): queue it for the main thread, or refuse it when flooded."""
-        try:
-            self._commands.put_nowait((verb, payload))
-        except queue.Full:
-            logger.warning("cmd/%s dropped: %d commands already wait", verb, self._commands.qsize())
-            return
-        self._wake.set()
-
     def _serve_ward(self, now: float) -> None:
         """Main thread: keep the pipeline's episodes, apply nurses' commands, purge expired episodes."""
-        reg: Any = self.registry
-        while True:
-            try:
-                ep = self._episodes.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                ward_feedback.keep_episode(reg, ep, self.settings.registry)
-            except Exception:  # loop boundary: a failed write must not stop the ward's daemon
-                logger.exception("episode %s could not be kept in the registry", ep.episode_id)
-        applied = False
-        while True:
-            try:
-                verb, payload = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                result = self.commands.handle(verb, payload)
-            except Exception as exc:  # loop boundary: answer, log, carry on
-                logger.exception("cmd/%s failed", verb)
-                result = self.commands.failure(verb, payload, f"internal error: {exc}")
-            self.publisher.publish_result(result.to_json())
-            applied = applied or result.ok
-        if applied:
+        if self.ward.serve():
             self._poll_registry()  # the confirmation counts from the next chunk, not the next poll
-        if now >= self._next_purge:
-            self._next_purge = now + self.settings.registry.episode_purge_interval_s
-            try:
-                ward_feedback.purge_episodes(reg, self.settings.registry)
-            except Exception:  # loop boundary
-                logger.exception("expired episodes could not be purged")
+        self.ward.purge_if_due(now)
 
     def _do_reload(self) -> None:
         self._reload.clear()
@@ -438,7 +312,7 @@ class Service:
             ]
             if restart:
                 logger.warning("changes to %s take effect after a restart", ", ".join(restart))
-            self._pending_identifier_settings = new.identifier
+            self.pipeline.apply(NewIdentifierSettings(new.identifier))
             self.settings = self.settings.model_copy(
                 update={"identifier": new.identifier, "room": self.settings.room}
             )
@@ -446,33 +320,29 @@ class Service:
         self._poll_registry()
 
     def stats(self) -> Stats:
-        c = self.counters
-        busy, audio = c.busy_s, c.audio_s
-        c.busy_s = c.audio_s = 0.0
-        sumsq, n = c.sumsq, c.n_level
-        c.sumsq, c.n_level = 0.0, 0
-        level = 10.0 * float(np.log10(sumsq / n + 1e-12)) if n else None
+        c = self.counters.snapshot_and_reset()  # totals and this interval's figures at one instant
+        rtf, level = c.realtime_factor, c.level_dbfs
         return Stats(
             at=datetime.now(timezone.utc),
             room=self.settings.room,
             uptime_s=round(time.monotonic() - self.started, 1),
             stream_offset_s=round(c.samples / SAMPLE_RATE, 2),
-            realtime_factor=round(busy / audio, 4) if audio > 0 else None,
+            realtime_factor=None if rtf is None else round(rtf, 4),
             queue_depth=self.queue.qsize(),
             dropped_frames=int(getattr(self.source, "dropped_chunks", 0))
             + int(getattr(self.source, "overflows", 0)),
             outbox_size=self.outbox.size(),
             outbox_dropped=self.outbox.dropped,
             input_level_dbfs=None if level is None else round(max(level, -120.0), 1),
-            source_ok=self.source_error is None and not self._nonfinite,
+            source_ok=self.source_error is None and not c.nonfinite,
             source_error=self.source_error
-            or ("the audio source delivers NaN or infinite samples" if self._nonfinite else None),
+            or ("the audio source delivers NaN or infinite samples" if c.nonfinite else None),
             expirations=c.expirations,
             episodes=c.episodes,
             enrolled=len(self._enrolled),
             needs_reenrollment=self._needs_reenrollment,
             model_sha256=self.sha,
-            nonfinite_samples=self.segmenter.nonfinite_samples,
+            nonfinite_samples=c.nonfinite_samples,
             disk_full=self.outbox.disk_full,
             memory_events=self.outbox.memory_size,
             publish_refused=self.publisher.refused,
@@ -482,13 +352,12 @@ class Service:
     def run(self) -> int:
         """Run until stopped (signal) or the source ends; returns the exit status."""
         self._poll_registry()
-        self._running = True
         left = self.outbox.size()
         if left:
             logger.info("%d events from a previous run wait in the outbox; publishing them first", left)
         self.plug.log_start(self.settings, self.sha, self.source, self._enrolled)
         self.publisher.start()
-        self.stream_start = datetime.now(timezone.utc)
+        self.stream_start = self.pipeline.stream_start = datetime.now(timezone.utc)
         threads = [
             threading.Thread(target=self._reader, name="cryid-reader", daemon=True),
             threading.Thread(target=self._pipeline, name="cryid-pipeline", daemon=True),
@@ -531,42 +400,13 @@ class Service:
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
             self.outbox.retry()  # a full disk: store the events held in memory once there is room
             self.publisher.pump()
-            self._update_state(now)
+            self.dashboard.update(now)
             self._wake.wait(0.1)
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()
                 break
         return self._shutdown(threads)
-
-    def _update_state(self, now: float) -> None:
-        """Retained dashboard state: identifications, "crying now" time-outs, all again after a reconnect."""
-        wall = datetime.now(timezone.utc)
-        if self.publisher.connected != self._state_online:
-            self._state_online = self.publisher.connected
-            if self._state_online:
-                self._publish_state(self.room_state.snapshot(wall))
-        while True:
-            try:
-                ev = self._state_events.get_nowait()
-            except queue.Empty:
-                break
-            self._publish_state(self.room_state.observe(ev, wall))
-            if ev.kind == "episode":
-                self._save_state(wall)
-        if now >= self._next_state_tick:
-            self._publish_state(self.room_state.tick(wall))
-            self._next_state_tick = now + 1.0
-
-    def _save_state(self, now: datetime) -> None:
-        try:
-            self.room_state.save(self._state_file, now)
-        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
-            logger.error("dashboard state not saved to %s: %s", self._state_file, exc)
-
-    def _publish_state(self, messages: list[Any]) -> None:
-        for m in messages:
-            self.publisher.publish_retained(m.topic, m.payload)
 
     def _check_source_state(self) -> bool:
         """A live source went down or came back (``state`` of a MicSource): True when it changed."""
@@ -608,8 +448,7 @@ class Service:
                 f" (last broker problem: {self.publisher.last_error})" if self.publisher.last_error else "",
             )
         self.publisher.publish_stats(self.stats().model_dump_json())
-        self._update_state(time.monotonic())
-        self._publish_state(self.room_state.stop(datetime.now(timezone.utc)))
+        self.dashboard.stop(time.monotonic())
         self.publisher.stop()
         self.plug.close()
         if self.fatal:

@@ -24,6 +24,8 @@ from tests.test_homeassistant import Daemon
 from tests.test_metrics_http import model_dir, s16, wait
 from tests.test_mosquitto_acl import make_certificates
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "deploy" / "mosquitto" / "bridge.conf"
 WARD, ROOM = "w1", "nicu-1"

@@ -13,6 +13,8 @@ import pytest
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import SCHEMA_VERSION, CryEvent
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 
 def _run(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"}

@@ -31,6 +31,8 @@ from cryid.daemon.events import BabyState, Roster
 from tests.fixtures.broker import free_port
 from tests.test_deploy import test_root  # noqa: F401 (the fixture: a test root for install.sh)
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

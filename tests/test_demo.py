@@ -39,6 +39,8 @@ from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import ReferenceSet, l2_normalize
 from tests.fixtures.broker import Broker, Subscriber
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 EPISODE_LINE = re.compile(r"^ +[0-9.]+ s  EPISODE +(.*)$", re.M)
 MIN_CONFIDENCE = IdentifierSettings().min_confidence  # the configured default: the demo invents none
 

@@ -20,6 +20,8 @@ from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, ModelError, sha256_f
 from cryid.models.scoring import cosine
 from tests.fixtures.data import dac_rows
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 PARITY = 0.9999
 
 

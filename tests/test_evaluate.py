@@ -23,6 +23,8 @@ from cryid.models.cryceleb import load_cryceleb
 from cryid.models.eval_backends import EmbeddingCache, Throughput
 from cryid.models.evaluate import concatenation_embeddings, file_expiration_embeddings
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 
 def _eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(["eval", *argv])

@@ -18,6 +18,8 @@ from cryid.models.export import check_clips
 from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, load_manifest, sha256_file
 from cryid.models.scoring import cosine
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 pytest.importorskip("speechbrain", reason="export needs the `train` extra")
 
 PUBLISHED_FILES = {

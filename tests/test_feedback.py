@@ -47,6 +47,8 @@ from tests.fixtures.ward import (
     registry_dump,
 )
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 ROOM = "nursery"
 SR = 16000
 

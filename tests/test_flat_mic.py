@@ -21,6 +21,8 @@ from tests.fixtures.broker import Broker, Subscriber, free_port
 from tests.test_metrics_http import get, model_dir, scrape
 from tests.test_virtual_mic import CRYID, virtual_mic  # noqa: F401 (the fixture)
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 SR = 16000
 ROOM = "flat-test"
 

@@ -30,6 +30,8 @@ from cryid.enrollment.registry import Registry
 from tests.fixtures.broker import Broker, Received, Subscriber
 from tests.test_metrics_http import enroll_state, model_dir, wait
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 ROOM = "ward7"
 BABIES = ["ada", "ben", "cy"]
 

@@ -17,6 +17,8 @@ from cryid.daemon import nursery
 from tests.fixtures.broker import Broker, free_port
 from tests.test_metrics_http import enroll_state, model_dir
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 
 

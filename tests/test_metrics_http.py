@@ -30,6 +30,8 @@ from cryid.enrollment.registry import Registry
 from cryid.models.embedder import Embedder
 from tests.fixtures.broker import Broker, Subscriber, free_port
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 BABIES = ["ada", "ben"]
 

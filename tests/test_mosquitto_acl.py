@@ -28,6 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.fixtures.broker import MOSQUITTO, free_port, wait_port
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
 ACL = REPO / "deploy" / "mosquitto" / "acl"

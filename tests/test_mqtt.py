@@ -15,6 +15,8 @@ from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from tests.fixtures.broker import Broker, Subscriber
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 
 def _settings(broker: Broker, **kw: object) -> MqttSettings:
     return MqttSettings(host=broker.host, port=broker.port, reconnect_min_s=0.2, reconnect_max_s=1.0, **kw)

@@ -12,6 +12,8 @@ import pytest
 from cryid.daemon.config import OutboxSettings
 from cryid.daemon.outbox import Outbox, OutboxError
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 
 def test_add_pending_remove_in_order(tmp_path: Path) -> None:
     with Outbox.open(tmp_path) as ob:

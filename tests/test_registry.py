@@ -31,6 +31,8 @@ from cryid.enrollment.registry import (
 )
 from cryid.models.scoring import centroid
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 

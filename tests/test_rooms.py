@@ -26,6 +26,8 @@ from cryid.models.embedder import Embedder
 from tests.fixtures.broker import Broker, Subscriber
 from tests.test_roundtrip import LogTail
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 SR = 16000
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 ROOMS = {"ada": "ward1", "ben": "ward1", "cy": "ward2"}

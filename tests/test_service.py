@@ -35,6 +35,8 @@ from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
 from tests.fixtures.broker import Broker, Subscriber
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 SR = 16000
 BABIES = ["ada", "ben", "cy"]
 EVENT_LOG = re.compile(r"event ([0-9a-f-]{36}) ")

@@ -27,6 +27,8 @@ from cryid.enrollment.registry import Registry
 from cryid.models.embedder import Embedder
 from tests.fixtures.broker import Broker, Subscriber
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 T0 = datetime(2026, 5, 1, 8, 0, tzinfo=timezone.utc)
 P = "cryid/ward1"
 

@@ -28,6 +28,8 @@ import pytest
 from tests.fixtures.broker import Broker, Subscriber
 from tests.fixtures.data import DAC_DIR, dac_rows
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 ROOM = "virtmic-test"

@@ -20,6 +20,8 @@ from cryid.models.segmenter import Expiration, Segmenter
 from tests.fixtures.broker import Broker
 from tests.fixtures.data import dac_rows
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 SR = SAMPLE_RATE
 
 

@@ -19,6 +19,8 @@ from cryid.daemon.cli import main
 from cryid.enrollment.registry import NewSample, Registry, SampleEmbeddings
 from tests.fixtures.data import dac_rows
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 
 def _env(state: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"}

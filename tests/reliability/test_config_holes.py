@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 
 def _cryid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {

@@ -29,6 +29,8 @@ from cryid.models.audio import load_audio
 from tests.fixtures.broker import Broker, Subscriber
 from tests.fixtures.data import dac_rows
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 FAST_RETRY = OutboxSettings(disk_retry_s=0.05, memory_events=50)
 
 

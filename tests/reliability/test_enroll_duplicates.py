@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from cryid.models.audio import load_audio
 from cryid.models.config import DEFAULT_MODEL_DIR
 from tests.fixtures.data import dac_rows
+
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _cryid(state: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,8 @@ from cryid.enrollment.registry import Registry
 from cryid.models.config import DEFAULT_MODEL_DIR
 from tests.fixtures.data import dac_rows
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 BABIES = ("dac0018", "dac0059")
 
 

@@ -28,6 +28,8 @@ from cryid.daemon.mqtt import MqttError, MqttPublisher
 from cryid.daemon.outbox import Outbox
 from tests.fixtures.broker import MOSQUITTO, Broker, Subscriber, free_port, wait_port
 
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
+
 USERS = {"cryid-nursery": "n-secret", "dashboard": "d-secret"}
 ACL = "user dashboard\ntopic read cryid/#\n\nuser cryid-nursery\ntopic write cryid/{room}/#\n"
 

@@ -15,8 +15,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from cryid.models.config import DEFAULT_MODEL_DIR
 from tests.fixtures.data import dac_rows
+
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _cries(dac_dir: Path, baby_id: str) -> list[str]:

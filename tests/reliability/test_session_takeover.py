@@ -16,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests import test_mosquitto_acl as acl
+
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 ward_broker = acl.ward_broker  # the shipped configuration on test ports (a module-scoped fixture)
 client = acl.client

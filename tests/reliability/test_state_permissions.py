@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cryid.models.config import DEFAULT_MODEL_DIR
 from tests.fixtures.data import dac_rows
+
+pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _mode(p: Path) -> int:

@@ -1,0 +1,99 @@
+"""The room's retained dashboard state on MQTT (:class:`~cryid.daemon.state.RoomState`), fed by the daemon.
+
+The pipeline thread hands every published identification to :meth:`RoomFeed.observe` (a queue); the
+main thread calls :meth:`RoomFeed.update` every loop (the identifications, "crying now" time-outs once
+a second, everything again after a reconnection), :meth:`RoomFeed.roster` when the registry changed
+and :meth:`RoomFeed.stop` at the end. The last cries and 24 h totals are kept in
+``dashboard-state.json`` in the state directory after every final episode, so a restart goes on with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryid.daemon.events import CryEvent
+from cryid.daemon.state import Retained, RoomState
+
+logger = logging.getLogger(__name__)
+
+
+class RetainedPublisher(Protocol):
+    """What the feed needs of :class:`cryid.daemon.mqtt.MqttPublisher`."""
+
+    prefix: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish_retained(self, topic: str, payload: str) -> bool: ...
+
+
+class RoomFeed:
+    """Identifications in (any thread), retained dashboard messages out (main thread)."""
+
+    def __init__(
+        self, publisher: RetainedPublisher, room: str, crying_timeout_s: float, state_dir: Path
+    ) -> None:
+        self.state = RoomState(publisher.prefix, room, crying_timeout_s)
+        self._publisher = publisher
+        self._events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
+        self._online = False
+        self._unsent_clears: dict[str, str] = {}  # emptied topics not published (offline), sent on connect
+        self._next_tick = 0.0
+        self._file = state_dir / "dashboard-state.json"
+        self.state.load(self._file, datetime.now(timezone.utc))
+
+    def observe(self, ev: CryEvent) -> None:
+        """Any thread: an identification the daemon published."""
+        self._events.put(ev)
+
+    def roster(self, infants: Iterable[Any]) -> None:
+        """Main thread: the room's infants changed (or were read again)."""
+        self._publish(self.state.roster(infants, datetime.now(timezone.utc)))
+
+    def update(self, now: float) -> None:
+        """Main thread: identifications, "crying now" time-outs, all again after a reconnect."""
+        wall = datetime.now(timezone.utc)
+        if self._publisher.connected != self._online:
+            self._online = self._publisher.connected
+            if self._online:
+                clears, self._unsent_clears = self._unsent_clears, {}
+                self._publish([Retained(t, p) for t, p in clears.items()])
+                self._publish(self.state.snapshot(wall))
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self._publish(self.state.observe(ev, wall))
+            if ev.kind == "episode":
+                self._save(wall)
+        if now >= self._next_tick:
+            self._publish(self.state.tick(wall))
+            self._next_tick = now + 1.0
+
+    def stop(self, now: float) -> None:
+        """Main thread, at the end: the last identifications, then nobody is crying."""
+        self.update(now)
+        self._publish(self.state.stop(datetime.now(timezone.utc)))
+
+    def _save(self, now: datetime) -> None:
+        try:
+            self.state.save(self._file, now)
+        except OSError as exc:  # the totals are a convenience: a full disk must not stop identification
+            logger.error("dashboard state not saved to %s: %s", self._file, exc)
+
+    def _publish(self, messages: list[Retained]) -> None:
+        """The publisher drops retained messages while offline; the snapshot after the next connection
+        sends the roster and states again, but a cleared topic (a baby who left) must be kept for it."""
+        for m in messages:
+            sent = self._publisher.publish_retained(m.topic, m.payload)
+            if m.payload == "" and sent is False:
+                self._unsent_clears[m.topic] = m.payload
+            elif m.payload:
+                self._unsent_clears.pop(m.topic, None)
