@@ -27,7 +27,7 @@ import pytest
 import soundfile as sf
 
 from cryid.daemon import nursery
-from cryid.daemon.config import MqttSettings, ServiceSettings, Settings
+from cryid.daemon.config import IdentifierSettings, MqttSettings, ServiceSettings, Settings
 from cryid.daemon.service import build_service
 from cryid.enrollment.registry import Registry
 from cryid.models.embedder import Embedder
@@ -73,7 +73,15 @@ def _stream(tmp_path: Path, bout_s: float = 3.0, gap_s: float = 6.0) -> tuple[Pa
     return path, truth
 
 
+# These tests check the daemon's plumbing, which needs a name for each clear cry. The shipped calibration
+# is fitted on real cross-session cries and gives these clear generated voices a confidence of about 0.8,
+# under the ward's default (0.96: few names, few wrong ones), so they decide at 0.7; the default operating
+# point is chosen by `cryid model calibrate` and its rule is tested in test_identifier/test_calibration.
+PLUMBING_MIN_CONFIDENCE = 0.7
+
+
 def _settings(state: Path, model: Path, broker: Broker, **kw: object) -> Settings:
+    kw.setdefault("identifier", IdentifierSettings(min_confidence=PLUMBING_MIN_CONFIDENCE))
     return Settings(
         room="ward1",
         state_dir=state,
@@ -95,6 +103,7 @@ def _env(state: Path, model: Path, broker: Broker, **extra: str) -> dict[str, st
         CRYID_MQTT__RECONNECT_MIN_S="0.2",
         CRYID_MQTT__RECONNECT_MAX_S="1",
         CRYID_SERVICE__SHUTDOWN_TIMEOUT_S="30",
+        CRYID_IDENTIFIER__MIN_CONFIDENCE=str(PLUMBING_MIN_CONFIDENCE),
     )
     env.update(extra)
     return env
@@ -408,7 +417,7 @@ def test_sighup_reloads_a_threshold_and_the_registry(
 
     state = _state(enrolled, tmp_path)
     config = tmp_path / "cryid.toml"
-    config.write_text("# the daemon's default decision settings\n")
+    config.write_text("# the decision settings of the environment (see PLUMBING_MIN_CONFIDENCE)\n")
     voices = nursery.voices(4, seed=1)
     rng = np.random.default_rng(11)
     sub = subscriber_factory(mosquitto, "cryid/ward1/#")
@@ -426,7 +435,7 @@ def test_sighup_reloads_a_threshold_and_the_registry(
         sub.wait_for(
             lambda m: any(x.topic == "cryid/ward1/status" and x.payload == b"online" for x in m), 120
         )
-        # 1. Before: ben's cry is identified under the default settings.
+        # 1. Before: ben's cry is identified under the starting settings.
         proc.stdin.write(_pcm(nursery.room_noise(1.0, rng), nursery.bout(voices[1], 3.0, seed=301),
                               nursery.room_noise(8.0, rng)))  # fmt: skip
         proc.stdin.flush()
