@@ -160,16 +160,30 @@ def test_unopenable_registry_is_not_answered_with_restore_from_export(tmp_path: 
     assert "restore" not in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes any file whatever its mode")
 def test_read_only_registry_names_permissions(tmp_path: Path) -> None:
-    path = _registry_with_babies(tmp_path / "state", 2)
-    path.chmod(0o400)
-    (tmp_path / "state").chmod(0o500)
+    state = tmp_path / "state"
+    path = _registry_with_babies(state, 2)
+    if os.geteuid() != 0:  # an unprivileged user: file modes make it read-only
+        path.chmod(0o400)
+        state.chmod(0o500)
+        undo = [lambda: state.chmod(0o700)]
+    else:  # root ignores file modes, not a read-only mount: bind the state directory read-only
+        undo = []
+        for cmd in (["mount", "--bind", str(state), str(state)],
+                    ["mount", "-o", "remount,bind,ro", str(state)]):  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                for step in reversed(undo):
+                    step()
+                pytest.skip(f"root cannot make a read-only mount here ({done.stderr.strip()})")
+            if not undo:
+                undo.append(lambda: subprocess.run(["umount", str(state)], check=True))
     try:
-        line = _one_line(_cryid("enroll", "remove", "b00", state=tmp_path / "state"), "may read and write")
+        line = _one_line(_cryid("enroll", "remove", "b00", state=state), "may read and write")
         assert "restore" not in line
     finally:
-        (tmp_path / "state").chmod(0o700)
+        for step in reversed(undo):
+            step()
 
 
 def test_real_readonly_sqlite_error_is_classified_as_permissions(tmp_path: Path) -> None:
