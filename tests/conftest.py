@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.broker",
     "tests.fixtures.cryceleb",
     "tests.fixtures.silent_broker",
+    "tests.fixtures.cli",
 ]

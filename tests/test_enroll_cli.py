@@ -34,26 +34,6 @@ def state_digest(state_dir: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def cryid(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    shipped_model_dir: Path,
-):
-    """Run ``cryid ARGS...`` in-process with its own state dir; returns (rc, stdout, stderr)."""
-    monkeypatch.setenv("CRYID_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CRYID_MODEL", str(shipped_model_dir))
-    monkeypatch.delenv("CRYID_CONFIG", raising=False)
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    run.state_dir = tmp_path / "state"  # type: ignore[attr-defined]
-    return run
 
 
 @pytest.fixture(scope="module")

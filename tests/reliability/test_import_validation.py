@@ -53,20 +53,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory, dac_dir: Path) -> tuple[P
     return work / "state", json.loads((work / "export.json").read_text())
 
 
-@pytest.fixture
-def cryid(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    monkeypatch.setenv("CRYID_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CRYID_MODEL", str(DEFAULT_MODEL_DIR))
-    monkeypatch.delenv("CRYID_CONFIG", raising=False)
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    run.state_dir = tmp_path / "state"  # type: ignore[attr-defined]
-    return run
 
 
 def _f32(vectors: np.ndarray) -> str:

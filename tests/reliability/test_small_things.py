@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tomllib
 
-from cryid.daemon.cli import main
 from cryid.enrollment.enroll import model_sha256
 from cryid.enrollment.registry import NewSample, Registry, SampleEmbeddings
 from cryid.models.config import DEFAULT_MODEL_DIR
@@ -20,20 +19,6 @@ from cryid.models.config import DEFAULT_MODEL_DIR
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def cryid(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    monkeypatch.setenv("CRYID_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CRYID_MODEL", str(DEFAULT_MODEL_DIR))
-    monkeypatch.delenv("CRYID_CONFIG", raising=False)
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    run.state_dir = tmp_path / "state"  # type: ignore[attr-defined]
-    return run
 
 
 def _babies(state: Path, n: int) -> None:
