@@ -5,7 +5,6 @@ microphone -> PortAudio -> ``cryid run --source mic``) playing zeros, then a cry
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from cryid.daemon import nursery
 from cryid.daemon.flatness import FlatDetector
 from tests.fixtures.broker import Broker, Subscriber, free_port
 from tests.test_metrics_http import get, model_dir, scrape
-from tests.test_virtual_mic import CRYID, virtual_mic  # noqa: F401 (the fixture)
+from tests.test_virtual_mic import CRYID, _stop, _wait, virtual_mic  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -71,16 +70,6 @@ def test_a_constant_that_jumps_between_chunks_is_flat_only_when_it_stays() -> No
     assert feed(det, np.full(SR, 0.3, np.float32)) == ["flat"]
 
 
-def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"cryid run exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout_s} s")
-        time.sleep(0.1)
-
-
 def test_virtual_mic_playing_zeros_then_a_cry(
     virtual_mic: dict[str, str],  # noqa: F811
     mosquitto: Broker,
@@ -130,12 +119,7 @@ def test_virtual_mic_playing_zeros_then_a_cry(
         _wait(lambda: "ok" in states()[first_flat:], "ok status after the cry", daemon, 30)
         _wait(lambda: any(e["kind"] == "episode" for e in sub.events()), "the cry's episode", daemon, 60)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            _, err = daemon.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            _, err = daemon.communicate()
+        err = _stop(daemon)
     assert daemon.returncode == 0, err[-3000:]
     assert "microphone flat: digital silence for 2 s" in err, err[-3000:]
     assert "microphone delivers sound again after a flat line" in err
@@ -226,10 +210,5 @@ def test_microphone_gone_is_down_then_ok_when_it_returns(
         _wait(lambda: states()[-1:] == [b"ok"], "ok status after the device returned", daemon, 60)
         _wait(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, "healthy again", daemon, 30)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            _, err = daemon.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            _, err = daemon.communicate()
+        err = _stop(daemon)
     assert daemon.returncode == 0, err[-3000:]

@@ -125,6 +125,7 @@ def _babies(tmp_path: Path) -> tuple[list[tuple[str, list[Path]]], Path]:
 
 
 def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], timeout_s: float) -> None:
+    """Wait for ``cond`` while ``cryid run`` (``proc``) is still running."""
     deadline = time.monotonic() + timeout_s
     while not cond():
         if proc.poll() is not None:
@@ -132,6 +133,16 @@ def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], time
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {what} within {timeout_s} s")
         time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM ``cryid run`` (killed if it does not stop within 60 s); returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
 
 
 class NotifySocket:
@@ -221,12 +232,7 @@ def test_cry_played_into_virtual_mic_is_identified(
         assert played.returncode == 0, played.stderr
         _wait(lambda: any(e["kind"] == "episode" for e in sub.events()), "episode event", daemon, 120)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            _, err = daemon.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            _, err = daemon.communicate()
+        err = _stop(daemon)
     assert daemon.returncode == 0, err[-3000:]
     events = sub.events()
     episodes = [e for e in events if e["kind"] == "episode"]
