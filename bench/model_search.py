@@ -39,9 +39,9 @@ from search_parts import (
     feature_sets,
     load_wavs,
     random_channel,
-    read_rows,
     ward_channel,
 )
+from train_experiments import read_rows
 
 from cryid.models.backend import BackendSettings, fit_backend
 

@@ -12,7 +12,6 @@ through, as on a ward where one microphone hears every cot.
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +19,6 @@ from pathlib import Path
 import numpy as np
 
 SR = 16000
-
-
-def read_rows(data: Path) -> list[dict[str, str]]:
-    with open(data / "metadata.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    prov = {}
-    if (data / "provenance.csv").is_file():
-        with open(data / "provenance.csv", newline="") as fh:
-            prov = {r["file_id"]: r["recording"] for r in csv.DictReader(fh)}
-    for r in rows:
-        r["codec"] = prov.get(r["file_id"], "unknown")
-    return rows
 
 
 def load_wavs(data: Path, rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
