@@ -43,7 +43,6 @@ class RoomFeed:
         self._publisher = publisher
         self._events: queue.SimpleQueue[CryEvent] = queue.SimpleQueue()
         self._online = False
-        self._unsent_clears: dict[str, str] = {}  # emptied topics not published (offline), sent on connect
         self._next_tick = 0.0
         self._file = state_dir / "dashboard-state.json"
         self.state.load(self._file, datetime.now(timezone.utc))
@@ -61,9 +60,7 @@ class RoomFeed:
         wall = datetime.now(timezone.utc)
         if self._publisher.connected != self._online:
             self._online = self._publisher.connected
-            if self._online:
-                clears, self._unsent_clears = self._unsent_clears, {}
-                self._publish([Retained(t, p) for t, p in clears.items()])
+            if self._online:  # the snapshot holds the roster, the states and every clear
                 self._publish(self.state.snapshot(wall))
         while True:
             try:
@@ -90,10 +87,6 @@ class RoomFeed:
 
     def _publish(self, messages: list[Retained]) -> None:
         """The publisher drops retained messages while offline; the snapshot after the next connection
-        sends the roster and states again, but a cleared topic (a baby who left) must be kept for it."""
+        sends them all again, the clears of babies who left included (``RoomState.snapshot``)."""
         for m in messages:
-            sent = self._publisher.publish_retained(m.topic, m.payload)
-            if m.payload == "" and sent is False:
-                self._unsent_clears[m.topic] = m.payload
-            elif m.payload:
-                self._unsent_clears.pop(m.topic, None)
+            self._publisher.publish_retained(m.topic, m.payload)
