@@ -37,8 +37,8 @@ def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None
     for name, typ in (("split", str), ("room_size", int), ("room_strangers", int), ("rooms", int),
                       ("seed", int), ("folds", int), ("target_wrong_rate", float), ("bootstrap", int)):
         flag = f"--{prefix}{name.replace('_', '-')}"
-        p.add_argument(flag, dest=f"cal_{name}", type=typ, default=None,
-                       help=f"{fields[name].description} (default: {fields[name].default})".replace("%", "%%"))
+        help_text = f"{fields[name].description} (default: {fields[name].default})".replace("%", "%%")
+        p.add_argument(flag, dest=f"cal_{name}", type=typ, default=None, help=help_text)
 
 
 def _run_calibration(model_dir: object, data: object, args: argparse.Namespace, settings: object) -> None:
