@@ -126,7 +126,7 @@ def type_text(annotation: Any, link: Callable[[type[BaseModel]], str]) -> str:
         return "list of " + (type_text(items[0], link) if items else "values")
     if origin is dict:
         key, value = typing.get_args(annotation) or (str, Any)
-        return f"table of {type_text(key, link)} to {type_text(value, link)}"
+        return f"map of {type_text(key, link)} to {type_text(value, link)}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return link(annotation)
     return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
@@ -193,8 +193,9 @@ COLUMNS = ["key", "environment", "type", "default", "meaning"]
 
 
 def _setting_rows(
-    model: type[BaseModel], toml_prefix: str, env_prefix: str | None
+    model: type[BaseModel], toml_prefix: str, env_prefix: str | None, list_env: str = ""
 ) -> list[list[str]]:
+    """One row per plain setting of ``model``; ``env_prefix`` None: items of a list (``list_env``, JSON)."""
     rows = []
     for name, field in model.model_fields.items():
         if model_of(field.annotation) is not None or list_model_of(field.annotation) is not None:
@@ -203,8 +204,7 @@ def _setting_rows(
         if shown is None:
             default = field.get_default(call_default_factory=True)
             shown = "required" if field.is_required() else toml_value(default)
-        env = f"`{env_prefix}{name.upper()}`" if env_prefix is not None else "(in `CRYID_" + (
-            toml_prefix.strip("[]").upper() + "` as JSON)")
+        env = f"`{env_prefix}{name.upper()}`" if env_prefix is not None else f"in `{list_env}` (JSON)"
         kind = typed(field, lambda m: f"table `{m.__name__}`", drop_null=True)
         if typing.get_origin(field.annotation) in (list, dict) and env_prefix is not None:
             kind += " (env: JSON)"
@@ -262,7 +262,7 @@ def render_configuration() -> str:
                 f"a JSON list of objects. Default: {json_value(default)}.",
                 "",
             ]
-            lines += table(COLUMNS, _setting_rows(items, "", None))
+            lines += table(COLUMNS, _setting_rows(items, f"{name}[].", None, f"{env_prefix}{name.upper()}"))
     lines += ["", "## Other environment variables", ""]
     lines += table(["variable", "meaning"], [[code(k), v] for k, v in dict(config.OTHER_ENVIRONMENT).items()])
     return "\n".join(lines).rstrip() + "\n"
