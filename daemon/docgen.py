@@ -225,7 +225,7 @@ def render_configuration() -> str:
         "",
         markdown_of_docstring(settings.__doc__),
         "",
-        markdown_of_docstring(config.__doc__),
+        markdown_of_docstring(config.__doc__, skip_paragraphs=1),
         "",
         "- **TOML**: top-level keys first, then one `[section]` per table below "
         "(`deploy/cryid.toml` is a commented example). A key left out keeps its default.",
