@@ -176,6 +176,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, SecretStr):
         return "(secret)"
     if isinstance(value, Path):
+        if value.is_absolute():  # it names this machine's folders: the reference would differ elsewhere
+            raise ValueError(f"default {value} depends on the machine; give the Field "
+                             'json_schema_extra={"doc_default": "..."} to say it in words')
         return code(json.dumps(str(value)))
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")

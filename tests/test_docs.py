@@ -227,3 +227,12 @@ def test_every_link_leads_somewhere() -> None:
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 problems.append(f"{page.relative_to(REPO)}: {target}: no such heading")
     assert not problems, "\n".join(problems)
+
+
+def test_a_machine_dependent_default_must_be_said_in_words() -> None:
+    """An absolute path default would make the reference differ from machine to machine."""
+    with pytest.raises(ValueError, match="doc_default"):
+        docgen.toml_value(Path("/home/someone/.local/state/cryid"))
+    assert docgen.toml_value(Path("outbox.sqlite3")) == '`"outbox.sqlite3"`'
+    state_dir = Settings.model_fields["state_dir"]
+    assert "~/.local/state/cryid" in (docgen.doc_default(state_dir) or "")
