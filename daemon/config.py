@@ -30,10 +30,15 @@ from cryid.models.errors import SettingsError
 
 logger = logging.getLogger(__name__)
 
-# CRYID_* variables that are not settings fields but are read elsewhere (so not typos).
-OTHER_ENVIRONMENT = (
-    "CRYID_CONFIG", "CRYID_DEMO_DATA", "CRYID_TEST_DATA", "CRYID_TEST_SHIPPED_SOURCE", "CRYID_FULL_PARITY"
-)
+# CRYID_* variables that are not settings fields but are read elsewhere (so not typos), with their meaning.
+OTHER_ENVIRONMENT = {
+    "CRYID_CONFIG": "The TOML configuration file (`--config` wins over it).",
+    "CRYID_DEMO_DATA": "`cryid demo`: the donateacry-cc folder of real cries (default "
+    "`../shared/data/donateacry-cc`).",
+    "CRYID_TEST_DATA": "Tests and `bench/`: the donateacry-cc folder of real cries.",
+    "CRYID_TEST_SHIPPED_SOURCE": "Tests: the speechbrain folder the shipped model was exported from.",
+    "CRYID_FULL_PARITY": "Tests: `1` checks the embedder's parity on every dev file (slow).",
+}
 
 DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "~/.local/state/cryid")).expanduser()
 
@@ -45,7 +50,7 @@ class MqttSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
-    username: str | None = Field(None, description="User name; None for an anonymous connection.")
+    username: str | None = Field(None, description="User name; unset for an anonymous connection.")
     password: SecretStr | None = Field(None, description="Password (secret; prefer a credential file).")
     password_file: Path | None = Field(
         None, description="File holding the password; relative names are looked up in $CREDENTIALS_DIRECTORY."
@@ -56,7 +61,7 @@ class MqttSettings(BaseModel):
         description="MQTT version. 5 makes the broker say when it refuses a publish (ACL); 3.1.1 only for "
         "brokers without MQTT 5, which acknowledge a refused publish and drop it.",
     )
-    ca_file: Path | None = Field(None, description="CA certificate for TLS (system store when None).")
+    ca_file: Path | None = Field(None, description="CA certificate for TLS (system store when unset).")
     client_id: str = Field("", description="MQTT client id; empty derives one from the room.")
     topic_prefix: str = Field("", description="Prefix of every topic; empty means cryid/<room>.")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive.")
@@ -206,9 +211,15 @@ class Settings(BaseSettings):
     )
 
     room: str = Field("nursery", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Ward room name (topics).")
-    state_dir: Path = Field(DEFAULT_STATE_DIR, description="Registry and outbox live here (CRYID_STATE_DIR).")
+    state_dir: Path = Field(
+        DEFAULT_STATE_DIR,
+        description="Registry and outbox live here (CRYID_STATE_DIR).",
+        json_schema_extra={"doc_default": "`$STATE_DIRECTORY` (set by systemd) or `~/.local/state/cryid`"},
+    )
     model: Path = Field(
-        DEFAULT_MODEL_DIR, description="Model directory: model.onnx + manifest.json (CRYID_MODEL)."
+        DEFAULT_MODEL_DIR,
+        description="Model directory: model.onnx + manifest.json (CRYID_MODEL).",
+        json_schema_extra={"doc_default": "the shipped model, `models/default/`"},
     )
     segmenter: SegmenterSettings = SegmenterSettings()
     embedder: EmbedderSettings = EmbedderSettings()

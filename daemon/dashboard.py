@@ -57,12 +57,12 @@ class DashboardSettings(BaseModel):
         "or a path on the page's own server (/mqtt behind nginx).",
     )
     username: str | None = Field(
-        None, description="Broker user the page signs in as (the read-only `dashboard`); None: anonymous."
+        None, description="Broker user the page signs in as (the read-only `dashboard`); unset: anonymous."
     )
     password_file: Path | None = Field(
         None,
         description="File with that user's password, handed to the page so it signs in by itself "
-        "(wall screens; read-only users only). None: the page asks for user and password.",
+        "(wall screens; read-only users only). Unset: the page asks for user and password.",
     )
     tls_cert: Path | None = Field(None, description="Certificate (PEM) to serve the page over HTTPS.")
     tls_key: Path | None = Field(None, description="Private key (PEM) of tls_cert.")

@@ -1,29 +1,19 @@
 """MQTT payloads, defined once as pydantic models; ``cryid schema`` prints their JSON Schema.
 
-Topics (prefix ``cryid/<room>`` unless ``mqtt.topic_prefix`` is set):
+The meaning of each topic (:func:`topics`) and of each payload field (the ``Field`` descriptions) is
+written here only: ``docs/reference/payloads.md`` is generated from them and from the paragraphs below
+(``python -m cryid.daemon.docgen``).
 
-- ``<prefix>/status``: retained availability, ``online`` / ``offline`` (plain text; the last will is
-  ``offline``).
-- ``<prefix>/baby/<baby_id>``: :class:`CryEvent` for every expiration or episode identified as that baby.
-- ``<prefix>/unknown``: :class:`CryEvent` for cries not confidently matched to one of the room's babies;
-  it still lists the likeliest ``candidates`` ("probably 0003 or 0007").
-- ``<prefix>/stats``: :class:`Stats`, periodically.
-
-Two kinds of :class:`CryEvent`:
-
-- ``expiration`` (provisional): one per detected cry expiration, right after it ends. Its decision uses
-  every expiration of the current crying episode so far, so it firms up as the baby keeps crying;
-  its times are those of the expiration.
-- ``episode`` (final): one per crying episode (expirations less than ``identifier.episode_gap_s``
-  apart), once the episode is over; its decision uses all of its expirations, its times span the episode.
-
-Every event has a unique ``event_id``: delivery is at-least-once (QoS 1 and the outbox), so a
-consumer de-duplicates by ``event_id``. Provisional and final events of one episode share ``episode_id``.
+Every topic is under a prefix, ``cryid/<room>`` unless ``mqtt.topic_prefix`` is set, and is sent with
+QoS 1. Delivery is at-least-once (QoS 1 and the outbox on disk, across broker outages and restarts), so
+a consumer de-duplicates events by ``event_id``. With ``homeassistant.enabled`` the daemon also
+publishes Home Assistant discovery configs under ``homeassistant/``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -57,26 +47,51 @@ class CandidateOut(BaseModel):
 
 
 class CryEvent(BaseModel):
-    """One identification: a provisional ``expiration`` event or a final ``episode`` event."""
+    """One identification: a provisional ``expiration`` event or a final ``episode`` event.
+
+    A crying episode is a run of expirations less than ``identifier.episode_gap_s`` apart. Each
+    expiration gets a provisional ``expiration`` event right after it ends; its decision uses every
+    expiration of the episode so far, so it firms up while the baby keeps crying, and its times are those
+    of the expiration. One final ``episode`` event follows once the episode is over (no expiration for
+    ``identifier.episode_gap_s``, or after ``identifier.max_episode_s``); its decision uses all of the
+    episode's expirations and its times span the episode. Both kinds share ``episode_id``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
-    event_id: str = Field(..., description="Unique id (UUID4) of this event, for de-duplication.")
+    schema_version: int = Field(
+        SCHEMA_VERSION,
+        description="Payload format version. Version 2 added `confidence`, `candidates` and "
+        "`n_candidates`; consumers of version 1 can ignore them.",
+    )
+    event_id: str = Field(
+        ...,
+        description="Unique id (UUID4) of this event; delivery is at-least-once, so de-duplicate by it.",
+    )
     episode_id: str = Field(..., description="Id (UUID4) of the crying episode this event belongs to.")
     kind: Literal["expiration", "episode"] = Field(
-        ..., description="`expiration`: provisional, per expiration; `episode`: final, per crying episode."
+        ...,
+        description="`expiration`: provisional, one per cry expiration as soon as it ends (the decision "
+        "uses the episode so far); `episode`: final, one per crying episode once the baby has been quiet "
+        "for `identifier.episode_gap_s`.",
     )
     decision: Literal["identified", "unknown"] = Field(
         ...,
         description="`identified` when `confidence >= identifier.min_confidence` (and any expert "
-        "`min_score`/`min_margin` override is met); uncalibrated models: score and margin thresholds.",
+        "`min_score`/`min_margin` override is met; uncalibrated models: score and margin thresholds); "
+        "otherwise `unknown`: `baby_id` is null and the event goes to `<prefix>/unknown`.",
     )
     baby_id: str | None = Field(..., description="The identified baby; null when unknown.")
     best_baby_id: str | None = Field(
-        ..., description="Best-matching baby of the room, also when unknown; null if none enrolled."
+        ...,
+        description="Best-matching baby of the room, also when unknown (who came closest); null if none "
+        "enrolled.",
     )
-    score: float | None = Field(..., description="Cosine to the best centroid; null if none enrolled.")
+    score: float | None = Field(
+        ...,
+        description="Cosine similarity of the cry to the best-matching baby's reference; null if none "
+        "enrolled.",
+    )
     runner_up: RunnerUp | None = Field(..., description="Second-best baby; null if fewer than two enrolled.")
     margin: float | None = Field(
         ..., description="score - runner_up.score; equals score with one enrolled baby; null if none."
@@ -89,7 +104,10 @@ class CryEvent(BaseModel):
         "the room has); null with an uncalibrated model or no enrolled baby.",
     )
     candidates: list[CandidateOut] = Field(
-        ..., max_length=3, description="The room's 3 likeliest babies, best first (also when unknown)."
+        ...,
+        max_length=3,
+        description="The room's (up to) 3 likeliest babies, best score first; present in unknown events "
+        "too (\"probably 0003 or 0007\").",
     )
     n_candidates: int = Field(..., ge=0, description="Enrolled babies of the room the cry was compared with.")
     started_at: datetime = Field(..., description="UTC start (ISO 8601) of the expiration / episode.")
@@ -137,6 +155,50 @@ class Stats(BaseModel):
     broker_error: str | None = Field(None, description="Last broker problem (refusal, TLS, connection).")
     disk_full: bool = Field(False, description="True while the outbox cannot be written (disk full).")
     memory_events: int = Field(0, description="Events held in memory while the outbox cannot be written.")
+
+
+@dataclass(frozen=True)
+class Topic:
+    """One MQTT topic of a room: its path under the prefix, who sends it, and its payload."""
+
+    path: str  # after "<prefix>/"
+    meaning: str
+    retained: bool
+    sent_by: str
+    payload: type[BaseModel] | None = None  # a JSON payload; None: plain text, one of ``values``
+    values: tuple[str, ...] = ()
+
+
+def topics() -> tuple[Topic, ...]:
+    """Every topic under ``<prefix>``, in the order a reader meets them (the reference lists them so)."""
+    from cryid.daemon.feedback import CommandResult, ConfirmCommand, RejectCommand, UndoCommand
+
+    return (
+        Topic("status", "Availability of the daemon; `offline` is also its last will.", True, "daemon",
+              values=("online", "offline")),
+        Topic("baby/<baby_id>", "A cry event for a cry identified as that baby (one topic per enrolled "
+              "baby, so a dashboard can follow one infant).", False, "daemon", CryEvent),
+        Topic("unknown", "A cry event for a cry that matches no enrolled baby of the room well enough; it "
+              "still lists the likeliest `candidates`.", False, "daemon", CryEvent),
+        Topic("stats", "Health figures, every `mqtt.stats_interval_s`.", False, "daemon", Stats),
+        Topic("babies", "The room's roster, republished on every registry change.", True, "daemon", Roster),
+        Topic("baby/<baby_id>/state", "That baby now: crying, crying since, last cry, episodes and minutes "
+              "of crying in 24 h; an empty retained message deletes it (a baby discharged, purged or moved).",
+              True, "daemon", BabyState),
+        Topic("status/source", "The audio source: `ok`, `flat` (digital silence, a constant or a clipped "
+              "flat line for `source.flat_timeout_s`) or `down` (the device failed and is being reopened, "
+              "or the source ended).", True, "daemon", values=("ok", "flat", "down")),
+        Topic("status/crying", "`ON` from an episode's first provisional event to its final event, else "
+              "`OFF`.", True, "daemon", values=("ON", "OFF")),
+        Topic("cmd/confirm", "A nurse's command: the cries of an episode were this baby's.", False,
+              "the broker user `nurse` only", ConfirmCommand),
+        Topic("cmd/reject", "A nurse's command: the cries of an episode were not this baby's.", False,
+              "the broker user `nurse` only", RejectCommand),
+        Topic("cmd/undo", "A nurse's command: take a confirmation or rejection back.", False,
+              "the broker user `nurse` only", UndoCommand),
+        Topic("cmd/result", "The daemon's answer to each command, with its `request_id`.", False, "daemon",
+              CommandResult),
+    )
 
 
 def json_schemas() -> dict[str, Any]:

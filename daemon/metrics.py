@@ -47,7 +47,7 @@ class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     port: int | None = Field(
-        None, ge=1, le=65535, description="HTTP port of /metrics and /healthz; None (default): no server."
+        None, ge=1, le=65535, description="HTTP port of /metrics and /healthz; unset (default): no server."
     )
     host: str = Field("127.0.0.1", description="Address the metrics server binds to (0.0.0.0: every one).")
 

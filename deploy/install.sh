@@ -143,6 +143,12 @@ ensure_file "$SOURCE/deploy/cryid.toml" "$ETC/cryid.toml" 0640 0 "$GID_N" keep
 ensure_file "$SOURCE/deploy/cryid.service" "$UNIT" 0644 0 0
 ensure_file "$SOURCE/deploy/cryid-admin" "$ADMIN" 0755 0 0
 ensure_file "$SOURCE/README.md" "$OPT/README.md" 0644 0 0
+# The guides the README links to (docs/admin.md for this PC), with the generated reference.
+ensure_dir "$OPT/docs" 0755 0 0
+ensure_dir "$OPT/docs/reference" 0755 0 0
+for f in "$SOURCE"/docs/*.md "$SOURCE"/docs/*.png "$SOURCE"/docs/reference/*.md; do
+    if [ -f "$f" ]; then ensure_file "$f" "$OPT/docs/${f#"$SOURCE"/docs/}" 0644 0 0; fi
+done
 
 # The ward dashboard's static page, for nginx (deploy/nginx/cryid-dashboard.conf) or any web server;
 # config.json (broker URL, user, rooms) is the admin's to edit: kept across upgrades like cryid.toml.

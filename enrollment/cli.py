@@ -277,7 +277,7 @@ def _add_sample_options(p: argparse.ArgumentParser, period_default: str) -> None
     p.add_argument("--period", choices=PERIODS, default=period_default, help="When the cries were recorded.")
     p.add_argument(
         "--keep-audio", action=argparse.BooleanOptionalAction, default=None,
-        help="Store the recording in the registry (privacy: see README; enables `reembed`). "
+        help="Store the recording in the registry (privacy: see docs/enrollment.md; enables `reembed`). "
         "Default: registry.keep_audio.",
     )
 

@@ -37,8 +37,8 @@ def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None
     for name, typ in (("split", str), ("room_size", int), ("room_strangers", int), ("rooms", int),
                       ("seed", int), ("folds", int), ("target_wrong_rate", float), ("bootstrap", int)):
         flag = f"--{prefix}{name.replace('_', '-')}"
-        p.add_argument(flag, dest=f"cal_{name}", type=typ, default=None,
-                       help=f"{fields[name].description} (default: {fields[name].default})")
+        help_text = f"{fields[name].description} (default: {fields[name].default})".replace("%", "%%")
+        p.add_argument(flag, dest=f"cal_{name}", type=typ, default=None, help=help_text)
 
 
 def _run_calibration(model_dir: object, data: object, args: argparse.Namespace, settings: object) -> None:
@@ -204,7 +204,7 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
             ann = next(a for a in typing.get_args(ann) if a is not type(None))
         args = typing.get_args(ann)
         default = field.default
-        help_text = f"{field.description} (default: {default})"
+        help_text = f"{field.description} (default: {default})".replace("%", "%%")  # argparse formats help
         if ann is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(ann) is typing.Literal:

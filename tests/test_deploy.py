@@ -262,6 +262,8 @@ def test_install_twice_is_idempotent_and_uninstall_keeps_the_registry(test_root:
         assert (got_mode, got_uid, got_gid) == (mode, owner, group), rel
     assert (root / "etc/systemd/system/cryid.service").read_bytes() == UNIT.read_bytes()
     assert (root / "opt/cryid/venv/bin/python").exists()
+    for doc in ("README.md", "docs/admin.md", "docs/reference/configuration.md", "docs/dashboard.png"):
+        assert (root / "opt/cryid" / doc).read_bytes() == (REPO / doc).read_bytes(), doc
     wants = root / "etc/systemd/system/multi-user.target.wants/cryid.service"
     assert os.readlink(wants) == "/etc/systemd/system/cryid.service"
 

@@ -266,7 +266,7 @@ def test_discovery_under_the_recommended_acl(
     daemons: list[Daemon],
     tmp_path: Path,
 ) -> None:
-    """The ACL lines the README gives: the daemon's user writes its own room's discovery configs and
+    """The ACL lines docs/admin.md gives: the daemon's user writes its own room's discovery configs and
     reads HA's status, nothing of another room; HA's user reads everything and announces itself."""
     (tmp_path / "broker").mkdir()
     broker = Broker(tmp_path / "broker", users={f"cryid-{ROOM}": "daemon-pw", "ha": "ha-pw"})

@@ -265,7 +265,7 @@ def test_daemon_events_arrive_over_tls_and_websockets(
     ward_broker: WardBroker, client: Callable[..., Client], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon's own publisher, configured by deploy/cryid.toml + the systemd credential, over TLS;
-    the README's mosquitto_sub line and a browser-style websockets client both receive the event."""
+    the mosquitto_sub line of docs/mqtt.md and a browser-style websockets client both receive the event."""
     from cryid.daemon.config import Settings
     from cryid.daemon.mqtt import MqttPublisher
     from cryid.daemon.outbox import Outbox
@@ -294,7 +294,7 @@ def test_daemon_events_arrive_over_tls_and_websockets(
         pub = MqttPublisher(settings.mqtt, settings.room, outbox)
         pub.start()
         assert pub.wait_connected(15), pub.fatal_error
-        # The README's dashboard example; the retained status shows it is subscribed.
+        # The dashboard example of docs/mqtt.md; the retained status shows it is subscribed.
         sub = subprocess.Popen(
             ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(ward_broker.tls_port),
              "--cafile", str(ward_broker.ca_file), "-u", "dashboard",

@@ -7,7 +7,7 @@ default decision settings. The babies are chosen so that the shipped model separ
 (the D recording scores about 0.8 against its own B centroid and below 0 against the others; the
 test checks that first, on the same audio, pipeline and centroids, in a scratch registry): what the
 test checks is the registry-to-daemon path, not the model's accuracy. The daemon must pick up the
-removal within the README's bound (``service.registry_poll_s``, 1 s by default) plus a tolerance for
+removal within docs/enrollment.md's bound (``service.registry_poll_s``, 1 s by default) plus a tolerance for
 a loaded machine.
 """
 
