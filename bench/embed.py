@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from cryid.models.audio import load_audio  # noqa: E402
 from cryid.models.config import EmbedderSettings  # noqa: E402
 from cryid.models.embedder import Embedder  # noqa: E402
-from cryid.models.export import export_model  # noqa: E402
 from cryid.models.scoring import cosine  # noqa: E402
+from cryid.models.training.export import export_model  # noqa: E402
 
 
 def real_cry_clips(data: Path, seconds: list[float], per_length: int) -> dict[float, list[np.ndarray]]:
@@ -68,8 +68,8 @@ def main() -> int:
 
     import torch
 
-    from cryid.models.backend import BACKEND_NAME, load_backend
-    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.backend import BACKEND_NAME, load_backend
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="cryid-bench-"))

@@ -33,14 +33,14 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from cryid.models.audio import load_audio
-    from cryid.models.cryceleb import load_cryceleb
     from cryid.models.embedder import Embedder
-    from cryid.models.eval_backends import SpeechbrainBackend
+    from cryid.models.evaluation.cryceleb import load_cryceleb
+    from cryid.models.evaluation.embedders import SpeechbrainBackend
 
     with tempfile.TemporaryDirectory(prefix="cryid-bench-") as tmp:
         sb_src, model_dir = args.speechbrain, args.model
         if sb_src is None or model_dir is None:
-            from cryid.models.export import export_model
+            from cryid.models.training.export import export_model
             from tests.fixtures.models import build_speechbrain_model_dir
 
             sb_src = str(build_speechbrain_model_dir(Path(tmp) / "sb"))

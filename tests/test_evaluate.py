@@ -19,9 +19,9 @@ import pytest
 from cryid.daemon.cli import main
 from cryid.models.audio import load_audio
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import load_cryceleb
-from cryid.models.eval_backends import EmbeddingCache, Throughput
-from cryid.models.evaluate import concatenation_embeddings, file_expiration_embeddings
+from cryid.models.evaluation.cryceleb import load_cryceleb
+from cryid.models.evaluation.embedders import EmbeddingCache, Throughput
+from cryid.models.evaluation.evaluate import concatenation_embeddings, file_expiration_embeddings
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -261,8 +261,8 @@ def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
         "import sys\n"
         "from pathlib import Path\n"
         "from cryid.models.config import EmbedderSettings, SegmenterSettings\n"
-        "from cryid.models.eval_backends import load_backend_for_eval\n"
-        "from cryid.models.evaluate import EvalOptions, run_evaluation\n"
+        "from cryid.models.evaluation.embedders import load_backend_for_eval\n"
+        "from cryid.models.evaluation.evaluate import EvalOptions, run_evaluation\n"
         f"backend = load_backend_for_eval(Path({str(shipped_model_dir)!r}), None, EmbedderSettings())\n"
         f"data = Path({str(synthetic_cryceleb_dir)!r})\n"
         f"r = run_evaluation(data, EvalOptions(split='dev'), backend, 'onnx', 'm', SegmenterSettings(),\n"

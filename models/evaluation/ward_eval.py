@@ -1,8 +1,9 @@
 """The ward protocol of ``cryid eval``: enroll from B files, identify D files in simulated rooms.
 
 Each file is segmented and embedded exactly as enrollment and the daemon do (``pipeline.embed_expirations``);
-rooms, confirmations, scores and decisions come from ``cryid.models.ward``. Without ``--room-size`` there
-is one room: every baby whose B files hold an expiration is enrolled, the others' D files are strangers.
+rooms, confirmations, scores and decisions come from ``cryid.models.evaluation.ward``. Without
+``--room-size`` there is one room: every baby whose B files hold an expiration is enrolled, the others'
+D files are strangers.
 Decisions use the model's calibration (``manifest.calibration``) at ``--min-confidence`` (default: the
 value the calibration recommends); an uncalibrated model reports no coverage or wrong-baby rate.
 Intervals are percentile bootstraps over infants (each resample draws infants with replacement and
@@ -20,13 +21,13 @@ import numpy as np
 
 from cryid.models.audio import load_audio
 from cryid.models.calibration import Calibration
-from cryid.models.channel import WardChannel
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import CryCelebError, CryCelebSet, Recording
-from cryid.models.eval_backends import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
-from cryid.models.eval_options import EvalOptions
-from cryid.models.metrics import bootstrap_ci, infant_codes
-from cryid.models.ward import (
+from cryid.models.evaluation.channel import WardChannel
+from cryid.models.evaluation.cryceleb import CryCelebError, CryCelebSet, Recording
+from cryid.models.evaluation.embedders import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
+from cryid.models.evaluation.metrics import bootstrap_ci, infant_codes
+from cryid.models.evaluation.options import EvalOptions
+from cryid.models.evaluation.ward import (
     RoomQueries,
     WardData,
     coverage,

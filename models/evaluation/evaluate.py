@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from cryid.models.channel import WardChannel
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
-from cryid.models.eval_backends import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
-from cryid.models.eval_options import EvalOptions
-from cryid.models.metrics import bootstrap_ci, eer, infant_codes, min_dcf, weighted_eer
-from cryid.models.scoring import cosine_matrix, l2_normalize
-from cryid.models.ward_eval import (
+from cryid.models.evaluation.channel import WardChannel
+from cryid.models.evaluation.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
+from cryid.models.evaluation.embedders import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
+from cryid.models.evaluation.metrics import bootstrap_ci, eer, infant_codes, min_dcf, weighted_eer
+from cryid.models.evaluation.options import EvalOptions
+from cryid.models.evaluation.ward_eval import (
     WardReport,
     channel_key,
     file_expiration_embeddings,
@@ -41,6 +40,7 @@ from cryid.models.ward_eval import (
     progress,
     ward_protocol,
 )
+from cryid.models.scoring import cosine_matrix, l2_normalize
 
 __all__ = ["EvalOptions", "EvalReport", "PairReport", "WardReport", "concatenation_embeddings",
            "file_expiration_embeddings", "pair_protocol", "run_evaluation", "ward_protocol"]

@@ -8,7 +8,7 @@ in speechbrain's Hugging Face layout (``hyperparams.yaml``, ``embedding_model.ck
 ``mean_var_norm_emb.ckpt``, ``classifier.ckpt``, ``label_encoder.txt``) that ``cryid model export``
 reads, with ``train_info.json`` (the command, the settings, per-epoch metrics). ``train_state.pt``
 holds model, optimiser, epoch and random states, so an interrupted run resumes where it stopped.
-Optionally an LDA back-end (``cryid.models.backend``) is fitted on the training embeddings of the
+Optionally an LDA back-end (``cryid.models.training.backend``) is fitted on the training embeddings of the
 chosen epoch and saved as ``backend.npz`` beside it; the export appends it to the ONNX graph.
 
 torch and speechbrain are imported lazily (the ``train`` extra); the runtime never imports this module.
@@ -23,14 +23,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from cryid.models.audio import SAMPLE_RATE, load_audio
-from cryid.models.backend import BackendSettings, cross_validated_eer, fit_backend
-from cryid.models.train_parts import (
+from cryid.models.training.backend import BackendSettings, cross_validated_eer, fit_backend
+from cryid.models.training.settings import TrainSettings
+from cryid.models.training.train_parts import (
     GLOBAL_NORM_LOADABLE,
     GLOBAL_NORM_PATH,
     HYPERPARAMS_TEMPLATE,
@@ -55,94 +55,6 @@ STATE_NAME = "train_state.pt"
 INFO_NAME = "train_info.json"
 
 
-class TrainSettings(BaseModel):
-    """Every knob of ``cryid model train``; defaults are the CryCeleb paper's recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    channels: int = Field(
-        1024, ge=8, le=4096, description="ECAPA-TDNN channels C (blocks C,C,C,C,3C); multiple of 8."
-    )
-    embedding_dim: int = Field(192, ge=8, le=4096, description="Embedding size (lin_neurons).")
-    epochs: int = Field(10, ge=0, le=10000, description="Passes over the training baby-periods.")
-    chunks_per_item: int = Field(
-        1, ge=1, le=1000, description="Random chunks drawn per baby-period per epoch."
-    )
-    batch_size: int = Field(32, ge=1, le=1024, description="Chunks per optimiser step.")
-    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate.")
-    margin: float = Field(0.2, ge=0.0, le=1.0, description="Additive angular margin of the AAM-softmax.")
-    scale: float = Field(30.0, gt=0.0, le=100.0, description="Scale of the AAM-softmax.")
-    chunk_min_s: float = Field(3.0, gt=0.0, le=60.0, description="Shortest random training chunk.")
-    chunk_max_s: float = Field(5.0, gt=0.0, le=60.0, description="Longest random training chunk.")
-    bandlimit_p: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Probability of resampling a chunk through 8 kHz (an AMR phone's band).",
-    )
-    noise_p: float = Field(
-        0.0, ge=0.0, le=1.0, description="Probability of adding coloured noise to a chunk."
-    )
-    noise_snr_db: tuple[float, float] = Field((5.0, 30.0), description="SNR range of the added noise.")
-    gain_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of a random loudness change.")
-    gain_db: tuple[float, float] = Field((-20.0, 6.0), description="Range of the loudness change.")
-    speed_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of a random speed change.")
-    speeds: tuple[float, ...] = Field((0.95, 1.05), description="Speed factors to pick from.")
-    max_freq_hz: float | None = Field(
-        None,
-        gt=0.0,
-        le=8000.0,
-        description="Ignore mel bands above this frequency (their first-layer weights are zero), so a 16 kHz "
-        "and an 8 kHz phone look alike to the network; None uses all 80 bands.",
-    )
-    input_norm: Literal["sentence", "global"] = Field(
-        "sentence",
-        description="Input normalisation (speechbrain InputNormalization, std_norm=False): sentence removes "
-        "each chunk's per-band mean (the paper); global removes the training data's per-band mean, "
-        "fixed before training, so the network sees each recording's long-term spectrum.",
-    )
-    stats_init_db: tuple[float, ...] = Field(
-        (),
-        description="Start from an ECAPA-TDNN whose weights compute per-band mean and std of relu(x - t) of "
-        "the normalised log-mel x for these thresholds t (dB) (cryid.models.train_parts.stats_init; -100 "
-        "makes the channel x itself); needs channels >= 160, 3 x channels >= 80 x thresholds and "
-        "embedding_dim = 2 x 80 x thresholds (all kinds). None of the three --stats-* options: random "
-        "initialisation (or --init).",
-    )
-    stats_framegain_db: tuple[float, ...] = Field(
-        (),
-        description="Statistics initialisation: thresholds of the per-frame spectral shape "
-        "x_b - mean over bands (loudness removed).",
-    )
-    stats_delta_db: tuple[float, ...] = Field(
-        (), description="Statistics initialisation: thresholds of the first difference x(t+1) - x(t-1)."
-    )
-    split: str = Field("train", description="Split of metadata.csv to train on (each baby_id a class).")
-    val_split: str | None = Field(
-        "dev", description="Split whose pairs are scored after each epoch; None: no validation."
-    )
-    select: Literal["dev", "cv", "last"] = Field(
-        "dev",
-        description="Keep the epoch with the best dev EER (the paper), the best cross-validated EER on the "
-        "training split (5 folds of infants, back-end refitted, pseudo-pairs of files; dev untouched), "
-        "or the last epoch.",
-    )
-    backend: Literal["none", "lda", "wccn"] = Field(
-        "none", description="Linear back-end fitted after training."
-    )
-    backend_dims: int = Field(20, ge=1, le=1024, description="LDA output dimensions.")
-    backend_bandlimit: bool = Field(
-        False,
-        description="Also fit the back-end on 8 kHz band-limited copies of the training files "
-        "(on donateacry-cc such copies hurt the dev EER; see bench/train_experiments.py).",
-    )
-    seed: int = Field(0, ge=0, description="Random seed (weights, chunks, augmentation).")
-    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
-    threads: int | None = Field(
-        None, ge=1, le=256, description="torch CPU threads; None keeps torch's default."
-    )
-
-
 @dataclass(frozen=True)
 class Item:
     """One (baby, period) of the training split: its cries concatenated in chronological order."""
@@ -161,7 +73,7 @@ class TrainResult:
 
 def read_items(data_dir: Path, split: str) -> tuple[list[Item], Any]:
     """The (baby, period) groups of ``split`` and the data set (helper D's CryCeleb reader)."""
-    from cryid.models.cryceleb import load_cryceleb
+    from cryid.models.evaluation.cryceleb import load_cryceleb
 
     ds = load_cryceleb(data_dir)
     ds.check_audio(split)
@@ -231,7 +143,7 @@ def build_modules(
 
     init_dir = None
     if init_src is not None:
-        from cryid.models.speechbrain_io import load_encoder_classifier, resolve_source
+        from cryid.models.training.speechbrain_io import load_encoder_classifier, resolve_source
 
         init_dir = resolve_source(init_src)
     text = _hparams_text(settings, n_classes, init_dir)

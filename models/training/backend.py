@@ -2,8 +2,8 @@
 
 A back-end is one affine map, ``y = (x - mean) @ transform``, fitted on labelled training embeddings
 (each infant a class). Cosine scoring after it is the classic Kaldi/WeSpeaker recipe
-"centre, LDA, length-normalise, cosine". Because the map is affine, ``cryid.models.export`` can append
-it inside the ONNX graph (Sub + MatMul), so the runtime ``Embedder`` needs no change.
+"centre, LDA, length-normalise, cosine". Because the map is affine, ``cryid.models.training.export``
+can append it inside the ONNX graph (Sub + MatMul), so the runtime ``Embedder`` needs no change.
 
 The file format, ``backend.npz``, holds ``mean`` (D,) and ``transform`` (D, K) as float32, plus a
 ``kind`` string and the eigenvalues (informative only). NumPy/SciPy only: no torch here.
@@ -198,7 +198,7 @@ def cross_validated_eer(
     infant). Files of one infant share a recording session, so this is optimistic next to B vs D
     pairs, but it uses the training split only: a selection criterion that leaves dev untouched.
     """
-    from cryid.models.metrics import eer
+    from cryid.models.evaluation.metrics import eer
 
     x = np.asarray(embeddings, dtype=np.float64)
     y = np.asarray(labels)

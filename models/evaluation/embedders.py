@@ -45,8 +45,8 @@ class SpeechbrainBackend:
     """
 
     def __init__(self, src: str) -> None:
-        from cryid.models.export import BACKEND_NAME, load_backend
-        from cryid.models.speechbrain_io import load_encoder_classifier, resolve_source
+        from cryid.models.training.export import BACKEND_NAME, load_backend
+        from cryid.models.training.speechbrain_io import load_encoder_classifier, resolve_source
 
         local = resolve_source(src)
         self.source = src

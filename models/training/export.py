@@ -261,7 +261,7 @@ def export_model(
     overwrite: bool = False,
 ) -> Manifest:
     """Export ``src`` (speechbrain dir or hub id) to ``out``; returns the manifest written there."""
-    from cryid.models.speechbrain_io import load_encoder_classifier, resolve_source
+    from cryid.models.training.speechbrain_io import load_encoder_classifier, resolve_source
 
     out = Path(out)
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
@@ -298,7 +298,7 @@ def export_model(
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the model from the service user
     try:
         fp32_path = tmp / "model.fp32.onnx"
-        from cryid.models.onnx_rewrite import convs_as_conv2d
+        from cryid.models.training.onnx_rewrite import convs_as_conv2d
 
         fast = convs_as_conv2d(clf.mods.embedding_model)
         try:
@@ -330,7 +330,7 @@ def export_model(
             )
         quant = None
         if quantize == "int8":
-            from cryid.models.onnx_rewrite import SCHEME, convs_as_matmul, quantize_int8
+            from cryid.models.training.onnx_rewrite import SCHEME, convs_as_matmul, quantize_int8
 
             mm = convs_as_matmul(clf.mods.embedding_model)
             pre_path = tmp / "model.pre-int8.onnx"
