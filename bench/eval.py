@@ -11,27 +11,24 @@ of audio per second, the ratio ONNX / speechbrain measured in this run, and the 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "donateacry-cc"
+from _common import DATA_DIR
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--split", default="dev")
     parser.add_argument("--groups", type=int, default=12, help="baby-period concatenations to embed")
     parser.add_argument("--model", type=Path, default=None, help="cryid model directory (ONNX)")
     parser.add_argument("--speechbrain", default=None, help="the same weights as a speechbrain source")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(REPO))
     from cryid.models.audio import load_audio
     from cryid.models.embedder import Embedder
     from cryid.models.evaluation.cryceleb import load_cryceleb
@@ -40,8 +37,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cryid-bench-") as tmp:
         sb_src, model_dir = args.speechbrain, args.model
         if sb_src is None or model_dir is None:
+            from _common import build_speechbrain_model_dir
             from cryid.models.training.export import export_model
-            from tests.fixtures.models import build_speechbrain_model_dir
 
             sb_src = str(build_speechbrain_model_dir(Path(tmp) / "sb"))
             model_dir = Path(tmp) / "onnx"

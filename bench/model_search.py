@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cryid.models.training.backend import BackendSettings, fit_backend
 from search_parts import (
     apply_channel,
     dev_periods,
@@ -42,8 +43,6 @@ from search_parts import (
     ward_channel,
 )
 from train_experiments import read_rows
-
-from cryid.models.training.backend import BackendSettings, fit_backend
 
 logger = logging.getLogger("model_search")
 N_AUG, N_CHANNELS, REF, SHIPPED = 2, 40, "fbank_ms lda20 train cos", "shipped_onnx - - cos"
