@@ -285,7 +285,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         from pydantic import ValidationError
 
         from cryid.models.evaluation import outputs
-        from cryid.models.evaluation.embedders import default_cache_dir, load_backend_for_eval
+        from cryid.models.evaluation.embedders import default_cache_dir, load_eval_embedder
         from cryid.models.evaluation.evaluate import EvalOptions, run_evaluation
 
         names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k", "room_size",
@@ -309,14 +309,14 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         if args.plot is not None:
             outputs.require_matplotlib()
         model_dir = args.model if args.model is not None else settings.model  # type: ignore[attr-defined]
-        backend = load_backend_for_eval(
+        embedder = load_eval_embedder(
             None if args.speechbrain else model_dir, args.speechbrain, settings.embedder  # type: ignore[attr-defined]
         )
         report = run_evaluation(
             args.data,
             options,
-            backend,
-            backend_name="speechbrain" if args.speechbrain else "onnx",
+            embedder,
+            embedder_name="speechbrain" if args.speechbrain else "onnx",
             model_label=str(args.speechbrain or model_dir),
             segmenter=settings.segmenter,  # type: ignore[attr-defined]
             cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),

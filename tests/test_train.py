@@ -269,6 +269,31 @@ def test_backend_fit_save_load(tmp_path: Path) -> None:
         fit_backend(x[:3], ["a"] * 3)
 
 
+def test_backend_file_is_checked(tmp_path: Path) -> None:
+    """One reader of backend.npz (train, export, eval): a bad file is a one-line BackendError."""
+    from cryid.models.training.backend import BackendError, load_backend
+
+    with pytest.raises(BackendError, match="back-end file not found"):
+        load_backend(tmp_path / "none.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(BackendError, match=r"not a readable \.npz back-end"):
+        load_backend(tmp_path / "bad.npz")
+    np.savez(tmp_path / "half.npz", mean=np.zeros(3, np.float32))
+    with pytest.raises(BackendError, match="needs arrays 'mean'"):
+        load_backend(tmp_path / "half.npz")
+    nan = np.full(3, np.nan, np.float32)
+    np.savez(tmp_path / "nan.npz", mean=nan, transform=np.zeros((3, 2), np.float32))
+    with pytest.raises(BackendError, match="NaN or infinite"):
+        load_backend(tmp_path / "nan.npz")
+    transform = np.eye(3, 2, dtype=np.float32)
+    np.savez(tmp_path / "plain.npz", mean=np.ones(3, np.float32), transform=transform)
+    plain = load_backend(tmp_path / "plain.npz")
+    assert plain.kind is None  # the file does not say; the manifest then says nothing either
+    np.testing.assert_array_equal(plain.apply(np.array([2.0, 3.0, 4.0])), [1.0, 2.0])
+    again = load_backend(plain.save(tmp_path / "again.npz"))
+    assert again.kind is None and again.output_dim == 2
+
+
 def test_stats_init_computes_band_statistics() -> None:
     """The statistics-initialised ECAPA-TDNN returns the per-band statistics it promises."""
     import torch
