@@ -130,3 +130,29 @@ def test_run_time_modules_import_no_offline_code() -> None:
     # the offline subpackages exist and hold what moved there
     assert (REPO / "models" / "training" / "train.py").is_file()
     assert (REPO / "models" / "evaluation" / "evaluate.py").is_file()
+
+
+def test_the_enrollment_layers_view_of_the_settings_is_the_daemons() -> None:
+    """``cryid enroll`` types its settings with protocols (it cannot import the daemon's ``Settings``):
+    every property they name is a field of ``Settings`` with the same type."""
+    import typing
+
+    from cryid.daemon.config import Settings
+    from cryid.enrollment.config import EnrollmentSettings, RegistryPlace, RegistrySettings
+    from cryid.models.config import EmbedderSettings, SegmenterSettings
+
+    names = {
+        "Path": Path,
+        "RegistrySettings": RegistrySettings,
+        "SegmenterSettings": SegmenterSettings,
+        "EmbedderSettings": EmbedderSettings,
+    }
+    seen = set()
+    for proto in (RegistryPlace, EnrollmentSettings):
+        for cls in proto.__mro__:
+            for name, member in vars(cls).items():
+                if isinstance(member, property):
+                    wanted = typing.get_type_hints(member.fget, localns=names)["return"]
+                    assert Settings.model_fields[name].annotation is wanted, name
+                    seen.add(name)
+    assert seen == {"state_dir", "registry", "room", "model", "segmenter", "embedder"}
