@@ -29,6 +29,7 @@ import numpy as np
 
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.training.backend import BackendSettings, cross_validated_eer, fit_backend
+from cryid.models.training.checkpoint import STATE_NAME, RunState, load_checkpoint, save_checkpoint
 from cryid.models.training.settings import TrainSettings
 from cryid.models.training.train_parts import (
     GLOBAL_NORM_LOADABLE,
@@ -41,17 +42,14 @@ from cryid.models.training.train_parts import (
     embed_waves,
     features,
     kept_mel_bins,
-    rng_state,
     save_speechbrain_dir,
     set_global_input_norm,
-    set_rng_state,
     stats_init,
     validate,
 )
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "train_state.pt"
 INFO_NAME = "train_info.json"
 
 
@@ -69,6 +67,29 @@ class TrainResult:
     out_dir: Path
     best_epoch: int
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """The fixed parts of one training run: its data, the speechbrain modules on their device, the
+    optimiser and loss, and the folder it writes."""
+
+    settings: TrainSettings
+    out: Path
+    init: str | None
+    device: str
+    keep: int  # mel bands the network sees (kept_mel_bins of settings.max_freq_hz)
+    items: list[Item]
+    ds: Any  # the CryCeleb set (helper D's reader): validation pairs
+    labels: list[str]  # class index -> baby_id
+    hp: dict[str, Any]  # hyperpyyaml modules: mean_var_norm, embedding_model, classifier, ...
+    text: str  # hyperparams.yaml saved with each candidate
+    optimizer: Any
+    loss_fn: Any
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_NAME
 
 
 def read_items(data_dir: Path, split: str) -> tuple[list[Item], Any]:
@@ -166,14 +187,6 @@ def build_modules(
     return hp, text
 
 
-RESUMABLE_CHANGES = ("epochs", "device", "threads", "select")
-
-
-def _run_identity(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share with the interrupted one (more epochs may be asked for)."""
-    return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
-
-
 def _best_of(record: dict[str, Any]) -> dict[str, Any]:
     best = {**record.get("val", {}), "epoch": record["epoch"]}
     if "train_cv_eer" in record:
@@ -189,13 +202,12 @@ def _better(record: dict[str, Any], best: dict[str, Any] | None, select: str) ->
     return record.get("val", {}).get("eer", 1.0) < best.get("eer", 1.0)
 
 
-def _fit_backend(
-    hp: dict[str, Any], items: list[Item], settings: TrainSettings, device: str, keep: int
-) -> tuple[Any, np.ndarray, tuple[np.ndarray, list[str]]]:
+def _fit_backend(run: TrainRun) -> tuple[Any, np.ndarray, tuple[np.ndarray, list[str]]]:
     """Embed every training file (and band-limited copies) and fit the configured back-end on them."""
     import torch
     import torchaudio.functional as taf
 
+    hp, items, settings, device, keep = run.hp, run.items, run.settings, run.device, run.keep
     files = [(it.baby_id, f) for it in items for f in it.files]
     wavs = [load_audio(f) for _, f in files]
     labels = [b for b, _ in files]
@@ -214,11 +226,9 @@ def _fit_backend(
     return backend, embs, (x, y)
 
 
-def _validate_with_backend(
-    hp: dict[str, Any], ds: Any, settings: TrainSettings, device: str, keep: int, backend: Any
-) -> dict[str, float]:
+def _validate_with_backend(run: TrainRun, backend: Any) -> dict[str, float]:
     """Dev metrics of embedding + back-end (the exported model's view)."""
-    model = hp["embedding_model"]
+    model = run.hp["embedding_model"]
 
     class _WithBackend:
         def __init__(self) -> None:
@@ -236,9 +246,9 @@ def _validate_with_backend(
             e = model(feats)[0, 0].cpu().numpy()
             return torch.from_numpy(backend.apply(e))[None, None]
 
-    view = dict(hp)
+    view = dict(run.hp)
     view["embedding_model"] = _WithBackend()
-    return validate(view, ds, settings.val_split, device, keep)
+    return validate(view, run.ds, run.settings.val_split, run.device, run.keep)
 
 
 def train(
@@ -250,23 +260,52 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train (or resume training) into ``out_dir``; returns the chosen epoch and its dev metrics."""
+    run = prepare_run(settings, Path(data_dir), Path(out_dir), init)
+    state = load_checkpoint(run)
+    if state is None:
+        state = RunState()
+        random.seed(settings.seed)
+        np.random.seed(settings.seed)
+    audio = [load_item(it) for it in run.items]
+    aug = Augmenter(settings, seed=settings.seed)
+    t0 = time.monotonic()
+    if state.epoch == 0 and settings.epochs == 0:
+        state.history.append({"epoch": 0, "loss": None})
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        loss, emb_mean = run_epoch(run, epoch, audio, aug, progress)
+        record: dict[str, Any] = {"epoch": epoch, "loss": loss, "elapsed_s": time.monotonic() - t0}
+        state.history.append(record)
+        _end_of_epoch(run, record, emb_mean)
+        if _better(record, state.best, settings.select):
+            state.best = _best_of(record)
+            _promote(run.out)
+        logger.info("epoch %s: %s", epoch, record)
+        state.epoch = epoch
+        save_checkpoint(run, state)
+    if settings.epochs == 0:
+        record = state.history[-1]
+        _end_of_epoch(run, record, None)
+        state.best = _best_of(record)
+        _promote(run.out)
+    return _finish(run, state, command)
+
+
+def prepare_run(settings: TrainSettings, data_dir: Path, out_dir: Path, init: str | None) -> TrainRun:
+    """Check the settings, read the data, build the modules on their device, the optimiser and the loss,
+    and create ``out_dir``."""
     import torch
     from speechbrain.nnet.losses import AdditiveAngularMargin, LogSoftmaxWrapper
-    from tqdm import tqdm
 
     if settings.chunk_min_s > settings.chunk_max_s:
         raise TrainError(f"--chunk-min-s {settings.chunk_min_s} exceeds --chunk-max-s {settings.chunk_max_s}")
     device = resolve_device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    items, ds = read_items(Path(data_dir), settings.split)
+    items, ds = read_items(data_dir, settings.split)
     if settings.val_split is not None:
         ds.read_pairs(settings.val_split)  # fail now, not after the first epoch
     labels = sorted({it.baby_id for it in items})
-    label_index = {b: i for i, b in enumerate(labels)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_NAME
+    out_dir.mkdir(parents=True, exist_ok=True)
     hp, text = build_modules(settings, len(labels), init)
     keep = kept_mel_bins(settings.max_freq_hz)
     if settings.input_norm == "global":
@@ -274,89 +313,58 @@ def train(
     for name in ("mean_var_norm", "embedding_model", "classifier", "mean_var_norm_emb"):
         hp[name].to(device)
     params = list(hp["embedding_model"].parameters()) + list(hp["classifier"].parameters())
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
-    loss_fn = LogSoftmaxWrapper(AdditiveAngularMargin(margin=settings.margin, scale=settings.scale))
-    start_epoch, history, best = 1, [], None
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        if _run_identity(state["settings"]) != _run_identity(settings.model_dump(mode="json")) or (
-            state["labels"] != labels or state["init"] != init
-        ):
-            raise TrainError(
-                f"{out} holds a run with other settings or data; pass a new --out or delete {state_path}"
-            )
-        hp["embedding_model"].load_state_dict(state["embedding_model"])
-        hp["classifier"].load_state_dict(state["classifier"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        logger.info("resuming %s after epoch %s", out, state["epoch"])
-    else:
-        random.seed(settings.seed)
-        np.random.seed(settings.seed)
-    audio = [load_item(it) for it in items]
-    aug = Augmenter(settings, seed=settings.seed)
-    t0 = time.monotonic()
-    if start_epoch == 1 and settings.epochs == 0:
-        history.append({"epoch": 0, "loss": None})
-    for epoch in range(start_epoch, settings.epochs + 1):
-        rng = np.random.default_rng([settings.seed, epoch])
-        aug.rng = np.random.default_rng([settings.seed, epoch, 1])
-        order = rng.permutation(np.repeat(np.arange(len(items)), settings.chunks_per_item))
-        hp["embedding_model"].train()
-        hp["classifier"].train()
-        losses, emb_sum, emb_count = [], 0.0, 0
-        batches = range(0, len(order), settings.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress, leave=False)
-        for start in bar:
-            idx = order[start : start + settings.batch_size]
-            length = int(rng.uniform(settings.chunk_min_s, settings.chunk_max_s) * SAMPLE_RATE)
-            wavs = torch.from_numpy(np.stack([chunk(audio[i], length, rng) for i in idx])).to(device)
-            wavs = aug(wavs)
-            lens = torch.ones(len(idx), device=device)
-            emb = hp["embedding_model"](features(hp, wavs, lens, keep), lens)
-            targets = torch.tensor([[label_index[items[i].baby_id]] for i in idx], device=device)
-            loss = loss_fn(hp["classifier"](emb), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            emb_sum = emb_sum + emb.detach()[:, 0].sum(0).float().cpu().numpy()
-            emb_count += len(idx)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "elapsed_s": time.monotonic() - t0,
-        }
-        history.append(record)
-        _end_of_epoch(hp, text, labels, items, ds, settings, device, keep, record, out, emb_sum / emb_count)
-        if _better(record, best, settings.select):
-            best = _best_of(record)
-            _promote(out)
-        logger.info("epoch %s: %s", epoch, record)
-        torch.save(
-            {
-                "settings": settings.model_dump(mode="json"),
-                "labels": labels,
-                "init": init,
-                "epoch": epoch,
-                "embedding_model": hp["embedding_model"].state_dict(),
-                "classifier": hp["classifier"].state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": rng_state(),
-                "history": history,
-                "best": best,
-            },
-            out / (STATE_NAME + ".tmp"),
-        )
-        (out / (STATE_NAME + ".tmp")).replace(state_path)
-    if settings.epochs == 0:
-        record = history[-1]
-        _end_of_epoch(hp, text, labels, items, ds, settings, device, keep, record, out, None)
-        best = _best_of(record)
-        _promote(out)
-    return _finish(out, settings, init, command, history, best)
+    return TrainRun(
+        settings=settings,
+        out=out_dir,
+        init=init,
+        device=device,
+        keep=keep,
+        items=items,
+        ds=ds,
+        labels=labels,
+        hp=hp,
+        text=text,
+        optimizer=torch.optim.Adam(params, lr=settings.lr),
+        loss_fn=LogSoftmaxWrapper(AdditiveAngularMargin(margin=settings.margin, scale=settings.scale)),
+    )
+
+
+def run_epoch(
+    run: TrainRun, epoch: int, audio: list[np.ndarray], aug: Augmenter, progress: bool = True
+) -> tuple[float, np.ndarray]:
+    """One epoch: every baby-period ``chunks_per_item`` times in a seeded order, a random chunk length per
+    batch, augmentation, one AAM-softmax step per batch. Returns the mean loss and the mean training
+    embedding."""
+    import torch
+    from tqdm import tqdm
+
+    settings, hp, device = run.settings, run.hp, run.device
+    label_index = {b: i for i, b in enumerate(run.labels)}
+    rng = np.random.default_rng([settings.seed, epoch])
+    aug.rng = np.random.default_rng([settings.seed, epoch, 1])
+    order = rng.permutation(np.repeat(np.arange(len(run.items)), settings.chunks_per_item))
+    hp["embedding_model"].train()
+    hp["classifier"].train()
+    losses, emb_sum, emb_count = [], 0.0, 0
+    batches = range(0, len(order), settings.batch_size)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress, leave=False)
+    for start in bar:
+        idx = order[start : start + settings.batch_size]
+        length = int(rng.uniform(settings.chunk_min_s, settings.chunk_max_s) * SAMPLE_RATE)
+        wavs = torch.from_numpy(np.stack([chunk(audio[i], length, rng) for i in idx])).to(device)
+        wavs = aug(wavs)
+        lens = torch.ones(len(idx), device=device)
+        emb = hp["embedding_model"](features(hp, wavs, lens, run.keep), lens)
+        targets = torch.tensor([[label_index[run.items[i].baby_id]] for i in idx], device=device)
+        loss = run.loss_fn(hp["classifier"](emb), targets)
+        run.optimizer.zero_grad()
+        loss.backward()
+        run.optimizer.step()
+        losses.append(float(loss.detach()))
+        emb_sum = emb_sum + emb.detach()[:, 0].sum(0).float().cpu().numpy()
+        emb_count += len(idx)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return float(np.mean(losses)), emb_sum / emb_count
 
 
 CANDIDATE = ".candidate"
@@ -371,42 +379,28 @@ MODEL_FILES = (
 )
 
 
-def _end_of_epoch(
-    hp: dict[str, Any],
-    text: str,
-    labels: list[str],
-    items: list[Item],
-    ds: Any,
-    settings: TrainSettings,
-    device: str,
-    keep: int,
-    record: dict[str, Any],
-    out: Path,
-    emb_mean: np.ndarray | None,
-) -> None:
+def _end_of_epoch(run: TrainRun, record: dict[str, Any], emb_mean: np.ndarray | None) -> None:
     """Write this epoch's model (and back-end) into ``out/.candidate`` and validate it."""
-    cand = out / CANDIDATE
+    settings = run.settings
+    cand = run.out / CANDIDATE
     if cand.exists():
         shutil.rmtree(cand)
     cand.mkdir()
     backend, train_embs = (None, None)
     if settings.backend != "none" or emb_mean is None or settings.select == "cv":
-        backend, train_embs, (x, y) = _fit_backend(hp, items, settings, device, keep)
+        backend, train_embs, (x, y) = _fit_backend(run)
         kind = "center" if settings.backend == "none" else settings.backend
         n = len(train_embs)  # originals only: a band-limited copy of an enrolled file is no fair trial
         record["train_cv_eer"] = cross_validated_eer(
             x[:n], y[:n], BackendSettings(kind=kind, dims=settings.backend_dims)
         )
-    save_speechbrain_dir(hp, text, labels, cand, train_embs if train_embs is not None else emb_mean[None])
+    mean = train_embs if train_embs is not None else emb_mean[None]
+    save_speechbrain_dir(run.hp, run.text, run.labels, cand, mean)
     if backend is not None:
         backend.save(cand / "backend.npz")
     if settings.val_split is not None:
-        record["val_raw"] = validate(hp, ds, settings.val_split, device, keep)
-        record["val"] = (
-            _validate_with_backend(hp, ds, settings, device, keep, backend)
-            if backend is not None
-            else record["val_raw"]
-        )
+        record["val_raw"] = validate(run.hp, run.ds, settings.val_split, run.device, run.keep)
+        record["val"] = _validate_with_backend(run, backend) if backend is not None else record["val_raw"]
 
 
 def _promote(out: Path) -> None:
@@ -419,22 +413,17 @@ def _promote(out: Path) -> None:
             (out / name).unlink()
 
 
-def _finish(
-    out: Path,
-    settings: TrainSettings,
-    init: str | None,
-    command: str | None,
-    history: list[dict[str, Any]],
-    best: dict[str, Any] | None,
-) -> TrainResult:
+def _finish(run: TrainRun, state: RunState, command: str | None) -> TrainResult:
+    """Write ``train_info.json`` (the command, the settings, every epoch) for the chosen epoch."""
+    out, settings, history = run.out, run.settings, state.history
     cand = out / CANDIDATE
     if cand.exists():
         shutil.rmtree(cand)
-    best = best or {"epoch": history[-1]["epoch"] if history else 0}
+    best = state.best or {"epoch": history[-1]["epoch"] if history else 0}
     metrics = {k: float(v) for k, v in best.items() if k != "epoch"}
     info = {
         "command": command,
-        "init": init,
+        "init": run.init,
         "settings": settings.model_dump(mode="json"),
         "best_epoch": int(best["epoch"]),
         "metrics": {
