@@ -13,22 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
-from cryid.models.calibrate import (
+from _common import DATA_DIR
+from cryid.models.calibration import LEGACY_FEATURES, expected_calibration_error, log_loss
+from cryid.models.config import DEFAULT_MODEL_DIR, SegmenterSettings
+from cryid.models.embedder import Embedder
+from cryid.models.evaluation.cryceleb import load_cryceleb
+from cryid.models.evaluation.embedders import EmbeddingCache, Throughput, default_cache_dir
+from cryid.models.evaluation.ward import CURVE, coverage, draw_rooms, score_rooms, wrong_rate
+from cryid.models.evaluation.ward_eval import split_ward_data
+from cryid.models.training.calibrate import (
     CalibrateSettings,
     _cv_predictions,
     _operating,
     _recommend,
     _restrict,
 )
-from cryid.models.calibration import LEGACY_FEATURES, expected_calibration_error, log_loss
-from cryid.models.config import DEFAULT_MODEL_DIR, SegmenterSettings
-from cryid.models.cryceleb import load_cryceleb
-from cryid.models.embedder import Embedder
-from cryid.models.eval_backends import EmbeddingCache, Throughput, default_cache_dir
-from cryid.models.ward import CURVE, coverage, draw_rooms, score_rooms, wrong_rate
-from cryid.models.ward_eval import split_ward_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "donateacry-cc"
 CONFIRMED = ("best_confirmed", "confirmed_best_score", "confirmed_margin")
 SETS = {
     "legacy": LEGACY_FEATURES,
@@ -52,7 +52,7 @@ def _ci(ci: tuple[float, float] | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--weight", type=float, default=1.0, help="confirmed_weight (the shipped fit's choice)")
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {list(SETS)}")
     args = ap.parse_args()

@@ -16,18 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import DATA_DIR
 from cryid.models.audio import load_audio
 from cryid.models.config import DEFAULT_MODEL_DIR, SegmenterSettings
 from cryid.models.embedder import Embedder
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import ReferenceSet, centroid
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "donateacry-cc"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--rooms", type=int, default=200)
     ap.add_argument("--weight", type=float, default=0.75)
     args = ap.parse_args()

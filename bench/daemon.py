@@ -36,13 +36,10 @@ import psutil
 import soundfile as sf
 from paho.mqtt.enums import CallbackAPIVersion
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cryid.daemon import nursery  # noqa: E402
-from cryid.daemon.config import Settings  # noqa: E402
-from cryid.models.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from tests.fixtures.broker import Broker, free_port  # noqa: E402
+from _common import DATA_DIR, Broker, free_port
+from cryid.daemon import nursery
+from cryid.daemon.config import Settings
+from cryid.models.audio import SAMPLE_RATE, load_audio
 
 
 def _stream(data: Path, n_files: int, silence_s: float) -> tuple[np.ndarray, list[tuple[float, float]]]:
@@ -85,7 +82,7 @@ def _embedder_reference(model: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Settings().model)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "donateacry-cc")
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--files", type=int, default=6)
     ap.add_argument("--silence-s", type=float, default=30.0)
     args = ap.parse_args()

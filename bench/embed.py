@@ -25,17 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 # Idle torch (OpenMP) threads sleep instead of spinning, as onnxruntime's do in the Embedder: spinning
 # workers of one method would steal the CPU from the next one in the interleaved rounds.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(REPO))
 
-from cryid.models.audio import load_audio  # noqa: E402
-from cryid.models.config import EmbedderSettings  # noqa: E402
-from cryid.models.embedder import Embedder  # noqa: E402
-from cryid.models.export import export_model  # noqa: E402
-from cryid.models.scoring import cosine  # noqa: E402
+from _common import DATA_DIR
+from cryid.models.audio import load_audio
+from cryid.models.config import EmbedderSettings
+from cryid.models.embedder import Embedder
+from cryid.models.scoring import cosine
+from cryid.models.training.export import export_model
 
 
 def real_cry_clips(data: Path, seconds: list[float], per_length: int) -> dict[float, list[np.ndarray]]:
@@ -55,7 +54,7 @@ def real_cry_clips(data: Path, seconds: list[float], per_length: int) -> dict[fl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", default=None, help="speechbrain model dir (default: seeded random C=1024 ECAPA)")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "donateacry-cc")
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and onnxruntime")
     ap.add_argument("--seconds", type=float, nargs="+", default=[1.0, 3.0, 10.0])
     ap.add_argument("--clips", type=int, default=4, help="clips per length")
@@ -68,14 +67,14 @@ def main() -> int:
 
     import torch
 
-    from cryid.models.backend import BACKEND_NAME, load_backend
-    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.backend import BACKEND_NAME, load_backend
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="cryid-bench-"))
     src = args.src
     if src is None:
-        from tests.fixtures.models import build_speechbrain_model_dir
+        from _common import build_speechbrain_model_dir
 
         src = str(build_speechbrain_model_dir(work / "sb-ecapa"))
     print(f"exporting {src} ({' and '.join(variants)}) ...", flush=True)

@@ -1,8 +1,8 @@
-"""Evaluation throughput: seconds of audio embedded per wall-clock second, ONNX backend vs speechbrain.
+"""Evaluation throughput: seconds of audio embedded per wall-clock second, ONNX embedder vs speechbrain.
 
 Run: ``nice .venv/bin/python bench/eval.py --model DIR --speechbrain SRC [--data DIR] [--groups N]``.
-Both backends embed the same concatenations (the paper protocol's unit: all cries of a baby-period
-of donateacry-cc dev) one at a time, as ``cryid eval`` does; the script prints each backend's seconds
+Both embedders embed the same concatenations (the paper protocol's unit: all cries of a baby-period
+of donateacry-cc dev) one at a time, as ``cryid eval`` does; the script prints each embedder's seconds
 of audio per second, the ratio ONNX / speechbrain measured in this run, and the largest disagreement
 (1 - cosine) between the two embeddings of a concatenation. A benchmark, not a test. Without
 ``--model``/``--speechbrain`` it builds the tests' seeded random ECAPA-TDNN (C=1024) and exports it.
@@ -11,37 +11,34 @@ of audio per second, the ratio ONNX / speechbrain measured in this run, and the 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "donateacry-cc"
+from _common import DATA_DIR
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--split", default="dev")
     parser.add_argument("--groups", type=int, default=12, help="baby-period concatenations to embed")
     parser.add_argument("--model", type=Path, default=None, help="cryid model directory (ONNX)")
     parser.add_argument("--speechbrain", default=None, help="the same weights as a speechbrain source")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(REPO))
     from cryid.models.audio import load_audio
-    from cryid.models.cryceleb import load_cryceleb
     from cryid.models.embedder import Embedder
-    from cryid.models.eval_backends import SpeechbrainBackend
+    from cryid.models.evaluation.cryceleb import load_cryceleb
+    from cryid.models.evaluation.embedders import SpeechbrainEmbedder
 
     with tempfile.TemporaryDirectory(prefix="cryid-bench-") as tmp:
         sb_src, model_dir = args.speechbrain, args.model
         if sb_src is None or model_dir is None:
-            from cryid.models.export import export_model
-            from tests.fixtures.models import build_speechbrain_model_dir
+            from _common import build_speechbrain_model_dir
+            from cryid.models.training.export import export_model
 
             sb_src = str(build_speechbrain_model_dir(Path(tmp) / "sb"))
             model_dir = Path(tmp) / "onnx"
@@ -51,10 +48,10 @@ def main() -> int:
         wavs = [np.concatenate([load_audio(r.path) for r in recs]) for recs in groups]
         audio_s = sum(len(w) for w in wavs) / 16000
         results = {}
-        for name, backend in (("onnx", Embedder(model_dir)), ("speechbrain", SpeechbrainBackend(sb_src))):
-            backend.embed(wavs[0])  # warm-up
+        for name, embedder in (("onnx", Embedder(model_dir)), ("speechbrain", SpeechbrainEmbedder(sb_src))):
+            embedder.embed(wavs[0])  # warm-up
             start = time.perf_counter()
-            embs = np.stack([backend.embed(w) for w in wavs])
+            embs = np.stack([embedder.embed(w) for w in wavs])
             wall = time.perf_counter() - start
             results[name] = (audio_s / wall, embs)
             print(
@@ -64,7 +61,7 @@ def main() -> int:
         cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         print(
             f"ratio onnx / speechbrain: {results['onnx'][0] / results['speechbrain'][0]:.2f}x "
-            f"({len(wavs)} concatenations); max 1 - cosine between backends {float(np.max(1 - cos)):.2e}"
+            f"({len(wavs)} concatenations); max 1 - cosine between embedders {float(np.max(1 - cos)):.2e}"
         )
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cryid.models.training.backend import BackendSettings, fit_backend
 from search_parts import (
     apply_channel,
     dev_periods,
@@ -42,8 +43,6 @@ from search_parts import (
     ward_channel,
 )
 from train_experiments import read_rows
-
-from cryid.models.backend import BackendSettings, fit_backend
 
 logger = logging.getLogger("model_search")
 N_AUG, N_CHANNELS, REF, SHIPPED = 2, 40, "fbank_ms lda20 train cos", "shipped_onnx - - cos"
@@ -137,7 +136,7 @@ class Scorer:
             z = _lnorm(self.f(x))
             from scipy import linalg
 
-            from cryid.models.backend import _scatter
+            from cryid.models.training.backend import _scatter
 
             mu, sw, sb = _scatter(z, y)
             lam, vec = linalg.eigh(sb, sw + 1e-6 * np.eye(len(sw)))
@@ -360,7 +359,7 @@ def main() -> int:
         print(markdown(json.loads(args.table_from.read_text())))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("cryid.models.backend").setLevel(logging.WARNING)
+    logging.getLogger("cryid.models.training.backend").setLevel(logging.WARNING)
     args.cache.mkdir(parents=True, exist_ok=True)
     st = build_stats(args.data, args.cache)
     boots = np.random.default_rng(5).multinomial(30, np.ones(30) / 30, size=args.boot).astype(float)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import DATA_DIR
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.segmenter import Segmenter
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "donateacry-cc"
 SECONDS = 60
 
 
@@ -51,7 +50,7 @@ def measure(wav: np.ndarray, chunk: int, repeat: int) -> tuple[float, int, int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--chunk-ms", type=int, default=100)
     args = ap.parse_args()

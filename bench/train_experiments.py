@@ -4,7 +4,7 @@
         --cache /work/runs/cache [--ckpt DIR ...]
 
 For each embedding (raw Fbank mean+std as the data README's reference, random-init ECAPA-TDNN,
-statistics-initialised ECAPA-TDNN (`cryid.models.train_parts.stats_init`) with sentence or global
+statistics-initialised ECAPA-TDNN (`cryid.models.training.train_parts.stats_init`) with sentence or global
 input normalisation (`ecapa_stats_global` is the shipped default's network), trained checkpoints
 given with --ckpt; `--embeddings NAME...` picks some) and each back-end (none, LDA of several sizes,
 with/without band-limited copies of the 16 kHz training recordings as extra same-class samples), it
@@ -118,7 +118,7 @@ class Ecapa:
         else:
             self.model = ECAPA_TDNN(80, channels=[channels] * 4 + [3 * channels], lin_neurons=emb).eval()
         if stats_db is not None:
-            from cryid.models.train_parts import stats_init
+            from cryid.models.training.train_parts import stats_init
 
             stats_init(self.model, *stats_db)  # (level, spectral shape, modulation) thresholds
         self.mask_bins = mask_bins
@@ -207,7 +207,7 @@ def main() -> int:
     if args.embeddings:
         embedders = {k: v for k, v in embedders.items() if k in args.embeddings or k.startswith("ckpt:")}
 
-    from cryid.models.backend import BackendSettings, fit_backend
+    from cryid.models.training.backend import BackendSettings, fit_backend
 
     backends = {"none": None}
     for d in (10, 20, 40, 80):

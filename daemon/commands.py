@@ -42,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.add_argument(
         "--synthetic", action="store_true", help="use generated cries even when real ones exist"
     )
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="real cries in CryCeleb layout (default: CRYID_DEMO_DATA, else ../shared/data/donateacry-cc "
+        "from the working directory; generated cries when absent)",
+    )
     demo.add_argument("--realtime", action="store_true", help="replay the nursery stream at real speed")
     demo.add_argument(
         "--keep", type=Path, default=None, help="keep the demo state (registry, outbox, stream) here"
@@ -131,6 +139,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         broker=args.broker,
         seed=args.seed,
         dashboard=args.dashboard,
+        data=args.data,
     )
 
 

@@ -23,7 +23,6 @@ from pydantic_settings import (
 from cryid.daemon.dashboard import DashboardSettings
 from cryid.daemon.homeassistant import HomeAssistantSettings
 from cryid.daemon.metrics import MetricsSettings
-from cryid.daemon.sources import SourceSettings
 from cryid.enrollment.config import RegistrySettings, plain_filename
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
 from cryid.models.errors import SettingsError
@@ -196,6 +195,39 @@ class ServiceSettings(BaseModel):
     )
     registry_poll_s: float = Field(
         1.0, gt=0.0, le=1.0, description="How often the registry is checked for changes (enrollments)."
+    )
+
+
+class SourceSettings(BaseModel):
+    """Where the audio comes from and how it is delivered."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str | None = Field(
+        None,
+        description="Microphone: device index or (part of) its name, see `cryid devices`; None: default.",
+    )
+    chunk_ms: int = Field(
+        40,
+        ge=10,
+        le=2000,
+        description="Audio per chunk read from a file, stdin or the mic (a chunk's length adds to latency).",
+    )
+    mic_queue_chunks: int = Field(
+        500,
+        ge=2,
+        le=100000,
+        description="Bounded queue after the audio callback; when full, chunks are dropped.",
+    )
+    reopen_min_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="First delay before reopening a failed mic."
+    )
+    reopen_max_s: float = Field(30.0, gt=0.0, le=3600.0, description="Cap of the doubling reopen delay.")
+    stall_timeout_s: float = Field(
+        3.0, gt=0.0, le=600.0, description="A mic that delivers nothing this long is treated as failed."
+    )
+    flat_timeout_s: float = Field(
+        60.0, gt=0.0, le=86400.0, description="Audio flat this long (silence, constant, clipped) is an alarm."
     )
 
 

@@ -4,7 +4,8 @@
    its calibration and the configured ``identifier.min_confidence``: the demo decides exactly as the
    daemon would, it invents no threshold.
 2. Enrolls a few babies through ``cryid.enrollment`` in the demo's own room ``demo``: real cries from
-   ``donateacry-cc`` when it is present (``CRYID_DEMO_DATA`` or ``../shared/data/donateacry-cc``): each
+   ``donateacry-cc`` when it is present (``--data DIR``, else ``CRYID_DEMO_DATA``, else
+   ``../shared/data/donateacry-cc`` from the working directory, a fresh clone's folder): each
    baby is enrolled from its first recording session and cries in the stream from a later session, and
    all come from one recording channel, as on a ward with one microphone; else generated cries.
 3. Builds a nursery stream: a bout of each enrolled baby and of one baby nobody enrolled, with room
@@ -44,11 +45,8 @@ from cryid.models.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-DEMO_DATA = Path(
-    os.environ.get(
-        "CRYID_DEMO_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "donateacry-cc"
-    )
-)
+# Relative to the working directory: the README runs `cryid demo` in a fresh clone, beside ../shared.
+DEFAULT_DEMO_DATA = Path("..") / "shared" / "data" / "donateacry-cc"
 DEMO_ROOM = "demo"
 DEMO_PREFIX = "cryid-demo/demo"  # never cryid/<room>: a live ward's daemon and dashboards live there
 # A ward hears every baby through one microphone. donateacry-cc infants were recorded by different
@@ -212,17 +210,29 @@ class DemoBaby:
     bout: np.ndarray
 
 
-def _cries(babies: int, synthetic: bool, seed: int | None) -> tuple[list[DemoBaby], str]:
+def demo_data(data: Path | None = None) -> Path:
+    """Where the demo looks for real cries: ``--data``, else ``CRYID_DEMO_DATA``, else
+    ``DEFAULT_DEMO_DATA``; an explicit ``--data`` must hold the data set."""
+    if data is None:
+        return Path(os.environ.get("CRYID_DEMO_DATA") or DEFAULT_DEMO_DATA)
+    if not (Path(data) / "metadata.csv").is_file():
+        raise UsageError(
+            f"--data {data}: no metadata.csv there; give the donateacry-cc folder or drop --data"
+        )
+    return Path(data)
+
+
+def _cries(babies: int, synthetic: bool, seed: int | None, data: Path) -> tuple[list[DemoBaby], str]:
     """Candidate babies in order (the demo enrolls the first that enroll well, the next stays unknown)
     and where their cries come from."""
-    if not synthetic and (DEMO_DATA / "metadata.csv").is_file():
+    if not synthetic and (data / "metadata.csv").is_file():
         out = [
             DemoBaby(b.baby_id, b.birth, np.concatenate(b.later))
-            for b in nursery.real_cries(DEMO_DATA, babies + 8, seed, channel=DEMO_CHANNEL)
+            for b in nursery.real_cries(data, babies + 8, seed, channel=DEMO_CHANNEL)
         ]
         if len(out) > babies:
             return out, (
-                f"real cries from {DEMO_DATA} (Donate-a-cry corpus, ODbL; one recording channel, "
+                f"real cries from {data} (Donate-a-cry corpus, ODbL; one recording channel, "
                 f"{DEMO_CHANNEL}, as one ward microphone): enrolled from a first recording session, crying "
                 "from a later one"
             )
@@ -260,6 +270,7 @@ def run_demo(
     broker: str | None = None,
     seed: int | None = None,
     dashboard: bool = False,
+    data: Path | None = None,
 ) -> int:
     """Run the demo; returns 0 when the pipeline ran (the summary says how well it identified)."""
     from cryid.daemon.service import build_service, load_embedder
@@ -269,6 +280,7 @@ def run_demo(
     if not 2 <= babies <= 8:
         raise UsageError(f"--babies {babies}: choose 2 to 8")
     host, port = parse_broker(broker) if broker else ("127.0.0.1", 0)
+    data_dir = demo_data(data)
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="cryid-demo-")
     state = Path(keep) if keep else Path(tmp.name)  # type: ignore[union-attr]
     state.mkdir(parents=True, exist_ok=True)
@@ -279,7 +291,7 @@ def run_demo(
         embedder = load_embedder(settings)
         calibration = embedder.manifest.calibration
         print(f"cryid demo: model {settings.model} ({embedder.sha256[:12]}), state in {state}")
-        candidates, what = _cries(babies, synthetic, seed)
+        candidates, what = _cries(babies, synthetic, seed, data_dir)
         print(f"enrolling {babies} babies in room {DEMO_ROOM!r} from {what} ...")
         demo_settings = settings.model_copy(update={"room": DEMO_ROOM, "state_dir": state})
         bouts: list[tuple[str | None, np.ndarray]] = []

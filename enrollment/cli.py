@@ -10,9 +10,10 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cryid.enrollment import enroll, transfer
+from cryid.enrollment.config import EnrollmentSettings, RegistryPlace
 from cryid.enrollment.registry import (
     PERIODS,
     Registry,
@@ -36,21 +37,21 @@ def _safe(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def _registry(settings: Any) -> Registry:
+def _registry(settings: RegistryPlace) -> Registry:
     return Registry.open(settings.state_dir, settings.registry)
 
 
-def _embedder(settings: Any) -> Embedder:
+def _embedder(settings: EnrollmentSettings) -> Embedder:
     from cryid.models.embedder import Embedder
 
     return Embedder(settings.model, settings.embedder)
 
 
-def _keep_audio(args: argparse.Namespace, settings: Any) -> bool:
+def _keep_audio(args: argparse.Namespace, settings: RegistryPlace) -> bool:
     return settings.registry.keep_audio if args.keep_audio is None else bool(args.keep_audio)
 
 
-def _report(result: enroll.EnrollResult, verb: str, settings: Any) -> None:
+def _report(result: enroll.EnrollResult, verb: str, settings: RegistryPlace) -> None:
     print(
         f"{verb} {result.baby_id}: {_n(result.n_samples, 'recording', 'recordings')}, "
         f"{result.cry_s:.1f} s of cry in {_n(result.n_expirations, 'expiration', 'expirations')} "
@@ -65,7 +66,7 @@ def _report(result: enroll.EnrollResult, verb: str, settings: Any) -> None:
         )
 
 
-def _add(args: argparse.Namespace, settings: Any) -> int:
+def _add(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     baby_id = check_baby_id(args.baby_id)
     check_display_name(args.name)
     with _registry(settings) as reg:
@@ -82,7 +83,7 @@ def _add(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _update(args: argparse.Namespace, settings: Any) -> int:
+def _update(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     baby_id = check_baby_id(args.baby_id)
     with _registry(settings) as reg:
         enroll.ensure_can_update(reg, baby_id)
@@ -95,7 +96,7 @@ def _update(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _record(args: argparse.Namespace, settings: Any) -> int:
+def _record(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     from cryid.models.audio import record
 
     baby_id = check_baby_id(args.baby_id)
@@ -126,14 +127,14 @@ def _record(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _model_sha_or_none(settings: Any) -> str | None:
+def _model_sha_or_none(settings: EnrollmentSettings) -> str | None:
     try:
         return enroll.model_sha256(settings.model)
     except ValueError:
         return None
 
 
-def _list(args: argparse.Namespace, settings: Any) -> int:
+def _list(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     sha = _model_sha_or_none(settings)
     with _registry(settings) as reg:
         rows = enroll.list_infants(reg, sha)
@@ -161,7 +162,7 @@ def _list(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, settings: Any) -> int:
+def _show(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     check_baby_id(args.baby_id)
     sha = enroll.model_sha256(settings.model)
     with _registry(settings) as reg:
@@ -212,7 +213,7 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _remove(args: argparse.Namespace, settings: Any) -> int:
+def _remove(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     check_baby_id(args.baby_id)
     with _registry(settings) as reg:
         what = enroll.remove(reg, args.baby_id, purge=args.purge)
@@ -220,7 +221,7 @@ def _remove(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _move(args: argparse.Namespace, settings: Any) -> int:
+def _move(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     baby_id, room = check_baby_id(args.baby_id), check_room(args.room)
     with _registry(settings) as reg, reg.transaction() as conn:
         old = Registry.set_room(conn, baby_id, room)
@@ -231,7 +232,7 @@ def _move(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _reembed(args: argparse.Namespace, settings: Any) -> int:
+def _reembed(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     with _registry(settings) as reg:
         res = enroll.reembed(reg, settings.segmenter, _embedder(settings))
     print(
@@ -254,7 +255,7 @@ def _reembed(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace, settings: Any) -> int:
+def _export(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     sha = enroll.model_sha256(settings.model)
     with _registry(settings) as reg:
         n = transfer.export_registry(reg, sha, args.file)
@@ -262,7 +263,7 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _import(args: argparse.Namespace, settings: Any) -> int:
+def _import(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     from cryid.models.manifest import load_manifest
 
     sha = enroll.model_sha256(settings.model)

@@ -10,14 +10,14 @@ import argparse
 import dataclasses
 import getpass
 import json
-from typing import Any
 
 from cryid.enrollment import feedback
+from cryid.enrollment.config import RegistryPlace
 from cryid.enrollment.episodes import Feedback
 from cryid.enrollment.registry import Registry
 
 
-def _registry(settings: Any) -> Registry:
+def _registry(settings: RegistryPlace) -> Registry:
     return Registry.open(settings.state_dir, settings.registry)
 
 
@@ -43,7 +43,7 @@ def describe(f: Feedback) -> str:
     return line
 
 
-def _confirm(args: argparse.Namespace, settings: Any) -> int:
+def _confirm(args: argparse.Namespace, settings: RegistryPlace) -> int:
     with _registry(settings) as reg:
         f = feedback.confirm(
             reg, args.episode_id, args.baby_id, settings.registry, by=_by(args), via="cli", room=args.room
@@ -52,7 +52,7 @@ def _confirm(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _reject(args: argparse.Namespace, settings: Any) -> int:
+def _reject(args: argparse.Namespace, settings: RegistryPlace) -> int:
     with _registry(settings) as reg:
         f = feedback.reject(
             reg, args.episode_id, args.baby_id, settings.registry, by=_by(args), via="cli", room=args.room
@@ -61,14 +61,14 @@ def _reject(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _undo(args: argparse.Namespace, settings: Any) -> int:
+def _undo(args: argparse.Namespace, settings: RegistryPlace) -> int:
     with _registry(settings) as reg:
         f = feedback.undo(reg, args.confirmation_id, by=_by(args))
     print("undone " + describe(f))
     return 0
 
 
-def _episodes(args: argparse.Namespace, settings: Any) -> int:
+def _episodes(args: argparse.Namespace, settings: RegistryPlace) -> int:
     with _registry(settings) as reg:
         eps = reg.episodes(room=args.room, limit=args.limit)
         marks = {e.episode_id: [f for f in reg.feedback(episode_id=e.episode_id) if f.live] for e in eps}

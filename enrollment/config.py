@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from cryid.models.config import EmbedderSettings, SegmenterSettings
 
 _PLAIN_FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -53,3 +58,34 @@ class RegistrySettings(BaseModel):
     episode_purge_interval_s: float = Field(
         3600.0, gt=0.0, le=86400.0, description="How often the running daemon purges expired episodes."
     )
+
+
+class RegistryPlace(Protocol):
+    """What the registry commands read of the settings: where the registry is and its rules.
+
+    The settings are the daemon's composed ``cryid.daemon.config.Settings``, which this layer cannot
+    import; it satisfies this protocol and ``EnrollmentSettings``.
+    """
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    @property
+    def registry(self) -> RegistrySettings: ...
+
+
+class EnrollmentSettings(RegistryPlace, Protocol):
+    """What ``cryid enroll`` reads of the settings: the registry, the room, the model, how to segment and
+    embed."""
+
+    @property
+    def room(self) -> str: ...
+
+    @property
+    def model(self) -> Path: ...
+
+    @property
+    def segmenter(self) -> SegmenterSettings: ...
+
+    @property
+    def embedder(self) -> EmbedderSettings: ...

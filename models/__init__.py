@@ -1,2 +1,5 @@
-"""cryid.models: audio to embeddings and scores (segmenter, NumPy front end, ONNX embedder,
-scoring, export, training, CryCeleb evaluation). No torch at import time."""
+"""cryid.models: audio to embeddings and scores, the run time of the daemon and enrollment (audio,
+segmenter, NumPy front end, ONNX embedder, manifest, scoring, calibration map). No torch at import time.
+
+Offline tools live in two subpackages: ``training`` (train, export, calibrate) and ``evaluation``
+(``cryid eval``); the run time never imports them."""

@@ -30,8 +30,8 @@ def _option_error(exc: Exception) -> UsageError:
 
 
 def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """Options of ``cryid.models.calibrate.CalibrateSettings`` (defaults and descriptions from there)."""
-    from cryid.models.calibrate import CalibrateSettings
+    """Options of ``cryid.models.training.settings.CalibrateSettings`` (its defaults and descriptions)."""
+    from cryid.models.training.settings import CalibrateSettings
 
     fields = CalibrateSettings.model_fields
     for name, typ in (("split", str), ("room_size", int), ("room_strangers", int), ("rooms", int),
@@ -47,9 +47,9 @@ def _run_calibration(model_dir: object, data: object, args: argparse.Namespace, 
 
     from pydantic import ValidationError
 
-    from cryid.models.calibrate import CalibrateSettings, calibrate_model
-    from cryid.models.eval_backends import default_cache_dir
-    from cryid.models.eval_output import calibration_lines
+    from cryid.models.evaluation.embedders import default_cache_dir
+    from cryid.models.evaluation.outputs import calibration_lines
+    from cryid.models.training.calibrate import CalibrateSettings, calibrate_model
 
     given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cal_") and v is not None}
     try:
@@ -89,7 +89,7 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
     def handler(args: argparse.Namespace, settings: object) -> int:
         import shlex
 
-        from cryid.models.export import export_model
+        from cryid.models.training.export import export_model
 
         parts = ["cryid", "model", "export", args.src, "--out", str(args.out)]
         parts += ["--quantize", args.quantize] if args.quantize else []
@@ -178,14 +178,14 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """cryid model train --data DIR --out DIR [--init SRC] ...
 
-    One option per field of ``cryid.models.train.TrainSettings`` (its defaults and descriptions; the
-    CLI restates none), e.g. ``--channels 256 --bandlimit-p 0.5 --backend lda``.
+    One option per field of ``cryid.models.training.settings.TrainSettings`` (its defaults and
+    descriptions; the CLI restates none), e.g. ``--channels 256 --bandlimit-p 0.5 --backend lda``.
     """
     import types
     import typing
     from pathlib import Path
 
-    from cryid.models.train import TrainSettings
+    from cryid.models.training.settings import TrainSettings
 
     p = msub.add_parser(
         "train",
@@ -222,7 +222,7 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
         from pydantic import ValidationError
 
-        from cryid.models.train import train
+        from cryid.models.training.train import train
 
         given = {n: getattr(args, n) for n in TrainSettings.model_fields if getattr(args, n) is not None}
         try:
@@ -284,9 +284,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     def handler(args: argparse.Namespace, settings: object) -> int:
         from pydantic import ValidationError
 
-        from cryid.models import eval_output
-        from cryid.models.eval_backends import default_cache_dir, load_backend_for_eval
-        from cryid.models.evaluate import EvalOptions, run_evaluation
+        from cryid.models.evaluation import outputs
+        from cryid.models.evaluation.embedders import default_cache_dir, load_eval_embedder
+        from cryid.models.evaluation.evaluate import EvalOptions, run_evaluation
 
         names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k", "room_size",
                  "room_strangers", "rooms", "confirm", "min_confidence", "bootstrap", "ward_channel")
@@ -305,32 +305,32 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             raise UsageError("--submission needs the paper protocol; drop --protocol ward")
         for option, path in (("--json", args.json), ("--plot", args.plot), ("--submission", args.submission)):
             if path is not None:
-                eval_output.check_output_path(path, option)
+                outputs.check_output_path(path, option)
         if args.plot is not None:
-            eval_output.require_matplotlib()
+            outputs.require_matplotlib()
         model_dir = args.model if args.model is not None else settings.model  # type: ignore[attr-defined]
-        backend = load_backend_for_eval(
+        embedder = load_eval_embedder(
             None if args.speechbrain else model_dir, args.speechbrain, settings.embedder  # type: ignore[attr-defined]
         )
         report = run_evaluation(
             args.data,
             options,
-            backend,
-            backend_name="speechbrain" if args.speechbrain else "onnx",
+            embedder,
+            embedder_name="speechbrain" if args.speechbrain else "onnx",
             model_label=str(args.speechbrain or model_dir),
             segmenter=settings.segmenter,  # type: ignore[attr-defined]
             cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         )
-        for line in eval_output.summary_lines(report):
+        for line in outputs.summary_lines(report):
             print(line)
         if args.submission is not None and report.pairs is not None:
-            eval_output.write_submission(report.pairs, args.submission)
+            outputs.write_submission(report.pairs, args.submission)
             print(f"submission: {args.submission} ({report.pairs.pairs} pairs)")
         if args.plot is not None:
-            eval_output.plot_scores(report, args.plot)
+            outputs.plot_scores(report, args.plot)
             print(f"plot: {args.plot}")
         if args.json is not None:
-            eval_output.write_json(report, args.json)
+            outputs.write_json(report, args.json)
             print(f"json: {args.json}")
         return 0
 

@@ -30,6 +30,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(l2_normalize(a), l2_normalize(b)))
 
 
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``: shape (n,)."""
+    return np.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+
+
 def cosine_matrix(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     """Cosine similarity of every query row against every reference row: shape (n_queries, n_refs)."""
     q = l2_normalize(np.atleast_2d(queries))

@@ -20,8 +20,7 @@ from cryid.models.calibration import (
     fit_logistic,
     reliability,
 )
-from cryid.models.manifest import load_manifest
-from cryid.models.ward import (
+from cryid.models.evaluation.ward import (
     WardData,
     coverage,
     draw_rooms,
@@ -31,6 +30,7 @@ from cryid.models.ward import (
     top_k,
     wrong_rate,
 )
+from cryid.models.manifest import load_manifest
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""cryid.models.cryceleb: reads the CryCeleb layout (generated set, donateacry-cc), rejects malformed sets."""
+"""cryid.models.evaluation.cryceleb: reads the CryCeleb layout (generated set, donateacry-cc), rejects
+malformed sets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cryid.models.cryceleb import CryCelebError, load_cryceleb
+from cryid.models.evaluation.cryceleb import CryCelebError, load_cryceleb
 from tests.fixtures.cryceleb import make_cryceleb_set
 
 

@@ -38,6 +38,7 @@ from cryid.models.manifest import load_manifest
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import ReferenceSet, l2_normalize
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.data import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -46,10 +47,12 @@ MIN_CONFIDENCE = IdentifierSettings().min_confidence  # the configured default: 
 
 
 def _demo(*args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    """``cryid demo`` from the clone's folder, as the README runs it (real cries: ../shared/data)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
     env.update(env_extra)
     return subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", "demo", *args],
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -253,3 +256,11 @@ def test_summary_counts_right_wrong_and_not_named(capsys: pytest.CaptureFixture[
 def test_demo_broker_option_is_checked() -> None:
     done = _demo("--broker", "no-port:x")
     assert done.returncode == 2 and done.stderr.strip().startswith("cryid: error: --broker 'no-port:x'")
+
+
+def test_demo_data_option_must_hold_the_data_set(tmp_path: Path) -> None:
+    done = _demo("--data", str(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"cryid: error: --data {tmp_path}: no metadata.csv there; "
+        "give the donateacry-cc folder or drop --data"
+    )

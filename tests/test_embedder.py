@@ -27,7 +27,7 @@ PARITY = 0.9999
 
 def _sb(model_dir: Path):
     pytest.importorskip("speechbrain", reason="speechbrain reference needs the `train` extra")
-    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
 
     return load_encoder_classifier(str(model_dir))
 

@@ -19,9 +19,9 @@ import pytest
 from cryid.daemon.cli import main
 from cryid.models.audio import load_audio
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import load_cryceleb
-from cryid.models.eval_backends import EmbeddingCache, Throughput
-from cryid.models.evaluate import concatenation_embeddings, file_expiration_embeddings
+from cryid.models.evaluation.cryceleb import load_cryceleb
+from cryid.models.evaluation.embedders import EmbeddingCache, Throughput
+from cryid.models.evaluation.evaluate import concatenation_embeddings, file_expiration_embeddings
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -231,13 +231,13 @@ def test_onnx_and_speechbrain_agree_on_donateacry_dev(
     dac_dir: Path, onnx_model_dir: Path, speechbrain_model_dir: Path, state: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """Same weights, two backends (cryid's ONNX + NumPy EER, speechbrain's EncoderClassifier): same EER."""
+    """Same weights, two embedders (cryid's ONNX + NumPy EER, speechbrain's EncoderClassifier): same EER."""
     docs = {}
-    backends = {"onnx": ["--model", str(onnx_model_dir)], "sb": ["--speechbrain", str(speechbrain_model_dir)]}
-    for name, backend in backends.items():
+    options = {"onnx": ["--model", str(onnx_model_dir)], "sb": ["--speechbrain", str(speechbrain_model_dir)]}
+    for name, which in options.items():
         out_json = state / f"{name}.json"
         code, out, err = _eval(
-            capsys, "--data", str(dac_dir), "--split", "dev", *backend, "--protocol", "pairs",
+            capsys, "--data", str(dac_dir), "--split", "dev", *which, "--protocol", "pairs",
             "--no-cache", "--json", str(out_json),
         )  # fmt: skip
         assert code == 0, err
@@ -261,11 +261,11 @@ def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
         "import sys\n"
         "from pathlib import Path\n"
         "from cryid.models.config import EmbedderSettings, SegmenterSettings\n"
-        "from cryid.models.eval_backends import load_backend_for_eval\n"
-        "from cryid.models.evaluate import EvalOptions, run_evaluation\n"
-        f"backend = load_backend_for_eval(Path({str(shipped_model_dir)!r}), None, EmbedderSettings())\n"
+        "from cryid.models.evaluation.embedders import load_eval_embedder\n"
+        "from cryid.models.evaluation.evaluate import EvalOptions, run_evaluation\n"
+        f"embedder = load_eval_embedder(Path({str(shipped_model_dir)!r}), None, EmbedderSettings())\n"
         f"data = Path({str(synthetic_cryceleb_dir)!r})\n"
-        f"r = run_evaluation(data, EvalOptions(split='dev'), backend, 'onnx', 'm', SegmenterSettings(),\n"
+        f"r = run_evaluation(data, EvalOptions(split='dev'), embedder, 'onnx', 'm', SegmenterSettings(),\n"
         f"                   Path({str(cache_dir)!r}))\n"
         "assert r.pairs.eer is not None and r.ward.top1 is not None\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'speechbrain', 'torchaudio')\n"

@@ -14,9 +14,9 @@ import pytest
 
 from cryid.daemon.cli import main as cryid_main
 from cryid.models.embedder import Embedder
-from cryid.models.export import check_clips
 from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, load_manifest, sha256_file
 from cryid.models.scoring import cosine
+from cryid.models.training.export import check_clips
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -86,7 +86,7 @@ def test_manifest_of_the_export(onnx_model_dir: Path, speechbrain_model_dir: Pat
 def test_backend_and_train_info_are_appended(
     src_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
 
     rng = np.random.default_rng(5)
     mean = rng.standard_normal(192).astype(np.float32)

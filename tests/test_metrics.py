@@ -1,11 +1,12 @@
-"""cryid.models.metrics: the NumPy EER/minDCF equal speechbrain's exactly (speechbrain is the reference)."""
+"""cryid.models.evaluation.metrics: the NumPy EER/minDCF equal speechbrain's exactly (speechbrain is the
+reference)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cryid.models.metrics import MetricError, eer, identification_rates, min_dcf
+from cryid.models.evaluation.metrics import MetricError, eer, identification_rates, min_dcf
 
 
 def _random_sets(n_sets: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -79,7 +80,7 @@ def test_identification_rates() -> None:
 
 
 def test_weighted_eer_matches_eer_with_unit_weights_and_repetition() -> None:
-    from cryid.models.metrics import weighted_eer
+    from cryid.models.evaluation.metrics import weighted_eer
 
     rng = np.random.default_rng(8)
     for _ in range(20):
@@ -93,7 +94,7 @@ def test_weighted_eer_matches_eer_with_unit_weights_and_repetition() -> None:
 
 
 def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_infants() -> None:
-    from cryid.models.metrics import bootstrap_ci
+    from cryid.models.evaluation.metrics import bootstrap_ci
 
     widths = []
     for n in (20, 500):

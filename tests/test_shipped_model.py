@@ -62,8 +62,8 @@ def test_shipped_onnx_matches_its_speechbrain_source(
 ):
     import torch
 
-    from cryid.models.backend import load_backend
-    from cryid.models.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.backend import load_backend
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
 
     manifest = json.loads((shipped_model_dir / "manifest.json").read_text())
     clf = load_encoder_classifier(shipped_source)

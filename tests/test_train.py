@@ -56,7 +56,7 @@ def tiny_set(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(epochs: int):
-    from cryid.models.train import TrainSettings
+    from cryid.models.training.train import TrainSettings
 
     return TrainSettings(
         channels=16,
@@ -83,11 +83,11 @@ def _settings(epochs: int):
 def test_train_resume_export_parity(tiny_set: Path, tmp_path: Path) -> None:
     import torch
 
-    from cryid.models.backend import load_backend
     from cryid.models.embedder import Embedder
-    from cryid.models.export import export_model
-    from cryid.models.speechbrain_io import load_encoder_classifier
-    from cryid.models.train import STATE_NAME, kept_mel_bins, train
+    from cryid.models.training.backend import load_backend
+    from cryid.models.training.export import export_model
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.train import STATE_NAME, kept_mel_bins, train
 
     command = "cryid model train --data tiny --out run --channels 16 (test)"
     # straight: 2 epochs; interrupted: 1 epoch, then the same run asked for 2 resumes at epoch 2
@@ -133,12 +133,12 @@ def test_global_input_norm_trains_and_exports(tiny_set: Path, tmp_path: Path) ->
     import torch
 
     from cryid.models.audio import load_audio
-    from cryid.models.backend import load_backend
     from cryid.models.embedder import Embedder
-    from cryid.models.export import export_model
     from cryid.models.frontend import Fbank
-    from cryid.models.speechbrain_io import load_encoder_classifier
-    from cryid.models.train import train
+    from cryid.models.training.backend import load_backend
+    from cryid.models.training.export import export_model
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.train import train
 
     settings = _settings(1).model_copy(update={"input_norm": "global", "max_freq_hz": None})
     model_dir = tmp_path / "run"
@@ -170,7 +170,7 @@ def test_global_input_norm_trains_and_exports(tiny_set: Path, tmp_path: Path) ->
 
 
 def test_global_input_norm_with_init_is_refused(tiny_set: Path, tmp_path: Path) -> None:
-    from cryid.models.train import TrainError, train
+    from cryid.models.training.train import TrainError, train
 
     train(_settings(1).model_copy(update={"val_split": None}), tiny_set, tmp_path / "src", progress=False)
     settings = _settings(1).model_copy(update={"input_norm": "global"})
@@ -186,9 +186,9 @@ def test_cv_selection_and_resume_with_other_settings_is_refused(tiny_set: Path, 
     import torch
 
     from cryid.models.audio import load_audio
-    from cryid.models.backend import BackendSettings, cross_validated_eer
-    from cryid.models.speechbrain_io import load_encoder_classifier
-    from cryid.models.train import TrainError, read_items, train
+    from cryid.models.training.backend import BackendSettings, cross_validated_eer
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.train import TrainError, read_items, train
 
     settings = _settings(2).model_copy(update={"backend": "none", "val_split": None, "select": "cv"})
     result = train(settings, tiny_set, tmp_path / "run", progress=False)
@@ -239,7 +239,7 @@ def test_cli_rejects_bad_channels(tiny_set: Path, tmp_path: Path, capsys: pytest
 
 def test_backend_fit_save_load(tmp_path: Path) -> None:
     """LDA whitens the within-class scatter and keeps the class direction; the npz round-trips."""
-    from cryid.models.backend import (
+    from cryid.models.training.backend import (
         BackendError,
         BackendSettings,
         cross_validated_eer,
@@ -269,12 +269,37 @@ def test_backend_fit_save_load(tmp_path: Path) -> None:
         fit_backend(x[:3], ["a"] * 3)
 
 
+def test_backend_file_is_checked(tmp_path: Path) -> None:
+    """One reader of backend.npz (train, export, eval): a bad file is a one-line BackendError."""
+    from cryid.models.training.backend import BackendError, load_backend
+
+    with pytest.raises(BackendError, match="back-end file not found"):
+        load_backend(tmp_path / "none.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(BackendError, match=r"not a readable \.npz back-end"):
+        load_backend(tmp_path / "bad.npz")
+    np.savez(tmp_path / "half.npz", mean=np.zeros(3, np.float32))
+    with pytest.raises(BackendError, match="needs arrays 'mean'"):
+        load_backend(tmp_path / "half.npz")
+    nan = np.full(3, np.nan, np.float32)
+    np.savez(tmp_path / "nan.npz", mean=nan, transform=np.zeros((3, 2), np.float32))
+    with pytest.raises(BackendError, match="NaN or infinite"):
+        load_backend(tmp_path / "nan.npz")
+    transform = np.eye(3, 2, dtype=np.float32)
+    np.savez(tmp_path / "plain.npz", mean=np.ones(3, np.float32), transform=transform)
+    plain = load_backend(tmp_path / "plain.npz")
+    assert plain.kind is None  # the file does not say; the manifest then says nothing either
+    np.testing.assert_array_equal(plain.apply(np.array([2.0, 3.0, 4.0])), [1.0, 2.0])
+    again = load_backend(plain.save(tmp_path / "again.npz"))
+    assert again.kind is None and again.output_dim == 2
+
+
 def test_stats_init_computes_band_statistics() -> None:
     """The statistics-initialised ECAPA-TDNN returns the per-band statistics it promises."""
     import torch
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
-    from cryid.models.train_parts import stats_init
+    from cryid.models.training.train_parts import stats_init
 
     rng = np.random.default_rng(1)
     logmel = np.maximum(rng.normal(-30.0, 12.0, size=(300, 80)), -60.0).astype(np.float32)
@@ -308,7 +333,7 @@ def test_model_search_statistics_are_the_shipped_network() -> None:
     import torch
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
-    from cryid.models.train_parts import stats_init
+    from cryid.models.training.train_parts import stats_init
 
     parts = _bench_module("search_parts")
     rng = np.random.default_rng(2)
@@ -323,7 +348,7 @@ def test_model_search_statistics_are_the_shipped_network() -> None:
 def test_model_search_weighted_eer_and_channels() -> None:
     """The harness's weighted EER equals the speechbrain-exact EER with unit weights (to one trial), and
     a simulated channel's band limit leaves nothing above its cutoff."""
-    from cryid.models.metrics import eer
+    from cryid.models.evaluation.metrics import eer
 
     search = _bench_module("model_search")
     parts = _bench_module("search_parts")

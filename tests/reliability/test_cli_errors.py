@@ -79,10 +79,10 @@ def test_every_user_error_class_derives_from_cryid_error() -> None:
     from cryid.enrollment.registry import RegistryError
     from cryid.models.audio import AudioError
     from cryid.models.calibration import CalibrationError
-    from cryid.models.cryceleb import CryCelebError
     from cryid.models.errors import CryidError, SettingsError, UsageError
+    from cryid.models.evaluation.cryceleb import CryCelebError
+    from cryid.models.evaluation.metrics import MetricError
     from cryid.models.manifest import ModelError
-    from cryid.models.metrics import MetricError
 
     for cls in (
         OutboxError,

@@ -51,7 +51,7 @@ def test_plot_has_its_own_extra_without_torch() -> None:
 
 def test_plot_message_names_the_plot_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from cryid.models.errors import CryidError
-    from cryid.models.eval_output import require_matplotlib
+    from cryid.models.evaluation.outputs import require_matplotlib
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(CryidError, match=r"cryid\[plot\]"):

@@ -143,7 +143,7 @@ def features(hp: dict[str, Any], wavs: Any, lens: Any, keep_bins: int) -> Any:
 
 def validate(hp: dict[str, Any], ds: Any, split: str, device: str, keep_bins: int) -> dict[str, float]:
     """CryCeleb protocol on ``split``: EER of all pairs, of channel-matched pairs, top-1 of D among B."""
-    from cryid.models.metrics import eer, identification_rates
+    from cryid.models.evaluation.metrics import eer, identification_rates
 
     groups = ds.groups(split)
     pairs = [p for p in ds.read_pairs(split) if p.label is not None]

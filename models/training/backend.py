@@ -2,8 +2,8 @@
 
 A back-end is one affine map, ``y = (x - mean) @ transform``, fitted on labelled training embeddings
 (each infant a class). Cosine scoring after it is the classic Kaldi/WeSpeaker recipe
-"centre, LDA, length-normalise, cosine". Because the map is affine, ``cryid.models.export`` can append
-it inside the ONNX graph (Sub + MatMul), so the runtime ``Embedder`` needs no change.
+"centre, LDA, length-normalise, cosine". Because the map is affine, ``cryid.models.training.export``
+can append it inside the ONNX graph (Sub + MatMul), so the runtime ``Embedder`` needs no change.
 
 The file format, ``backend.npz``, holds ``mean`` (D,) and ``transform`` (D, K) as float32, plus a
 ``kind`` string and the eigenvalues (informative only). NumPy/SciPy only: no torch here.
@@ -62,7 +62,7 @@ class Backend:
 
     mean: np.ndarray
     transform: np.ndarray
-    kind: str = "lda"
+    kind: str | None = "lda"  # None: a file that does not say
     eigenvalues: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     def __post_init__(self) -> None:
@@ -95,35 +95,47 @@ class Backend:
         if path.is_dir():
             path = path / BACKEND_NAME
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            mean=self.mean.astype(np.float32),
-            transform=self.transform.astype(np.float32),
-            kind=np.array(self.kind),
-            eigenvalues=self.eigenvalues.astype(np.float32),
-        )
+        arrays = {
+            "mean": self.mean.astype(np.float32),
+            "transform": self.transform.astype(np.float32),
+            "eigenvalues": self.eigenvalues.astype(np.float32),
+        }
+        if self.kind is not None:
+            arrays["kind"] = np.array(self.kind)
+        np.savez(tmp, **arrays)
         tmp.replace(path)
         return path
 
 
 def load_backend(path: Path) -> Backend:
-    """Read a ``backend.npz`` (or the one inside a directory)."""
+    """Read a ``backend.npz`` (or the one inside a directory); ``BackendError`` names what is wrong."""
     path = Path(path)
     if path.is_dir():
         path = path / BACKEND_NAME
     if not path.is_file():
-        raise BackendError(f"no back-end at {path}; fit one with `cryid model train ... --backend lda`")
-    with np.load(path, allow_pickle=False) as data:
-        if "mean" not in data or "transform" not in data:
-            raise BackendError(f"{path} lacks the arrays `mean` and `transform`; re-create it with cryid")
-        kind = str(data["kind"]) if "kind" in data else "lda"
-        eig = data["eigenvalues"] if "eigenvalues" in data else np.zeros(0, dtype=np.float32)
-        return Backend(
-            mean=data["mean"].astype(np.float32),
-            transform=data["transform"].astype(np.float32),
-            kind=kind,
-            eigenvalues=eig,
+        raise BackendError(f"{path}: back-end file not found; pass an .npz written by `cryid model train`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile/ValueError/OSError: not an npz
+        raise BackendError(f"{path}: not a readable .npz back-end ({exc})") from exc
+    if "mean" not in arrays or "transform" not in arrays:
+        raise BackendError(f"{path}: a back-end needs arrays 'mean' (D,) and 'transform' (D, K)")
+    mean = np.asarray(arrays["mean"], dtype=np.float32)
+    transform = np.asarray(arrays["transform"], dtype=np.float32)
+    if mean.ndim != 1 or transform.ndim != 2 or transform.shape[0] != mean.shape[0]:
+        raise BackendError(
+            f"{path}: back-end shapes mean {mean.shape} and transform {transform.shape} "
+            "do not fit (D,) and (D, K)"
         )
+    if not (np.isfinite(mean).all() and np.isfinite(transform).all()):
+        raise BackendError(f"{path}: back-end holds NaN or infinite values")
+    return Backend(
+        mean=mean,
+        transform=transform,
+        kind=str(arrays["kind"]) if "kind" in arrays else None,
+        eigenvalues=arrays.get("eigenvalues", np.zeros(0, dtype=np.float32)).astype(np.float32),
+    )
 
 
 def _scatter(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,7 +210,7 @@ def cross_validated_eer(
     infant). Files of one infant share a recording session, so this is optimistic next to B vs D
     pairs, but it uses the training split only: a selection criterion that leaves dev untouched.
     """
-    from cryid.models.metrics import eer
+    from cryid.models.evaluation.metrics import eer
 
     x = np.asarray(embeddings, dtype=np.float64)
     y = np.asarray(labels)

@@ -92,7 +92,7 @@ def min_dcf(
 
 
 @dataclass(frozen=True)
-class Identification:
+class IdentificationRates:
     """Closed-set identification rates (fractions 0-1) over ``queries`` queries."""
 
     top1: float
@@ -100,7 +100,7 @@ class Identification:
     queries: int
 
 
-def identification_rates(scores: np.ndarray, true_index: np.ndarray) -> Identification:
+def identification_rates(scores: np.ndarray, true_index: np.ndarray) -> IdentificationRates:
     """Top-1 / top-5 rates of a (queries, candidates) score matrix; ``true_index``: each query's column."""
     s = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(true_index, dtype=np.int64)
@@ -113,7 +113,7 @@ def identification_rates(scores: np.ndarray, true_index: np.ndarray) -> Identifi
     true_scores = s[np.arange(s.shape[0]), truth]
     # rank = how many candidates score strictly higher than the truth (ties count in the truth's favour)
     rank = (s > true_scores[:, None]).sum(axis=1)
-    return Identification(
+    return IdentificationRates(
         top1=float(np.mean(rank < 1)), top5=float(np.mean(rank < 5)), queries=int(s.shape[0])
     )
 

@@ -1,6 +1,6 @@
-"""Embedding backends for evaluation, the embedding cache and the throughput meter.
+"""The embedders evaluation compares, the embedding cache and the throughput meter.
 
-Two backends give embeddings with one interface (``embed``, ``embed_batch``, ``sha256``, ``sample_rate``):
+Two embedders give embeddings with one interface (``embed``, ``embed_batch``, ``sha256``, ``sample_rate``):
 cryid's ONNX ``Embedder`` (no torch) and speechbrain's ``EncoderClassifier`` (the reference, torch
 imported lazily). Both go through the same segmenter/pipeline code, so the ward protocol can run on
 either. Embeddings are cached on disk per (model sha256, what was embedded), so a second run is immediate.
@@ -25,7 +25,7 @@ from cryid.models.manifest import ModelError, sha256_file
 logger = logging.getLogger(__name__)
 
 
-class EmbeddingBackend(Protocol):
+class EvalEmbedder(Protocol):
     """What evaluation needs from a model (``cryid.models.embedder.Embedder`` has exactly this)."""
 
     sha256: str
@@ -36,17 +36,17 @@ class EmbeddingBackend(Protocol):
     def embed_batch(self, wavs: Sequence[np.ndarray], sample_rate: int = 16000) -> np.ndarray: ...
 
 
-class SpeechbrainBackend:
+class SpeechbrainEmbedder:
     """speechbrain's ``EncoderClassifier.encode_batch(wav, normalize=False)``, one clip at a time.
 
     One clip per call (no padding), exactly as Ubenwa's evaluate notebook embeds a concatenation.
     A ``backend.npz`` in SRC (a learned back-end from ``cryid model train``) is applied after the
-    network, as ``cryid model export`` puts it inside the ONNX graph, so both backends score alike.
+    network, as ``cryid model export`` puts it inside the ONNX graph, so both embedders score alike.
     """
 
     def __init__(self, src: str) -> None:
-        from cryid.models.export import BACKEND_NAME, load_backend
-        from cryid.models.speechbrain_io import load_encoder_classifier, resolve_source
+        from cryid.models.training.backend import BACKEND_NAME, load_backend
+        from cryid.models.training.speechbrain_io import load_encoder_classifier, resolve_source
 
         local = resolve_source(src)
         self.source = src
@@ -59,15 +59,17 @@ class SpeechbrainBackend:
         self.sha256 = digest.hexdigest()
         self.backend: tuple[np.ndarray, np.ndarray] | None = None
         if (local / BACKEND_NAME).is_file():
-            mean, transform, _ = load_backend(local / BACKEND_NAME)
-            self.backend = (mean, transform)
+            backend = load_backend(local / BACKEND_NAME)
+            self.backend = (backend.mean, backend.transform)
             logger.info("applying the learned back-end %s after the network", local / BACKEND_NAME)
 
     def embed(self, wav: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
         import torch
 
         if sample_rate != self.sample_rate:
-            raise ModelError(f"speechbrain backend expects {self.sample_rate} Hz audio, got {sample_rate} Hz")
+            raise ModelError(
+                f"the speechbrain embedder expects {self.sample_rate} Hz audio, got {sample_rate} Hz"
+            )
         with torch.no_grad():
             emb = self.classifier.encode_batch(torch.from_numpy(np.ascontiguousarray(wav)), normalize=False)
         out = emb.reshape(-1).cpu().numpy().astype(np.float32)
@@ -81,10 +83,10 @@ class SpeechbrainBackend:
         return np.stack([self.embed(w, sample_rate) for w in wavs])
 
 
-def load_backend_for_eval(model_dir: Path | None, speechbrain_src: str | None, embedder_settings: Any) -> Any:
+def load_eval_embedder(model_dir: Path | None, speechbrain_src: str | None, embedder_settings: Any) -> Any:
     """The ONNX ``Embedder`` for ``model_dir``, or the speechbrain reference for ``speechbrain_src``."""
     if speechbrain_src is not None:
-        return SpeechbrainBackend(speechbrain_src)
+        return SpeechbrainEmbedder(speechbrain_src)
     if model_dir is None:
         raise ModelError("no model given; pass --model DIR or --speechbrain SRC")
     from cryid.models.embedder import Embedder

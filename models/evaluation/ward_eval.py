@@ -1,8 +1,9 @@
 """The ward protocol of ``cryid eval``: enroll from B files, identify D files in simulated rooms.
 
 Each file is segmented and embedded exactly as enrollment and the daemon do (``pipeline.embed_expirations``);
-rooms, confirmations, scores and decisions come from ``cryid.models.ward``. Without ``--room-size`` there
-is one room: every baby whose B files hold an expiration is enrolled, the others' D files are strangers.
+rooms, confirmations, scores and decisions come from ``cryid.models.evaluation.ward``. Without
+``--room-size`` there is one room: every baby whose B files hold an expiration is enrolled, the others'
+D files are strangers.
 Decisions use the model's calibration (``manifest.calibration``) at ``--min-confidence`` (default: the
 value the calibration recommends); an uncalibrated model reports no coverage or wrong-baby rate.
 Intervals are percentile bootstraps over infants (each resample draws infants with replacement and
@@ -20,13 +21,13 @@ import numpy as np
 
 from cryid.models.audio import load_audio
 from cryid.models.calibration import Calibration
-from cryid.models.channel import WardChannel
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import CryCelebError, CryCelebSet, Recording
-from cryid.models.eval_backends import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
-from cryid.models.eval_options import EvalOptions
-from cryid.models.metrics import bootstrap_ci, infant_codes
-from cryid.models.ward import (
+from cryid.models.evaluation.channel import WardChannel
+from cryid.models.evaluation.cryceleb import CryCelebError, CryCelebSet, Recording
+from cryid.models.evaluation.embedders import EmbeddingCache, EvalEmbedder, Throughput, file_fingerprint
+from cryid.models.evaluation.metrics import bootstrap_ci, infant_codes
+from cryid.models.evaluation.options import EvalOptions
+from cryid.models.evaluation.ward import (
     RoomQueries,
     WardData,
     coverage,
@@ -66,7 +67,7 @@ def channel_key(channel: WardChannel | None) -> str:
 
 def file_expiration_embeddings(
     rec: Recording,
-    backend: EmbeddingBackend,
+    embedder: EvalEmbedder,
     segmenter: SegmenterSettings,
     cache: EmbeddingCache,
     meter: Throughput,
@@ -76,10 +77,10 @@ def file_expiration_embeddings(
     from cryid.models.pipeline import embed_expirations
 
     def compute() -> np.ndarray:
-        wav = load_recording(rec, backend.sample_rate, channel)
+        wav = load_recording(rec, embedder.sample_rate, channel)
         meter.start()
-        embedded = embed_expirations(wav, segmenter, backend)  # type: ignore[arg-type]
-        meter.stop(len(wav) / backend.sample_rate)
+        embedded = embed_expirations(wav, segmenter, embedder)  # type: ignore[arg-type]
+        meter.stop(len(wav) / embedder.sample_rate)
         if not embedded:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([e.embedding for e in embedded])
@@ -91,7 +92,7 @@ def file_expiration_embeddings(
 def split_ward_data(
     data: CryCelebSet,
     split: str,
-    backend: EmbeddingBackend,
+    embedder: EvalEmbedder,
     segmenter: SegmenterSettings,
     cache: EmbeddingCache,
     meter: Throughput,
@@ -101,7 +102,7 @@ def split_ward_data(
     groups = data.groups(split)
     recs = [r for key in groups for r in groups[key]]
     per_file = {
-        r.file_id: file_expiration_embeddings(r, backend, segmenter, cache, meter, channel)
+        r.file_id: file_expiration_embeddings(r, embedder, segmenter, cache, meter, channel)
         for r in progress(recs, f"segmenting and embedding {len(recs)} files", len(recs))
     }
     by_period: dict[str, dict[str, list[np.ndarray]]] = {"B": {}, "D": {}}
@@ -183,7 +184,7 @@ def ward_figures(
 def ward_protocol(
     data: CryCelebSet,
     split: str,
-    backend: EmbeddingBackend,
+    embedder: EvalEmbedder,
     segmenter: SegmenterSettings,
     cache: EmbeddingCache,
     meter: Throughput,
@@ -193,7 +194,7 @@ def ward_protocol(
 ) -> WardReport:
     """Enroll each baby from its B files, identify D files (see the module docstring)."""
     options = options or EvalOptions(split=split)  # type: ignore[arg-type]
-    ward, per_file = split_ward_data(data, split, backend, segmenter, cache, meter, channel)
+    ward, per_file = split_ward_data(data, split, embedder, segmenter, cache, meter, channel)
     if not ward.birth:
         raise CryCelebError(
             f"{split}: the segmenter found no expiration in any B file; nobody could be enrolled"

@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from cryid.models.channel import WardChannel
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
-from cryid.models.eval_backends import EmbeddingBackend, EmbeddingCache, Throughput, file_fingerprint
-from cryid.models.eval_options import EvalOptions
-from cryid.models.metrics import bootstrap_ci, eer, infant_codes, min_dcf, weighted_eer
-from cryid.models.scoring import cosine_matrix, l2_normalize
-from cryid.models.ward_eval import (
+from cryid.models.evaluation.channel import WardChannel
+from cryid.models.evaluation.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
+from cryid.models.evaluation.embedders import EmbeddingCache, EvalEmbedder, Throughput, file_fingerprint
+from cryid.models.evaluation.metrics import bootstrap_ci, eer, infant_codes, min_dcf, weighted_eer
+from cryid.models.evaluation.options import EvalOptions
+from cryid.models.evaluation.ward_eval import (
     WardReport,
     channel_key,
     file_expiration_embeddings,
@@ -41,6 +40,7 @@ from cryid.models.ward_eval import (
     progress,
     ward_protocol,
 )
+from cryid.models.scoring import cosine_matrix, l2_normalize
 
 __all__ = ["EvalOptions", "EvalReport", "PairReport", "WardReport", "concatenation_embeddings",
            "file_expiration_embeddings", "pair_protocol", "run_evaluation", "ward_protocol"]
@@ -85,7 +85,7 @@ def _orders(recs: list[Recording], k: int, seed: int, key: GroupKey) -> list[Rec
 def concatenation_embeddings(
     groups: dict[GroupKey, list[Recording]],
     keys: list[GroupKey],
-    backend: EmbeddingBackend,
+    embedder: EvalEmbedder,
     cache: EmbeddingCache,
     meter: Throughput,
     order: int = -1,
@@ -98,14 +98,14 @@ def concatenation_embeddings(
         recs = _orders(groups[key], order, seed, key)
 
         def compute(recs: list[Recording] = recs) -> np.ndarray:
-            wav = np.concatenate([load_recording(r, backend.sample_rate, channel) for r in recs])
+            wav = np.concatenate([load_recording(r, embedder.sample_rate, channel) for r in recs])
             meter.start()
-            emb = backend.embed(wav, backend.sample_rate)
-            meter.stop(len(wav) / backend.sample_rate)
+            emb = embedder.embed(wav, embedder.sample_rate)
+            meter.stop(len(wav) / embedder.sample_rate)
             return emb
 
         fingerprint = "|".join(file_fingerprint(r.path) for r in recs)
-        key = f"concat|{backend.sample_rate}|{fingerprint}{channel_key(channel)}"
+        key = f"concat|{embedder.sample_rate}|{fingerprint}{channel_key(channel)}"
         out.append(cache.get_or_compute(key, compute))
     return np.stack(out)
 
@@ -158,7 +158,7 @@ def pair_protocol(
     data: CryCelebSet,
     split: str,
     pairs: list[Pair],
-    backend: EmbeddingBackend,
+    embedder: EvalEmbedder,
     cache: EmbeddingCache,
     meter: Throughput,
     options: EvalOptions,
@@ -183,17 +183,17 @@ def pair_protocol(
         data.check_audio(options.cohort)
         cohort = l2_normalize(
             concatenation_embeddings(
-                cohort_groups, list(cohort_groups), backend, cache, meter, channel=channel
+                cohort_groups, list(cohort_groups), embedder, cache, meter, channel=channel
             )
         )
     orders = [-1] if options.tta == 1 else list(range(options.tta))
     total = np.zeros(len(pairs), dtype=np.float64)
     for order in orders:
         emb_b = l2_normalize(
-            concatenation_embeddings(groups, b_keys, backend, cache, meter, order, options.seed, channel)
+            concatenation_embeddings(groups, b_keys, embedder, cache, meter, order, options.seed, channel)
         )
         emb_d = l2_normalize(
-            concatenation_embeddings(groups, d_keys, backend, cache, meter, order, options.seed, channel)
+            concatenation_embeddings(groups, d_keys, embedder, cache, meter, order, options.seed, channel)
         )
         # float32 cosines, as the notebook's torch.nn.CosineSimilarity(...).item(), then float64
         raw = np.einsum("ij,ij->i", emb_b[ib], emb_d[id_]).astype(np.float32).astype(np.float64)
@@ -311,15 +311,15 @@ class EvalReport:
 def run_evaluation(
     data_dir: Path,
     options: EvalOptions,
-    backend: EmbeddingBackend,
-    backend_name: str,
+    embedder: EvalEmbedder,
+    embedder_name: str,
     model_label: str,
     segmenter: SegmenterSettings,
     cache_dir: Path | None,
 ) -> EvalReport:
     (
         """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries).
-    The ward protocol decides with the backend's calibration (``backend.manifest.calibration``), if any."""
+    The ward protocol decides with the embedder's calibration (``embedder.manifest.calibration``), if any."""
         ""
     )
     data = load_cryceleb(data_dir)
@@ -329,25 +329,26 @@ def run_evaluation(
         )
     pairs = data.read_pairs(options.split) if options.protocol in ("pairs", "both") else None
     data.check_audio(options.split)
-    cache = EmbeddingCache(cache_dir, backend.sha256)
-    channel = None if options.ward_channel is None else WardChannel(options.ward_channel, backend.sample_rate)
-    calibration = getattr(getattr(backend, "manifest", None), "calibration", None)
+    cache = EmbeddingCache(cache_dir, embedder.sha256)
+    rate = embedder.sample_rate
+    channel = None if options.ward_channel is None else WardChannel(options.ward_channel, rate)
+    calibration = getattr(getattr(embedder, "manifest", None), "calibration", None)
     meters = {"pairs": Throughput(), "ward": Throughput()}
     pair_report = ward_report = None
     if pairs is not None:
         pair_report = pair_protocol(
-            data, options.split, pairs, backend, cache, meters["pairs"], options, channel
+            data, options.split, pairs, embedder, cache, meters["pairs"], options, channel
         )
     if options.protocol in ("ward", "both"):
         ward_report = ward_protocol(
-            data, options.split, backend, segmenter, cache, meters["ward"], options, calibration, channel
+            data, options.split, embedder, segmenter, cache, meters["ward"], options, calibration, channel
         )
     return EvalReport(
         data=str(data.root),
         split=options.split,
-        backend=backend_name,
+        backend=embedder_name,
         model=model_label,
-        model_sha256=backend.sha256,
+        model_sha256=embedder.sha256,
         pairs=pair_report,
         ward=ward_report,
         ward_channel=None if channel is None else channel.describe(),

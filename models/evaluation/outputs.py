@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cryid.models.errors import CryidError
-from cryid.models.evaluate import EvalReport, PairReport
+from cryid.models.evaluation.evaluate import EvalReport, PairReport
 
 logger = logging.getLogger(__name__)
 

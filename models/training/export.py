@@ -36,6 +36,8 @@ from cryid.models.manifest import (
     sha256_file,
     write_manifest,
 )
+from cryid.models.scoring import cosine_rows
+from cryid.models.training.backend import BACKEND_NAME, load_backend
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +49,6 @@ PARITY_MIN_COSINE = 0.9999
 INT8_MIN_COSINE = 0.99
 CHECK_CLIPS_S = (0.7, 1.6, 3.3)
 QUANTIZE_CHOICES = ("int8",)
-BACKEND_NAME = "backend.npz"
 TRAIN_INFO_NAME = "train_info.json"
 
 
@@ -65,30 +66,6 @@ def check_clips(sample_rate: int = 16000, durations_s: tuple[float, ...] = CHECK
         clip = 0.3 * env * tone + 0.01 * rng.standard_normal(n)
         clips.append(clip.astype(np.float32))
     return clips
-
-
-def load_backend(path: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """``mean`` (D,) and ``transform`` (D, K) of a back-end ``.npz``; ``ModelError`` if malformed."""
-    if not path.is_file():
-        raise ModelError(f"{path}: back-end file not found; pass an .npz written by `cryid model train`")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:  # zipfile/ValueError/OSError: not an npz
-        raise ModelError(f"{path}: not a readable .npz back-end ({exc})") from exc
-    if "mean" not in arrays or "transform" not in arrays:
-        raise ModelError(f"{path}: a back-end needs arrays 'mean' (D,) and 'transform' (D, K)")
-    mean = np.asarray(arrays["mean"], dtype=np.float32)
-    transform = np.asarray(arrays["transform"], dtype=np.float32)
-    if mean.ndim != 1 or transform.ndim != 2 or transform.shape[0] != mean.shape[0]:
-        raise ModelError(
-            f"{path}: back-end shapes mean {mean.shape} and transform {transform.shape} "
-            "do not fit (D,) and (D, K)"
-        )
-    if not (np.isfinite(mean).all() and np.isfinite(transform).all()):
-        raise ModelError(f"{path}: back-end holds NaN or infinite values")
-    kind = str(arrays["kind"]) if "kind" in arrays else None
-    return mean, transform, kind
 
 
 def _read_train_info(src_dir: Path) -> TrainingInfo | None:
@@ -205,12 +182,6 @@ def _check_batching(sess: Any, feats: np.ndarray, src: str) -> None:
         )
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.sum(an * bn, axis=1)
-
-
 def reference_embeddings(
     clf: Any, clips: list[np.ndarray], backend: tuple[np.ndarray, np.ndarray] | None
 ) -> np.ndarray:
@@ -261,7 +232,7 @@ def export_model(
     overwrite: bool = False,
 ) -> Manifest:
     """Export ``src`` (speechbrain dir or hub id) to ``out``; returns the manifest written there."""
-    from cryid.models.speechbrain_io import load_encoder_classifier, resolve_source
+    from cryid.models.training.speechbrain_io import load_encoder_classifier, resolve_source
 
     out = Path(out)
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
@@ -274,6 +245,7 @@ def export_model(
     if backend is None and (src_dir / BACKEND_NAME).is_file():
         backend = src_dir / BACKEND_NAME
     bk = load_backend(Path(backend)) if backend is not None else None
+    affine = None if bk is None else (bk.mean, bk.transform)  # appended inside the graph
     training = _read_train_info(src_dir)
 
     clf = load_encoder_classifier(str(src_dir))
@@ -284,12 +256,12 @@ def export_model(
     feats = frontend.features_batch(clips)
     ref = reference_embeddings(clf, clips, None)
     if bk is not None:
-        if bk[0].shape[0] != ref.shape[1]:
+        if bk.input_dim != ref.shape[1]:
             raise ModelError(
-                f"{backend}: back-end expects {bk[0].shape[0]}-d embeddings "
+                f"{backend}: back-end expects {bk.input_dim}-d embeddings "
                 f"but the model gives {ref.shape[1]}-d"
             )
-        ref = (ref - bk[0]) @ bk[1]
+        ref = (ref - bk.mean) @ bk.transform
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -298,11 +270,11 @@ def export_model(
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the model from the service user
     try:
         fp32_path = tmp / "model.fp32.onnx"
-        from cryid.models.onnx_rewrite import convs_as_conv2d
+        from cryid.models.training.onnx_rewrite import convs_as_conv2d
 
         fast = convs_as_conv2d(clf.mods.embedding_model)
         try:
-            _onnx_export(_graph_module(fast, None if bk is None else (bk[0], bk[1])), n_mels, fp32_path)
+            _onnx_export(_graph_module(fast, affine), n_mels, fp32_path)
         except Exception as exc:  # the tracer/exporter raises many types; report one line
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             raise ModelError(
@@ -311,7 +283,7 @@ def export_model(
         sess = _session(fp32_path)
         fp32 = _onnx_embed(sess, feats)
         _check_batching(sess, feats[0], src)
-        cos = _cosines(fp32, ref)
+        cos = cosine_rows(fp32, ref)
         parity = ParityReport(
             reference="speechbrain EncoderClassifier.encode_batch(wav, normalize=False)"
             + (" + back-end" if bk is not None else ""),
@@ -330,18 +302,18 @@ def export_model(
             )
         quant = None
         if quantize == "int8":
-            from cryid.models.onnx_rewrite import SCHEME, convs_as_matmul, quantize_int8
+            from cryid.models.training.onnx_rewrite import SCHEME, convs_as_matmul, quantize_int8
 
             mm = convs_as_matmul(clf.mods.embedding_model)
             pre_path = tmp / "model.pre-int8.onnx"
             if mm is None:
                 fp32_path.rename(pre_path)
             else:
-                _onnx_export(_graph_module(mm, None if bk is None else (bk[0], bk[1])), n_mels, pre_path)
+                _onnx_export(_graph_module(mm, affine), n_mels, pre_path)
                 fp32_path.unlink()
             quantize_int8(pre_path, tmp / ONNX_NAME)
             int8 = _onnx_embed(_session(tmp / ONNX_NAME), feats)
-            qcos = _cosines(int8, fp32)
+            qcos = cosine_rows(int8, fp32)
             quant = QuantizationReport(
                 scheme=SCHEME if mm is not None else "onnxruntime quantize_dynamic, QInt8 weights per tensor",
                 min_cosine_to_fp32=float(qcos.min()),
@@ -373,9 +345,9 @@ def export_model(
             else BackendInfo(
                 file=str(backend),
                 sha256=sha256_file(Path(backend)),
-                input_dim=int(bk[1].shape[0]),
-                output_dim=int(bk[1].shape[1]),
-                kind=bk[2],
+                input_dim=bk.input_dim,
+                output_dim=bk.output_dim,
+                kind=bk.kind,
             ),
             training=training,
             metrics=dict(training.metrics) if training is not None else {},

@@ -27,7 +27,7 @@ import numpy as np
 
 from cryid.models.calibration import Calibration
 from cryid.models.errors import UsageError
-from cryid.models.metrics import eer, weighted_eer
+from cryid.models.evaluation.metrics import eer, weighted_eer
 from cryid.models.scoring import ReferenceSet, centroid
 
 CURVE = tuple(round(float(x), 2) for x in np.arange(0.05, 0.991, 0.01))  # min_confidence grid

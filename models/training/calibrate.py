@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from cryid.models.calibration import (
     FEATURES,
@@ -40,11 +39,10 @@ from cryid.models.calibration import (
     reliability,
 )
 from cryid.models.config import SegmenterSettings
-from cryid.models.cryceleb import CryCelebError, load_cryceleb
-from cryid.models.eval_backends import EmbeddingCache, Throughput
-from cryid.models.manifest import MANIFEST_NAME, Manifest
-from cryid.models.metrics import bootstrap_ci, infant_codes
-from cryid.models.ward import (
+from cryid.models.evaluation.cryceleb import CryCelebError, load_cryceleb
+from cryid.models.evaluation.embedders import EmbeddingCache, Throughput
+from cryid.models.evaluation.metrics import bootstrap_ci, infant_codes
+from cryid.models.evaluation.ward import (
     CURVE,
     RoomQueries,
     WardData,
@@ -54,43 +52,13 @@ from cryid.models.ward import (
     score_rooms,
     wrong_rate,
 )
-from cryid.models.ward_eval import split_ward_data
+from cryid.models.evaluation.ward_eval import split_ward_data
+from cryid.models.manifest import MANIFEST_NAME, Manifest
+from cryid.models.training.settings import CalibrateSettings
 
 logger = logging.getLogger(__name__)
 
 FIT_ROOM_SIZES = (2, 4, 6, 8, 12, 16)  # the map must hold for any number of candidates
-
-
-class CalibrateSettings(BaseModel):
-    """How ``cryid model calibrate`` fits; each default is written here once."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    split: str = Field("dev", min_length=1, description="Split of infants the model was not trained on.")
-    room_size: int = Field(8, ge=2, le=1000, description="Babies per room of the operating point.")
-    room_strangers: int | None = Field(
-        None, ge=0, le=1000, description="Of them not enrolled (None: a quarter of the room)."
-    )
-    rooms: int = Field(300, ge=10, le=100_000, description="Seeded rooms per fit and per evaluation.")
-    seed: int = Field(0, ge=0, description="Seed of the rooms, the folds and the confirmations.")
-    folds: int = Field(5, ge=2, le=100, description="Cross-validation folds over infants.")
-    target_wrong_rate: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Highest CV wrong-baby rate the recommended min_confidence allows."
-    )
-    min_named: int = Field(
-        20,
-        ge=1,
-        description="Below this many named CV queries, wrong names are capped at "
-        "target_wrong_rate * min_named instead of the rate.",
-    )
-    weight_grid: tuple[float, ...] = Field(
-        (0.0, 0.25, 0.5, 0.75, 1.0), min_length=1, description="confirmed_weight values tried by CV (K=1)."
-    )
-    bootstrap: int = Field(1000, ge=0, le=100_000, description="Infant resamples for the 95% intervals.")
-
-    @property
-    def strangers(self) -> int:
-        return self.room_size // 4 if self.room_strangers is None else self.room_strangers
 
 
 @dataclass(frozen=True)
