@@ -111,6 +111,7 @@ class MqttPublisher:
         self._stopping = False
         self.connects = 0  # successful connections so far (metrics: reconnects)
         self.on_event_published: Callable[[str], None] | None = None  # first PUBLISH of a stored event
+        self.on_event_acknowledged: Callable[[str], None] | None = None  # its PUBACK (paho's thread)
         self._subscriptions: list[str] = []  # (re)subscribed on every connect (HA's status)
         self._fails = 0  # failed connection attempts in a row (for the log)
 
@@ -345,6 +346,8 @@ class MqttPublisher:
             if self._refused_in_cycle == 0:
                 self._refuse_delay_s = 0.0
         self.acknowledged += 1
+        if self.on_event_acknowledged is not None:
+            self.on_event_acknowledged(event_id)
         self.outbox.remove(event_id)
 
     def _refused(self, event_id: str | None, topic: str, reason: ReasonCode) -> None:

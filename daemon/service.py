@@ -217,7 +217,7 @@ class Service:
                     continue
                 if item is _EOF:
                     break
-                outputs = self.pipeline.feed(item.samples)
+                outputs = self.pipeline.feed(item.samples, getattr(item, "read_at", None))
                 t0 = time.perf_counter()
                 for out in outputs:
                     self._emit(out)
@@ -235,7 +235,7 @@ class Service:
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
         self.dashboard.observe(ev)
-        self.plug.event_stored(ev, r.end_sample)
+        self.plug.event_stored(ev, r.end_sample, out.stamps)
         self._wake.set()
         if r.kind == "episode":
             self.ward.keep(r, ev)  # the main thread keeps it in the registry
@@ -347,6 +347,7 @@ class Service:
             memory_events=self.outbox.memory_size,
             publish_refused=self.publisher.refused,
             broker_error=self.publisher.last_error,
+            stages=self.plug.stages.summary(),
         )
 
     def run(self) -> int:

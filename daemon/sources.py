@@ -74,11 +74,13 @@ class SourceSettings(BaseModel):
 
 @dataclass(frozen=True)
 class AudioChunk:
-    """Float32 mono audio at ``sample_rate``; ``start_sample`` counts from the start of the source."""
+    """Float32 mono audio at ``sample_rate``; ``start_sample`` counts from the start of the source;
+    ``read_at``: ``time.monotonic()`` when the source delivered it (the latency stamps start there)."""
 
     samples: np.ndarray = field(repr=False)
     start_sample: int
     sample_rate: int = SAMPLE_RATE
+    read_at: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def end_sample(self) -> int:
