@@ -165,7 +165,11 @@ class OutboxSettings(BaseModel):
         le=10_000_000,
         description="Bound: when full, the oldest provisional expiration events are dropped first.",
     )
-    fsync: bool = Field(True, description="fsync every write (survives power loss, not only crashes).")
+    fsync: bool = Field(
+        True,
+        description="fsync every stored event (survives power loss, not only crashes); done by the main "
+        "thread right after the commit, while the event is published.",
+    )
     memory_events: int = Field(
         10000, ge=10, le=1_000_000,
         description="While the disk is full, this many newest events wait in memory (published as usual).",

@@ -104,14 +104,22 @@ class PipelineHealth:
         self._busy_s = self._audio_s = self._sumsq = 0.0
         self._n_level = 0
         self._heartbeat = time.monotonic()
+        self._waiting = False
 
     def beat(self) -> None:
+        """The pipeline starts on a chunk (it is busy until the next :meth:`waiting`)."""
         self._heartbeat = time.monotonic()
+        self._waiting = False
+
+    def waiting(self) -> None:
+        """The pipeline waits for audio: alive, however long the wait (a quiet source is not a stall)."""
+        self._heartbeat = time.monotonic()
+        self._waiting = True
 
     @property
     def heartbeat(self) -> float:
-        """``time.monotonic()`` of the pipeline's last sign of life."""
-        return self._heartbeat
+        """``time.monotonic()`` of the pipeline's last sign of life (now, while it waits for audio)."""
+        return time.monotonic() if self._waiting else self._heartbeat
 
     @property
     def samples(self) -> int:
@@ -231,6 +239,11 @@ class LivePipeline:
     def enrolled(self) -> list[str]:
         """The babies of the references in use (pipeline thread)."""
         return self._identifier.enrolled
+
+    @property
+    def gate_shut_s(self) -> float:
+        """Seconds the segmenter's gate has stayed shut outside an expiration (pipeline thread)."""
+        return self._segmenter.gate_shut_s
 
     @property
     def identifier_settings(self) -> IdentifierSettings:

@@ -9,7 +9,8 @@ Each expiration event is stamped (``time.monotonic()``) on its way through the d
 - ``detected``: the segmenter returned it (end of expiration found, after the hang-over);
 - ``embedded``: the ONNX embedder returned its embedding;
 - ``identified``: the identifier scored it and built the event;
-- ``stored``: the event is in the outbox (committed, fsync'ed when ``outbox.fsync``);
+- ``stored``: the event is committed to the outbox (the fsync follows in the main thread, see
+  :meth:`cryid.daemon.outbox.Outbox.sync`);
 - ``handed``: paho's ``publish()`` took it (PUBLISH written, or queued for paho's thread);
 - ``acked``: the broker's PUBACK arrived.
 
@@ -129,6 +130,11 @@ class StageClock:
         if self._observe is not None:
             for name, seconds in steps.items():
                 self._observe(name, seconds)
+
+    def records(self) -> list[dict[str, float]]:
+        """The step durations (seconds) of every expiration in the window, oldest first."""
+        with self._lock:
+            return [dict(d) for d in self._done]
 
     def summary(self) -> dict[str, StepFigure]:
         """p50/p95/max of every step over the window (steps with no measurement are left out)."""
