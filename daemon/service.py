@@ -7,6 +7,15 @@ runs its own network thread (:mod:`cryid.daemon.mqtt`). The main thread hands ne
 identifier settings to the pipeline with ``LivePipeline.apply`` (a queue it drains before each chunk),
 and reads its counters with one locked ``PipelineHealth.snapshot_and_reset``.
 
+Nothing polls: the pipeline blocks on its queue, and the main thread sleeps on one event until
+something happens (an event stored, a PUBACK with more events waiting, the broker (dis)connecting, a
+nurse's command, a signal, the pipeline ending) or the next periodic duty is due (the registry check,
+a cheap ``PRAGMA data_version`` on the kept connection every ``service.registry_poll_s``; stats; the
+watchdog). Once the segmenter's gate has been shut for ``QUIET_AFTER_S``, the source reads
+``source.quiet_chunk_ms`` blocks (fewer wake-ups in a quiet room); the first frame that opens the gate
+switches back to ``source.chunk_ms`` chunks and cuts the block being read short. Every expiration event
+is stamped at each stage (:mod:`cryid.daemon.stages`); the stats carry p50/p95 per step.
+
 Stopping (SIGTERM/SIGINT, or the end of a file): the reader stops, the pipeline drains the queue and
 flushes the segmenter (the expiration being heard is finished) and the identifier (the episode gets
 its final event), the outbox is given ``service.shutdown_timeout_s`` to be acknowledged (whatever is
@@ -248,9 +257,10 @@ class Service:
         r, ev = out.identification, out.event
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
-        self.dashboard.observe(ev)
         self.plug.event_stored(ev, r.end_sample, out.stamps)
-        self._wake.set()
+        self.publisher.pump()  # publish before anything else: the rest is not on the path to the ward
+        self.dashboard.observe(ev)
+        self._wake.set()  # the main thread fsyncs the outbox and feeds the dashboard
         if r.kind == "episode":
             self.ward.keep(r, ev)  # the main thread keeps it in the registry
         logger.info(
@@ -264,7 +274,6 @@ class Service:
             ev.margin,
             ev.n_expirations,
         )
-        self.publisher.pump()
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
