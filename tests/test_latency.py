@@ -51,7 +51,8 @@ def _cries(tmp_path: Path, noise_s: float = 0.0) -> Path:
     voices = nursery.voices(2, seed=1)
     bouts = [(None, nursery.bout(voices[i], 3.0, seed=300 + i)) for i in range(2)]
     wav, _truth = nursery.nursery_stream(bouts, gap_s=4.0, seed=7)
-    wav = np.concatenate([wav, nursery.room_noise(noise_s, np.random.default_rng(1))])
+    if noise_s > 0:
+        wav = np.concatenate([wav, nursery.room_noise(noise_s, np.random.default_rng(1))])
     path = tmp_path / "cries.wav"
     sf.write(path, wav, SR)
     return path
@@ -204,14 +205,17 @@ def test_idle_daemon_barely_wakes_up(shipped_model_dir: Path, mosquitto: Broker,
     """On quiet room noise the main loop sleeps until something is due (registry check: 1/s), the
     reader and the pipeline take 200 ms blocks; before: 10, 25 and 25 wake-ups a second."""
     path = tmp_path / "noise.wav"
-    sf.write(path, nursery.room_noise(30.0, np.random.default_rng(2)), SR)
+    sf.write(path, nursery.room_noise(40.0, np.random.default_rng(2)), SR)
     settings = _settings(tmp_path / "state", shipped_model_dir, mosquitto)
     service = build_service(settings, str(path), realtime=True)
     codes: list[int] = []
     runner = threading.Thread(target=lambda: codes.append(service.run()), name="main-loop")
     runner.start()
     try:
-        time.sleep(4.0)  # connected, the noise floor settled, the room quiet for a second
+        deadline = time.monotonic() + 30  # the noise floor settled (it rises 2 dB/s from -72 dBFS) and
+        while (service.counters.samples < 8 * SR or not service._quiet) and time.monotonic() < deadline:
+            time.sleep(0.1)  # ... the room quiet for a second
+        assert service._quiet, "the room never counted as quiet"
         threads = {t.name: t.native_id for t in threading.enumerate()}
         names = ("main-loop", "cryid-reader", "cryid-pipeline")
         assert all(threads.get(n) for n in names), threads
