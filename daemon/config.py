@@ -169,7 +169,11 @@ class OutboxSettings(BaseModel):
         le=10_000_000,
         description="Bound: when full, the oldest provisional expiration events are dropped first.",
     )
-    fsync: bool = Field(True, description="fsync every write (survives power loss, not only crashes).")
+    fsync: bool = Field(
+        True,
+        description="fsync every stored event (survives power loss, not only crashes); done by the main "
+        "thread right after the commit, while the event is published.",
+    )
     memory_events: int = Field(
         10000, ge=10, le=1_000_000,
         description="While the disk is full, this many newest events wait in memory (published as usual).",
@@ -208,10 +212,18 @@ class SourceSettings(BaseModel):
         description="Microphone: device index or (part of) its name, see `cryid devices`; None: default.",
     )
     chunk_ms: int = Field(
-        40,
+        20,
         ge=10,
         le=2000,
         description="Audio per chunk read from a file, stdin or the mic (a chunk's length adds to latency).",
+    )
+    quiet_chunk_ms: int = Field(
+        200,
+        ge=0,
+        le=250,
+        description="Audio per read from the mic or a real-time file while the room is quiet (the gate shut "
+        "for a second): fewer wake-ups. Audio that opens the gate cuts the block short; keep it below "
+        "segmenter.min_expiration_ms. 0: always chunk_ms.",
     )
     mic_queue_chunks: int = Field(
         500,

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cryid.daemon.stages import StepFigure
+
 SCHEMA_VERSION = 2  # 2: confidence, candidates, n_candidates
 
 
@@ -155,6 +157,13 @@ class Stats(BaseModel):
     broker_error: str | None = Field(None, description="Last broker problem (refusal, TLS, connection).")
     disk_full: bool = Field(False, description="True while the outbox cannot be written (disk full).")
     memory_events: int = Field(0, description="Events held in memory while the outbox cannot be written.")
+    stages: dict[str, StepFigure] = Field(
+        default_factory=dict,
+        description="Where the time of the last (up to 1000) expiration events went, per step from the "
+        "moment their last sample was heard to the PUBACK (heard_to_read, read_to_detected, "
+        "detected_to_embedded, embedded_to_identified, identified_to_stored, stored_to_handed, "
+        "handed_to_acked; totals end_to_publish and end_to_puback), ms.",
+    )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from cryid.daemon.homeassistant import Discovery, HomeAssistantSettings
 from cryid.daemon.logfmt import START_LOGGER
 from cryid.daemon.metrics import Metrics, MetricsServer, MetricsSettings
 from cryid.daemon.mqtt import MqttPublisher
+from cryid.daemon.stages import StageClock, StageStamps
 
 logger = logging.getLogger(__name__)
 START = logging.getLogger(START_LOGGER)  # shown at the default level too (cryid.daemon.logfmt)
@@ -86,9 +87,9 @@ class Integrations:
         self._outages_seen = 0
         self._roster: list[str] | None = None
         self._ha_online = threading.Event()
-        publisher.on_event_published = lambda event_id: self.metrics.event_published(
-            event_id, time.monotonic()
-        )
+        self.stages = StageClock(observe=lambda step, s: self.metrics.stage.labels(step).observe(s))
+        publisher.on_event_published = self._event_published
+        publisher.on_event_acknowledged = self.stages.acked
         if self.discovery is not None:
             publisher.subscribe(self.discovery.ha_status_topic, self._on_ha_status)
 
@@ -145,9 +146,16 @@ class Integrations:
         self.metrics.embed.observe(seconds)
         self.metrics.expirations.inc()
 
-    def event_stored(self, ev: CryEvent, end_sample: int) -> None:
+    def event_stored(self, ev: CryEvent, end_sample: int, stamps: StageStamps | None = None) -> None:
         self.metrics.event_stored(ev.event_id, ev.kind, ev.decision, end_sample)
+        if stamps is not None:
+            self.stages.stored(ev.event_id, stamps)
         self.crying = ev.kind == "expiration"
+
+    # whoever pumps the outbox (pipeline or main thread) ---------------------------------------
+    def _event_published(self, event_id: str) -> None:
+        self.stages.handed(event_id)
+        self.metrics.event_published(event_id, time.monotonic())
 
     # main thread ---------------------------------------------------------------------------------
     def source_status(self) -> SourceStatus:

@@ -29,6 +29,7 @@ import numpy as np
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.events import CryEvent
 from cryid.daemon.identifier import Identification, Identifier
+from cryid.daemon.stages import StageStamps
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.config import SegmenterSettings
 from cryid.models.pipeline import EmbeddedExpiration
@@ -60,10 +61,12 @@ PipelineUpdate = NewReferences | NewIdentifierSettings
 
 @dataclass(frozen=True)
 class Output:
-    """One identification and its payload (UTC times from the pipeline's ``stream_start``)."""
+    """One identification and its payload (UTC times from the pipeline's ``stream_start``); ``stamps``:
+    when an expiration event passed each stage so far (:mod:`cryid.daemon.stages`)."""
 
     identification: Identification
     event: CryEvent
+    stamps: StageStamps | None = None
 
 
 @dataclass(frozen=True)
@@ -101,14 +104,22 @@ class PipelineHealth:
         self._busy_s = self._audio_s = self._sumsq = 0.0
         self._n_level = 0
         self._heartbeat = time.monotonic()
+        self._waiting = False
 
     def beat(self) -> None:
+        """The pipeline starts on a chunk (it is busy until the next :meth:`waiting`)."""
         self._heartbeat = time.monotonic()
+        self._waiting = False
+
+    def waiting(self) -> None:
+        """The pipeline waits for audio: alive, however long the wait (a quiet source is not a stall)."""
+        self._heartbeat = time.monotonic()
+        self._waiting = True
 
     @property
     def heartbeat(self) -> float:
-        """``time.monotonic()`` of the pipeline's last sign of life."""
-        return self._heartbeat
+        """``time.monotonic()`` of the pipeline's last sign of life (now, while it waits for audio)."""
+        return time.monotonic() if self._waiting else self._heartbeat
 
     @property
     def samples(self) -> int:
@@ -230,6 +241,11 @@ class LivePipeline:
         return self._identifier.enrolled
 
     @property
+    def gate_shut_s(self) -> float:
+        """Seconds the segmenter's gate has stayed shut outside an expiration (pipeline thread)."""
+        return self._segmenter.gate_shut_s
+
+    @property
     def identifier_settings(self) -> IdentifierSettings:
         """The identifier settings in use (pipeline thread)."""
         return self._identifier.settings
@@ -240,16 +256,26 @@ class LivePipeline:
             raise TypeError(f"not a pipeline update: {type(update).__name__}")
         self._updates.put(update)
 
-    def feed(self, samples: np.ndarray) -> list[Output]:
-        """One chunk of the stream (float32, 16 kHz, any length): the identifications it completed."""
+    def feed(self, samples: np.ndarray, read_at: float | None = None) -> list[Output]:
+        """One chunk of the stream (float32, 16 kHz, any length): the identifications it completed.
+
+        ``read_at``: ``time.monotonic()`` when the source delivered the chunk; the expiration events
+        it completes are then stamped from the moment their last sample was heard."""
         self._drain()
         t0 = time.perf_counter()
         samples = np.asarray(samples, dtype=np.float32)
         seg = self._segmenter
         bad = seg.nonfinite_samples
         out: list[Output] = []
-        for exp in seg.process(samples):
-            out += self._identify(exp)
+        exps = seg.process(samples)
+        if exps:
+            detected = time.monotonic()
+            for exp in exps:
+                stamps = StageStamps(detected=detected)
+                if read_at is not None:  # the chunk ends at samples_seen: its last sample was heard then
+                    heard = read_at - (seg.samples_seen - exp.end_sample) / SAMPLE_RATE
+                    stamps = stamps.at(audio_end=heard, read=read_at)
+                out += self._identify(exp, stamps)
         bad = seg.nonfinite_samples - bad
         if bad:
             samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
@@ -272,7 +298,7 @@ class LivePipeline:
         self._drain()
         out: list[Output] = []
         for exp in self._segmenter.flush():
-            out += self._identify(exp)
+            out += self._identify(exp, StageStamps(detected=time.monotonic()))
         return out + self._outputs(self._identifier.flush())
 
     def _drain(self) -> None:
@@ -287,21 +313,26 @@ class LivePipeline:
                 self._identifier.set_settings(update.settings)
             self.updates_applied += 1
 
-    def _identify(self, exp: Expiration) -> list[Output]:
+    def _identify(self, exp: Expiration, stamps: StageStamps) -> list[Output]:
         t0 = time.perf_counter()
         try:
             emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
         except ValueError as exc:  # one bad expiration must not stop the ward's daemon
             logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
             return []
+        stamps = stamps.at(embedded=time.monotonic())
         self.health.expiration()
         if self.observer is not None:
             self.observer.embedded(time.perf_counter() - t0)
-        return self._outputs(self._identifier.process(EmbeddedExpiration(exp, emb)))
+        return self._outputs(self._identifier.process(EmbeddedExpiration(exp, emb)), stamps)
 
-    def _outputs(self, results: list[Identification]) -> list[Output]:
+    def _outputs(self, results: list[Identification], stamps: StageStamps | None = None) -> list[Output]:
         out = []
         for r in results:
-            out.append(Output(r, r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.room)))
+            event = r.to_event(self.stream_start, SAMPLE_RATE, self.sha, self.room)
+            st = None
+            if stamps is not None and r.kind == "expiration":
+                st = stamps.at(identified=time.monotonic())
+            out.append(Output(r, event, st))
             self.health.event(r.kind)
         return out

@@ -10,7 +10,8 @@ Names (all ``cryid_``): counters ``expirations_total``, ``events_total{kind,deci
 ``mqtt_connected``, ``source_up``, ``source_flat``, ``mic_level_dbfs``, ``babies_enrolled``;
 ``info{room,model_sha256,version}`` (always 1, for joins on ``instance``); histograms
 ``publish_latency_seconds{kind}`` (end of the expiration's audio arriving from the source to its
-PUBLISH) and ``embed_seconds`` (one expiration through the ONNX embedder).
+PUBLISH), ``embed_seconds`` (one expiration through the ONNX embedder) and ``stage_seconds{step}``
+(each step of an expiration event, from the moment its last sample was heard to the PUBACK).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cryid.models.errors import SettingsError
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 EMBED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -92,6 +94,14 @@ class Metrics:
         )
         self.embed = Histogram(
             "cryid_embed_seconds", "ONNX embedding time of one expiration.", buckets=EMBED_BUCKETS, registry=r
+        )
+        self.stage = Histogram(
+            "cryid_stage_seconds",
+            "One step of an expiration event through the daemon (cryid.daemon.stages: heard_to_read, "
+            "read_to_detected, ..., end_to_publish, end_to_puback).",
+            ["step"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
         )
         for kind in ("expiration", "episode"):  # every series exists from the start (rate() needs it)
             for decision in ("identified", "unknown"):

@@ -111,6 +111,8 @@ class MqttPublisher:
         self._stopping = False
         self.connects = 0  # successful connections so far (metrics: reconnects)
         self.on_event_published: Callable[[str], None] | None = None  # first PUBLISH of a stored event
+        self.on_event_acknowledged: Callable[[str], None] | None = None  # its PUBACK (paho's thread)
+        self.on_change: Callable[[], None] | None = None  # connected, disconnected, fatal, more to pump
         self._subscriptions: list[str] = []  # (re)subscribed on every connect (HA's status)
         self._fails = 0  # failed connection attempts in a row (for the log)
 
@@ -234,6 +236,7 @@ class MqttPublisher:
         if fatal:
             self.fatal_error = message
             logger.error("%s", message)
+            self._changed()
         elif message != self.last_error:
             logger.warning("%s", message)
         self.last_error = message
@@ -286,6 +289,7 @@ class MqttPublisher:
                 self.last_error = self.fatal_error
                 logger.error("%s", self.fatal_error)
                 client.disconnect()  # stops paho's retry loop
+                self._changed()
             else:
                 self._problem(f"{self._where} refused the connection ({name}); retrying")
             return
@@ -304,11 +308,13 @@ class MqttPublisher:
         self.ever_connected = True
         self._connected.set()
         self.connected_changed.set()
+        self._changed()
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         self.connected_changed.set()
+        self._changed()
         refused, self._connack_refused = self._connack_refused, False
         if not was and not refused and not self._stopping and not self.fatal_error:  # closed before CONNACK
             hint = (
@@ -345,7 +351,15 @@ class MqttPublisher:
             if self._refused_in_cycle == 0:
                 self._refuse_delay_s = 0.0
         self.acknowledged += 1
+        if self.on_event_acknowledged is not None:
+            self.on_event_acknowledged(event_id)
         self.outbox.remove(event_id)
+        if self.outbox.size() > len(self._inflight):  # a backlog: the freed slot takes the next one now
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _refused(self, event_id: str | None, topic: str, reason: ReasonCode) -> None:
         """The broker refused a publish: keep the event, count it, back off, say so loudly."""

@@ -7,6 +7,15 @@ runs its own network thread (:mod:`cryid.daemon.mqtt`). The main thread hands ne
 identifier settings to the pipeline with ``LivePipeline.apply`` (a queue it drains before each chunk),
 and reads its counters with one locked ``PipelineHealth.snapshot_and_reset``.
 
+Nothing polls: the pipeline blocks on its queue, and the main thread sleeps on one event until
+something happens (an event stored, a PUBACK with more events waiting, the broker (dis)connecting, a
+nurse's command, a signal, the pipeline ending) or the next periodic duty is due (the registry check,
+a cheap ``PRAGMA data_version`` on the kept connection every ``service.registry_poll_s``; stats; the
+watchdog). Once the segmenter's gate has been shut for ``QUIET_AFTER_S``, the source reads
+``source.quiet_chunk_ms`` blocks (fewer wake-ups in a quiet room); the first frame that opens the gate
+switches back to ``source.chunk_ms`` chunks and cuts the block being read short. Every expiration event
+is stamped at each stage (:mod:`cryid.daemon.stages`); the stats carry p50/p95 per step.
+
 Stopping (SIGTERM/SIGINT, or the end of a file): the reader stops, the pipeline drains the queue and
 flushes the segmenter (the expiration being heard is finished) and the identifier (the episode gets
 its final event), the outbox is given ``service.shutdown_timeout_s`` to be acknowledged (whatever is
@@ -54,6 +63,7 @@ from cryid.models.scoring import ReferenceSet
 logger = logging.getLogger(__name__)
 
 _EOF = object()
+QUIET_AFTER_S = 1.0  # the gate shut this long: the room is quiet (larger reads, see source.quiet_chunk_ms)
 
 
 class ServiceError(CryidError):
@@ -145,15 +155,17 @@ class Service:
         self.source_error: str | None = None
         self.fatal: str | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()  # an event waits in the outbox: publish it now, not at the next tick
+        self._wake = threading.Event()  # wakes the main loop: an event stored, a PUBACK, a signal, ...
         self._reload = threading.Event()
         self._pipeline_done = threading.Event()
         self._registry_version: int | None = None
         self._enrolled: list[str] = []
         self._needs_reenrollment: list[str] = []
         self._source_state: Any = None
+        self._quiet = False  # the source reads quiet blocks (pipeline thread)
         self.ward = Ward(registry, settings.registry, settings.room, publisher.publish_result, self._wake.set)
         publisher.set_command_sink(COMMAND_VERBS, self.ward.command)
+        publisher.on_change = self._wake.set  # (dis)connected, fatal, or a PUBACK with more events waiting
         # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
         state_dir = Path(settings.state_dir).expanduser()
         self.dashboard = RoomFeed(publisher, settings.room, settings.dashboard.crying_timeout_s, state_dir)
@@ -175,6 +187,7 @@ class Service:
 
     def request_reload(self) -> None:
         self._reload.set()
+        self._wake.set()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads (only possible from the main thread)."""
@@ -210,14 +223,13 @@ class Service:
         health = self.counters
         try:
             while True:
+                health.waiting()
+                item = self.queue.get()  # no time-out: the reader always ends with _EOF
                 health.beat()
-                try:
-                    item = self.queue.get(timeout=0.5)
-                except queue.Empty:
-                    continue
                 if item is _EOF:
                     break
-                outputs = self.pipeline.feed(item.samples)
+                outputs = self.pipeline.feed(item.samples, getattr(item, "read_at", None))
+                self._quiet_reads()
                 t0 = time.perf_counter()
                 for out in outputs:
                     self._emit(out)
@@ -229,14 +241,26 @@ class Service:
             self.fatal = f"pipeline failed: {exc}"
         finally:
             self._pipeline_done.set()
+            self._wake.set()
+
+    def _quiet_reads(self) -> None:
+        """Pipeline thread: a room quiet for ``QUIET_AFTER_S`` is read in ``source.quiet_chunk_ms`` blocks
+        (fewer wake-ups); the first frame that opens the gate switches back at once."""
+        quiet = self.pipeline.gate_shut_s >= QUIET_AFTER_S
+        if quiet != self._quiet:
+            self._quiet = quiet
+            set_quiet = getattr(self.source, "set_quiet", None)
+            if set_quiet is not None:
+                set_quiet(self.settings.source.quiet_chunk_ms if quiet else 0)
 
     def _emit(self, out: Output) -> None:
         r, ev = out.identification, out.event
         topic = self.publisher.event_topic(ev.baby_id)
         self.outbox.add(ev.event_id, ev.kind, topic, ev.to_json())
+        self.plug.event_stored(ev, r.end_sample, out.stamps)
+        self.publisher.pump()  # publish before anything else: the rest is not on the path to the ward
         self.dashboard.observe(ev)
-        self.plug.event_stored(ev, r.end_sample)
-        self._wake.set()
+        self._wake.set()  # the main thread fsyncs the outbox and feeds the dashboard
         if r.kind == "episode":
             self.ward.keep(r, ev)  # the main thread keeps it in the registry
         logger.info(
@@ -250,7 +274,6 @@ class Service:
             ev.margin,
             ev.n_expirations,
         )
-        self.publisher.pump()
 
     # main thread ----------------------------------------------------------------------------
     def _poll_registry(self) -> None:
@@ -347,6 +370,7 @@ class Service:
             memory_events=self.outbox.memory_size,
             publish_refused=self.publisher.refused,
             broker_error=self.publisher.last_error,
+            stages=self.plug.stages.summary(),
         )
 
     def run(self) -> int:
@@ -398,10 +422,14 @@ class Service:
             self._serve_ward(now)
             self.plug.tick(self._enrolled, self.outbox.size(), getattr(self._source_state, "outages", 0))
             self._wake.clear()  # before the pump: an event stored during it wakes the next wait
+            self.outbox.sync()  # fsync the events stored since the last wake (being published meanwhile)
             self.outbox.retry()  # a full disk: store the events held in memory once there is room
             self.publisher.pump()
             self.dashboard.update(now)
-            self._wake.wait(0.1)
+            # sleep until something happens (an event stored, a PUBACK, a command, a signal, the broker
+            # (dis)connecting, the pipeline ending) or the next periodic duty: no polling in between
+            due = min(next_poll, next_stats, next_dog if self.notifier.watchdog_s else next_poll)
+            self._wake.wait(max(0.0, due - time.monotonic()))
             if self._stop.is_set():
                 logger.info("stopping: finishing the current expiration")
                 self._stop_source()
@@ -432,6 +460,7 @@ class Service:
         for t in threads:
             t.join(timeout=max(5.0, self.settings.service.shutdown_timeout_s))
         self._serve_ward(time.monotonic())  # the last episodes (and any command) before going offline
+        self.outbox.sync()  # the pipeline's last events
         deadline = time.monotonic() + self.settings.service.shutdown_timeout_s
         while (
             (self.outbox.size() or not self.publisher.ever_connected)

@@ -41,11 +41,13 @@ class SourceError(CryidError):
 
 @dataclass(frozen=True)
 class AudioChunk:
-    """Float32 mono audio at ``sample_rate``; ``start_sample`` counts from the start of the source."""
+    """Float32 mono audio at ``sample_rate``; ``start_sample`` counts from the start of the source;
+    ``read_at``: ``time.monotonic()`` when the source delivered it (the latency stamps start there)."""
 
     samples: np.ndarray = field(repr=False)
     start_sample: int
     sample_rate: int = SAMPLE_RATE
+    read_at: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def end_sample(self) -> int:
@@ -75,6 +77,17 @@ class AudioSource:
         self._pos = 0
         self._eof = False
         self._dropped = 0
+        self._quiet_ms = 0  # > 0: the room is quiet, read blocks this long (see set_quiet)
+        self._hurry = threading.Event()  # set: the room is not quiet, a long read ends at once
+
+    def set_quiet(self, block_ms: int) -> None:
+        """Any thread: ``block_ms`` > 0 reads blocks this long (a quiet room), 0 the usual chunks; going
+        back to 0 cuts a block being waited for short (it delivers the audio heard so far)."""
+        self._quiet_ms = int(block_ms)
+        if block_ms > 0:
+            self._hurry.clear()
+        else:
+            self._hurry.set()
 
     @property
     def eof(self) -> bool:
@@ -167,9 +180,12 @@ class FileSource(AudioSource):
         )
 
     def _next_samples(self) -> np.ndarray | None:
+        block = self._block
+        if self._quiet_ms > self.chunk_ms:
+            block = max(1, self._file.samplerate * self._quiet_ms // 1000)
         while True:
             try:
-                data = self._file.read(self._block, dtype="float32", always_2d=True)
+                data = self._file.read(block, dtype="float32", always_2d=True)
             except Exception as exc:  # a file corrupt after its header
                 raise AudioError(f"{self.path}: cannot decode the audio ({exc}); re-encode the file") from exc
             if data.shape[0] == 0:
@@ -195,13 +211,24 @@ class FileSource(AudioSource):
             now = self._clock()
             if self._t0 is None:
                 self._t0 = now
-            due = self._t0 + (self._pos + self._pending.size) / SAMPLE_RATE
-            wait = due - now
+            chunk_n = max(1, SAMPLE_RATE * self.chunk_ms // 1000)
+            n = self._pending.size
+            if n > chunk_n and self._quiet_ms <= self.chunk_ms:
+                n = chunk_n  # the rest of a quiet block once the room is not quiet: the usual chunks
+            wait = self._t0 + (self._pos + n) / SAMPLE_RATE - now
             if timeout_s is not None and wait > timeout_s:
                 self._sleep(max(0.0, timeout_s))
                 return None
-            if wait > 0:
+            if wait > 0 and n > chunk_n:  # a quiet block: when the room gets loud, deliver what is due
+                if self._hurry.wait(wait):
+                    n = min(n, max(0, int((self._clock() - self._t0) * SAMPLE_RATE) - self._pos))
+                    if n == 0:
+                        return None
+            elif wait > 0:
                 self._sleep(wait)
+            samples, rest = self._pending[:n], self._pending[n:]
+            self._pending = rest if rest.size else None
+            return self._chunk(samples)
         samples, self._pending = self._pending, None
         return self._chunk(samples)
 
@@ -482,11 +509,26 @@ class MicSource(AudioSource):
                 wait = self._next_try - self._clock()
                 self._sleep(max(0.0, wait if remaining is None else min(wait, remaining)))
                 continue
+            if self._quiet_ms > self.settings.chunk_ms and not self._hurry.is_set():
+                # a quiet room: let the callback queue a block's worth, then take it at once (one wake-up
+                # instead of one per chunk); audio that opens the gate ends the wait (set_quiet(0))
+                wait_s = self._quiet_ms / 1000 - self._queue.qsize() * self.settings.chunk_ms / 1000
+                if wait_s > 0:
+                    self._hurry.wait(wait_s if remaining is None else min(wait_s, remaining))
             try:
                 raw = self._queue.get(timeout=0.1 if remaining is None else max(0.0, min(0.1, remaining)))
             except queue.Empty:
                 self._check_health()
                 continue
+            if self._quiet_ms > self.settings.chunk_ms:  # everything the callback queued, as one chunk
+                more = []
+                while True:
+                    try:
+                        more.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if more:
+                    raw = np.concatenate([raw, *more])
             self._last_audio = self._clock()
             out = self._resampler.process(raw) if self._resampler is not None else raw
             if out.size:

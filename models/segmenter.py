@@ -195,11 +195,20 @@ class Segmenter:
         self._since_cry = 0
         self._open_no_cry = 0  # frames the gate let through since the last cry frame
         self._open_run = 0  # frames the gate has let through without a break
+        self._shut_run = 0  # frames the gate has kept shut without a break
         self.last_level_dbfs = _FLOOR_DBFS
 
     @property
     def noise_floor_dbfs(self) -> float:
         return self._floor.value
+
+    @property
+    def gate_shut_s(self) -> float:
+        """Seconds the gate has stayed shut outside an expiration (0 while one is heard or the gate opens):
+        how long the room has been quiet, for a caller that reads audio in larger blocks then."""
+        if self._active:
+            return 0.0
+        return self._shut_run * self.settings.frame_ms / 1000
 
     @property
     def samples_seen(self) -> int:
@@ -261,6 +270,7 @@ class Segmenter:
         self._floor.update(level, noise=noise)
         if level < self._threshold():
             self._open_run = 0
+            self._shut_run += 1
             if not self._active and not self._vad_fresh:
                 self._vad = self._make_vad()
                 self._vad_fresh = True
@@ -268,6 +278,7 @@ class Segmenter:
         else:
             self._vad_fresh = False
             self._open_run += 1
+            self._shut_run = 0
             self.frames_vad += 1
             peak = float(np.max(np.abs(heard)))
             gain = min(self._vad_gain(), 32767.0 / peak) if peak > 0 else self._vad_gain()  # lift, never clip
