@@ -100,9 +100,31 @@ class CryEvent(BaseModel):
     level_dbfs: float = Field(..., description="Loudest expiration level (RMS, dBFS) in the decision.")
     model_sha256: str = Field(..., description="sha256 of the model.onnx that made the embeddings.")
     room: str = Field(..., description="Ward room of the microphone.")
+    levels_dbfs: dict[str, float] | None = Field(
+        None,
+        description="Several microphones in the room ([[sources]]): the level (RMS, dBFS) at which each "
+        "microphone that heard the cry heard it, by source name (the loudest expiration, for an episode); "
+        "null with one microphone.",
+    )
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+
+class SourceStats(BaseModel):
+    """Health figures of one audio source of the room (``[[sources]]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., description="Source name.")
+    ok: bool = Field(..., description="False while the source fails (device gone, file unreadable) or ended.")
+    error: str | None = Field(..., description="Why not ok; null when ok.")
+    flat: bool = Field(..., description="True while it delivers a flat line (silence, constant, clipped).")
+    level_dbfs: float | None = Field(..., description="RMS level of about the last second, dBFS.")
+    noise_floor_dbfs: float = Field(..., description="The segmenter's noise floor for this source, dBFS.")
+    stream_offset_s: float = Field(..., description="Seconds of audio read from this source so far.")
+    dropped_frames: int = Field(..., description="Audio frames lost so far (source overruns + full queue).")
+    reopens: int = Field(..., description="Times the source failed or went flat and was reopened.")
 
 
 class Stats(BaseModel):
@@ -137,6 +159,9 @@ class Stats(BaseModel):
     broker_error: str | None = Field(None, description="Last broker problem (refusal, TLS, connection).")
     disk_full: bool = Field(False, description="True while the outbox cannot be written (disk full).")
     memory_events: int = Field(0, description="Events held in memory while the outbox cannot be written.")
+    sources: list[SourceStats] = Field(
+        default_factory=list, description="Per source of the room, with [[sources]]; empty with one [source]."
+    )
 
 
 def json_schemas() -> dict[str, Any]:
