@@ -324,6 +324,11 @@ class RoomService(Service):
             )
         return super().stats().model_copy(update={"sources": per})
 
+    def _shutdown(self, threads: list[threading.Thread]) -> int:
+        self._check_source_state()  # the retained status/source says why the room stopped hearing
+        self.plug.tick(self._enrolled, self.outbox.size(), getattr(self._source_state, "outages", 0))
+        return super()._shutdown(threads)
+
     def close(self) -> None:
         """The room's sources and metrics port; the shared registry and outbox are closed by MultiService."""
         self.plug.close()
