@@ -13,7 +13,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +279,110 @@ def test_config_check_prints_the_sources_as_toml_again(tmp_path: Path) -> None:
     assert (
         data["sources"][0]["segmenter"] == {"gate_margin_db": 10.0} and data["sources"][0]["gain_db"] == 6.0
     )
+
+
+# Two virtual microphones in one room -------------------------------------------------------------------
+ASOUNDRC = """
+pcm.{name} {{
+    type pulse
+    device "{sink}.monitor"
+    hint {{ show on description "cryid virtual microphone {name}" }}
+}}
+"""
+
+
+@pytest.fixture
+def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A private PulseAudio with null sinks ``cotA`` and ``cotB``; ALSA devices ``micA``/``micB`` (in the
+    HOME's .asoundrc) record their monitors, so PortAudio lists two microphones that hear what
+    ``paplay --device=cotA|cotB`` plays. Yields the environment of PulseAudio's clients."""
+    from tests.test_virtual_mic import _need_capture_stack
+
+    _need_capture_stack()
+    runtime = tmp_path / "pulse-runtime"
+    runtime.mkdir(mode=0o700)
+    sock_path = runtime / "native"
+    (tmp_path / ".asoundrc").write_text(
+        ASOUNDRC.format(name="micA", sink="cotA") + ASOUNDRC.format(name="micB", sink="cotB")
+    )
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path), PULSE_SERVER=f"unix:{sock_path}")
+    env.pop("PULSE_COOKIE", None)
+    args = [
+        "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
+        "--disable-shm=yes", "--log-target=stderr",
+        f"--load=module-native-protocol-unix auth-anonymous=1 socket={sock_path}",
+        "--load=module-null-sink sink_name=cotA rate=16000 channels=1",
+        "--load=module-null-sink sink_name=cotB rate=16000 channels=1",
+    ]  # fmt: skip
+    log = (tmp_path / "pulseaudio.log").open("w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("PulseAudio cannot run here: " + (tmp_path / "pulseaudio.log").read_text()[-500:])
+            time.sleep(0.1)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
+    two_virtual_mics: dict[str, str], ward_state: Path, dac_dir: Path, mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber], tmp_path: Path,
+) -> None:
+    """``cryid run`` records micA and micB (PortAudio, ALSA's pulse plugin) for room1; the same held-back
+    cry is played into both at once, 12 dB quieter into micB: one episode, named from micA's audio,
+    with both microphones' levels. Nothing is mocked."""
+    import shutil
+
+    from tests.test_virtual_mic import _stop, _wait
+
+    cry = load_audio(_files(dac_dir, "dac0126", "D")[0])
+    loud = _stream(tmp_path / "loud.wav", cry, 0.2, 0.2)
+    quiet = _stream(tmp_path / "quiet.wav", cry, 0.2, 0.2, gain_db=-12.0)
+    shutil.copytree(ward_state, tmp_path / "state")
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text(
+        '[[sources]]\nname = "near"\nroom = "room1"\ndevice = "micA"\n\n'
+        '[[sources]]\nname = "far"\nroom = "room1"\ndevice = "micB"\n'
+    )
+    env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
+    env |= {
+        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
+        "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
+        "CRYID_MQTT__STATS_INTERVAL_S": "1",
+    }  # fmt: skip
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    daemon = subprocess.Popen([*CRYID, "-v", "run", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait(lambda: any(m.topic == "cryid/room1/status" and m.payload == b"online" for m in sub.messages),
+              "online status", daemon, 120)  # fmt: skip
+        time.sleep(1.0)  # both streams capture
+        players = [
+            subprocess.Popen(["paplay", f"--device={sink}", str(wav)], env=env, stderr=subprocess.PIPE)
+            for sink, wav in (("cotA", loud), ("cotB", quiet))
+        ]
+        for p in players:
+            assert p.wait(timeout=60) == 0
+        _wait(lambda: any(e["kind"] == "episode" for e in sub.events()), "episode event", daemon, 120)
+        time.sleep(2.0)  # a second episode (the other microphone's copy) would come within the gap
+    finally:
+        err = _stop(daemon)
+    assert daemon.returncode == 0, err[-3000:]
+    events = _events(sub, "room1")
+    episodes = [e for e in events if e["kind"] == "episode"]
+    assert len(episodes) == 1, events
+    ep = episodes[0]
+    assert set(ep["levels_dbfs"]) == {"near", "far"}, ep
+    assert ep["levels_dbfs"]["near"] > ep["levels_dbfs"]["far"] + 6.0, ep["levels_dbfs"]
+    assert ep["best_baby_id"] == "dac0126", ep
+    expirations = [e for e in events if e["kind"] == "expiration"]
+    assert ep["n_expirations"] == len(expirations)
+    assert all(e["level_dbfs"] == pytest.approx(e["levels_dbfs"]["near"], abs=0.01) for e in expirations
+               if "near" in e["levels_dbfs"])  # fmt: skip
+    stats = _stats(sub, "room1")[-1]
+    assert {s["name"] for s in stats["sources"]} == {"near", "far"}
