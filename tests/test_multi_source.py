@@ -293,9 +293,9 @@ pcm.{name} {{
 
 @pytest.fixture
 def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A private PulseAudio with null sinks ``cotA`` and ``cotB``; ALSA devices ``micA``/``micB`` (in the
-    HOME's .asoundrc) record their monitors, so PortAudio lists two microphones that hear what
-    ``paplay --device=cotA|cotB`` plays. Yields the environment of PulseAudio's clients."""
+    """A private PulseAudio with null sinks ``cotA``, ``cotB`` (and ``quiet``, the default source); ALSA
+    devices ``micA``/``micB`` (in the HOME's .asoundrc) record their monitors, so PortAudio lists two
+    microphones that hear what ``paplay --device=cotA|cotB`` plays. Yields PulseAudio's client environment."""
     from tests.test_virtual_mic import _need_capture_stack
 
     _need_capture_stack()
@@ -313,6 +313,7 @@ def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
         f"--load=module-native-protocol-unix auth-anonymous=1 socket={sock_path}",
         "--load=module-null-sink sink_name=cotA rate=16000 channels=1",
         "--load=module-null-sink sink_name=cotB rate=16000 channels=1",
+        "--load=module-null-sink sink_name=quiet rate=16000 channels=1",
     ]  # fmt: skip
     log = (tmp_path / "pulseaudio.log").open("w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -322,6 +323,8 @@ def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.skip("PulseAudio cannot run here: " + (tmp_path / "pulseaudio.log").read_text()[-500:])
             time.sleep(0.1)
+        # the default source, where PulseAudio moves the capture of a device that goes away, hears nothing
+        subprocess.run(["pactl", "set-default-source", "quiet.monitor"], env=env, check=True)
         yield env
     finally:
         proc.terminate()
@@ -330,8 +333,12 @@ def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
-    two_virtual_mics: dict[str, str], ward_state: Path, dac_dir: Path, mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber], tmp_path: Path,
+    two_virtual_mics: dict[str, str],
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
 ) -> None:
     """``cryid run`` records micA and micB (PortAudio, ALSA's pulse plugin) for room1; the same held-back
     cry is played into both at once, 12 dB quieter into micB: one episode, named from micA's audio,
@@ -386,3 +393,100 @@ def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
                if "near" in e["levels_dbfs"])  # fmt: skip
     stats = _stats(sub, "room1")[-1]
     assert {s["name"] for s in stats["sources"]} == {"near", "far"}
+
+
+def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_room_keeps_publishing(
+    two_virtual_mics: dict[str, str],
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
+) -> None:
+    """micA hears room1, micB room2, both with quiet room noise playing into them.
+
+    1. micB's noise stops: it delivers digital silence, a flat line, and is reopened after flat_timeout_s.
+    2. micB's PulseAudio sink is unloaded (a microphone unplugged): PulseAudio moves the capture to the
+       default source, which hears nothing, so micB goes flat and is reopened, which fails while the device
+       is gone: room2 reports its source down, and room1 still identifies a cry.
+    3. The sink comes back: micB is reopened on its own and room2 hears a cry again."""
+    import shutil
+
+    from tests.test_virtual_mic import _stop, _wait
+
+    env_pa = two_virtual_mics
+    cry = _stream(tmp_path / "cry.wav", load_audio(_files(dac_dir, "dac0126", "D")[0]), 0.2, 0.2)
+    cry2 = _stream(tmp_path / "cry2.wav", load_audio(_files(dac_dir, "dac0136", "D")[0]), 0.2, 0.2)
+    noise = tmp_path / "noise.wav"  # below segmenter.min_level_dbfs, but far from a flat line
+    sf.write(
+        noise, nursery.room_noise(180.0, np.random.default_rng(5), level_dbfs=-70.0), SR, subtype="PCM_16"
+    )
+    shutil.copytree(ward_state, tmp_path / "state")
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text(
+        '[[sources]]\nname = "a"\nroom = "room1"\ndevice = "micA"\n\n'
+        '[[sources]]\nname = "b"\nroom = "room2"\ndevice = "micB"\n\n'
+        "[source]\nflat_timeout_s = 2.0\nreopen_max_s = 1.0\n"
+    )
+    env = {k: v for k, v in env_pa.items() if not k.startswith("CRYID_")}
+    env |= {
+        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
+        "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
+        "CRYID_MQTT__STATS_INTERVAL_S": "1",
+    }  # fmt: skip
+
+    def micb(**want: Any) -> Callable[[], bool]:
+        def check() -> bool:
+            stats = _stats(sub, "room2")
+            got = stats[-1]["sources"][0] if stats else {}
+            return bool(stats) and all(got[k] == v if not callable(v) else v(got[k]) for k, v in want.items())
+
+        return check
+
+    def pactl(*args: str) -> str:
+        return subprocess.run(["pactl", *args], env=env_pa, capture_output=True, text=True, check=True).stdout
+
+    def room_noise(sink: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["paplay", f"--device={sink}", str(noise)], env=env_pa, stderr=subprocess.DEVNULL
+        )
+
+    players = {"cotA": room_noise("cotA"), "cotB": room_noise("cotB")}
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    daemon = subprocess.Popen([*CRYID, "-v", "run", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait(lambda: any(m.topic == "cryid/room2/status" and m.payload == b"online" for m in sub.messages),
+              "online status", daemon, 120)  # fmt: skip
+        _wait(micb(ok=True), "micB capturing", daemon, 30)
+        time.sleep(3.0)  # longer than flat_timeout_s: the room noise keeps both microphones from being flat
+        assert micb(ok=True, flat=False, reopens=0)()
+        # 1. flat
+        players["cotB"].kill()
+        _wait(micb(flat=True, reopens=lambda n: n >= 1), "micB flat and reopened", daemon, 30)
+        players["cotB"] = room_noise("cotB")
+        _wait(micb(flat=False, ok=True), "micB not flat", daemon, 30)
+        # 2. unplugged
+        modules = pactl("list", "short", "modules").splitlines()
+        pactl("unload-module", next(line.split()[0] for line in modules if "sink_name=cotB" in line))
+        _wait(micb(ok=False), "micB reported down", daemon, 30)
+        assert subprocess.run(["paplay", "--device=cotA", str(cry)], env=env_pa).returncode == 0
+        _wait(lambda: any(e["kind"] == "episode" for e in _events(sub, "room1")), "room1 episode", daemon, 60)
+        assert micb(ok=False)(), "micB came back while its sink was gone"
+        # 3. back
+        pactl("load-module", "module-null-sink", "sink_name=cotB", "rate=16000", "channels=1")
+        players["cotB"] = room_noise("cotB")
+        _wait(micb(ok=True), "micB reopened", daemon, 60)
+        time.sleep(1.0)
+        assert subprocess.run(["paplay", "--device=cotB", str(cry2)], env=env_pa).returncode == 0
+        _wait(lambda: any(e["kind"] == "episode" for e in _events(sub, "room2")), "room2 episode", daemon, 60)
+    finally:
+        err = _stop(daemon)
+        for p in players.values():
+            p.kill()
+            p.wait()
+    assert daemon.returncode == 0, err[-3000:]
+    assert "source b flat" in err and "cannot open microphone 'micB'" in err
+    assert _stats(sub, "room2")[-1]["sources"][0]["reopens"] >= 2
+    assert all({c["baby_id"] for c in e["candidates"]} <= set(ROOMS["room2"]) for e in _events(sub, "room2"))
+    assert [e["best_baby_id"] for e in _events(sub, "room1") if e["kind"] == "episode"] == ["dac0126"]
