@@ -3,13 +3,15 @@
 :class:`RoomPipeline` is :class:`~cryid.daemon.live.LivePipeline` for a room with several sources. Each
 source has its own segmenter (its own segmenter overrides, its own noise floor); its expirations are put on
 the room's time line (room samples: the service says, with each chunk, which room sample the chunk starts
-at, so microphones opened at different moments line up). Expirations of different microphones that start
-within ``identifier.same_cry_ms`` of each other are one cry: it is embedded once, from the microphone that
-heard it clearest (highest level over that microphone's noise floor), and gives one identification; the
-event's ``levels_dbfs`` holds the level each microphone heard it at. A cry is decided as soon as every
-microphone still delivering audio has heard it, else once the room's clock is ``same_cry_ms`` past its end
-(a microphone that did not hear it at all, or is silent); a microphone that reports the cry after that is a
-late duplicate and is dropped (counted in :attr:`RoomPipeline.duplicates`). With one source nothing waits.
+at, so microphones opened at different moments line up). Expirations of different microphones that overlap
+in time, or lie less than ``identifier.same_cry_ms`` apart, are one cry, also when the microphones cut it
+differently (a far microphone may hear one long expiration as several short ones). The cry is identified
+once, from the microphone that heard it clearest (highest level over that microphone's noise floor): its
+expirations are embedded and give the events; each event's ``levels_dbfs`` holds the level each
+microphone heard it at. A cry is decided once every source still delivering audio has heard
+``same_cry_ms`` past its end with no expiration of its own still open over it (a source more than
+``MAX_SKEW_S`` behind the others holds nothing back); a microphone that reports it after that is a late
+duplicate and is dropped (counted in :attr:`RoomPipeline.duplicates`). With one source nothing waits.
 
 Thread-free like :class:`LivePipeline`: the service feeds it from one thread, ``apply`` from any.
 """
@@ -52,9 +54,19 @@ class _Heard:
 
 @dataclass
 class _Cry:
+    """Expirations of one sound, from one or several microphones, in room samples."""
+
     start: int
-    due: int
-    heard: dict[int, _Heard] = field(default_factory=dict)
+    end: int
+    heard: list[_Heard] = field(default_factory=list)
+
+    def add(self, h: _Heard) -> None:
+        self.heard.append(h)
+        self.start = min(self.start, h.expiration.start_sample)
+        self.end = max(self.end, h.expiration.end_sample)
+
+    def near(self, start: int, end: int, tolerance: int) -> bool:
+        return start <= self.end + tolerance and end >= self.start - tolerance
 
 
 def _settle(s: SegmenterSettings) -> int:
@@ -159,18 +171,17 @@ class RoomPipeline(LivePipeline):
         e = dataclasses.replace(exp, start_sample=exp.start_sample + off, end_sample=exp.end_sample + off)
         heard = _Heard(i, e, float(exp.level_dbfs) - self._segs[i].noise_floor_dbfs)
         w = self._window()
-        if len(self._segs) > 1:
-            for cry in self._pending:
-                if i not in cry.heard and abs(e.start_sample - cry.start) <= w:
-                    cry.heard[i] = heard
-                    return
-            for cry in self._recent:
-                if i not in cry.heard and abs(e.start_sample - cry.start) <= w:
-                    self.duplicates += 1  # heard too late: the cry was decided without this microphone
-                    logger.debug("%s: late duplicate of the cry at %d dropped", self.names[i], cry.start)
-                    return
-        hangover = self._settings[i].hangover_ms * SAMPLE_RATE // 1000
-        cry = _Cry(e.start_sample, e.end_sample + hangover + w, {i: heard})
+        if len(self._segs) > 1 and any(c.near(e.start_sample, e.end_sample, w) for c in self._recent):
+            self.duplicates += 1  # heard after the cry was decided without this microphone
+            logger.debug("%s: late copy of a cry at %d dropped", self.names[i], e.start_sample)
+            return
+        cry = _Cry(e.start_sample, e.end_sample)
+        if len(self._segs) > 1:  # one sound: every pending cry this expiration overlaps (or nearly)
+            for other in [c for c in self._pending if c.near(e.start_sample, e.end_sample, w)]:
+                self._pending.remove(other)
+                for h in other.heard:
+                    cry.add(h)
+        cry.add(heard)
         self._pending.append(cry)
         self._pending.sort(key=lambda c: c.start)
 
@@ -182,33 +193,55 @@ class RoomPipeline(LivePipeline):
             return newest
         return max(min(live), newest - int(MAX_SKEW_S * SAMPLE_RATE))
 
+    def _settled(self, cry: _Cry) -> bool:
+        """No source still delivering can add to the cry: each has heard past it (its hang-over and
+        ``same_cry_ms``) with no expiration of its own open over it. A source lagging more than MAX_SKEW_S
+        behind the newest one is not waited for."""
+        w = self._window()
+        lagging = max(self._pos) - int(MAX_SKEW_S * SAMPLE_RATE)
+        for j, seg in enumerate(self._segs):
+            if self._ended[j] or self._pos[j] < lagging:
+                continue
+            if self._pos[j] < cry.end + w + self._settings[j].hangover_ms * SAMPLE_RATE // 1000:
+                return False
+            opened = seg.open_since
+            if opened is not None and opened + self._offset[j] <= cry.end + w:
+                return False
+        return True
+
     def _decide(self, everything: bool = False) -> list[Output]:
-        now = self._clock()
-        live = {i for i, ended in enumerate(self._ended) if not ended}
         out: list[Output] = []
         while self._pending:  # in order of start, so the identifier sees the cries in order
             cry = self._pending[0]
-            if not (everything or len(self._segs) == 1 or live <= set(cry.heard) or cry.due <= now):
+            if not (everything or len(self._segs) == 1 or self._settled(cry)):
                 break
             self._pending.pop(0)
             self._recent.append(cry)
             out += self._identify_cry(cry)
-        return out + self._outputs(self._identifier.advance(now))
+        return out + self._outputs(self._identifier.advance(self._clock()))
 
     def _identify_cry(self, cry: _Cry) -> list[Output]:
-        best = max(cry.heard.values(), key=lambda h: (h.snr_db, -h.source))
-        exp = best.expiration
-        t0 = time.perf_counter()
-        try:
-            emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
-        except ValueError as exc:  # one bad expiration must not stop the ward's daemon
-            logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
-            return []
-        self.health.expiration()
-        if self.observer is not None:
-            self.observer.embedded(time.perf_counter() - t0)
-        levels = {self.names[h.source]: round(h.expiration.level_dbfs, 2) for h in cry.heard.values()}
-        return self._outputs(self._identifier.process(EmbeddedExpiration(exp, emb)), levels)
+        """The clearest microphone's expirations of the cry, embedded and identified; every microphone's
+        level of it in the events."""
+        best = max(cry.heard, key=lambda h: (h.snr_db, -h.source)).source
+        levels: dict[str, float] = {}
+        for h in cry.heard:
+            name = self.names[h.source]
+            levels[name] = max(round(h.expiration.level_dbfs, 2), levels.get(name, -200.0))
+        out: list[Output] = []
+        for h in sorted((h for h in cry.heard if h.source == best), key=lambda h: h.expiration.start_sample):
+            exp = h.expiration
+            t0 = time.perf_counter()
+            try:
+                emb = self.embedder.embed(exp.audio, SAMPLE_RATE)
+            except ValueError as exc:  # one bad expiration must not stop the ward's daemon
+                logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
+                continue
+            self.health.expiration()
+            if self.observer is not None:
+                self.observer.embedded(time.perf_counter() - t0)
+            out += self._outputs(self._identifier.process(EmbeddedExpiration(exp, emb)), levels)
+        return out
 
     def _outputs(self, results: list[Identification], levels: dict[str, float] | None = None) -> list[Output]:
         out = super()._outputs(results)

