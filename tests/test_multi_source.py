@@ -491,3 +491,25 @@ def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_r
     assert _stats(sub, "room2")[-1]["sources"][0]["reopens"] >= 2
     assert all({c["baby_id"] for c in e["candidates"]} <= set(ROOMS["room2"]) for e in _events(sub, "room2"))
     assert [e["best_baby_id"] for e in _events(sub, "room1") if e["kind"] == "episode"] == ["dac0126"]
+
+
+def test_devices_prints_a_sources_table_per_microphone(
+    two_virtual_mics: dict[str, str], tmp_path: Path
+) -> None:
+    """``cryid devices`` lists micA and micB and a ready-to-paste ``[[sources]]`` table for each, which
+    ``cryid config check`` accepts once the rooms are set."""
+    import tomllib
+
+    env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
+    done = subprocess.run([*CRYID, "devices"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    snippet = done.stdout.split("[[sources]]", 1)[1]
+    tables = tomllib.loads("[[sources]]" + snippet)["sources"]
+    assert {"micA", "micB"} <= {t["device"] for t in tables}, done.stdout
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text("[[sources]]" + snippet)
+    cmd = [*CRYID, "config", "check", "--config", str(cfg)]
+    env["CRYID_MODEL"] = str(MODEL)
+    checked = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert len(tomllib.loads(checked.stdout)["sources"]) == len(tables)
