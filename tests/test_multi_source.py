@@ -503,7 +503,7 @@ def test_devices_prints_a_sources_table_per_microphone(
     env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
     done = subprocess.run([*CRYID, "devices"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    snippet = done.stdout.split("[[sources]]", 1)[1]
+    snippet = done.stdout.split("\n[[sources]]", 1)[1]
     tables = tomllib.loads("[[sources]]" + snippet)["sources"]
     assert {"micA", "micB"} <= {t["device"] for t in tables}, done.stdout
     cfg = tmp_path / "cryid.toml"
