@@ -399,7 +399,11 @@ class MultiService:
         for r in self.rooms:
 
             def run_room(room: RoomService = r) -> None:
-                self.codes[room.settings.room] = room.run()
+                try:
+                    self.codes[room.settings.room] = room.run()
+                except Exception:  # thread boundary: the other rooms go on; the exit status says it
+                    logger.exception("room %s failed", room.settings.room)
+                    self.codes[room.settings.room] = 1
 
             threads.append(
                 threading.Thread(target=run_room, name=f"cryid-room-{r.settings.room}", daemon=True)
@@ -422,7 +426,7 @@ class MultiService:
         self.notifier.notify("STOPPING=1")
         self._status(OFFLINE)
         self.publisher.stop()
-        return max(self.codes.values(), default=1)
+        return max(self.codes.values()) if len(self.codes) == len(self.rooms) else 1
 
     def close(self) -> None:
         for part in [*self.rooms, self.registry, self.outbox]:
