@@ -150,8 +150,8 @@ class IdentifierSettings(BaseModel):
     )
     same_cry_ms: int = Field(
         300, ge=0, le=5000,
-        description="Several microphones of one room: expirations starting this close together are one cry "
-        "(one event, embedded from the clearest microphone).",
+        description="Several microphones of one room: their expirations that overlap or lie less than this "
+        "apart are one cry (identified once, from the clearest microphone); adds up to this much latency.",
     )
 
 
