@@ -122,3 +122,13 @@ def test_a_silent_or_late_microphone_holds_nothing_back_and_adds_no_event(embedd
     got = _feed(late, [near, far], 640, lead=2 * SAMPLE_RATE)  # far's audio arrives 2 s late
     assert [k for k in _key(got) if k[0] == "episode"] == [k for k in _key(single) if k[0] == "episode"]
     assert late.duplicates >= 1  # far's copies came after the cries were decided: dropped
+
+
+def test_schema_shows_the_levels_per_microphone_and_the_stats_per_source() -> None:
+    from cryid.daemon.events import json_schemas
+
+    schemas = json_schemas()
+    event = schemas["<prefix>/baby/<baby_id> and <prefix>/unknown"]
+    assert "levels_dbfs" in event["properties"] and "levels_dbfs" not in event.get("required", [])
+    stats = schemas["<prefix>/stats"]
+    assert "sources" in stats["properties"] and "SourceStats" in stats["$defs"]
