@@ -270,7 +270,7 @@ class RoomService(Service):
                 self.queue.put(item, timeout=0.2)
                 return
             except queue.Full:
-                if self._stop.is_set() and item[1] is not None:
+                if self._pipeline_done.is_set() or (self._stop.is_set() and item[1] is not None):
                     return
 
     def _pipeline(self) -> None:
