@@ -106,7 +106,16 @@ def register_dashboard(sub: argparse._SubParsersAction) -> None:  # type: ignore
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from cryid.daemon.service import build_service
 
-    service = build_service(settings, args.source, args.realtime, getattr(args, "config", None))
+    service: Any
+    if settings.sources is not None:  # several microphones / rooms: cryid.daemon.multi
+        from cryid.daemon.multi import build_multi_service
+        from cryid.daemon.sourcelist import SourcesError
+
+        if args.source != "mic":
+            raise SourcesError(f"--source {args.source} and a sources list are both given; use one of them")
+        service = build_multi_service(settings, getattr(args, "config", None))
+    else:
+        service = build_service(settings, args.source, args.realtime, getattr(args, "config", None))
     service.install_signal_handlers()
     code = service.run()
     service.close()
@@ -122,8 +131,12 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
     if not devices:
         print("no audio input devices found (is a microphone connected? is the user in group 'audio'?)")
         return 1
+    from cryid.daemon.sourcelist import devices_snippet
+
     for d in devices:
         print(d)
+    print("\n# one [[sources]] table per microphone, for the configuration file (set each room):\n")
+    print(devices_snippet(devices), end="")
     return 0
 
 
@@ -154,14 +167,28 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def _inline(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_inline(x)}" for k, x in v.items() if x is not None) + "}"
+    return _toml_value(v)
+
+
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """Settings as TOML (unset values as comments), ready to copy into a config file."""
     lines: list[str] = []
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     for k, v in data.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) or _is_table_list(v):
             continue
         lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+    for k, v in data.items():  # [[sources]]: an array of tables
+        for item in v if _is_table_list(v) else []:
+            lines.append(f"\n[[{prefix}{k}]]")
+            lines += [f"{ik} = {_inline(iv)}" for ik, iv in item.items() if iv is not None]
     for k, v in tables.items():
         name = f"{prefix}{k}"
         lines.append(f"\n[{name}]")
@@ -179,6 +206,9 @@ def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.mqtt.resolved_password()  # an unreadable password file is an error here, not at 3 a.m.
     load_manifest(Path(settings.model).expanduser())  # so is a missing or broken model
+    from cryid.daemon.sourcelist import resolve_sources
+
+    resolve_sources(settings)  # and a sources list that cannot work
     data = masked(settings)
     print(json.dumps(data, indent=2) if args.json else to_toml(data), end="" if not args.json else "\n")
     return 0

@@ -23,6 +23,7 @@ from pydantic_settings import (
 from cryid.daemon.dashboard import DashboardSettings
 from cryid.daemon.homeassistant import HomeAssistantSettings
 from cryid.daemon.metrics import MetricsSettings
+from cryid.daemon.sourcelist import SourceEntry
 from cryid.enrollment.config import RegistrySettings, plain_filename
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
 from cryid.models.errors import SettingsError
@@ -151,6 +152,11 @@ class IdentifierSettings(BaseModel):
     max_episode_s: float = Field(
         120.0, gt=0.0, le=3600.0, description="An episode is closed (final event) after this long at most."
     )
+    same_cry_ms: int = Field(
+        300, ge=0, le=5000,
+        description="Several microphones of one room: their expirations that overlap or lie less than this "
+        "apart are one cry (identified once, from the clearest microphone); adds up to this much latency.",
+    )
 
 
 class OutboxSettings(BaseModel):
@@ -273,6 +279,11 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     service: ServiceSettings = ServiceSettings()
     source: SourceSettings = SourceSettings()
+    sources: list[SourceEntry] | None = Field(
+        None,
+        description="Several microphones / rooms in one daemon ([[sources]]: name, room, device); unset: the "
+        "single [source] of `room`.",
+    )
     dashboard: DashboardSettings = DashboardSettings()
     metrics: MetricsSettings = MetricsSettings()
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()

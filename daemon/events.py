@@ -64,7 +64,8 @@ class CryEvent(BaseModel):
     schema_version: int = Field(
         SCHEMA_VERSION,
         description="Payload format version. Version 2 added `confidence`, `candidates` and "
-        "`n_candidates`; consumers of version 1 can ignore them.",
+        "`n_candidates`; consumers of version 1 can ignore them. `levels_dbfs` (events) and `sources` "
+        "(stats) are optional additions to version 2.",
     )
     event_id: str = Field(
         ...,
@@ -120,9 +121,31 @@ class CryEvent(BaseModel):
     level_dbfs: float = Field(..., description="Loudest expiration level (RMS, dBFS) in the decision.")
     model_sha256: str = Field(..., description="sha256 of the model.onnx that made the embeddings.")
     room: str = Field(..., description="Ward room of the microphone.")
+    levels_dbfs: dict[str, float] | None = Field(
+        None,
+        description="Several microphones in the room ([[sources]]): the level (RMS, dBFS) at which each "
+        "microphone that heard the cry heard it, by source name (the loudest expiration, for an episode); "
+        "null with one microphone.",
+    )
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+
+class SourceStats(BaseModel):
+    """Health figures of one audio source of the room (``[[sources]]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., description="Source name.")
+    ok: bool = Field(..., description="False while the source fails (device gone, file unreadable) or ended.")
+    error: str | None = Field(..., description="Why not ok; null when ok.")
+    flat: bool = Field(..., description="True while it delivers a flat line (silence, constant, clipped).")
+    level_dbfs: float | None = Field(..., description="RMS level of about the last second, dBFS.")
+    noise_floor_dbfs: float = Field(..., description="The segmenter's noise floor for this source, dBFS.")
+    stream_offset_s: float = Field(..., description="Seconds of audio read from this source so far.")
+    dropped_frames: int = Field(..., description="Audio frames lost so far (source overruns + full queue).")
+    reopens: int = Field(..., description="Times the source failed or went flat and was reopened.")
 
 
 class Stats(BaseModel):
@@ -163,6 +186,9 @@ class Stats(BaseModel):
         "moment their last sample was heard to the PUBACK (heard_to_read, read_to_detected, "
         "detected_to_embedded, embedded_to_identified, identified_to_stored, stored_to_handed, "
         "handed_to_acked; totals end_to_publish and end_to_puback), ms.",
+    )
+    sources: list[SourceStats] = Field(
+        default_factory=list, description="Per source of the room, with [[sources]]; empty with one [source]."
     )
 
 

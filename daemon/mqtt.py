@@ -441,6 +441,12 @@ class MqttPublisher:
         if self._connected.is_set():
             self._publish(self.stats_topic, payload, 1, False, None)
 
+    def publish_to(self, topic: str, payload: str) -> bool:
+        """A QoS 1 message that is not stored (another room's stats or answers), only while connected."""
+        if not self._connected.is_set():
+            return False
+        return self._publish(topic, payload, 1, False, None)
+
     def publish_retained(self, topic: str, payload: str) -> bool:
         """A retained QoS 1 state message (HA discovery, source state), only while connected."""
         if not self._connected.is_set():

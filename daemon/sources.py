@@ -492,6 +492,13 @@ class MicSource(AudioSource):
         elif self._clock() - self._last_audio > self.settings.stall_timeout_s:
             self._fail(f"delivered no audio for {self.settings.stall_timeout_s:.1f} s")
 
+    def reopen(self, reason: str) -> None:
+        """Close the stream and open it again after ``reopen_min_s`` (e.g. it delivers a flat line); call
+        from the thread that reads."""
+        with self._lock:
+            if not self._eof:
+                self._fail(reason)
+
     def read(self, timeout_s: float | None = None) -> AudioChunk | None:
         if self._eof:  # closed
             return None

@@ -199,6 +199,11 @@ class Segmenter:
         self.last_level_dbfs = _FLOOR_DBFS
 
     @property
+    def open_since(self) -> int | None:
+        """Stream sample at which the expiration being heard started; None between expirations."""
+        return self._start if self._active else None
+
+    @property
     def noise_floor_dbfs(self) -> float:
         return self._floor.value
 

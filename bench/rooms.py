@@ -1,0 +1,232 @@
+"""Capacity of one daemon for a ward: N rooms, one microphone each, real cries at real speed (prints figures).
+
+    .venv/bin/python bench/rooms.py [--seconds 20] [--max-rooms 64] [--model DIR] [--data DIR]
+
+For N = 1, 2, 4, 8, 16, 32, ... one ``cryid run`` with N ``[[sources]]`` (one room each) replays N different
+streams of real donateacry-cc recordings separated by room noise (``--seconds`` each, file sources played
+at real speed, so each behaves as a microphone) against a real mosquitto, and measures:
+
+- latency from the end of each expiration (``ended_at``) to the arrival of its PUBLISH at a subscriber:
+  p50 / p95 / max over every room (the segmenter's ``hangover_ms`` is part of it, as in bench/daemon.py);
+- audio lost: ``dropped_frames`` of the rooms' stats, and the real-time factor of the busiest room;
+- CPU of the daemon process (share of one core, from the first cry to the end) and its peak RSS (VmHWM).
+
+A step holds when p95 <= 150 ms and no audio was dropped; the bench stops at the first step that does not
+and prints the largest N that held. No baby is enrolled (every cry is published as unknown: the decision
+costs a dot product per enrolled baby, nothing beside the embedding). Print the load average beside the
+figures: on a shared machine they say as much about the neighbours as about cryid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import psutil
+import soundfile as sf
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cryid.daemon import nursery  # noqa: E402
+from cryid.daemon.config import Settings  # noqa: E402
+from cryid.models.audio import SAMPLE_RATE, load_audio  # noqa: E402
+
+GOAL_P95_MS = 150.0
+
+
+def start_broker(workdir: Path) -> tuple[str, int, Callable[[], None]]:
+    """A private mosquitto on a free port: (host, port, stop). The one place that starts the broker."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nuser {getpass.getuser()}\nallow_anonymous true\n"
+        f"max_queued_messages 100000\nlog_dest file {workdir}/mosquitto.log\n"
+    )
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("bench: mosquitto did not start") from None
+            time.sleep(0.05)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    return "127.0.0.1", port, stop
+
+
+def _streams(data: Path, n: int, seconds: float, out: Path) -> list[Path]:
+    """``n`` streams of ``seconds``: real recordings (a different order per room) between room noise."""
+    with open(data / "metadata.csv", newline="") as fh:
+        files = [data / r["file_name"] for r in csv.DictReader(fh) if r["split"] == "dev"][:60]
+    cache: dict[Path, np.ndarray] = {}
+    paths = []
+    for k in range(n):
+        rng = np.random.default_rng(k)
+        parts = [nursery.room_noise(float(rng.uniform(0.5, 3.0)), rng)]
+        total = parts[0].size
+        while total < seconds * SAMPLE_RATE:
+            f = files[int(rng.integers(len(files)))]
+            wav = cache.setdefault(f, load_audio(f))
+            gap = nursery.room_noise(float(rng.uniform(2.0, 4.0)), rng)
+            parts += [wav, gap]
+            total += wav.size + gap.size
+        path = out / f"room{k:02d}.wav"
+        sf.write(path, np.concatenate(parts)[: int(seconds * SAMPLE_RATE)], SAMPLE_RATE, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def step(n: int, streams: list[Path], host: str, port: int, work: Path, model: Path) -> dict[str, float]:
+    """One daemon with ``n`` rooms; returns its figures."""
+    cfg = work / f"rooms{n}.toml"
+    cfg.write_text(
+        "".join(
+            f'[[sources]]\nname = "mic{k:02d}"\nroom = "room{k:02d}"\nfile = "{streams[k]}"\n\n'
+            for k in range(n)
+        )
+    )
+    arrivals: list[tuple[float, dict]] = []
+    stats: list[dict] = []
+    lock = threading.Lock()
+
+    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        with lock:
+            if msg.topic.endswith("/stats"):
+                stats.append(json.loads(msg.payload))
+            elif ("/baby/" in msg.topic and not msg.topic.endswith("/state")) or msg.topic.endswith(
+                "/unknown"
+            ):
+                arrivals.append((now, json.loads(msg.payload)))
+
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"bench-rooms-{n}")
+    sub.on_message = on_message
+    sub.connect(host, port)
+    sub.subscribe("cryid/#", qos=1)
+    sub.loop_start()
+    state = work / f"state{n}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env.update(
+        CRYID_STATE_DIR=str(state), CRYID_MODEL=str(model), CRYID_MQTT__HOST=host, CRYID_MQTT__PORT=str(port),
+        CRYID_MQTT__STATS_INTERVAL_S="2", CRYID_MQTT__CLIENT_ID=f"cryid-bench-{n}",
+    )  # fmt: skip
+    load0 = os.getloadavg()[0]
+    cmd = [sys.executable, "-m", "cryid.daemon.cli", "run", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    samples: list[tuple[float, float]] = []
+    hwm = 0
+    while proc.poll() is None:
+        try:
+            samples.append((time.time(), _cpu_s(ps)))
+            with open(f"/proc/{proc.pid}/status") as fh:
+                hwm = max([hwm] + [int(x.split()[1]) for x in fh if x.startswith("VmHWM:")])
+        except (psutil.Error, OSError):
+            break
+        time.sleep(0.25)
+    err = proc.stderr.read() if proc.stderr else ""
+    time.sleep(0.5)
+    sub.loop_stop()
+    sub.disconnect()
+    shutil.rmtree(state, ignore_errors=True)
+    if proc.returncode != 0:
+        print(err[-3000:])
+        raise SystemExit(f"bench: cryid run with {n} rooms exited {proc.returncode}")
+    lat = np.array(
+        [
+            (recv - datetime.fromisoformat(ev["ended_at"].replace("Z", "+00:00")).timestamp()) * 1000
+            for recv, ev in arrivals
+            if ev["kind"] == "expiration"
+        ]
+    )
+    first = min((recv for recv, _ in arrivals), default=samples[0][0])
+    pts = [(t, c) for t, c in samples if t >= first]
+    cpu = (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]) if len(pts) >= 2 else float("nan")
+    dropped = sum(
+        max((s["dropped_frames"] for s in stats if s["room"] == r), default=0)
+        for r in {s["room"] for s in stats}
+    )
+    rtf = max((s["realtime_factor"] or 0.0 for s in stats), default=float("nan"))
+    return {
+        "n": n, "expirations": float(lat.size),
+        "p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "p95": float(np.percentile(lat, 95)) if lat.size else float("nan"),
+        "max": float(lat.max()) if lat.size else float("nan"),
+        "dropped": float(dropped), "rtf": rtf, "cpu": cpu * 100, "rss_mb": hwm / 1024,
+        "load": (load0 + os.getloadavg()[0]) / 2,
+    }  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Settings().model)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "donateacry-cc")
+    ap.add_argument("--seconds", type=float, default=20.0, help="audio per room and step")
+    ap.add_argument("--max-rooms", type=int, default=64)
+    args = ap.parse_args()
+    if not (args.model / "model.onnx").is_file():
+        sys.exit(f"bench: no model at {args.model}; give --model DIR")
+    if not (args.data / "metadata.csv").is_file():
+        sys.exit(f"bench: no real cries at {args.data}; give --data DIR")
+    work = Path(tempfile.mkdtemp(prefix="cryid-bench-rooms-"))
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= args.max_rooms]
+    streams = _streams(args.data, ns[-1], args.seconds, work)
+    (work / "broker").mkdir()
+    host, port, stop_broker = start_broker(work / "broker")
+    cpus = len(os.sched_getaffinity(0))
+    print(
+        f"{cpus} CPUs; {args.seconds:.0f} s of real cries per room and step; goal p95 <= {GOAL_P95_MS:.0f} ms"
+    )
+    head = ("rooms", "expir.", "p50 ms", "p95 ms", "max ms", "dropped", "max rtf", "CPU %", "RSS MB", "load")
+    print(" ".join(f"{h:>7}" for h in head))
+    held = 0
+    try:
+        for n in ns:
+            r = step(n, streams, host, port, work, args.model)
+            cells = [f"{n:>7}", *(f"{r[k]:>7.0f}" for k in ("expirations", "p50", "p95", "max", "dropped"))]
+            cells += [f"{r['rtf']:>7.3f}", f"{r['cpu']:>7.1f}", f"{r['rss_mb']:>7.0f}", f"{r['load']:>7.2f}"]
+            print(" ".join(cells), flush=True)
+            if not (r["p95"] <= GOAL_P95_MS and r["dropped"] == 0):
+                break
+            held = n
+    finally:
+        stop_broker()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"largest number of rooms within the bound: {held or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

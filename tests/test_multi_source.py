@@ -1,0 +1,515 @@
+"""Several sources and rooms in one daemon (``[[sources]]``, issue 16).
+
+Real parts: ``cryid run --config`` as a subprocess, the shipped model, real cries from
+../shared/data/donateacry-cc (babies enrolled from their birth recordings, the daemon hears a discharge
+recording), a real mosquitto, file sources played at real speed. The two-microphone case uses two file
+sources fed the same cry with a small offset and a lower level on one (what two microphones of one room
+hear); tests/test_virtual_mic.py holds the PulseAudio variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cryid.daemon import nursery
+from cryid.models.audio import load_audio
+from tests.fixtures.broker import Broker, Received, Subscriber
+from tests.fixtures.data import dac_rows
+
+pytestmark = pytest.mark.slow  # starts mosquitto and cryid run: not in `pytest -m "not slow"`
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "default"
+CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
+SR = 16000
+ROOMS = {"room1": ["dac0126", "dac0118"], "room2": ["dac0136", "dac0320"]}  # enrolled per room
+
+
+def _files(dac_dir: Path, baby: str, period: str) -> list[Path]:
+    return [dac_dir / r["file_name"] for r in dac_rows(split="dev", period=period) if r["baby_id"] == baby]
+
+
+@pytest.fixture(scope="module")
+def ward_state(tmp_path_factory: pytest.TempPathFactory, dac_dir: Path) -> Path:
+    """A registry with dac0126 and dac0118 in room1, dac0136 and dac0320 in room2 (birth recordings)."""
+    from cryid.enrollment import enroll
+    from cryid.enrollment.config import RegistrySettings
+    from cryid.enrollment.registry import Registry
+    from cryid.models.config import SegmenterSettings
+    from cryid.models.embedder import Embedder
+
+    state = tmp_path_factory.mktemp("ward") / "state"
+    embedder = Embedder(MODEL)
+    with Registry.open(state, RegistrySettings()) as registry:
+        for room, babies in ROOMS.items():
+            for baby in babies:
+                samples = enroll.prepare_files(
+                    _files(dac_dir, baby, "B"), period="birth", segmenter=SegmenterSettings(),
+                    embedder_factory=lambda: embedder, keep_audio=False,
+                )  # fmt: skip
+                enroll.add(registry, baby, samples, RegistrySettings(), room=room)
+    return state
+
+
+def _stream(path: Path, cry: np.ndarray, before_s: float, after_s: float, gain_db: float = 0.0) -> Path:
+    rng = np.random.default_rng(len(str(path)))
+    wav = np.concatenate(
+        [nursery.room_noise(before_s, rng), cry * 10 ** (gain_db / 20), nursery.room_noise(after_s, rng)]
+    )
+    sf.write(path, wav.astype(np.float32), SR, subtype="PCM_16")
+    return path
+
+
+def _run(
+    config: str, state: Path, broker: Broker, tmp_path: Path, timeout_s: float = 240
+) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text(config)
+    work = tmp_path / "state"
+    if not work.exists():
+        import shutil
+
+        shutil.copytree(state, work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env |= {
+        "CRYID_STATE_DIR": str(work), "CRYID_MODEL": str(MODEL), "CRYID_MQTT__HOST": broker.host,
+        "CRYID_MQTT__PORT": str(broker.port), "CRYID_MQTT__STATS_INTERVAL_S": "1",
+    }  # fmt: skip
+    cmd = [*CRYID, "-v", "run", "--config", str(cfg)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def _events(sub: Subscriber, room: str) -> list[dict[str, Any]]:
+    return [e for e in sub.events() if e["_topic"].startswith(f"cryid/{room}/")]
+
+
+def _stats(sub: Subscriber, room: str) -> list[dict[str, Any]]:
+    return [m.json() for m in sub.messages if m.topic == f"cryid/{room}/stats"]
+
+
+def test_two_rooms_each_publish_their_own_babies_on_their_own_topics(
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
+) -> None:
+    cry1 = load_audio(_files(dac_dir, "dac0126", "D")[0])
+    cry2 = load_audio(_files(dac_dir, "dac0136", "D")[0])
+    a = _stream(tmp_path / "a.wav", cry1, 1.0, 1.0)
+    b = _stream(tmp_path / "b.wav", cry2, 1.5, 1.0)
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    done = _run(
+        f'[[sources]]\nname = "cot-a"\nroom = "room1"\nfile = "{a}"\n\n'
+        f'[[sources]]\nname = "cot-b"\nroom = "room2"\nfile = "{b}"\n',
+        ward_state, mosquitto, tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    sub.wait_for(lambda ms: sum(m.topic.endswith("/status") and m.payload == b"offline" for m in ms) >= 2, 30)
+    for room, babies in ROOMS.items():
+        events = _events(sub, room)
+        episodes = [e for e in events if e["kind"] == "episode"]
+        assert len(episodes) == 1, (room, events)
+        assert all(e["room"] == room for e in events)
+        # each room compares its cries only with its own babies
+        assert all({c["baby_id"] for c in e["candidates"]} <= set(babies) for e in events), events
+        assert episodes[0]["n_candidates"] == len(babies)
+        assert all(e["levels_dbfs"] is None for e in events)  # one microphone in the room
+        (name,) = {s["name"] for st in _stats(sub, room) for s in st["sources"]}
+        assert name == ("cot-a" if room == "room1" else "cot-b")
+    ep1 = next(e for e in _events(sub, "room1") if e["kind"] == "episode")
+    assert ep1["best_baby_id"] == "dac0126", ep1  # the held-back cry of dac0126 ranks it first
+    assert ep1["_topic"] in ("cryid/room1/baby/dac0126", "cryid/room1/unknown")
+    statuses = [(m.topic, m.payload) for m in sub.messages if m.topic.endswith("/status")]
+    for room in ROOMS:
+        assert (f"cryid/{room}/status", b"online") in statuses and (
+            f"cryid/{room}/status",
+            b"offline",
+        ) in statuses
+
+
+def test_two_microphones_of_one_room_hearing_one_cry_give_one_episode(
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
+) -> None:
+    """The same cry reaches the far microphone 120 ms later and 12 dB quieter: one event per expiration,
+    one episode, embedded from the near microphone, with both levels."""
+    cry = load_audio(_files(dac_dir, "dac0126", "D")[0])
+    near = _stream(tmp_path / "near.wav", cry, 1.0, 1.0)
+    far = _stream(tmp_path / "far.wav", cry, 1.12, 0.88, gain_db=-12.0)
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    done = _run(
+        f'[[sources]]\nname = "near"\nroom = "room1"\nfile = "{near}"\n\n'
+        f'[[sources]]\nname = "far"\nroom = "room1"\nfile = "{far}"\n',
+        ward_state, mosquitto, tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = _events(sub, "room1")
+    episodes = [e for e in events if e["kind"] == "episode"]
+    expirations = [e for e in events if e["kind"] == "expiration"]
+    assert len(episodes) == 1, events
+    ep = episodes[0]
+    assert ep["n_expirations"] == len(expirations) >= 1
+    # as many identifications as one microphone alone gives (tests/test_live_pipeline's pipeline on near)
+    single = _single_source_expirations(near)
+    assert len(expirations) == single, (len(expirations), single)
+    assert set(ep["levels_dbfs"]) == {"near", "far"}
+    assert ep["levels_dbfs"]["near"] > ep["levels_dbfs"]["far"] + 6.0
+    for e in expirations:  # each expiration is near's (the far one may cut the cry differently)
+        assert e["levels_dbfs"]["near"] > e["levels_dbfs"].get("far", -200.0) + 6.0
+        assert e["level_dbfs"] <= e["levels_dbfs"]["near"] + 0.01
+    assert ep["best_baby_id"] == "dac0126"
+
+
+def _single_source_expirations(path: Path) -> int:
+    from cryid.daemon.config import IdentifierSettings
+    from cryid.daemon.live import LivePipeline
+    from cryid.models.config import SegmenterSettings
+    from cryid.models.embedder import Embedder
+
+    pipe = LivePipeline(Embedder(MODEL), SegmenterSettings(), IdentifierSettings(), room="x")
+    wav = load_audio(path)
+    outs = [o for i in range(0, wav.size, 640) for o in pipe.feed(wav[i : i + 640])] + pipe.flush()
+    return sum(o.identification.kind == "expiration" for o in outs)
+
+
+def test_a_failing_source_leaves_the_other_room_publishing(
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
+) -> None:
+    """room1's file is damaged 2 s in (the FLAC decoder loses sync: a real decoding error); room2's cry
+    comes later and is still identified; room1 reports its source down with the reason."""
+    rng = np.random.default_rng(3)
+    broken = tmp_path / "broken.flac"
+    sf.write(broken, nursery.room_noise(8.0, rng), SR, format="FLAC")
+    data = bytearray(broken.read_bytes())
+    cut = len(data) // 4
+    data[cut : cut + 20000] = b"\xaa" * 20000
+    broken.write_bytes(bytes(data))
+    good = _stream(tmp_path / "good.wav", load_audio(_files(dac_dir, "dac0136", "D")[0]), 4.0, 1.0)
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    done = _run(
+        f'[[sources]]\nname = "broken"\nroom = "room1"\nfile = "{broken}"\n\n'
+        f'[[sources]]\nname = "good"\nroom = "room2"\nfile = "{good}"\n',
+        ward_state, mosquitto, tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "source broken failed" in done.stderr and "cannot decode the audio" in done.stderr
+    msgs: list[Received] = list(sub.messages)
+    down = next(
+        i for i, m in enumerate(msgs)
+        if m.topic == "cryid/room1/stats"
+        and any(not s["ok"] and "cannot decode" in (s["error"] or "") for s in m.json()["sources"])
+    )  # fmt: skip
+    room2 = [
+        i
+        for i, m in enumerate(msgs)
+        if (m.topic.startswith("cryid/room2/baby/") and not m.topic.endswith("/state"))
+        or m.topic == "cryid/room2/unknown"
+    ]
+    assert room2 and min(room2) > down, "room2 published nothing after room1's source failed"
+    assert any(json.loads(msgs[i].payload)["kind"] == "episode" for i in room2)
+    assert b"down" in [m.payload for m in msgs if m.topic == "cryid/room1/status/source"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ("sources = []\n", "sources is an empty list"),
+        (
+            '[[sources]]\nname = "a"\nroom = "r1"\ndevice = "USB"\n'
+            '[[sources]]\nname = "b"\nroom = "r2"\ndevice = "usb"\n',
+            "both use device usb",
+        ),
+        ('room = "r3"\n[[sources]]\nname = "a"\nroom = "r1"\ndevice = "USB"\n', "room 'r3' has no source"),
+        (
+            '[[sources]]\nname = "a"\nroom = "r1"\n[[sources]]\nname = "a"\nroom = "r2"\nfile = "x.wav"\n',
+            "used twice",
+        ),
+        ('[[sources]]\nname = "a"\nroom = "r1"\ndevice = "USB"\nfile = "x.wav"\n', "sets device and file"),
+        ('[[sources]]\nname = "a"\nroom = "r1"\nsegmenter = { hangover_ms = -5 }\n', "segmenter.hangover_ms"),
+    ],
+)
+@pytest.mark.parametrize("command", [["config", "check"], ["run"]])
+def test_bad_source_lists_are_refused_with_one_line(
+    tmp_path: Path, toml: str, words: str, command: list[str]
+) -> None:
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text(toml)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env |= {"CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL)}
+    done = subprocess.run([*CRYID, *command, "--config", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cryid: error: ") and words in lines[0], done.stderr
+    assert not (tmp_path / "state").exists()  # nothing was opened or written
+
+
+def test_config_check_prints_the_sources_as_toml_again(tmp_path: Path) -> None:
+    import tomllib
+
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text('[[sources]]\nname = "a"\nroom = "r1"\ndevice = "USB"\ngain_db = 6.0\n'
+                   'segmenter = { gate_margin_db = 10.0 }\n'
+                   '[[sources]]\nname = "b"\nroom = "r2"\nfile = "x.wav"\n')  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    done = subprocess.run([*CRYID, "config", "check", "--config", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = tomllib.loads(done.stdout)
+    assert [s["name"] for s in data["sources"]] == ["a", "b"]
+    assert (
+        data["sources"][0]["segmenter"] == {"gate_margin_db": 10.0} and data["sources"][0]["gain_db"] == 6.0
+    )
+
+
+# Two virtual microphones in one room -------------------------------------------------------------------
+ASOUNDRC = """
+pcm.{name} {{
+    type pulse
+    device "{sink}.monitor"
+    hint {{ show on description "cryid virtual microphone {name}" }}
+}}
+"""
+
+
+@pytest.fixture
+def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A private PulseAudio with null sinks ``cotA``, ``cotB`` (and ``quiet``, the default source); ALSA
+    devices ``micA``/``micB`` (in the HOME's .asoundrc) record their monitors, so PortAudio lists two
+    microphones that hear what ``paplay --device=cotA|cotB`` plays. Yields PulseAudio's client environment."""
+    from tests.test_virtual_mic import _need_capture_stack
+
+    _need_capture_stack()
+    runtime = tmp_path / "pulse-runtime"
+    runtime.mkdir(mode=0o700)
+    sock_path = runtime / "native"
+    (tmp_path / ".asoundrc").write_text(
+        ASOUNDRC.format(name="micA", sink="cotA") + ASOUNDRC.format(name="micB", sink="cotB")
+    )
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path), PULSE_SERVER=f"unix:{sock_path}")
+    env.pop("PULSE_COOKIE", None)
+    args = [
+        "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
+        "--disable-shm=yes", "--log-target=stderr",
+        f"--load=module-native-protocol-unix auth-anonymous=1 socket={sock_path}",
+        "--load=module-null-sink sink_name=cotA rate=16000 channels=1",
+        "--load=module-null-sink sink_name=cotB rate=16000 channels=1",
+        "--load=module-null-sink sink_name=quiet rate=16000 channels=1",
+    ]  # fmt: skip
+    log = (tmp_path / "pulseaudio.log").open("w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("PulseAudio cannot run here: " + (tmp_path / "pulseaudio.log").read_text()[-500:])
+            time.sleep(0.1)
+        # the default source, where PulseAudio moves the capture of a device that goes away, hears nothing
+        subprocess.run(["pactl", "set-default-source", "quiet.monitor"], env=env, check=True)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
+    two_virtual_mics: dict[str, str],
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
+) -> None:
+    """``cryid run`` records micA and micB (PortAudio, ALSA's pulse plugin) for room1; the same held-back
+    cry is played into both at once, 12 dB quieter into micB: one episode, named from micA's audio,
+    with both microphones' levels. Nothing is mocked."""
+    import shutil
+
+    from tests.test_virtual_mic import _stop, _wait
+
+    cry = load_audio(_files(dac_dir, "dac0126", "D")[0])
+    loud = _stream(tmp_path / "loud.wav", cry, 0.2, 0.2)
+    quiet = _stream(tmp_path / "quiet.wav", cry, 0.2, 0.2, gain_db=-12.0)
+    shutil.copytree(ward_state, tmp_path / "state")
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text(
+        '[[sources]]\nname = "near"\nroom = "room1"\ndevice = "micA"\n\n'
+        '[[sources]]\nname = "far"\nroom = "room1"\ndevice = "micB"\n'
+    )
+    env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
+    env |= {
+        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
+        "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
+        "CRYID_MQTT__STATS_INTERVAL_S": "1",
+    }  # fmt: skip
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    daemon = subprocess.Popen([*CRYID, "-v", "run", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait(lambda: any(m.topic == "cryid/room1/status" and m.payload == b"online" for m in sub.messages),
+              "online status", daemon, 120)  # fmt: skip
+        time.sleep(1.0)  # both streams capture
+        players = [
+            subprocess.Popen(["paplay", f"--device={sink}", str(wav)], env=env, stderr=subprocess.PIPE)
+            for sink, wav in (("cotA", loud), ("cotB", quiet))
+        ]
+        for p in players:
+            assert p.wait(timeout=60) == 0
+        _wait(lambda: any(e["kind"] == "episode" for e in sub.events()), "episode event", daemon, 120)
+        time.sleep(2.0)  # a second episode (the other microphone's copy) would come within the gap
+    finally:
+        err = _stop(daemon)
+    assert daemon.returncode == 0, err[-3000:]
+    events = _events(sub, "room1")
+    episodes = [e for e in events if e["kind"] == "episode"]
+    assert len(episodes) == 1, events
+    ep = episodes[0]
+    assert set(ep["levels_dbfs"]) == {"near", "far"}, ep
+    assert ep["levels_dbfs"]["near"] > ep["levels_dbfs"]["far"] + 6.0, ep["levels_dbfs"]
+    assert ep["best_baby_id"] == "dac0126", ep
+    expirations = [e for e in events if e["kind"] == "expiration"]
+    assert ep["n_expirations"] == len(expirations)
+    for e in expirations:  # each expiration is near's (the far one may cut the cry differently)
+        assert e["levels_dbfs"]["near"] > e["levels_dbfs"].get("far", -200.0) + 6.0, e["levels_dbfs"]
+        assert e["level_dbfs"] <= e["levels_dbfs"]["near"] + 0.01
+    stats = _stats(sub, "room1")[-1]
+    assert {s["name"] for s in stats["sources"]} == {"near", "far"}
+
+
+def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_room_keeps_publishing(
+    two_virtual_mics: dict[str, str],
+    ward_state: Path,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    tmp_path: Path,
+) -> None:
+    """micA hears room1, micB room2, both with quiet room noise playing into them.
+
+    1. micB's noise stops: it delivers digital silence, a flat line, and is reopened after flat_timeout_s.
+    2. micB's PulseAudio sink is unloaded (a microphone unplugged): PulseAudio moves the capture to the
+       default source, which hears nothing, so micB goes flat and is reopened, which fails while the device
+       is gone: room2 reports its source down, and room1 still identifies a cry.
+    3. The sink comes back: micB is reopened on its own and room2 hears a cry again."""
+    import shutil
+
+    from tests.test_virtual_mic import _stop, _wait
+
+    env_pa = two_virtual_mics
+    cry = _stream(tmp_path / "cry.wav", load_audio(_files(dac_dir, "dac0126", "D")[0]), 0.2, 0.2)
+    cry2 = _stream(tmp_path / "cry2.wav", load_audio(_files(dac_dir, "dac0136", "D")[0]), 0.2, 0.2)
+    noise = tmp_path / "noise.wav"  # below segmenter.min_level_dbfs, but far from a flat line
+    sf.write(
+        noise, nursery.room_noise(180.0, np.random.default_rng(5), level_dbfs=-70.0), SR, subtype="PCM_16"
+    )
+    shutil.copytree(ward_state, tmp_path / "state")
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text(
+        '[[sources]]\nname = "a"\nroom = "room1"\ndevice = "micA"\n\n'
+        '[[sources]]\nname = "b"\nroom = "room2"\ndevice = "micB"\n\n'
+        "[source]\nflat_timeout_s = 2.0\nreopen_max_s = 1.0\n"
+    )
+    env = {k: v for k, v in env_pa.items() if not k.startswith("CRYID_")}
+    env |= {
+        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
+        "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
+        "CRYID_MQTT__STATS_INTERVAL_S": "1",
+    }  # fmt: skip
+
+    def micb(**want: Any) -> Callable[[], bool]:
+        def check() -> bool:
+            stats = _stats(sub, "room2")
+            got = stats[-1]["sources"][0] if stats else {}
+            return bool(stats) and all(got[k] == v if not callable(v) else v(got[k]) for k, v in want.items())
+
+        return check
+
+    def pactl(*args: str) -> str:
+        return subprocess.run(["pactl", *args], env=env_pa, capture_output=True, text=True, check=True).stdout
+
+    def room_noise(sink: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["paplay", f"--device={sink}", str(noise)], env=env_pa, stderr=subprocess.DEVNULL
+        )
+
+    players = {"cotA": room_noise("cotA"), "cotB": room_noise("cotB")}
+    sub = subscriber_factory(mosquitto, "cryid/#")
+    daemon = subprocess.Popen([*CRYID, "-v", "run", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait(lambda: any(m.topic == "cryid/room2/status" and m.payload == b"online" for m in sub.messages),
+              "online status", daemon, 120)  # fmt: skip
+        _wait(micb(ok=True), "micB capturing", daemon, 30)
+        time.sleep(3.0)  # longer than flat_timeout_s: the room noise keeps both microphones from being flat
+        assert micb(ok=True, flat=False, reopens=0)()
+        # 1. flat
+        players["cotB"].kill()
+        _wait(micb(flat=True, reopens=lambda n: n >= 1), "micB flat and reopened", daemon, 30)
+        players["cotB"] = room_noise("cotB")
+        _wait(micb(flat=False, ok=True), "micB not flat", daemon, 30)
+        # 2. unplugged
+        modules = pactl("list", "short", "modules").splitlines()
+        pactl("unload-module", next(line.split()[0] for line in modules if "sink_name=cotB" in line))
+        _wait(micb(ok=False), "micB reported down", daemon, 30)
+        assert subprocess.run(["paplay", "--device=cotA", str(cry)], env=env_pa).returncode == 0
+        _wait(lambda: any(e["kind"] == "episode" for e in _events(sub, "room1")), "room1 episode", daemon, 60)
+        assert micb(ok=False)(), "micB came back while its sink was gone"
+        # 3. back
+        pactl("load-module", "module-null-sink", "sink_name=cotB", "rate=16000", "channels=1")
+        players["cotB"] = room_noise("cotB")
+        _wait(micb(ok=True), "micB reopened", daemon, 60)
+        time.sleep(1.0)
+        assert subprocess.run(["paplay", "--device=cotB", str(cry2)], env=env_pa).returncode == 0
+        _wait(lambda: any(e["kind"] == "episode" for e in _events(sub, "room2")), "room2 episode", daemon, 60)
+    finally:
+        err = _stop(daemon)
+        for p in players.values():
+            p.kill()
+            p.wait()
+    assert daemon.returncode == 0, err[-3000:]
+    assert "source b flat" in err and "cannot open microphone 'micB'" in err
+    assert _stats(sub, "room2")[-1]["sources"][0]["reopens"] >= 2
+    assert all({c["baby_id"] for c in e["candidates"]} <= set(ROOMS["room2"]) for e in _events(sub, "room2"))
+    assert [e["best_baby_id"] for e in _events(sub, "room1") if e["kind"] == "episode"] == ["dac0126"]
+
+
+def test_devices_prints_a_sources_table_per_microphone(
+    two_virtual_mics: dict[str, str], tmp_path: Path
+) -> None:
+    """``cryid devices`` lists micA and micB and a ready-to-paste ``[[sources]]`` table for each, which
+    ``cryid config check`` accepts once the rooms are set."""
+    import tomllib
+
+    env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
+    done = subprocess.run([*CRYID, "devices"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    snippet = done.stdout.split("\n[[sources]]", 1)[1]
+    tables = tomllib.loads("[[sources]]" + snippet)["sources"]
+    assert {"micA", "micB"} <= {t["device"] for t in tables}, done.stdout
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text("[[sources]]" + snippet)
+    cmd = [*CRYID, "config", "check", "--config", str(cfg)]
+    env["CRYID_MODEL"] = str(MODEL)
+    checked = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert len(tomllib.loads(checked.stdout)["sources"]) == len(tables)
