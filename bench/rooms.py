@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import getpass
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,44 +39,20 @@ import psutil
 import soundfile as sf
 from paho.mqtt.enums import CallbackAPIVersion
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cryid.daemon import nursery  # noqa: E402
-from cryid.daemon.config import Settings  # noqa: E402
-from cryid.models.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from _common import DATA_DIR, Broker
+from cryid.daemon import nursery
+from cryid.daemon.config import Settings
+from cryid.models.audio import SAMPLE_RATE, load_audio
 
 GOAL_P95_MS = 150.0
 
 
 def start_broker(workdir: Path) -> tuple[str, int, Callable[[], None]]:
     """A private mosquitto on a free port: (host, port, stop). The one place that starts the broker."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nuser {getpass.getuser()}\nallow_anonymous true\n"
-        f"max_queued_messages 100000\nlog_dest file {workdir}/mosquitto.log\n"
-    )
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("bench: mosquitto did not start") from None
-            time.sleep(0.05)
-
-    def stop() -> None:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-    return "127.0.0.1", port, stop
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = Broker(workdir)
+    broker.start()
+    return broker.host, broker.port, broker.stop
 
 
 def _streams(data: Path, n: int, seconds: float, out: Path) -> list[Path]:
@@ -192,7 +166,7 @@ def step(n: int, streams: list[Path], host: str, port: int, work: Path, model: P
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Settings().model)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "donateacry-cc")
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--seconds", type=float, default=20.0, help="audio per room and step")
     ap.add_argument("--max-rooms", type=int, default=64)
     args = ap.parse_args()

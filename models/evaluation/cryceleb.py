@@ -151,7 +151,9 @@ def load_cryceleb(root: str | Path) -> CryCelebSet:
     if not base.is_dir():
         raise CryCelebError(f"{base}: no such directory; pass the folder that holds metadata.csv")
     rows = _read_csv(
-        base / "metadata.csv", METADATA_COLUMNS, "pass the folder of a CryCeleb-layout data set (see docs/research.md)"
+        base / "metadata.csv",
+        METADATA_COLUMNS,
+        "pass the folder of a CryCeleb-layout data set (see docs/research.md)",
     )
     recordings = []
     seen: set[str] = set()
