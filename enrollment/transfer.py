@@ -356,18 +356,15 @@ def import_registry(
                 f"{len(clash)} of the babies in {path} are already enrolled ({shown}); "
                 "use --replace to overwrite them"
             )
-    with registry.transaction() as conn:
+    with registry.write() as tx:
         for i in infants:
             if replace:
-                Registry.delete_infant(conn, i.baby_id)
-            elif conn.execute("SELECT 1 FROM infants WHERE baby_id = ?", (i.baby_id,)).fetchone():
+                tx.delete_infant(i.baby_id)
+            elif tx.has_infant(i.baby_id):
                 raise EnrollmentError(f"baby {i.baby_id!r} was enrolled meanwhile; use --replace")
-            Registry.insert_infant(conn, i.baby_id, i.display_name, i.room, i.status)
-            conn.execute(
-                "UPDATE infants SET created_at = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
-                (i.created_at, i.updated_at, i.discharged_at, i.baby_id),
-            )
+            tx.insert_infant(i.baby_id, i.display_name, i.room, i.status)
+            tx.set_times(i.baby_id, i.created_at, i.updated_at, i.discharged_at)
             for s in i.samples:
-                Registry.insert_sample(conn, i.baby_id, s)
+                tx.insert_sample(i.baby_id, s)
     logger.info("imported %d babies from %s", len(infants), path)
     return len(infants)

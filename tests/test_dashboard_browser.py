@@ -50,6 +50,7 @@ from cryid.daemon.feedback import CommandResult
 from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
 from tests.fixtures.broker import Broker, free_port
+from tests.fixtures.registry import tamper
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
@@ -268,8 +269,7 @@ def ward_state(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
             bout = real.later[best] if bout is None else bout
             if len(babies) == 2:
                 break
-        with registry.transaction() as conn:
-            conn.execute("UPDATE infants SET display_name = 'Ada' WHERE baby_id = ?", (babies[0],))
+        tamper(registry.path, "UPDATE infants SET display_name = 'Ada' WHERE baby_id = ?", (babies[0],))
     assert bout is not None and len(babies) == 2
     wav, _ = nursery.nursery_stream([(babies[0], bout)], gap_s=5.0, seed=3)
     stream = state / "stream.wav"

@@ -31,14 +31,14 @@ def export_doc(shipped_model_dir: Path, tmp_path: Path) -> dict:
     sha = load_manifest(shipped_model_dir).onnx_sha256
     rng = np.random.default_rng(0)
     with Registry.open(tmp_path / "source-state", RegistrySettings()) as reg:
-        with reg.transaction() as conn:
+        with reg.write() as tx:
             for baby, status in (("ada", "active"), ("ben", "discharged")):
-                Registry.insert_infant(conn, baby, baby.title(), "ward1", status)
+                tx.insert_infant(baby, baby.title(), "ward1", status)
                 emb = SampleEmbeddings(
                     sha, rng.normal(size=(2, 80)).astype(np.float32), (0, 9000), (8000, 17000)
                 )
-                Registry.insert_sample(
-                    conn, baby,
+                tx.insert_sample(
+                    baby,
                     NewSample(source_kind="file", source=f"{baby}.wav", period="birth", duration_s=2.0,
                               cry_s=1.0, n_expirations=2, created_at="2026-01-01T00:00:00+00:00",
                               audio_flac=None, embeddings=emb),

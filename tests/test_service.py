@@ -485,10 +485,10 @@ def test_stats_report_drops_source_and_babies_to_reenroll(
     from cryid.enrollment.registry import NewSample, SampleEmbeddings
 
     state = _state(enrolled, tmp_path)
-    with Registry.open(state, Settings(state_dir=state).registry) as registry, registry.transaction() as conn:
-        Registry.insert_infant(conn, "old", "", "ward1")
-        Registry.insert_sample(
-            conn, "old",
+    with Registry.open(state, Settings(state_dir=state).registry) as registry, registry.write() as tx:
+        tx.insert_infant("old", "", "ward1")
+        tx.insert_sample(
+            "old",
             NewSample(source_kind="file", source="old.wav", period="birth", duration_s=2.0, cry_s=1.0,
                       n_expirations=1, created_at="2026-01-01T00:00:00+00:00", audio_flac=None,
                       embeddings=SampleEmbeddings("0" * 64, np.ones((1, 80), np.float32), (0,), (16000,))),
