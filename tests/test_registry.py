@@ -110,6 +110,15 @@ def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
         assert reg.data_version() == v0
 
 
+def test_a_write_is_usable_only_inside_its_transaction(tmp_path: Path) -> None:
+    with Registry.open(tmp_path, RegistrySettings()) as reg:
+        with reg.write() as tx:
+            tx.insert_infant("kept", "", "nursery")
+        with pytest.raises(RuntimeError, match="after its transaction ended"):
+            tx.delete_infant("kept")  # no statement outside BEGIN ... COMMIT
+        assert reg.get_infant("kept") is not None
+
+
 @pytest.mark.parametrize("bad", ["", "a/b", "a+b", "a#", "bébé", "a b", "x" * 65])
 def test_baby_id_must_be_topic_level(bad: str) -> None:
     with pytest.raises(RegistryError, match="MQTT topic level"):
