@@ -27,24 +27,22 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cryid.models.strict import StrictModel
 
 SCHEMA_VERSION = 2  # 2: confidence, candidates, n_candidates
 
 
-class RunnerUp(BaseModel):
+class RunnerUp(StrictModel):
     """The second-best enrolled baby."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baby_id: str = Field(..., description="Id of the runner-up baby.")
     score: float = Field(..., description="Cosine similarity of the cry to the runner-up's centroid.")
 
 
-class CandidateOut(BaseModel):
+class CandidateOut(StrictModel):
     """One of the room's enrolled babies with the calibrated probability that the cry is theirs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baby_id: str = Field(..., description="Id of the candidate baby.")
     score: float = Field(..., description="Similarity of the cry to this baby's reference (cosine).")
@@ -56,10 +54,8 @@ class CandidateOut(BaseModel):
     )
 
 
-class CryEvent(BaseModel):
+class CryEvent(StrictModel):
     """One identification: a provisional ``expiration`` event or a final ``episode`` event."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     event_id: str = Field(..., description="Unique id (UUID4) of this event, for de-duplication.")
@@ -105,10 +101,8 @@ class CryEvent(BaseModel):
         return self.model_dump_json()
 
 
-class Stats(BaseModel):
+class Stats(StrictModel):
     """Periodic health figures of the daemon."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     at: datetime = Field(..., description="UTC time of these figures.")
@@ -159,20 +153,16 @@ def schema_text() -> str:
 
 
 # Retained state for the ward dashboard (cryid.daemon.state) --------------------------------------
-class RosterBaby(BaseModel):
+class RosterBaby(StrictModel):
     """One enrolled (active) baby of the room."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baby_id: str = Field(..., description="Id of the baby (its events are on <prefix>/baby/<baby_id>).")
     display_name: str | None = Field(..., description="Display name given at enrollment; null when none.")
     enrolled_at: datetime = Field(..., description="UTC time the baby was enrolled (ISO 8601).")
 
 
-class Roster(BaseModel):
+class Roster(StrictModel):
     """Retained: the room's enrolled babies, republished on every registry change."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     room: str = Field(..., description="Ward room of the microphone.")
@@ -180,10 +170,8 @@ class Roster(BaseModel):
     babies: list[RosterBaby] = Field(..., description="Active babies of the room, by id.")
 
 
-class BabyState(BaseModel):
+class BabyState(StrictModel):
     """Retained: one baby now; an empty retained payload clears it (discharged or removed)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     room: str = Field(..., description="Ward room of the microphone.")

@@ -31,9 +31,10 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cryid.models.errors import SettingsError
+from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 1
 EMBED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(StrictModel):
     """Prometheus ``/metrics`` and ``/healthz`` over HTTP."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     port: int | None = Field(
         None, ge=1, le=65535, description="HTTP port of /metrics and /healthz; None (default): no server."

@@ -27,10 +27,11 @@ from types import ModuleType
 from typing import Any, BinaryIO
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cryid.models.audio import SAMPLE_RATE, AudioError, StreamResampler, to_mono_float32
 from cryid.models.errors import CryidError
+from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ class SourceError(CryidError):
     """A source that cannot be used as configured; the message names the problem and the fix."""
 
 
-class SourceSettings(BaseModel):
+class SourceSettings(StrictModel):
     """Where the audio comes from and how it is delivered."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     device: str | None = Field(
         None,

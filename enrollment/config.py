@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from cryid.models.strict import StrictModel
 
 _PLAIN_FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -19,10 +21,8 @@ def plain_filename(cls: type, v: str) -> str:
     return v
 
 
-class RegistrySettings(BaseModel):
+class RegistrySettings(StrictModel):
     """The infant registry (SQLite in ``CRYID_STATE_DIR``) and the rules enrollment applies."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     filename: str = Field(
         "registry.sqlite3",

@@ -31,6 +31,7 @@ from cryid.enrollment.registry import (
 from cryid.enrollment.sqlite_files import usable_vector
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.config import SegmenterSettings
+from cryid.models.files import sha256_file
 from cryid.models.scoring import centroid, cosine_matrix
 
 if TYPE_CHECKING:
@@ -58,11 +59,7 @@ def model_sha256(model_dir: Path) -> str:
         ) from exc
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_file(path)
     return _SHA_CACHE[key]
 
 

@@ -19,15 +19,13 @@ On a split of infants the model was not trained on (dev for the shipped model):
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cryid.models.calibration import (
     FEATURES,
@@ -42,8 +40,10 @@ from cryid.models.calibration import (
 from cryid.models.config import SegmenterSettings
 from cryid.models.cryceleb import CryCelebError, load_cryceleb
 from cryid.models.eval_backends import EmbeddingCache, Throughput
+from cryid.models.files import atomic_write
 from cryid.models.manifest import MANIFEST_NAME, Manifest
 from cryid.models.metrics import bootstrap_ci, infant_codes
+from cryid.models.strict import StrictModel
 from cryid.models.ward import (
     CURVE,
     RoomQueries,
@@ -61,10 +61,8 @@ logger = logging.getLogger(__name__)
 FIT_ROOM_SIZES = (2, 4, 6, 8, 12, 16)  # the map must hold for any number of candidates
 
 
-class CalibrateSettings(BaseModel):
+class CalibrateSettings(StrictModel):
     """How ``cryid model calibrate`` fits; each default is written here once."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     split: str = Field("dev", min_length=1, description="Split of infants the model was not trained on.")
     room_size: int = Field(8, ge=2, le=1000, description="Babies per room of the operating point.")
@@ -349,11 +347,4 @@ def _write_manifest_atomic(manifest: Manifest, path: Path, before: bytes) -> Non
     Manifest.model_validate_json(text)  # what is written must load
     if path.read_bytes() != before:
         raise CalibrationError(f"{path}: changed while calibrating; run `cryid model calibrate` again")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text, private=True)

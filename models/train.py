@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.backend import BackendSettings, cross_validated_eer, fit_backend
+from cryid.models.strict import StrictModel
 from cryid.models.train_parts import (
     GLOBAL_NORM_LOADABLE,
     GLOBAL_NORM_PATH,
@@ -55,10 +56,8 @@ STATE_NAME = "train_state.pt"
 INFO_NAME = "train_info.json"
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(StrictModel):
     """Every knob of ``cryid model train``; defaults are the CryCeleb paper's recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     channels: int = Field(
         1024, ge=8, le=4096, description="ECAPA-TDNN channels C (blocks C,C,C,C,3C); multiple of 8."
