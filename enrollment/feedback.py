@@ -174,6 +174,18 @@ def _record(
     return got
 
 
+def _checked_request(
+    registry: Registry, episode_id: str, settings: RegistrySettings, by: str, room: str | None,
+    now: datetime | None,
+) -> tuple[datetime, str, Episode]:
+    """The checks of a confirm or reject that write nothing: (time, who, the kept episode)."""
+    at = _now(now)
+    by = check_by(by)
+    ep = _kept_episode(registry, episode_id, settings, at)
+    _check_room(ep, room)
+    return at, by, ep
+
+
 def _live(registry: Registry, episode_id: str) -> list[tuple[int, str, str]]:
     rows = registry.feedback(episode_id=episode_id)
     return [(f.confirmation_id, f.kind, f.baby_id) for f in rows if f.live]
@@ -194,10 +206,7 @@ def confirm(
 
     ``room``: when given (the daemon's MQTT commands), the episode must have been heard in that room.
     """
-    at = _now(now)
-    by = check_by(by)
-    ep = _kept_episode(registry, episode_id, settings, at)
-    _check_room(ep, room)
+    at, by, ep = _checked_request(registry, episode_id, settings, by, room, now)
     _active_infant(registry, baby_id)
     return _record(registry, "confirm", ep, baby_id, settings, by, via, at)
 
@@ -214,10 +223,7 @@ def reject(
     now: datetime | None = None,
 ) -> Feedback:
     """A kept episode is NOT ``baby_id`` (default: the baby the daemon named)."""
-    at = _now(now)
-    by = check_by(by)
-    ep = _kept_episode(registry, episode_id, settings, at)
-    _check_room(ep, room)
+    at, by, ep = _checked_request(registry, episode_id, settings, by, room, now)
     if baby_id is None:
         if ep.baby_id is None:
             raise FeedbackError(
