@@ -9,7 +9,6 @@ moves them), then edited as a damaged or hand-edited file would be.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import NewSample, Registry, SampleEmbeddings
 from cryid.enrollment.transfer import export_registry
 from cryid.models.manifest import load_manifest
+from tests.fixtures.cli import cryid_env
 
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 
@@ -51,7 +51,7 @@ def _import(tmp_path: Path, model: Path, doc: dict) -> tuple[subprocess.Complete
     path = tmp_path / "to-import.json"
     path.write_text(json.dumps(doc))
     state = tmp_path / "ward-state"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(model)}
     done = subprocess.run(
         [*CRYID, "enroll", "import", str(path)], env=env, capture_output=True, text=True, timeout=120

@@ -17,13 +17,14 @@ import pytest
 
 from cryid.daemon.cli import main
 from cryid.enrollment.registry import NewSample, Registry, SampleEmbeddings
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _env(state: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"}
+    env = cryid_env()
     env.update(CRYID_STATE_DIR=str(state), **extra)
     return env
 
