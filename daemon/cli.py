@@ -21,20 +21,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cryid.daemon import logfmt
-from cryid.models.errors import CryidError
+from cryid.models.errors import CryidError, validation_message
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
-
-
-def _format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "settings"
-        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid configuration: " + "; ".join(parts)
 
 
 def one_line(message: object) -> str:
@@ -112,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ValidationError as exc:
-        return _error(_format_validation_error(exc))
+        return _error(
+            "invalid configuration: " + validation_message(exc, where="settings", every=True, inputs=True)
+        )
     except (CryidError, OSError) as exc:
         return _error(exc)
     try:

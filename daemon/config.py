@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +27,7 @@ from cryid.daemon.sourcelist import SourceEntry
 from cryid.enrollment.config import RegistrySettings, plain_filename
 from cryid.models.config import DEFAULT_MODEL_DIR, EmbedderSettings, SegmenterSettings
 from cryid.models.errors import SettingsError
+from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,8 @@ OTHER_ENVIRONMENT = {
 DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "~/.local/state/cryid")).expanduser()
 
 
-class MqttSettings(BaseModel):
+class MqttSettings(StrictModel):
     """Broker connection and topic layout."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
@@ -101,14 +100,12 @@ class MqttSettings(BaseModel):
             ) from exc
 
 
-class IdentifierSettings(BaseModel):
+class IdentifierSettings(StrictModel):
     """Decision rules. With a calibrated model (``manifest.calibration``) a baby is named when the
     calibrated probability that the best-matching baby is the one crying is at least ``min_confidence``;
     ``min_score`` and ``min_margin`` are expert overrides that must then ALSO be met. A model without a
     calibration falls back to cosine thresholds: ``min_score``/``min_margin`` when set, else
     ``fallback_min_score``/``fallback_min_margin`` (``cryid model calibrate`` fixes that)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # 0.96: the lowest value at which the shipped model's cross-validated wrong-baby rate stays at or below
     # 5% in dev rooms of 8, with and without a confirmed cry per baby (`cryid model calibrate` stores it in
@@ -159,10 +156,8 @@ class IdentifierSettings(BaseModel):
     )
 
 
-class OutboxSettings(BaseModel):
+class OutboxSettings(StrictModel):
     """SQLite outbox in the state directory: events wait here until the broker acknowledges them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     filename: str = Field(
         "outbox.sqlite3", description="Outbox file name inside the state directory (a plain name, no path)."
@@ -189,10 +184,8 @@ class OutboxSettings(BaseModel):
     )
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(StrictModel):
     """The daemon's threads and lifecycle."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     queue_chunks: int = Field(
         200,
@@ -208,10 +201,8 @@ class ServiceSettings(BaseModel):
     )
 
 
-class SourceSettings(BaseModel):
+class SourceSettings(StrictModel):
     """Where the audio comes from and how it is delivered."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     device: str | None = Field(
         None,

@@ -26,9 +26,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from cryid.models.errors import SettingsError
+from cryid.models.errors import SettingsError, validation_message
+from cryid.models.strict import StrictModel
 
 if TYPE_CHECKING:
     from cryid.daemon.config import Settings
@@ -43,10 +44,8 @@ CSP = (
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".md": "text/markdown"}
 
 
-class DashboardSettings(BaseModel):
+class DashboardSettings(StrictModel):
     """The ward dashboard page (``cryid dashboard``) and the retained state the daemon keeps for it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="Address the page is served on (0.0.0.0: every interface).")
     port: int = Field(8080, ge=0, le=65535, description="Port the page is served on (0: any free port).")
@@ -242,9 +241,7 @@ def run_dashboard(settings: Settings, overrides: dict[str, Any]) -> int:
             settings.dashboard.model_dump() | {k: v for k, v in overrides.items() if v is not None}
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = ".".join(str(x) for x in err["loc"])
-        raise SettingsError(f"dashboard.{name}: {err['msg']} (got {err.get('input')!r}); fix it") from exc
+        raise SettingsError(f"dashboard.{validation_message(exc, inputs=True)}; fix it") from exc
     server = build_server(settings, dash)
     print(f"ward dashboard: {server.url} (broker {dash.broker_url}); Ctrl-C stops", flush=True)
     try:

@@ -17,26 +17,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from cryid.daemon.stages import StepFigure
+from cryid.models.strict import StrictModel
 
 SCHEMA_VERSION = 2  # 2: confidence, candidates, n_candidates
 
 
-class RunnerUp(BaseModel):
+class RunnerUp(StrictModel):
     """The second-best enrolled baby."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baby_id: str = Field(..., description="Id of the runner-up baby.")
     score: float = Field(..., description="Cosine similarity of the cry to the runner-up's centroid.")
 
 
-class CandidateOut(BaseModel):
+class CandidateOut(StrictModel):
     """One of the room's enrolled babies with the calibrated probability that the cry is theirs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baby_id: str = Field(..., description="Id of the candidate baby.")
     score: float = Field(..., description="Similarity of the cry to this baby's reference (cosine).")
@@ -48,7 +45,7 @@ class CandidateOut(BaseModel):
     )
 
 
-class CryEvent(BaseModel):
+class CryEvent(StrictModel):
     """One identification: a provisional ``expiration`` event or a final ``episode`` event.
 
     A crying episode is a run of expirations less than ``identifier.episode_gap_s`` apart. Each
@@ -58,8 +55,6 @@ class CryEvent(BaseModel):
     ``identifier.episode_gap_s``, or after ``identifier.max_episode_s``); its decision uses all of the
     episode's expirations and its times span the episode. Both kinds share ``episode_id``.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(
         SCHEMA_VERSION,
@@ -132,10 +127,8 @@ class CryEvent(BaseModel):
         return self.model_dump_json()
 
 
-class SourceStats(BaseModel):
+class SourceStats(StrictModel):
     """Health figures of one audio source of the room (``[[sources]]``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(..., description="Source name.")
     ok: bool = Field(..., description="False while the source fails (device gone, file unreadable) or ended.")
@@ -148,10 +141,8 @@ class SourceStats(BaseModel):
     reopens: int = Field(..., description="Times the source failed or went flat and was reopened.")
 
 
-class Stats(BaseModel):
+class Stats(StrictModel):
     """Periodic health figures of the daemon."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     at: datetime = Field(..., description="UTC time of these figures.")
@@ -256,20 +247,16 @@ def schema_text() -> str:
 
 
 # Retained state for the ward dashboard (cryid.daemon.state) --------------------------------------
-class RosterBaby(BaseModel):
+class RosterBaby(StrictModel):
     """One enrolled (active) baby of the room."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baby_id: str = Field(..., description="Id of the baby (its events are on <prefix>/baby/<baby_id>).")
     display_name: str | None = Field(..., description="Display name given at enrollment; null when none.")
     enrolled_at: datetime = Field(..., description="UTC time the baby was enrolled (ISO 8601).")
 
 
-class Roster(BaseModel):
+class Roster(StrictModel):
     """Retained: the room's enrolled babies, republished on every registry change."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     room: str = Field(..., description="Ward room of the microphone.")
@@ -277,10 +264,8 @@ class Roster(BaseModel):
     babies: list[RosterBaby] = Field(..., description="Active babies of the room, by id.")
 
 
-class BabyState(BaseModel):
+class BabyState(StrictModel):
     """Retained: one baby now; an empty retained payload clears it (discharged or removed)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     room: str = Field(..., description="Ward room of the microphone.")

@@ -20,10 +20,12 @@ import logging
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from cryid.enrollment import feedback
 from cryid.enrollment.registry import RegistryError
+from cryid.models.errors import validation_message
+from cryid.models.strict import StrictModel
 
 if TYPE_CHECKING:
     from cryid.enrollment.config import RegistrySettings
@@ -38,9 +40,7 @@ RESULT_VERB = "result"
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class _Command(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Command(StrictModel):
     request_id: str = Field(
         ..., min_length=1, max_length=64, description="Chosen by the sender; the result carries it back."
     )
@@ -71,10 +71,8 @@ class UndoCommand(_Command):
     confirmation_id: int = Field(..., ge=1, description="confirmation_id of an earlier result.")
 
 
-class CommandResult(BaseModel):
+class CommandResult(StrictModel):
     """``<prefix>/cmd/result``: the answer to one command."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     request_id: str | None = Field(..., description="The command's request_id; null if it was unreadable.")
     command: Literal["confirm", "reject", "undo"] = Field(..., description="The topic it came on.")
@@ -106,12 +104,6 @@ def json_schemas(prefix: str = "<prefix>") -> dict[str, Any]:
 def _short(value: Any) -> str | None:
     """An id from a payload that may be malformed: kept only if it is a short string."""
     return value if isinstance(value, str) and 0 < len(value) <= 64 else None
-
-
-def _validation_message(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(x) for x in err.get("loc", ())) or "payload"
-    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 class CommandHandler:
@@ -163,7 +155,8 @@ class CommandHandler:
         try:
             cmd = COMMAND_MODELS[verb].model_validate(doc)
         except ValidationError as exc:
-            return refuse(f"malformed {verb} command: {_validation_message(exc)}; see `cryid schema`")
+            problem = validation_message(exc, where="payload")
+            return refuse(f"malformed {verb} command: {problem}; see `cryid schema`")
         by = cmd.by or "nurse"
         try:
             if isinstance(cmd, ConfirmCommand):

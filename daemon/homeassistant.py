@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cryid.models.files import atomic_write
+from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +42,8 @@ EVENT_TYPES = ["expiration", "episode"]
 Message = tuple[str, str, bool]  # (topic, payload, retain)
 
 
-class HomeAssistantSettings(BaseModel):
+class HomeAssistantSettings(StrictModel):
     """Home Assistant MQTT discovery (entities appear in HA by themselves)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = Field(False, description="Publish Home Assistant MQTT discovery configs.")
     discovery_prefix: str = Field(
@@ -201,9 +201,9 @@ class Discovery:
     def _save(self) -> None:
         if self.roster_file is None:
             return
-        tmp = self.roster_file.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"topics": sorted(self.published)}, indent=1), encoding="utf-8")
-            os.replace(tmp, self.roster_file)
+            atomic_write(self.roster_file, json.dumps({"topics": sorted(self.published)}, indent=1))
         except OSError as exc:
-            logger.warning("Home Assistant: cannot write %s (%s); check the state directory", tmp, exc)
+            logger.warning(
+                "Home Assistant: cannot write %s (%s); check the state directory", self.roster_file, exc
+            )

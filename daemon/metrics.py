@@ -32,9 +32,10 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cryid.models.errors import SettingsError
+from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,8 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25
 EMBED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(StrictModel):
     """Prometheus ``/metrics`` and ``/healthz`` over HTTP."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     port: int | None = Field(
         None, ge=1, le=65535, description="HTTP port of /metrics and /healthz; unset (default): no server."

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from cryid.models.config import SegmenterSettings
 from cryid.models.errors import SettingsError
+from cryid.models.strict import StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -34,10 +35,8 @@ class SourcesError(SettingsError):
     """The ``sources`` list cannot work as configured; the message names the problem and the fix."""
 
 
-class SourceEntry(BaseModel):
+class SourceEntry(StrictModel):
     """One audio input of the daemon and the room it is in."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(..., pattern=NAME_PATTERN, description="Name of the source (logs, stats, levels_dbfs).")
     room: str = Field(

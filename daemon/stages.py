@@ -28,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cryid.models.strict import StrictModel
 
 STAGES = ("audio_end", "read", "detected", "embedded", "identified", "stored", "handed", "acked")
 """The stamps, in the order an expiration passes them."""
@@ -73,10 +75,8 @@ class StageStamps:
         return out
 
 
-class StepFigure(BaseModel):
+class StepFigure(StrictModel):
     """One step over the last completed expirations, in milliseconds."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     n: int = Field(..., description="Expirations measured.")
     p50_ms: float = Field(..., description="Median, ms.")

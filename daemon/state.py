@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby
+from cryid.models.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ class RoomState:
                 continue
             last = b.last_cry_at.isoformat() if b.last_cry_at else None
             data["babies"][baby_id] = {"last_cry_at": last, "episode_id": b.episode_id, "history": recent}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=1))
 
     def load(self, path: Path, now: datetime) -> None:
         """What :meth:`save` wrote (nothing when the file is missing; a damaged one is logged and ignored)."""

@@ -223,8 +223,8 @@ def _remove(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
 
 def _move(args: argparse.Namespace, settings: EnrollmentSettings) -> int:
     baby_id, room = check_baby_id(args.baby_id), check_room(args.room)
-    with _registry(settings) as reg, reg.transaction() as conn:
-        old = Registry.set_room(conn, baby_id, room)
+    with _registry(settings) as reg, reg.write() as tx:
+        old = tx.set_room(baby_id, room)
     if old == room:
         print(f"{baby_id} is already in room {room}")
     else:

@@ -43,18 +43,10 @@ def describe(f: Feedback) -> str:
     return line
 
 
-def _confirm(args: argparse.Namespace, settings: RegistryPlace) -> int:
+def _confirm_or_reject(args: argparse.Namespace, settings: RegistryPlace) -> int:
+    """``confirm`` and ``reject``: ``args.decide`` is ``feedback.confirm`` or ``feedback.reject``."""
     with _registry(settings) as reg:
-        f = feedback.confirm(
-            reg, args.episode_id, args.baby_id, settings.registry, by=_by(args), via="cli", room=args.room
-        )
-    print(f"confirmation {f.confirmation_id}: " + describe(f))
-    return 0
-
-
-def _reject(args: argparse.Namespace, settings: RegistryPlace) -> int:
-    with _registry(settings) as reg:
-        f = feedback.reject(
+        f = args.decide(
             reg, args.episode_id, args.baby_id, settings.registry, by=_by(args), via="cli", room=args.room
         )
     print(f"confirmation {f.confirmation_id}: " + describe(f))
@@ -109,7 +101,7 @@ def register(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     c.add_argument("baby_id", metavar="BABY_ID")
     c.add_argument("--room", default=None, help="Refuse unless the episode was heard in this room.")
     _who(c)
-    c.set_defaults(func=_confirm)
+    c.set_defaults(func=_confirm_or_reject, decide=feedback.confirm)
 
     r = esub.add_parser(
         "reject", help="These cries were NOT BABY_ID's (default: the baby they were named as)."
@@ -118,7 +110,7 @@ def register(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     r.add_argument("baby_id", metavar="BABY_ID", nargs="?", default=None)
     r.add_argument("--room", default=None, help="Refuse unless the episode was heard in this room.")
     _who(r)
-    r.set_defaults(func=_reject)
+    r.set_defaults(func=_confirm_or_reject, decide=feedback.reject)
 
     u = esub.add_parser("undo", help="Take a confirmation or rejection back.")
     u.add_argument("confirmation_id", metavar="CONFIRMATION_ID", type=_confirmation_id)

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from cryid.models.strict import StrictModel
 
 if TYPE_CHECKING:
     from cryid.models.config import EmbedderSettings, SegmenterSettings
@@ -24,10 +26,8 @@ def plain_filename(cls: type, v: str) -> str:
     return v
 
 
-class RegistrySettings(BaseModel):
+class RegistrySettings(StrictModel):
     """The infant registry (SQLite in ``CRYID_STATE_DIR``) and the rules enrollment applies."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     filename: str = Field(
         "registry.sqlite3",

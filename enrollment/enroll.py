@@ -31,6 +31,7 @@ from cryid.enrollment.registry import (
 from cryid.enrollment.sqlite_files import usable_vector
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.config import SegmenterSettings
+from cryid.models.files import sha256_file
 from cryid.models.scoring import centroid, cosine_matrix
 
 if TYPE_CHECKING:
@@ -58,11 +59,7 @@ def model_sha256(model_dir: Path) -> str:
         ) from exc
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_file(path)
     return _SHA_CACHE[key]
 
 
@@ -264,13 +261,13 @@ def add(
     total = check_min_cry(samples, settings)
     sha = _model_of(samples)
     logger.info("writing %s (%d samples) to the registry %s", baby_id, len(samples), registry.path)
-    with registry.transaction() as conn:
-        existed = Registry.delete_infant(conn, baby_id) if replace else False
-        if not replace and conn.execute("SELECT 1 FROM infants WHERE baby_id = ?", (baby_id,)).fetchone():
+    with registry.write() as tx:
+        existed = tx.delete_infant(baby_id) if replace else False
+        if not replace and tx.has_infant(baby_id):
             raise EnrollmentError(f"baby {baby_id!r} was enrolled meanwhile by another process; use update")
-        Registry.insert_infant(conn, baby_id, display_name, room)
+        tx.insert_infant(baby_id, display_name, room)
         for s in samples:
-            Registry.insert_sample(conn, baby_id, s)
+            tx.insert_sample(baby_id, s)
     logger.info("enrolled %s: %d samples, %.1f s of cry", baby_id, len(samples), total)
     return EnrollResult(
         baby_id, len(samples), total, sum(s.n_expirations for s in samples), sha, existed,
@@ -295,13 +292,12 @@ def update(
     total = check_min_cry(samples, settings)
     sha = _model_of(samples)
     logger.info("writing %d samples of %s to the registry %s", len(samples), baby_id, registry.path)
-    with registry.transaction() as conn:
-        row = conn.execute("SELECT status FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
-        if row is None or row[0] != "active":
+    with registry.write() as tx:
+        if tx.infant_status(baby_id) != "active":
             raise EnrollmentError(f"baby {baby_id!r} was removed meanwhile by another process")
         for s in samples:
-            Registry.insert_sample(conn, baby_id, s)
-        Registry.touch_infant(conn, baby_id)
+            tx.insert_sample(baby_id, s)
+        tx.touch_infant(baby_id)
     return EnrollResult(
         baby_id, len(samples), total, sum(s.n_expirations for s in samples), sha, False,
         _similar_babies(registry, baby_id, sha, settings.confusable_similarity),
@@ -313,12 +309,12 @@ def remove(registry: Registry, baby_id: str, purge: bool = False) -> str:
     infant = registry.require_infant(baby_id)
     if not purge and infant.status == "discharged":
         raise EnrollmentError(f"baby {baby_id!r} is already discharged; use --purge to delete the record")
-    with registry.transaction() as conn:
+    with registry.write() as tx:
         if purge:
-            if not Registry.delete_infant(conn, baby_id):
+            if not tx.delete_infant(baby_id):
                 raise EnrollmentError(f"baby {baby_id!r} was deleted meanwhile by another process")
         else:
-            Registry.set_status(conn, baby_id, "discharged")
+            tx.set_status(baby_id, "discharged")
     return "purged" if purge else "discharged"
 
 
@@ -347,15 +343,9 @@ def reembed(registry: Registry, segmenter: SegmenterSettings, embedder: Embedder
             babies.add(s.baby_id)
         except EnrollmentError:
             failed.append(s.sample_id)
-    with registry.transaction() as conn:
+    with registry.write() as tx:
         for sample_id, emb in new.items():
-            if conn.execute("SELECT 1 FROM samples WHERE sample_id = ?", (sample_id,)).fetchone() is None:
-                continue
-            Registry.insert_embeddings(conn, sample_id, emb)
-            conn.execute(
-                "UPDATE samples SET cry_s = ?, n_expirations = ? WHERE sample_id = ?",
-                (cry_seconds(emb), len(emb.start_samples), sample_id),
-            )
+            tx.reembed_sample(sample_id, emb, cry_seconds(emb))  # False: the sample was deleted meanwhile
     return ReembedResult(
         embedder.sha256, len(new), tuple(sorted(babies)), tuple(failed),
         tuple(registry.needs_reenrollment(embedder.sha256)),

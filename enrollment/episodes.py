@@ -9,8 +9,9 @@ confirmed reference) or ``reject`` (not baby X). Each row copies the episode's e
 outlives the episode's purge, and keeps its provenance (who, when, through what, which episode).
 ``undo`` marks a row undone (who, when) instead of deleting it; undone rows count no more.
 
-:class:`EpisodeTables` is a mixin of :class:`cryid.enrollment.registry.Registry`, which owns the
-connection and its lock; the write helpers take the connection of an open transaction.
+:class:`EpisodeTables` (reads) is a mixin of :class:`cryid.enrollment.registry.Registry`, which owns the
+connection and its lock; :class:`EpisodeWrites` is a mixin of the registry's write transaction
+(``with registry.write() as tx: tx.insert_episode(...)``).
 """
 
 from __future__ import annotations
@@ -251,11 +252,17 @@ class EpisodeTables:
                 grouped.setdefault(baby_id, []).append(_vectors(blob, n, dim))
         return {b: centroid(np.concatenate(v)) for b, v in grouped.items()}
 
-    # ------------------------------------------------------------------------------ writes
-    @staticmethod
-    def insert_episode(conn: sqlite3.Connection, ep: NewEpisode, created_at: datetime) -> None:
+
+class EpisodeWrites:
+    """Writes of ``episodes`` and ``confirmations`` inside one open transaction (mixed into
+    ``cryid.enrollment.registry.RegistryWrite``, which holds the transaction's connection)."""
+
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:  # RegistryWrite's
+        raise NotImplementedError
+
+    def insert_episode(self, ep: NewEpisode, created_at: datetime) -> None:
         v = np.asarray(ep.vectors, dtype=np.float32)
-        conn.execute(
+        self._execute(
             "INSERT INTO episodes (episode_id, room, started_at, ended_at, model_sha256, decision, baby_id, "
             "best_baby_id, event, n_expirations, dim, vectors, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -266,17 +273,15 @@ class EpisodeTables:
             ),
         )
 
-    @staticmethod
-    def delete_episodes_before(conn: sqlite3.Connection, cutoff: datetime) -> int:
+    def delete_episodes_before(self, cutoff: datetime) -> int:
         """Purge episodes that ended before ``cutoff``; confirmations keep their copied embeddings."""
-        return conn.execute("DELETE FROM episodes WHERE ended_at < ?", (iso_utc(cutoff),)).rowcount
+        return self._execute("DELETE FROM episodes WHERE ended_at < ?", (iso_utc(cutoff),)).rowcount
 
-    @staticmethod
     def insert_feedback(
-        conn: sqlite3.Connection, kind: str, episode_id: str, baby_id: str, by: str, via: str, at: datetime
+        self, kind: str, episode_id: str, baby_id: str, by: str, via: str, at: datetime
     ) -> int:
         """Copy the kept episode ``episode_id`` into a new confirmation row; returns its id."""
-        cur = conn.execute(
+        cur = self._execute(
             "INSERT INTO confirmations (kind, episode_id, baby_id, room, episode_started_at, "
             "episode_ended_at, model_sha256, n_expirations, dim, vectors, created_by, via, created_at) "
             "SELECT ?, episode_id, ?, room, started_at, ended_at, model_sha256, n_expirations, dim, vectors, "
@@ -287,10 +292,9 @@ class EpisodeTables:
             raise sqlite3.IntegrityError(f"episode {episode_id} vanished inside the transaction")
         return int(cur.lastrowid or 0)
 
-    @staticmethod
-    def mark_feedback_undone(conn: sqlite3.Connection, confirmation_id: int, by: str, at: datetime) -> bool:
+    def mark_feedback_undone(self, confirmation_id: int, by: str, at: datetime) -> bool:
         return (
-            conn.execute(
+            self._execute(
                 "UPDATE confirmations SET undone_at = ?, undone_by = ? "
                 "WHERE confirmation_id = ? AND undone_at IS NULL",
                 (iso_utc(at), by, int(confirmation_id)),
@@ -298,12 +302,11 @@ class EpisodeTables:
             == 1
         )
 
-    @staticmethod
-    def live_feedback(conn: sqlite3.Connection, episode_id: str) -> list[tuple[int, str, str]]:
-        """(confirmation_id, kind, baby_id) of the live rows of one episode, inside a transaction."""
+    def live_feedback(self, episode_id: str) -> list[tuple[int, str, str]]:
+        """(confirmation_id, kind, baby_id) of the live rows of one episode, as this transaction sees them."""
         return [
             (int(r[0]), str(r[1]), str(r[2]))
-            for r in conn.execute(
+            for r in self._execute(
                 "SELECT confirmation_id, kind, baby_id FROM confirmations "
                 "WHERE episode_id = ? AND undone_at IS NULL ORDER BY confirmation_id",
                 (episode_id,),

@@ -67,9 +67,9 @@ def keep_episode(
     """
     check_episode_id(episode.episode_id)
     at = _now(now)
-    with registry.transaction(bump=False) as conn:
-        Registry.insert_episode(conn, episode, at)
-        purged = Registry.delete_episodes_before(conn, _cutoff(settings, at))
+    with registry.write(bump=False) as tx:
+        tx.insert_episode(episode, at)
+        purged = tx.delete_episodes_before(_cutoff(settings, at))
     if purged:
         logger.info("purged %d episodes older than %g days", purged, settings.episode_retention_days)
     return purged
@@ -78,8 +78,8 @@ def keep_episode(
 def purge_episodes(registry: Registry, settings: RegistrySettings, now: datetime | None = None) -> int:
     """Delete episodes that ended more than ``registry.episode_retention_days`` ago; returns how many."""
     cutoff = _cutoff(settings, now)
-    with registry.transaction(bump=False) as conn:
-        purged = Registry.delete_episodes_before(conn, cutoff)
+    with registry.write(bump=False) as tx:
+        purged = tx.delete_episodes_before(cutoff)
     if purged:
         logger.info("purged %d episodes older than %g days", purged, settings.episode_retention_days)
     return purged
@@ -151,7 +151,7 @@ def _record(
     problem = _conflict(kind, ep.episode_id, baby_id, _live(registry, ep.episode_id))
     if problem:
         raise FeedbackError(problem)
-    with registry.transaction() as conn:  # every check again, under the write lock; nothing written yet
+    with registry.write() as tx:  # every check again, under the write lock; nothing written yet
         if registry.get_episode(ep.episode_id) is None:
             raise FeedbackError(f"episode {ep.episode_id} was purged meanwhile; confirm a recent episode")
         infant = registry.get_infant(baby_id)
@@ -159,11 +159,11 @@ def _record(
             raise FeedbackError(
                 f"baby {baby_id!r} was removed or discharged meanwhile; see `cryid enroll list`"
             )
-        problem = _conflict(kind, ep.episode_id, baby_id, Registry.live_feedback(conn, ep.episode_id))
+        problem = _conflict(kind, ep.episode_id, baby_id, tx.live_feedback(ep.episode_id))
         if problem:
             raise FeedbackError(problem)
-        cid = Registry.insert_feedback(conn, kind, ep.episode_id, baby_id, by, via, at)
-        purged = Registry.delete_episodes_before(conn, _cutoff(settings, at))
+        cid = tx.insert_feedback(kind, ep.episode_id, baby_id, by, via, at)
+        purged = tx.delete_episodes_before(_cutoff(settings, at))
     logger.info(
         "%s: episode %s %s %s by %s via %s (confirmation %d; %d expired episodes purged)",
         kind, ep.episode_id, "is" if kind == "confirm" else "is not", baby_id, by, via, cid, purged,
@@ -172,6 +172,18 @@ def _record(
     if got is None:  # pragma: no cover - just committed
         raise RuntimeError(f"confirmation {cid} vanished after commit")
     return got
+
+
+def _checked_request(
+    registry: Registry, episode_id: str, settings: RegistrySettings, by: str, room: str | None,
+    now: datetime | None,
+) -> tuple[datetime, str, Episode]:
+    """The checks of a confirm or reject that write nothing: (time, who, the kept episode)."""
+    at = _now(now)
+    by = check_by(by)
+    ep = _kept_episode(registry, episode_id, settings, at)
+    _check_room(ep, room)
+    return at, by, ep
 
 
 def _live(registry: Registry, episode_id: str) -> list[tuple[int, str, str]]:
@@ -194,10 +206,7 @@ def confirm(
 
     ``room``: when given (the daemon's MQTT commands), the episode must have been heard in that room.
     """
-    at = _now(now)
-    by = check_by(by)
-    ep = _kept_episode(registry, episode_id, settings, at)
-    _check_room(ep, room)
+    at, by, ep = _checked_request(registry, episode_id, settings, by, room, now)
     _active_infant(registry, baby_id)
     return _record(registry, "confirm", ep, baby_id, settings, by, via, at)
 
@@ -214,10 +223,7 @@ def reject(
     now: datetime | None = None,
 ) -> Feedback:
     """A kept episode is NOT ``baby_id`` (default: the baby the daemon named)."""
-    at = _now(now)
-    by = check_by(by)
-    ep = _kept_episode(registry, episode_id, settings, at)
-    _check_room(ep, room)
+    at, by, ep = _checked_request(registry, episode_id, settings, by, room, now)
     if baby_id is None:
         if ep.baby_id is None:
             raise FeedbackError(
@@ -242,8 +248,8 @@ def undo(registry: Registry, confirmation_id: int, *, by: str, now: datetime | N
             f"confirmation {confirmation_id} was already undone at {fb.undone_at} by {fb.undone_by}"
         )
     at = _now(now)
-    with registry.transaction() as conn:
-        if not Registry.mark_feedback_undone(conn, confirmation_id, by, at):
+    with registry.write() as tx:
+        if not tx.mark_feedback_undone(confirmation_id, by, at):
             raise FeedbackError(f"confirmation {confirmation_id} was undone or removed meanwhile")
     logger.info("undo: confirmation %d (%s %s of episode %s) by %s", confirmation_id, fb.kind, fb.baby_id,
                 fb.episode_id, by)

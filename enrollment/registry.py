@@ -5,8 +5,10 @@ its period, seconds of cry, optionally its audio) and ``embeddings`` (one row pe
 sample, per model sha256, so embeddings of different models are never mixed). A baby's centroid for a
 model is the re-normalised mean of its L2-normalised expiration embeddings (``cryid.models.scoring``).
 
-The daemon reads through ``centroids``, ``needs_reenrollment`` and ``data_version``; every write is
-one ``BEGIN IMMEDIATE`` transaction, so an enrollment is all there or not there.
+The daemon reads through ``centroids``, ``needs_reenrollment`` and ``data_version``. Every write is
+one ``BEGIN IMMEDIATE`` transaction, ``with registry.write() as tx: tx.insert_infant(...)``, so an
+enrollment is all there or not there; this module (and ``episodes.py`` for its tables) holds every
+SQL statement of the registry.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +28,7 @@ import numpy as np
 
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.episodes import MIGRATION as EPISODES_MIGRATION
-from cryid.enrollment.episodes import EpisodeTables
+from cryid.enrollment.episodes import EpisodeTables, EpisodeWrites
 from cryid.enrollment.sqlite_files import foreign_tables, make_private_dir, sqlite_failure, usable_vector
 from cryid.models.errors import CryidError
 from cryid.models.scoring import centroid
@@ -117,16 +119,6 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# Test seam: cryid never sets this. The tests' own entry point (tests/crash_entry.py) installs a
-# callable that kills its process at a named point inside a write ("after-sample", "before-commit").
-crash_hook: Callable[[str], None] | None = None
-
-
-def _crash_point(name: str) -> None:
-    if crash_hook is not None:
-        crash_hook(name)
-
-
 @dataclass(frozen=True)
 class Infant:
     baby_id: str
@@ -139,15 +131,29 @@ class Infant:
 
 
 @dataclass(frozen=True)
-class SampleInfo:
-    sample_id: int
-    baby_id: str
+class SampleFields:
+    """What every enrollment sample records about its recording (stored or still to be written)."""
+
     source_kind: str
     source: str
     period: str
     duration_s: float
     cry_s: float
     n_expirations: int
+
+    def __post_init__(self) -> None:
+        if self.period not in PERIODS:
+            raise RegistryError(f"period {self.period!r} is not one of {', '.join(PERIODS)}")
+        if self.source_kind not in SOURCE_KINDS:
+            raise RegistryError(f"source kind {self.source_kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class SampleInfo(SampleFields):
+    """A stored sample, without its vectors and audio (see ``sample_embeddings``, ``sample_audio``)."""
+
+    sample_id: int
+    baby_id: str
     created_at: str
     has_audio: bool
     models: tuple[str, ...]  # sha256 of the models this sample has embeddings for
@@ -169,24 +175,12 @@ class SampleEmbeddings:
 
 
 @dataclass(frozen=True)
-class NewSample:
-    """One enrollment recording, ready to be written."""
+class NewSample(SampleFields):
+    """One enrollment recording, ready to be written (with its embeddings and, if kept, its audio)."""
 
-    source_kind: str
-    source: str
-    period: str
-    duration_s: float
-    cry_s: float
-    n_expirations: int
     embeddings: SampleEmbeddings | None  # None only for an imported sample of a baby needing re-enrollment
     audio_flac: bytes | None = None
     created_at: str = field(default_factory=utc_now)
-
-    def __post_init__(self) -> None:
-        if self.period not in PERIODS:
-            raise RegistryError(f"period {self.period!r} is not one of {', '.join(PERIODS)}")
-        if self.source_kind not in SOURCE_KINDS:
-            raise RegistryError(f"source kind {self.source_kind!r} is not one of {', '.join(SOURCE_KINDS)}")
 
 
 def _vector_blob(v: np.ndarray) -> bytes:
@@ -324,7 +318,7 @@ class Registry(EpisodeTables):
             )
         if version == SCHEMA_VERSION:
             return
-        with self.transaction() as conn:
+        with self._transaction() as conn:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # another process may have won
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target - 1]:
@@ -333,11 +327,8 @@ class Registry(EpisodeTables):
                 logger.info("registry %s migrated to schema version %s", self.path, target)
 
     @contextmanager
-    def transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on any error.
-
-        ``bump=False``: this connection's ``data_version`` does not change (the daemon keeping its own
-        episodes must not make itself reload the babies' references); other connections still see it."""
+    def _transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any error."""
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -345,7 +336,6 @@ class Registry(EpisodeTables):
                 raise RegistryError(sqlite_failure(self.path, exc, "registry")) from exc
             try:
                 yield self._conn
-                _crash_point("before-commit")
                 self._conn.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
                 if self._conn.in_transaction:
@@ -357,6 +347,20 @@ class Registry(EpisodeTables):
                 raise
             if bump:
                 self._version += 1
+
+    @contextmanager
+    def write(self, bump: bool = True) -> Iterator[RegistryWrite]:
+        """One write transaction (BEGIN IMMEDIATE), as a :class:`RegistryWrite` whose methods are its
+        statements: committed when the block ends, rolled back (nothing written) on any error.
+
+        ``bump=False``: this connection's ``data_version`` does not change (the daemon keeping its own
+        episodes must not make itself reload the babies' references); other connections still see it."""
+        with self._transaction(bump) as conn:
+            tx = RegistryWrite(conn)
+            try:
+                yield tx
+            finally:
+                tx._conn = None
 
     # ---------------------------------------------------------------- daemon interface
     def data_version(self) -> int:
@@ -450,8 +454,8 @@ class Registry(EpisodeTables):
 
     def samples(self, baby_id: str | None = None) -> list[SampleInfo]:
         rows = self._query(
-            """SELECT s.sample_id, s.baby_id, s.source_kind, s.source, s.period, s.duration_s, s.cry_s,
-                      s.n_expirations, s.created_at, s.audio_flac IS NOT NULL,
+            """SELECT s.source_kind, s.source, s.period, s.duration_s, s.cry_s, s.n_expirations,
+                      s.sample_id, s.baby_id, s.created_at, s.audio_flac IS NOT NULL,
                       (SELECT group_concat(DISTINCT e.model_sha256) FROM embeddings e
                        WHERE e.sample_id = s.sample_id)
                FROM samples s WHERE (?1 IS NULL OR s.baby_id = ?1) ORDER BY s.baby_id, s.sample_id""",
@@ -495,26 +499,86 @@ class Registry(EpisodeTables):
     def integrity_check(self) -> str:
         return str(self._query("PRAGMA integrity_check")[0][0])
 
-    # ---------------------------------------------------------------- writes (inside a transaction)
-    @staticmethod
-    def insert_infant(
-        conn: sqlite3.Connection, baby_id: str, display_name: str, room: str, status: str = "active"
-    ) -> None:
+
+class RegistryWrite(EpisodeWrites):
+    """The statements of one open write transaction (``with registry.write() as tx``); usable only
+    inside that block. Each method is one change; the block commits them all or none."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn: sqlite3.Connection | None = conn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("a registry write was used after its transaction ended")
+        return self._conn
+
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        return self._connection().execute(sql, tuple(params))
+
+    # ---------------------------------------------------------------- reads, as this transaction sees them
+    def has_infant(self, baby_id: str) -> bool:
+        return self._execute("SELECT 1 FROM infants WHERE baby_id = ?", (baby_id,)).fetchone() is not None
+
+    def infant_status(self, baby_id: str) -> str | None:
+        """The baby's status, None when it is not enrolled."""
+        row = self._execute("SELECT status FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # ---------------------------------------------------------------- infants
+    def insert_infant(self, baby_id: str, display_name: str, room: str, status: str = "active") -> None:
         check_baby_id(baby_id)
         check_room(room)
         if status not in STATUSES:
             raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
         check_display_name(display_name)
         now = utc_now()
-        conn.execute(
+        self._execute(
             "INSERT INTO infants (baby_id, display_name, room, status, created_at, updated_at, "
             "discharged_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (baby_id, display_name, room, status, now, now, now if status == "discharged" else None),
         )
 
-    @staticmethod
-    def insert_sample(conn: sqlite3.Connection, baby_id: str, sample: NewSample) -> int:
-        cur = conn.execute(
+    def set_times(self, baby_id: str, created_at: str, updated_at: str, discharged_at: str | None) -> None:
+        """Keep the times a baby had elsewhere (an imported registry)."""
+        self._execute(
+            "UPDATE infants SET created_at = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
+            (created_at, updated_at, discharged_at, baby_id),
+        )
+
+    def touch_infant(self, baby_id: str) -> None:
+        self._execute("UPDATE infants SET updated_at = ? WHERE baby_id = ?", (utc_now(), baby_id))
+
+    def delete_infant(self, baby_id: str) -> bool:
+        """Delete a baby with its samples and embeddings (cascade); False if it was not there."""
+        return self._execute("DELETE FROM infants WHERE baby_id = ?", (baby_id,)).rowcount > 0
+
+    def set_status(self, baby_id: str, status: str) -> None:
+        if status not in STATUSES:
+            raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        now = utc_now()
+        self._execute(
+            "UPDATE infants SET status = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
+            (status, now, now if status == "discharged" else None, baby_id),
+        )
+
+    def set_room(self, baby_id: str, room: str) -> str:
+        """Move a baby to ``room``; returns its previous room. ``RegistryError`` (inside the
+        transaction, so nothing changes) for a bad room name or a baby that is not enrolled."""
+        check_baby_id(baby_id)
+        check_room(room)
+        row = self._execute("SELECT room FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"baby {baby_id!r} is not enrolled; see `cryid enroll list`")
+        if row[0] != room:
+            self._execute(
+                "UPDATE infants SET room = ?, updated_at = ? WHERE baby_id = ?", (room, utc_now(), baby_id)
+            )
+        return str(row[0])
+
+    # ---------------------------------------------------------------- samples and embeddings
+    def insert_sample(self, baby_id: str, sample: NewSample) -> int:
+        """Write one sample with its embeddings; returns its sample id."""
+        cur = self._execute(
             "INSERT INTO samples (baby_id, source_kind, source, period, duration_s, cry_s, n_expirations, "
             "created_at, audio_flac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -531,16 +595,15 @@ class Registry(EpisodeTables):
         )
         sample_id = int(cur.lastrowid or 0)
         if sample.embeddings is not None:
-            Registry.insert_embeddings(conn, sample_id, sample.embeddings)
-        _crash_point("after-sample")
+            self.insert_embeddings(sample_id, sample.embeddings)
         return sample_id
 
-    @staticmethod
-    def insert_embeddings(conn: sqlite3.Connection, sample_id: int, emb: SampleEmbeddings) -> None:
-        conn.execute(
+    def insert_embeddings(self, sample_id: int, emb: SampleEmbeddings) -> None:
+        """Set one sample's embeddings for ``emb``'s model (replacing any it had for that model)."""
+        self._execute(
             "DELETE FROM embeddings WHERE sample_id = ? AND model_sha256 = ?", (sample_id, emb.model_sha256)
         )
-        conn.executemany(
+        self._connection().executemany(
             "INSERT INTO embeddings (sample_id, model_sha256, expiration_index, start_sample, end_sample, "
             "vector) VALUES (?, ?, ?, ?, ?, ?)",
             [
@@ -551,36 +614,14 @@ class Registry(EpisodeTables):
             ],
         )
 
-    @staticmethod
-    def touch_infant(conn: sqlite3.Connection, baby_id: str) -> None:
-        conn.execute("UPDATE infants SET updated_at = ? WHERE baby_id = ?", (utc_now(), baby_id))
-
-    @staticmethod
-    def delete_infant(conn: sqlite3.Connection, baby_id: str) -> bool:
-        """Delete a baby with its samples and embeddings (cascade); False if it was not there."""
-        return conn.execute("DELETE FROM infants WHERE baby_id = ?", (baby_id,)).rowcount > 0
-
-    @staticmethod
-    def set_status(conn: sqlite3.Connection, baby_id: str, status: str) -> None:
-        if status not in STATUSES:
-            raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
-        now = utc_now()
-        conn.execute(
-            "UPDATE infants SET status = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
-            (status, now, now if status == "discharged" else None, baby_id),
+    def reembed_sample(self, sample_id: int, emb: SampleEmbeddings, cry_s: float) -> bool:
+        """Replace a sample's embeddings for ``emb``'s model and its cry figures; False (nothing
+        written) when the sample is gone."""
+        if self._execute("SELECT 1 FROM samples WHERE sample_id = ?", (sample_id,)).fetchone() is None:
+            return False
+        self.insert_embeddings(sample_id, emb)
+        self._execute(
+            "UPDATE samples SET cry_s = ?, n_expirations = ? WHERE sample_id = ?",
+            (cry_s, len(emb.start_samples), sample_id),
         )
-
-    @staticmethod
-    def set_room(conn: sqlite3.Connection, baby_id: str, room: str) -> str:
-        """Move a baby to ``room``; returns its previous room. ``RegistryError`` (inside the caller's
-        transaction, so nothing changes) for a bad room name or a baby that is not enrolled."""
-        check_baby_id(baby_id)
-        check_room(room)
-        row = conn.execute("SELECT room FROM infants WHERE baby_id = ?", (baby_id,)).fetchone()
-        if row is None:
-            raise RegistryError(f"baby {baby_id!r} is not enrolled; see `cryid enroll list`")
-        if row[0] != room:
-            conn.execute(
-                "UPDATE infants SET room = ?, updated_at = ? WHERE baby_id = ?", (room, utc_now(), baby_id)
-            )
-        return str(row[0])
+        return True

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +36,7 @@ from cryid.enrollment.registry import (
     utc_now,
 )
 from cryid.models.audio import SAMPLE_RATE
+from cryid.models.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +94,9 @@ def export_registry(registry: Registry, model_sha: str, out: Path) -> int:
         "exported_at": utc_now(),
         "infants": infants,
     }
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        # 0600 whatever the umask: an export identifies newborns
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        atomic_write(out, json.dumps(doc), private=True)  # 0600 whatever the umask: it identifies newborns
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EnrollmentError(f"cannot write export {out} ({exc}); choose a writable path") from exc
     return len(infants)
 
@@ -356,18 +347,15 @@ def import_registry(
                 f"{len(clash)} of the babies in {path} are already enrolled ({shown}); "
                 "use --replace to overwrite them"
             )
-    with registry.transaction() as conn:
+    with registry.write() as tx:
         for i in infants:
             if replace:
-                Registry.delete_infant(conn, i.baby_id)
-            elif conn.execute("SELECT 1 FROM infants WHERE baby_id = ?", (i.baby_id,)).fetchone():
+                tx.delete_infant(i.baby_id)
+            elif tx.has_infant(i.baby_id):
                 raise EnrollmentError(f"baby {i.baby_id!r} was enrolled meanwhile; use --replace")
-            Registry.insert_infant(conn, i.baby_id, i.display_name, i.room, i.status)
-            conn.execute(
-                "UPDATE infants SET created_at = ?, updated_at = ?, discharged_at = ? WHERE baby_id = ?",
-                (i.created_at, i.updated_at, i.discharged_at, i.baby_id),
-            )
+            tx.insert_infant(i.baby_id, i.display_name, i.room, i.status)
+            tx.set_times(i.baby_id, i.created_at, i.updated_at, i.discharged_at)
             for s in i.samples:
-                Registry.insert_sample(conn, i.baby_id, s)
+                tx.insert_sample(i.baby_id, s)
     logger.info("imported %d babies from %s", len(infants), path)
     return len(infants)

@@ -24,9 +24,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cryid.models.errors import CryidError
+from cryid.models.strict import StrictModel
 
 LEGACY_FEATURES = ("best_score", "margin", "log_candidates")  # maps written before issue 12's follow-up
 KNOWN_FEATURES = {
@@ -95,10 +96,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
 
 
-class Calibration(BaseModel):
+class Calibration(StrictModel):
     """The fitted map from scores to probabilities, as stored in ``manifest.json`` (``calibration``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: str = Field("logistic", pattern="^logistic$", description="How the confidence is computed.")
     features: tuple[str, ...] = Field(

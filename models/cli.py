@@ -6,8 +6,12 @@ Heavy imports (torch, speechbrain, onnx) happen inside the handlers, never at mo
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from cryid.models.errors import UsageError
+from cryid.models.errors import UsageError, validation_message
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -21,12 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _register_eval(sub)
 
 
-def _option_error(exc: Exception) -> UsageError:
+def _option_error(exc: ValidationError) -> UsageError:
     """A pydantic ValidationError of CLI options as one line naming the option."""
-    err = exc.errors()[0]  # type: ignore[attr-defined]
-    loc = err["loc"]
-    where = f"--{str(loc[0]).replace('_', '-')}: " if loc else ""
-    return UsageError(f"{where}{err['msg'].removeprefix('Value error, ')}")
+    return UsageError(validation_message(exc, options=True))
 
 
 def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -228,8 +229,7 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
         try:
             config = TrainSettings(**given)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+            raise _option_error(exc) from None
         command = "cryid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
         result = train(config, args.data, args.out, init=args.init, command=command, progress=not args.quiet)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))

@@ -9,19 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cryid.models.strict import StrictModel
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
 
-class SegmenterSettings(BaseModel):
+class SegmenterSettings(StrictModel):
     """Energy gate (following the room's noise floor) + WebRTC VAD -> cry expirations.
 
     A frame is a cry frame when its level is ``gate_margin_db`` above the noise floor (and above
     ``min_level_dbfs``) and WebRTC VAD calls it voiced; the VAD never runs on frames the gate rejects.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     highpass_hz: float = Field(
         20.0, ge=0.0, le=1000.0,
@@ -97,10 +97,8 @@ class SegmenterSettings(BaseModel):
     )
 
 
-class EmbedderSettings(BaseModel):
+class EmbedderSettings(StrictModel):
     """ONNX embedder: how onnxruntime runs the model (the model directory itself is ``Settings.model``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     intra_op_threads: int = Field(2, ge=1, le=64, description="onnxruntime intra-op threads.")
     inter_op_threads: int = Field(1, ge=1, le=64, description="onnxruntime inter-op threads.")

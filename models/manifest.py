@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cryid.models.calibration import Calibration
-from cryid.models.errors import CryidError
+from cryid.models.errors import CryidError, validation_message
+from cryid.models.strict import StrictModel
 
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
@@ -27,15 +28,13 @@ class ModelError(CryidError):
     """A model directory or source that cryid cannot use; the message names the problem and the fix."""
 
 
-class FrontendParams(BaseModel):
+class FrontendParams(StrictModel):
     """Log-mel features as speechbrain's ``Fbank`` + ``InputNormalization(std_norm=False)``.
 
     ``sentence_mean`` (the CryCeleb recipe) removes each clip's own per-band mean; ``global_mean``
     (speechbrain's ``norm_type="global"``) removes one fixed per-band mean measured on the training
     data, so a clip's long-term spectrum stays visible to the model.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     sample_rate: int = Field(16000, ge=8000, le=48000, description="Sample rate of the audio, Hz.")
     n_fft: int = Field(400, ge=16, le=8192, description="FFT size, samples.")
@@ -147,14 +146,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_manifest(model_dir: Path) -> Manifest:
     """Read and validate ``model_dir/manifest.json``; ``ModelError`` with the fix on any problem."""
     model_dir = Path(model_dir)
@@ -181,9 +172,8 @@ def load_manifest(model_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "manifest"
-        raise ModelError(f"{path}: invalid manifest ({loc}: {first['msg']}); re-export the model") from exc
+        problem = validation_message(exc, where="manifest")
+        raise ModelError(f"{path}: invalid manifest ({problem}); re-export the model") from exc
 
 
 def write_manifest(manifest: Manifest, model_dir: Path) -> Path:

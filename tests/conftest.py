@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.cryceleb",
     "tests.fixtures.silent_broker",
     "tests.fixtures.cli",
+    "tests.fixtures.pulse",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,13 @@ import pytest
 
 from cryid.daemon.config import Settings, load_settings
 from cryid.daemon.events import SCHEMA_VERSION, CryEvent
+from tests.fixtures.cli import cryid_env
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _run(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"}
+    env = cryid_env()
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", *args], env=env, capture_output=True, text=True, timeout=60

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -50,6 +49,8 @@ from cryid.daemon.feedback import CommandResult
 from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
 from tests.fixtures.broker import Broker, free_port
+from tests.fixtures.cli import cryid_env
+from tests.fixtures.registry import tamper
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
@@ -268,8 +269,7 @@ def ward_state(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
             bout = real.later[best] if bout is None else bout
             if len(babies) == 2:
                 break
-        with registry.transaction() as conn:
-            conn.execute("UPDATE infants SET display_name = 'Ada' WHERE baby_id = ?", (babies[0],))
+        tamper(registry.path, "UPDATE infants SET display_name = 'Ada' WHERE baby_id = ?", (babies[0],))
     assert bout is not None and len(babies) == 2
     wav, _ = nursery.nursery_stream([(babies[0], bout)], gap_s=5.0, seed=3)
     stream = state / "stream.wav"
@@ -278,7 +278,7 @@ def ward_state(dac_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def run_daemon(ward: Ward, state: Path, stream: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(
         CRYID_ROOM=ROOM,
         CRYID_STATE_DIR=str(state),
@@ -746,7 +746,7 @@ def sign_in(browser: Any, user: str, password: str) -> None:
 
 def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
     """``cryid demo --dashboard``, no broker around: amqtt with a websockets listener, the page beside it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(CRYID_MQTT__HOST="127.0.0.1", CRYID_MQTT__PORT=str(free_port()), CRYID_DASHBOARD__PORT="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cryid.daemon.cli", "demo", "--synthetic", "--babies", "2", "--dashboard"],

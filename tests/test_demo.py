@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ from cryid.models.manifest import load_manifest
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import ReferenceSet, l2_normalize
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -48,7 +48,7 @@ MIN_CONFIDENCE = IdentifierSettings().min_confidence  # the configured default: 
 
 def _demo(*args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
     """``cryid demo`` from the clone's folder, as the README runs it (real cries: ../shared/data)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(env_extra)
     return subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", "demo", *args],

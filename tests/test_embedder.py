@@ -16,8 +16,10 @@ from cryid.daemon.cli import main as cryid_main
 from cryid.models.audio import AudioError, load_audio
 from cryid.models.config import EmbedderSettings
 from cryid.models.embedder import Embedder
-from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, ModelError, sha256_file
+from cryid.models.files import sha256_file
+from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, ModelError
 from cryid.models.scoring import cosine
+from tests.fixtures.cli import cli_error
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -140,14 +142,6 @@ def model_copy(shipped_model_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    rc = cryid_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    assert len(err.splitlines()) == 1 and err.startswith("cryid: error: "), err
-    return err
-
-
 def test_cli_info_prints_manifest(shipped_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cryid_main(["model", "info", str(shipped_model_dir)]) == 0
     out = capsys.readouterr().out
@@ -160,7 +154,7 @@ def test_missing_model_onnx(model_copy: Path, capsys: pytest.CaptureFixture[str]
     (model_copy / ONNX_NAME).unlink()
     with pytest.raises(ModelError, match=r"model\.onnx: missing"):
         Embedder(model_copy)
-    assert "missing" in _cli_error(capsys, ["model", "info", str(model_copy)])
+    assert "missing" in cli_error(capsys, ["model", "info", str(model_copy)])
 
 
 def test_sha256_mismatch(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -168,7 +162,7 @@ def test_sha256_mismatch(model_copy: Path, capsys: pytest.CaptureFixture[str]) -
         fh.write(b"\0")
     with pytest.raises(ModelError, match="does not match the manifest"):
         Embedder(model_copy)
-    assert "sha256" in _cli_error(capsys, ["model", "info", str(model_copy)])
+    assert "sha256" in cli_error(capsys, ["model", "info", str(model_copy)])
 
 
 def test_corrupt_model_onnx(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,15 +174,15 @@ def test_corrupt_model_onnx(model_copy: Path, capsys: pytest.CaptureFixture[str]
     (model_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="onnxruntime cannot load it"):
         Embedder(model_copy)
-    assert "onnxruntime cannot load" in _cli_error(capsys, ["model", "info", str(model_copy)])
+    assert "onnxruntime cannot load" in cli_error(capsys, ["model", "info", str(model_copy)])
 
 
 def test_missing_or_invalid_manifest(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (model_copy / MANIFEST_NAME).write_text("{not json")
-    assert "not valid JSON" in _cli_error(capsys, ["model", "info", str(model_copy)])
+    assert "not valid JSON" in cli_error(capsys, ["model", "info", str(model_copy)])
     (model_copy / MANIFEST_NAME).unlink()
-    assert "manifest.json: missing" in _cli_error(capsys, ["model", "info", str(model_copy)])
-    assert "no such model directory" in _cli_error(capsys, ["model", "info", str(model_copy / "nope")])
+    assert "manifest.json: missing" in cli_error(capsys, ["model", "info", str(model_copy)])
+    assert "no such model directory" in cli_error(capsys, ["model", "info", str(model_copy / "nope")])
 
 
 def test_wrong_audio_is_refused(shipped_model_dir: Path) -> None:

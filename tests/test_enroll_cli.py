@@ -247,7 +247,8 @@ def other_model_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     """The model saved again with one unknown protobuf field appended (field 1000 = 1, which ONNX
     readers keep and ignore): same function, another sha256, which is all the registry knows of a
     model ("a model change"). Byte-level, so the base install (no ``onnx`` package) runs it."""
-    from cryid.models.manifest import load_manifest, sha256_file, write_manifest
+    from cryid.models.files import sha256_file
+    from cryid.models.manifest import load_manifest, write_manifest
 
     out = tmp_path_factory.mktemp("other-model") / "model"
     out.mkdir()

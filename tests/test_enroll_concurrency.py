@@ -5,7 +5,6 @@ Each enrollment is a real ``cryid enroll`` subprocess (real cries, real ONNX mod
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -21,6 +20,7 @@ from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import Registry
 from cryid.models.manifest import load_manifest
 from tests.crash_entry import CRASH_MESSAGE
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def files(dac_dir: Path, baby_id: str, period: str = "B") -> list[str]:
 
 
 def env_for(state: Path, model: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(CRYID_STATE_DIR=str(state), CRYID_MODEL=str(model), **extra)
     return env
 

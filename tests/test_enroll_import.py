@@ -9,7 +9,6 @@ moves them), then edited as a damaged or hand-edited file would be.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import NewSample, Registry, SampleEmbeddings
 from cryid.enrollment.transfer import export_registry
 from cryid.models.manifest import load_manifest
+from tests.fixtures.cli import cryid_env
 
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 
@@ -31,14 +31,14 @@ def export_doc(shipped_model_dir: Path, tmp_path: Path) -> dict:
     sha = load_manifest(shipped_model_dir).onnx_sha256
     rng = np.random.default_rng(0)
     with Registry.open(tmp_path / "source-state", RegistrySettings()) as reg:
-        with reg.transaction() as conn:
+        with reg.write() as tx:
             for baby, status in (("ada", "active"), ("ben", "discharged")):
-                Registry.insert_infant(conn, baby, baby.title(), "ward1", status)
+                tx.insert_infant(baby, baby.title(), "ward1", status)
                 emb = SampleEmbeddings(
                     sha, rng.normal(size=(2, 80)).astype(np.float32), (0, 9000), (8000, 17000)
                 )
-                Registry.insert_sample(
-                    conn, baby,
+                tx.insert_sample(
+                    baby,
                     NewSample(source_kind="file", source=f"{baby}.wav", period="birth", duration_s=2.0,
                               cry_s=1.0, n_expirations=2, created_at="2026-01-01T00:00:00+00:00",
                               audio_flac=None, embeddings=emb),
@@ -51,7 +51,7 @@ def _import(tmp_path: Path, model: Path, doc: dict) -> tuple[subprocess.Complete
     path = tmp_path / "to-import.json"
     path.write_text(json.dumps(doc))
     state = tmp_path / "ward-state"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(model)}
     done = subprocess.run(
         [*CRYID, "enroll", "import", str(path)], env=env, capture_output=True, text=True, timeout=120

@@ -14,9 +14,11 @@ import pytest
 
 from cryid.daemon.cli import main as cryid_main
 from cryid.models.embedder import Embedder
-from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, load_manifest, sha256_file
+from cryid.models.files import sha256_file
+from cryid.models.manifest import MANIFEST_NAME, ONNX_NAME, load_manifest
 from cryid.models.scoring import cosine
 from cryid.models.training.export import check_clips
+from tests.fixtures.cli import cli_error
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -29,14 +31,6 @@ PUBLISHED_FILES = {
     "classifier.ckpt",
     "label_encoder.txt",
 }
-
-
-def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    rc = cryid_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    assert len(err.splitlines()) == 1 and err.startswith("cryid: error: "), err
-    return err
 
 
 def _nothing_written(out: Path) -> None:
@@ -126,7 +120,7 @@ def test_refuses_a_model_that_disagrees_with_speechbrain(
     )
     hp.write_text(text)
     out = tmp_path / "refused"
-    err = _cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
+    err = cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
     assert "disagrees with speechbrain" in err and "nothing written" in err
     _nothing_written(out)
 
@@ -134,19 +128,19 @@ def test_refuses_a_model_that_disagrees_with_speechbrain(
 def test_src_without_embedding_model_ckpt(src_copy: Path, tmp_path: Path, capsys) -> None:
     (src_copy / "embedding_model.ckpt").unlink()
     out = tmp_path / "out"
-    err = _cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
+    err = cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
     assert "embedding_model.ckpt missing" in err
     _nothing_written(out)
 
 
 def test_bad_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert "not a Hugging Face hub id" in _cli_error(
+    assert "not a Hugging Face hub id" in cli_error(
         capsys, ["model", "export", "./no/such/dir", "--out", str(out)]
     )
     f = tmp_path / "file.ckpt"
     f.write_bytes(b"x")
-    assert "is a file" in _cli_error(capsys, ["model", "export", str(f), "--out", str(out)])
+    assert "is a file" in cli_error(capsys, ["model", "export", str(f), "--out", str(out)])
     _nothing_written(out)
 
 
@@ -154,7 +148,7 @@ def test_backend_of_wrong_size(src_copy: Path, tmp_path: Path, capsys: pytest.Ca
     np.savez(tmp_path / "bk.npz", mean=np.zeros(64, np.float32), transform=np.zeros((64, 8), np.float32))
     out = tmp_path / "out"
     argv = ["model", "export", str(src_copy), "--out", str(out), "--backend", str(tmp_path / "bk.npz")]
-    assert "expects 64-d embeddings but the model gives 192-d" in _cli_error(capsys, argv)
+    assert "expects 64-d embeddings but the model gives 192-d" in cli_error(capsys, argv)
     _nothing_written(out)
 
 
@@ -162,7 +156,7 @@ def test_existing_out_needs_force(src_copy: Path, tmp_path: Path, capsys: pytest
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert "already exists" in _cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
+    assert "already exists" in cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
     assert (out / "keep.txt").exists()
     assert cryid_main(["model", "export", str(src_copy), "--out", str(out), "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, ONNX_NAME]

@@ -9,7 +9,6 @@ send commands) is in test_mosquitto_acl.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from cryid.models.audio import load_audio
 from cryid.models.config import DEFAULT_MODEL_DIR
 from cryid.models.embedder import Embedder
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.ward import (
     PipedDaemon,
     dev_babies,
@@ -351,7 +351,7 @@ def test_running_daemon_uses_a_confirmation_without_restart(
         daemon.play(np.concatenate([load_audio(case.taught), pad]))
         taught = _episode_event(sub, seen)
         if via == "cli":
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+            env = cryid_env()
             env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(DEFAULT_MODEL_DIR)}
             done = subprocess.run(
                 [sys.executable, "-m", "cryid.daemon.cli", "enroll", "confirm", taught["episode_id"],

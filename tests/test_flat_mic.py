@@ -4,9 +4,7 @@ microphone -> PortAudio -> ``cryid run --source mic``) playing zeros, then a cry
 
 from __future__ import annotations
 
-import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +15,10 @@ import soundfile as sf
 from cryid.daemon import nursery
 from cryid.daemon.flatness import FlatDetector
 from tests.fixtures.broker import Broker, Subscriber, free_port
+from tests.fixtures.cli import cryid_env
+from tests.fixtures.pulse import PulseServer
 from tests.test_metrics_http import get, model_dir, scrape
-from tests.test_virtual_mic import CRYID, _stop, _wait, virtual_mic  # noqa: F401 (the fixture)
+from tests.test_virtual_mic import CRYID, _stop, _wait
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -33,6 +33,25 @@ def feed(det: FlatDetector, wav: np.ndarray, chunk: int = 640) -> list[str]:
         if c is not None:
             changes.append(c)
     return changes
+
+
+def _mic_daemon_env(
+    base: dict[str, str], request: pytest.FixtureRequest, mosquitto: Broker, tmp_path: Path, port: int,
+    **extra: str,
+) -> dict[str, str]:
+    """``cryid run --source mic`` on ALSA's ``pulse`` device of the PulseAudio in ``base``, metrics on
+    ``port``; ``extra``: more CRYID_ settings."""
+    env = cryid_env(base)
+    return env | {
+        "CRYID_STATE_DIR": str(tmp_path / "state"),
+        "CRYID_MODEL": str(model_dir(request)),
+        "CRYID_ROOM": ROOM,
+        "CRYID_MQTT__HOST": mosquitto.host,
+        "CRYID_MQTT__PORT": str(mosquitto.port),
+        "CRYID_SOURCE__DEVICE": "pulse",
+        "CRYID_METRICS__PORT": str(port),
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
@@ -71,24 +90,14 @@ def test_a_constant_that_jumps_between_chunks_is_flat_only_when_it_stays() -> No
 
 
 def test_virtual_mic_playing_zeros_then_a_cry(
-    virtual_mic: dict[str, str],  # noqa: F811
+    virtual_mic: dict[str, str],
     mosquitto: Broker,
     subscriber_factory: Callable[..., Subscriber],
     request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    env = {k: v for k, v in virtual_mic.items() if not k.startswith("CRYID_")}
-    env |= {
-        "CRYID_STATE_DIR": str(tmp_path / "state"),
-        "CRYID_MODEL": str(model_dir(request)),
-        "CRYID_ROOM": ROOM,
-        "CRYID_MQTT__HOST": mosquitto.host,
-        "CRYID_MQTT__PORT": str(mosquitto.port),
-        "CRYID_SOURCE__DEVICE": "pulse",
-        "CRYID_SOURCE__FLAT_TIMEOUT_S": "2",
-        "CRYID_METRICS__PORT": str(port),
-    }
+    env = _mic_daemon_env(virtual_mic, request, mosquitto, tmp_path, port, CRYID_SOURCE__FLAT_TIMEOUT_S="2")
     zeros, cry = tmp_path / "zeros.wav", tmp_path / "cry.wav"
     sf.write(zeros, np.zeros(4 * SR, np.int16), SR, subtype="PCM_16")
     sf.write(cry, nursery.bout(nursery.voices(1, seed=3)[0], 4.0, seed=9), SR, subtype="PCM_16")
@@ -129,45 +138,6 @@ def test_virtual_mic_playing_zeros_then_a_cry(
     assert ep["decision"] == "unknown" and ep["_topic"] == f"cryid/{ROOM}/unknown"  # nobody enrolled
 
 
-class PulseServer:
-    """A private PulseAudio (as tests/test_virtual_mic.py's fixture) that can be killed and restarted."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        from tests.test_virtual_mic import _need_capture_stack
-
-        _need_capture_stack()
-        runtime = tmp_path / "pulse-runtime"
-        runtime.mkdir(mode=0o700)
-        self.sock = runtime / "native"
-        self.log_path = tmp_path / "pulseaudio.log"
-        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path),
-                        PULSE_SERVER=f"unix:{self.sock}")  # fmt: skip
-        self.env.pop("PULSE_COOKIE", None)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [
-            "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
-            "--disable-shm=yes", "--log-target=stderr",
-            f"--load=module-native-protocol-unix auth-anonymous=1 socket={self.sock}",
-            "--load=module-null-sink sink_name=virtmic rate=16000 channels=1",
-        ]  # fmt: skip
-        with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while subprocess.run(["pactl", "info"], env=self.env, capture_output=True).returncode != 0:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("PulseAudio cannot run here: " + self.log_path.read_text()[-500:])
-            time.sleep(0.1)
-        subprocess.run(["pactl", "set-default-source", "virtmic.monitor"], env=self.env, check=True)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
 def test_microphone_gone_is_down_then_ok_when_it_returns(
     mosquitto: Broker,
     subscriber_factory: Callable[..., Subscriber],
@@ -178,17 +148,7 @@ def test_microphone_gone_is_down_then_ok_when_it_returns(
     pulse.start()
     request.addfinalizer(pulse.kill)
     port = free_port()
-    env = {k: v for k, v in pulse.env.items() if not k.startswith("CRYID_")}
-    env |= {
-        "CRYID_STATE_DIR": str(tmp_path / "state"),
-        "CRYID_MODEL": str(model_dir(request)),
-        "CRYID_ROOM": ROOM,
-        "CRYID_MQTT__HOST": mosquitto.host,
-        "CRYID_MQTT__PORT": str(mosquitto.port),
-        "CRYID_SOURCE__DEVICE": "pulse",
-        "CRYID_SOURCE__REOPEN_MAX_S": "1",
-        "CRYID_METRICS__PORT": str(port),
-    }
+    env = _mic_daemon_env(pulse.env, request, mosquitto, tmp_path, port, CRYID_SOURCE__REOPEN_MAX_S="1")
     sub = subscriber_factory(mosquitto, f"cryid/{ROOM}/status/source")
     daemon = subprocess.Popen([*CRYID, "run", "--source", "mic"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -204,8 +204,8 @@ def test_discovery_configs_roster_changes_and_ha_restart(
     assert {m.topic for m in retained(mosquitto, "homeassistant/#") if m.retain} == set(got)
 
     # a baby discharged: its two entities are deleted (empty retained config), nothing else changes
-    with Registry.open(state, settings.registry) as registry, registry.transaction() as conn:
-        Registry.set_status(conn, "ben", "discharged")
+    with Registry.open(state, settings.registry) as registry, registry.write() as tx:
+        tx.set_status("ben", "discharged")
     wait(lambda: configs(sub)[node % ("event", "baby_ben_cry")] == b"", "ben's event deleted")
     wait(lambda: configs(sub)[node % ("binary_sensor", "baby_ben_crying")] == b"", "ben's sensor deleted")
     assert {t for t, p in configs(sub).items() if p == b""} == {
@@ -223,8 +223,8 @@ def test_discovery_configs_roster_changes_and_ha_restart(
     assert daemons[0].stop() == 0
 
     # cy is removed while cryid is stopped: the next start deletes cy's entities too
-    with Registry.open(state, settings.registry) as registry, registry.transaction() as conn:
-        Registry.delete_infant(conn, "cy")
+    with Registry.open(state, settings.registry) as registry, registry.write() as tx:
+        tx.delete_infant("cy")
     before = len(sub.messages)
     daemons.append(Daemon(settings))
     wait(lambda: configs_after(sub, before).get(node % ("event", "baby_cy_cry")) == b"", "cy deleted")

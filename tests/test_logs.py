@@ -4,7 +4,6 @@ cause, and ``--log-format json`` (one JSON object a line) for journald / ELK. Re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import soundfile as sf
 
 from cryid.daemon import nursery
 from tests.fixtures.broker import Broker, free_port
+from tests.fixtures.cli import cryid_env
 from tests.test_metrics_http import enroll_state, model_dir
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -29,7 +29,7 @@ def _quiet_file(tmp_path: Path) -> Path:
 
 
 def _env(state: Path, model: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     return env | {
         "CRYID_ROOM": "ward3",
         "CRYID_STATE_DIR": str(state),

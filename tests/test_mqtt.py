@@ -13,7 +13,7 @@ import pytest
 from cryid.daemon.config import MqttSettings
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
-from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.broker import Broker, Subscriber, wait_until
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -31,16 +31,6 @@ def _add_events(outbox: Outbox, pub: MqttPublisher, n: int) -> list[str]:
     return ids
 
 
-def _wait(cond: Callable[[], bool], timeout_s: float = 20.0, pump: MqttPublisher | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        if pump is not None:
-            pump.pump()
-        time.sleep(0.05)
-
-
 def test_events_are_delivered_and_leave_the_outbox_on_puback(
     mosquitto: Broker, subscriber_factory: Callable[..., Subscriber], tmp_path: Path
 ) -> None:
@@ -50,7 +40,7 @@ def test_events_are_delivered_and_leave_the_outbox_on_puback(
         pub.start()
         assert pub.wait_connected(10)
         ids = _add_events(outbox, pub, 30)
-        _wait(lambda: outbox.size() == 0, pump=pub)
+        wait_until(lambda: outbox.size() == 0, pump=pub)
         got = sub.wait_for(lambda m: set(ids) <= {e["event_id"] for e in sub.events()})
         assert {e["event_id"] for e in sub.events()} == set(ids)
         topics = {m.topic for m in got}
@@ -72,14 +62,14 @@ def test_broker_down_at_start_and_restarted_mid_stream_loses_nothing(
         assert pub.pump() == 0
         time.sleep(0.5)
         mosquitto.start()
-        _wait(lambda: outbox.size() == 0, pump=pub)
+        wait_until(lambda: outbox.size() == 0, pump=pub)
         mosquitto.stop()  # outage in the middle of the stream
-        _wait(lambda: not pub.connected)
+        wait_until(lambda: not pub.connected)
         second = _add_events(outbox, pub, 15)
         assert pub.pump() == 0
         assert outbox.size() == 15
         mosquitto.start()
-        _wait(lambda: outbox.size() == 0, pump=pub)
+        wait_until(lambda: outbox.size() == 0, pump=pub)
         expected = set(first) | set(second)
         sub.wait_for(lambda m: expected <= {e["event_id"] for e in sub.events()})
         assert {e["event_id"] for e in sub.events()} == expected
@@ -96,7 +86,7 @@ def test_restart_with_a_non_empty_outbox_publishes_it(
     with Outbox.open(tmp_path) as outbox:
         pub = MqttPublisher(_settings(mosquitto), "ward1", outbox)
         pub.start()
-        _wait(lambda: outbox.size() == 0, pump=pub)
+        wait_until(lambda: outbox.size() == 0, pump=pub)
         sub.wait_for(lambda m: set(ids) <= {e["event_id"] for e in sub.events()})
         pub.stop()
 
@@ -118,7 +108,7 @@ def test_bad_password_is_fatal_with_a_clear_message(mosquitto_auth: Broker, tmp_
     with Outbox.open(tmp_path) as outbox:
         pub = MqttPublisher(_settings(mosquitto_auth, username="ward", password="wrong"), "ward1", outbox)
         pub.start()
-        _wait(lambda: pub.fatal_error is not None, timeout_s=10)
+        wait_until(lambda: pub.fatal_error is not None, timeout_s=10)
         assert "bad username or password" in (pub.fatal_error or "")
         assert not pub.connected
         pub.stop()

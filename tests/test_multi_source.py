@@ -26,6 +26,7 @@ from cryid.daemon import nursery
 from cryid.models.audio import load_audio
 from tests.fixtures.broker import Broker, Received, Subscriber
 from tests.fixtures.data import dac_rows
+from tests.fixtures.pulse import need_capture_stack
 
 pytestmark = pytest.mark.slow  # starts mosquitto and cryid run: not in `pytest -m "not slow"`
 
@@ -296,9 +297,7 @@ def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A private PulseAudio with null sinks ``cotA``, ``cotB`` (and ``quiet``, the default source); ALSA
     devices ``micA``/``micB`` (in the HOME's .asoundrc) record their monitors, so PortAudio lists two
     microphones that hear what ``paplay --device=cotA|cotB`` plays. Yields PulseAudio's client environment."""
-    from tests.test_virtual_mic import _need_capture_stack
-
-    _need_capture_stack()
+    need_capture_stack()
     runtime = tmp_path / "pulse-runtime"
     runtime.mkdir(mode=0o700)
     sock_path = runtime / "native"

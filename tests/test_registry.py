@@ -51,9 +51,9 @@ def _sample(vectors: np.ndarray, sha: str = SHA_A, period: str = "birth") -> New
 
 
 def _enroll(reg: Registry, baby_id: str, vectors: np.ndarray, sha: str = SHA_A) -> None:
-    with reg.transaction() as conn:
-        Registry.insert_infant(conn, baby_id, "", "nursery")
-        Registry.insert_sample(conn, baby_id, _sample(vectors, sha))
+    with reg.write() as tx:
+        tx.insert_infant(baby_id, "", "nursery")
+        tx.insert_sample(baby_id, _sample(vectors, sha))
 
 
 def test_open_creates_wal_schema(tmp_path: Path) -> None:
@@ -90,12 +90,12 @@ def test_centroids_per_model_and_status(tmp_path: Path) -> None:
         # baby_b was embedded with another model only: it is not mixed in, it needs re-enrollment.
         assert reg.needs_reenrollment(SHA_A) == ["baby_b"]
         assert reg.needs_reenrollment(SHA_B) == ["baby-a"]
-        with reg.transaction() as conn:
-            Registry.set_status(conn, "baby-a", "discharged")
+        with reg.write() as tx:
+            tx.set_status("baby-a", "discharged")
         assert reg.centroids(SHA_A) == {}
         assert reg.needs_reenrollment(SHA_A) == ["baby_b"]
-        with reg.transaction() as conn:
-            assert Registry.delete_infant(conn, "baby-a")
+        with reg.write() as tx:
+            assert tx.delete_infant("baby-a")
         assert reg._query("SELECT count(*) FROM embeddings e JOIN samples s USING (sample_id) "
                           "WHERE s.baby_id = 'baby-a'")[0][0] == 0
 
@@ -103,11 +103,20 @@ def test_centroids_per_model_and_status(tmp_path: Path) -> None:
 def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     with Registry.open(tmp_path, RegistrySettings()) as reg:
         v0 = reg.data_version()
-        with pytest.raises(RuntimeError), reg.transaction() as conn:
-            Registry.insert_infant(conn, "half", "", "nursery")
+        with pytest.raises(RuntimeError), reg.write() as tx:
+            tx.insert_infant("half", "", "nursery")
             raise RuntimeError("boom")
         assert reg.get_infant("half") is None
         assert reg.data_version() == v0
+
+
+def test_a_write_is_usable_only_inside_its_transaction(tmp_path: Path) -> None:
+    with Registry.open(tmp_path, RegistrySettings()) as reg:
+        with reg.write() as tx:
+            tx.insert_infant("kept", "", "nursery")
+        with pytest.raises(RuntimeError, match="after its transaction ended"):
+            tx.delete_infant("kept")  # no statement outside BEGIN ... COMMIT
+        assert reg.get_infant("kept") is not None
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "a+b", "a#", "bébé", "a b", "x" * 65])
@@ -127,8 +136,8 @@ def test_data_version_sees_other_process_commit(tmp_path: Path) -> None:
             from cryid.enrollment.config import RegistrySettings
             from cryid.enrollment.registry import Registry, NewSample, SampleEmbeddings
             reg = Registry.open(Path({str(tmp_path)!r}), RegistrySettings())
-            with reg.transaction() as conn:
-                Registry.insert_infant(conn, "other", "", "nursery")
+            with reg.write() as tx:
+                tx.insert_infant("other", "", "nursery")
             reg.close()
             """
         )
@@ -173,9 +182,9 @@ def test_references_birth_and_confirmed_per_room_model_and_status(tmp_path: Path
         va, vb, vc = rng.standard_normal((3, 4, 8))
         _enroll(reg, "a", va)
         _enroll(reg, "b", vb)
-        with reg.transaction() as conn:
-            Registry.insert_infant(conn, "c", "", "nicu")
-            Registry.insert_sample(conn, "c", _sample(vc))
+        with reg.write() as tx:
+            tx.insert_infant("c", "", "nicu")
+            tx.insert_sample("c", _sample(vc))
         e1, e2, e3 = (_episode(rng.standard_normal((3, 8)).astype(np.float32)) for _ in range(3))
         e_other = _episode(rng.standard_normal((2, 8)).astype(np.float32), sha=SHA_B)
         for e in (e1, e2, e3, e_other):
@@ -192,8 +201,8 @@ def test_references_birth_and_confirmed_per_room_model_and_status(tmp_path: Path
         assert sorted(reg.references(SHA_A, "nicu")[1]) == ["c"]
         feedback.undo(reg, c1.confirmation_id, by="t")  # a's confirmed reference is e2's alone
         assert np.allclose(reg.references(SHA_A, "nursery")[1]["a"], centroid(e2.vectors), atol=1e-6)
-        with reg.transaction() as conn:
-            Registry.set_status(conn, "a", "discharged")
+        with reg.write() as tx:
+            tx.set_status("a", "discharged")
         birth, confirmed = reg.references(SHA_A, "nursery")
         assert sorted(birth) == ["b"] and confirmed == {}
 

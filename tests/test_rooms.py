@@ -10,7 +10,6 @@ a real mosquitto, a real SQLite registry.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from cryid.daemon.config import Settings
 from cryid.enrollment.registry import Registry
 from cryid.models.embedder import Embedder
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.cli import cryid_env
 from tests.test_roundtrip import LogTail
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -50,7 +50,7 @@ def state(onnx_model_dir: Path, tmp_path: Path) -> Path:
 
 
 def _env(state: Path, model: Path, broker: Broker | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(CRYID_ROOM="ward1", CRYID_STATE_DIR=str(state), CRYID_MODEL=str(model))
     env.update({f"CRYID_IDENTIFIER__{k.upper()}": v for k, v in THRESHOLDS.items()})
     if broker is not None:

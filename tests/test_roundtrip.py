@@ -13,7 +13,6 @@ a loaded machine.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from cryid.models.embedder import Embedder
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 from tests.fixtures.logtail import LogTail
 
@@ -110,7 +110,7 @@ def test_enroll_identify_remove_unknown_without_restart(
 
     # 2. The daemon, started on an EMPTY registry.
     state = tmp_path / "state"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(
         CRYID_ROOM="ward1",
         CRYID_STATE_DIR=str(state),

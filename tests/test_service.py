@@ -10,7 +10,6 @@ enrollment and test cries are different bouts of the same voice.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import signal
@@ -34,6 +33,7 @@ from cryid.models.embedder import Embedder
 from cryid.models.pipeline import embed_expirations
 from cryid.models.scoring import centroid, cosine_matrix
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.cli import cryid_env
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -93,7 +93,7 @@ def _settings(state: Path, model: Path, broker: Broker, **kw: object) -> Setting
 
 
 def _env(state: Path, model: Path, broker: Broker, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(
         CRYID_ROOM="ward1",
         CRYID_STATE_DIR=str(state),
@@ -336,7 +336,7 @@ def test_broker_refusing_the_password_exits_non_zero(
 def test_bad_source_file_is_a_one_line_error(
     shipped_model_dir: Path, tmp_path: Path, make: Callable[[Path], Path], message: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(CRYID_STATE_DIR=str(tmp_path / "state"), CRYID_MODEL=str(shipped_model_dir))
     done = subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", "run", "--source", str(make(tmp_path))],
@@ -354,7 +354,7 @@ def test_bad_source_file_is_a_one_line_error(
 def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
     wav = tmp_path / "a.wav"
     sf.write(wav, np.zeros(SR, np.float32), SR)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(CRYID_STATE_DIR=str(tmp_path / "state"), CRYID_MODEL=str(tmp_path / "nomodel"))
     done = subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", "run", "--source", str(wav)],
@@ -485,10 +485,10 @@ def test_stats_report_drops_source_and_babies_to_reenroll(
     from cryid.enrollment.registry import NewSample, SampleEmbeddings
 
     state = _state(enrolled, tmp_path)
-    with Registry.open(state, Settings(state_dir=state).registry) as registry, registry.transaction() as conn:
-        Registry.insert_infant(conn, "old", "", "ward1")
-        Registry.insert_sample(
-            conn, "old",
+    with Registry.open(state, Settings(state_dir=state).registry) as registry, registry.write() as tx:
+        tx.insert_infant("old", "", "ward1")
+        tx.insert_sample(
+            "old",
             NewSample(source_kind="file", source="old.wav", period="birth", duration_s=2.0, cry_s=1.0,
                       n_expirations=1, created_at="2026-01-01T00:00:00+00:00", audio_flac=None,
                       embeddings=SampleEmbeddings("0" * 64, np.ones((1, 80), np.float32), (0,), (16000,))),

@@ -3,18 +3,19 @@ check`` as a user runs it, environment and TOML)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import cryid_env
+
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 
 
 def _check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    clean = cryid_env()
     clean |= {"CRYID_STATE_DIR": str(tmp_path / "state"), **env}
     return subprocess.run([*CRYID, "config", "check"], env=clean, capture_output=True, text=True, timeout=60)
 

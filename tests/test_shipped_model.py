@@ -22,6 +22,7 @@ import pytest
 from cryid.models.audio import load_audio
 from cryid.models.embedder import Embedder
 from cryid.models.scoring import cosine
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def shipped_source(shipped_model_dir: Path, dac_dir: Path, tmp_path_factory: pyt
     out = tmp_path_factory.mktemp("shipped-source") / "run"
     args[args.index("--data") + 1] = str(dac_dir)
     args[args.index("--out") + 1] = str(out)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     done = subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", *args[1:]], env=env, capture_output=True, text=True,
         timeout=1800,

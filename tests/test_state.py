@@ -26,6 +26,7 @@ from cryid.enrollment import enroll
 from cryid.enrollment.registry import Registry
 from cryid.models.embedder import Embedder
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.registry import tamper
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -60,9 +61,9 @@ def _event(kind: str, baby: str | None, episode: str, start: datetime, dur_s: fl
 
 def _registry(tmp_path: Path, *infants: tuple[str, str, str]) -> Registry:
     registry = Registry.open(tmp_path / "state")
-    with registry.transaction() as conn:
+    with registry.write() as tx:
         for baby, name, room in infants:
-            Registry.insert_infant(conn, baby, name, room)
+            tx.insert_infant(baby, name, room)
     return registry
 
 
@@ -142,8 +143,8 @@ def test_crying_times_out_and_stops_with_the_daemon(tmp_path: Path) -> None:
 
 def test_discharged_and_purged_babies_are_cleared(tmp_path: Path) -> None:
     reg = _registry(tmp_path, ("ada", "", "ward1"), ("ben", "", "ward1"), ("cy", "", "ward1"))
-    with reg.transaction() as conn:
-        Registry.insert_infant(conn, "old", "", "ward1", status="discharged")
+    with reg.write() as tx:
+        tx.insert_infant("old", "", "ward1", status="discharged")
     st = RoomState(P, "ward1", crying_timeout_s=30)
     out = st.roster(reg.infants(), T0)
     assert ("cryid/ward1/baby/old/state", "") in [(m.topic, m.payload) for m in out]  # left by a past run
@@ -228,8 +229,7 @@ def test_daemon_publishes_retained_state_and_clears_a_discharged_baby(
         for i, baby in enumerate(["ada", "ben"]):
             bout = nursery.bout(voices[i], 6, seed=100 + i)
             nursery.enroll(registry, embedder, settings, baby, [bout], "ward1")
-        with registry.transaction() as conn:
-            conn.execute("UPDATE infants SET display_name = 'Ada L.' WHERE baby_id = 'ada'")
+        tamper(registry.path, "UPDATE infants SET display_name = 'Ada L.' WHERE baby_id = 'ada'")
     wav, _ = nursery.nursery_stream([("ada", nursery.bout(voices[0], 3.0, seed=200))], gap_s=6.0, seed=5)
     sf.write(tmp_path / "stream.wav", wav, 16000)
 

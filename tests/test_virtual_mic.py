@@ -11,7 +11,6 @@ segmenter, the ONNX embedder, the registry written by ``cryid enroll add`` and a
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -20,13 +19,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cryid.daemon.config import IdentifierSettings
 from tests.fixtures.broker import Broker, Subscriber
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import DAC_DIR, dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -34,51 +34,6 @@ pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: no
 REPO = Path(__file__).resolve().parents[1]
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 ROOM = "virtmic-test"
-
-
-def _need_capture_stack() -> None:
-    missing = [t for t in ("pulseaudio", "pactl", "paplay") if shutil.which(t) is None]
-    if missing:
-        pytest.skip(
-            f"{', '.join(missing)} not installed: apt-get install pulseaudio pulseaudio-utils (.ci/run does)"
-        )
-    try:
-        import sounddevice  # noqa: F401
-    except OSError as exc:  # sounddevice raises OSError when libportaudio2 is absent
-        pytest.skip(f"PortAudio is not usable ({exc}): apt-get install libportaudio2 (.ci/run does)")
-
-
-@pytest.fixture
-def virtual_mic(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A private PulseAudio with null sink ``virtmic`` whose monitor is the default source.
-
-    Yields the environment that points PulseAudio clients (paplay, ALSA's pulse plugin) at it."""
-    _need_capture_stack()
-    runtime = tmp_path / "pulse-runtime"
-    runtime.mkdir(mode=0o700)
-    sock_path = runtime / "native"
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path), PULSE_SERVER=f"unix:{sock_path}")
-    env.pop("PULSE_COOKIE", None)
-    args = [
-        "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
-        "--disable-shm=yes", "--log-target=stderr",
-        f"--load=module-native-protocol-unix auth-anonymous=1 socket={sock_path}",
-        "--load=module-null-sink sink_name=virtmic rate=16000 channels=1",
-    ]  # fmt: skip
-    log = (tmp_path / "pulseaudio.log").open("w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("PulseAudio cannot run here: " + (tmp_path / "pulseaudio.log").read_text()[-500:])
-            time.sleep(0.1)
-        subprocess.run(["pactl", "set-default-source", "virtmic.monitor"], env=env, check=True)
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 # Real cries: four dev infants enrolled from their birth (B) recordings; the discharge (D) recording
@@ -198,7 +153,7 @@ def test_cry_played_into_virtual_mic_is_identified(
     tmp_path: Path,
 ) -> None:
     model = REPO / "models" / "default"
-    env = {k: v for k, v in virtual_mic.items() if not k.startswith("CRYID_")}
+    env = cryid_env(virtual_mic)
     env |= {
         "CRYID_STATE_DIR": str(tmp_path / "state"),
         "CRYID_MODEL": str(model),
@@ -273,7 +228,7 @@ def test_enroll_record_captures_a_cry_from_the_virtual_mic(
     model = REPO / "models" / "default"
     babies, _ = _babies(tmp_path)
     cry = babies[0][1][0]
-    env = {k: v for k, v in virtual_mic.items() if not k.startswith("CRYID_")} | {"CRYID_MODEL": str(model)}
+    env = cryid_env(virtual_mic) | {"CRYID_MODEL": str(model)}
     seconds = f"{sf.info(str(cry)).duration + 4.0:.1f}"
     rec = subprocess.Popen(
         [*CRYID, "enroll", "record", "live", "--seconds", seconds, "--device", "pulse"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cryid.models.manifest import ModelError, sha256_file
+from cryid.models.files import atomic_write, sha256_file
+from cryid.models.manifest import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +138,8 @@ class EmbeddingCache:
         if self.root is not None:
             path = self._path(self.root, key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, value, allow_pickle=False)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # a cache can be made again: not forced to disk, one fsync per entry would slow evaluation
+            atomic_write(path, lambda tmp: np.save(tmp, value, allow_pickle=False), private=True, fsync=False)
         return value
 
 

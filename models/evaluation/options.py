@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from cryid.models.strict import StrictModel
 
 
-class EvalOptions(BaseModel):
+class EvalOptions(StrictModel):
     """How ``cryid eval`` evaluates; each default is written here once."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     split: Literal["dev", "test"] = Field(description="Split whose pairs (and B/D recordings) are evaluated.")
     protocol: Literal["pairs", "ward", "both"] = Field(

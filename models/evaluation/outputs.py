@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import numpy as np
 
 from cryid.models.errors import CryidError
 from cryid.models.evaluation.evaluate import EvalReport, PairReport
+from cryid.models.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +41,14 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(report: EvalReport, path: Path) -> None:
-    _atomic_write_bytes(path, (json.dumps(report.to_json(), indent=2) + "\n").encode("utf-8"))
+    atomic_write(path, json.dumps(report.to_json(), indent=2) + "\n", private=True)
 
 
 def write_submission(pairs: PairReport, path: Path) -> None:
     """``id,score`` for every pair, the CryCeleb2023 challenge's submission format."""
     lines = ["id,score", *(f"{i},{s:.8f}" for i, s in zip(pairs.pair_ids, pairs.scores, strict=True))]
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write(path, "\n".join(lines) + "\n", private=True)
 
 
 def _histogram(ax: Any, pos: np.ndarray, neg: np.ndarray, threshold: float | None, title: str) -> None:
@@ -121,14 +109,8 @@ def plot_scores(report: EvalReport, path: Path) -> None:
         plot_operating_curve(axes[0][-1], curve, wr.min_confidence, "ward: coverage vs wrong baby")
     fig.suptitle(f"{report.backend} {report.model_sha256[:12]} on {Path(report.data).name}")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), private=True)
     finally:
         plt.close(fig)
 

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from scipy import linalg
 
 from cryid.models.errors import CryidError
+from cryid.models.files import atomic_write
+from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +34,8 @@ class BackendError(CryidError):
     """A back-end cannot be fitted or read (too few classes, wrong shapes, bad file)."""
 
 
-class BackendSettings(BaseModel):
+class BackendSettings(StrictModel):
     """How the linear back-end is fitted on training embeddings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["lda", "wccn", "center"] = Field(
         "lda",
@@ -94,7 +94,6 @@ class Backend:
         path = Path(path)
         if path.is_dir():
             path = path / BACKEND_NAME
-        tmp = path.with_name(path.name + ".tmp.npz")
         arrays = {
             "mean": self.mean.astype(np.float32),
             "transform": self.transform.astype(np.float32),
@@ -102,9 +101,12 @@ class Backend:
         }
         if self.kind is not None:
             arrays["kind"] = np.array(self.kind)
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        return path
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file, so numpy adds no ".npz" to the name
+                np.savez(fh, **arrays)
+
+        return atomic_write(path, write)
 
 
 def load_backend(path: Path) -> Backend:

@@ -19,8 +19,6 @@ On a split of infants the model was not trained on (dev for the shipped model):
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +51,7 @@ from cryid.models.evaluation.ward import (
     wrong_rate,
 )
 from cryid.models.evaluation.ward_eval import split_ward_data
+from cryid.models.files import atomic_write
 from cryid.models.manifest import MANIFEST_NAME, Manifest
 from cryid.models.training.settings import CalibrateSettings
 
@@ -317,11 +316,4 @@ def _write_manifest_atomic(manifest: Manifest, path: Path, before: bytes) -> Non
     Manifest.model_validate_json(text)  # what is written must load
     if path.read_bytes() != before:
         raise CalibrationError(f"{path}: changed while calibrating; run `cryid model calibrate` again")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text, private=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cryid.models.files import sha256_file
 from cryid.models.frontend import Fbank
 from cryid.models.manifest import (
     MANIFEST_NAME,
@@ -33,7 +34,6 @@ from cryid.models.manifest import (
     ParityReport,
     QuantizationReport,
     TrainingInfo,
-    sha256_file,
     write_manifest,
 )
 from cryid.models.scoring import cosine_rows

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cryid.models.strict import StrictModel
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(StrictModel):
     """Every knob of ``cryid model train``; defaults are the CryCeleb paper's recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     channels: int = Field(
         1024, ge=8, le=4096, description="ECAPA-TDNN channels C (blocks C,C,C,C,3C); multiple of 8."
@@ -101,10 +101,8 @@ class TrainSettings(BaseModel):
     )
 
 
-class CalibrateSettings(BaseModel):
+class CalibrateSettings(StrictModel):
     """How ``cryid model calibrate`` fits; each default is written here once."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     split: str = Field("dev", min_length=1, description="Split of infants the model was not trained on.")
     room_size: int = Field(8, ge=2, le=1000, description="Babies per room of the operating point.")

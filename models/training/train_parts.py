@@ -14,6 +14,7 @@ import numpy as np
 
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.errors import CryidError
+from cryid.models.files import atomic_write
 
 N_MELS = 80
 
@@ -227,9 +228,7 @@ def save_speechbrain_dir(
     import torch
 
     def put(name: str, writer: Any) -> None:
-        tmp = out / f".{name}.tmp"
-        writer(tmp)
-        tmp.replace(out / name)
+        atomic_write(out / name, writer)
 
     put("embedding_model.ckpt", lambda p: torch.save(hp["embedding_model"].state_dict(), p))
     if hp["mean_var_norm"].norm_type == "global":

@@ -17,13 +17,14 @@ import pytest
 
 from cryid.daemon.cli import main
 from cryid.enrollment.registry import NewSample, Registry, SampleEmbeddings
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _env(state: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"}
+    env = cryid_env()
     env.update(CRYID_STATE_DIR=str(state), **extra)
     return env
 
@@ -53,13 +54,13 @@ def _one_line(done: subprocess.CompletedProcess[str], *needles: str) -> str:
 
 def _registry_with_babies(state: Path, n: int = 20) -> Path:
     rng = np.random.default_rng(0)
-    with Registry.open(state) as reg, reg.transaction() as conn:
+    with Registry.open(state) as reg, reg.write() as tx:
         for b in range(n):
-            Registry.insert_infant(conn, f"b{b:02d}", "", "nursery")
+            tx.insert_infant(f"b{b:02d}", "", "nursery")
             emb = SampleEmbeddings(
                 "0" * 64, rng.random((10, 80), np.float32), tuple(range(10)), tuple(range(1, 11))
             )
-            Registry.insert_sample(conn, f"b{b:02d}", NewSample("file", "f.wav", "birth", 10.0, 5.0, 10, emb))
+            tx.insert_sample(f"b{b:02d}", NewSample("file", "f.wav", "birth", 10.0, 5.0, 10, emb))
     return state / "registry.sqlite3"
 
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import cryid_env
+
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _cryid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v for k, v in os.environ.items() if not k.startswith("CRYID_") and k != "CREDENTIALS_DIRECTORY"
-    }
+    clean = cryid_env()
     clean.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", *args],

@@ -4,7 +4,6 @@ warning naming both; a copy under another name, or re-encoded as FLAC, is the sa
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,13 +15,14 @@ import soundfile as sf
 
 from cryid.models.audio import load_audio
 from cryid.models.config import DEFAULT_MODEL_DIR
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 
 def _cryid(state: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    e = cryid_env()
     e.update(CRYID_STATE_DIR=str(state), CRYID_MODEL=str(DEFAULT_MODEL_DIR), **env)
     return subprocess.run(
         [sys.executable, "-m", "cryid.daemon.cli", *args], env=e, capture_output=True, text=True, timeout=300

@@ -24,6 +24,7 @@ from cryid.daemon.cli import main
 from cryid.enrollment.registry import Registry
 from cryid.models.config import DEFAULT_MODEL_DIR
 from tests.fixtures.data import dac_rows
+from tests.fixtures.registry import tamper
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -143,8 +144,9 @@ def test_clean_export_still_imports(cryid, exported: tuple[Path, dict[str, Any]]
 
 
 def _poison_registry(state: Path, baby_id: str, vector: np.ndarray) -> None:
-    with Registry.open(state) as reg, reg.transaction() as conn:
-        conn.execute(
+    with Registry.open(state) as reg:
+        tamper(
+            reg.path,
             "UPDATE embeddings SET vector = ? "
             "WHERE sample_id IN (SELECT sample_id FROM samples WHERE baby_id = ?)",
             (np.asarray(vector, dtype="<f4").tobytes(), baby_id),
@@ -155,9 +157,11 @@ def test_list_and_show_print_names_without_raw_control_characters(
     cryid, exported: tuple[Path, dict[str, Any]]
 ) -> None:
     shutil.copytree(exported[0], cryid.state_dir)
-    with Registry.open(cryid.state_dir) as reg, reg.transaction() as conn:  # an older cryid let this in
-        conn.execute(
-            "UPDATE infants SET display_name = ? WHERE baby_id = ?", ("\x1b[31mRed\x1b[0m", BABIES[0])
+    with Registry.open(cryid.state_dir) as reg:  # an older cryid let this in
+        tamper(
+            reg.path,
+            "UPDATE infants SET display_name = ? WHERE baby_id = ?",
+            ("\x1b[31mRed\x1b[0m", BABIES[0]),
         )
     for args in (("enroll", "list"), ("enroll", "show", BABIES[0])):
         rc, out, err = cryid(*args)
@@ -215,11 +219,15 @@ def test_reembed_survives_a_garbage_audio_blob_already_in_the_registry(
     cryid, exported: tuple[Path, dict[str, Any]]
 ) -> None:
     shutil.copytree(exported[0], cryid.state_dir)
-    with Registry.open(cryid.state_dir) as reg, reg.transaction() as conn:  # an older cryid let this in
-        sample_id = conn.execute(
-            "SELECT sample_id FROM samples WHERE baby_id = ? AND audio_flac IS NOT NULL", (BABIES[0],)
-        ).fetchone()[0]
-        conn.execute("UPDATE samples SET audio_flac = ? WHERE sample_id = ?", (b"\0garbage" * 100, sample_id))
+    with Registry.open(cryid.state_dir) as reg:  # an older cryid let this in
+        sample_id = tamper(
+            reg.path,
+            "SELECT sample_id FROM samples WHERE baby_id = ? AND audio_flac IS NOT NULL",
+            (BABIES[0],),
+        )[0][0]
+        tamper(
+            reg.path, "UPDATE samples SET audio_flac = ? WHERE sample_id = ?", (b"\0garbage" * 100, sample_id)
+        )
     rc, _out, err = cryid("enroll", "reembed")
     assert rc == 0, err
     assert f"sample id(s) {sample_id}" in err

@@ -26,22 +26,13 @@ import soundfile as sf
 from cryid.daemon.config import MqttSettings
 from cryid.daemon.mqtt import MqttError, MqttPublisher
 from cryid.daemon.outbox import Outbox
-from tests.fixtures.broker import MOSQUITTO, Broker, Subscriber, free_port, wait_port
+from tests.fixtures.broker import MOSQUITTO, Broker, Subscriber, free_port, wait_port, wait_until
+from tests.fixtures.cli import cryid_env
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
 USERS = {"cryid-nursery": "n-secret", "dashboard": "d-secret"}
 ACL = "user dashboard\ntopic read cryid/#\n\nuser cryid-nursery\ntopic write cryid/{room}/#\n"
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 20.0, pump: MqttPublisher | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        if pump is not None:
-            pump.pump()
-        time.sleep(0.05)
 
 
 def _add(outbox: Outbox, pub: MqttPublisher, n: int) -> list[str]:
@@ -84,7 +75,7 @@ def test_a_refused_publish_stays_in_the_outbox_and_is_retried(
         try:
             assert pub.wait_connected(10)
             ids = _add(outbox, pub, 5)
-            _wait(lambda: pub.refused >= 5, pump=pub)
+            wait_until(lambda: pub.refused >= 5, pump=pub)
             deadline = time.monotonic() + 3.0  # keep pumping through several back-off rounds
             while time.monotonic() < deadline:
                 pub.pump()
@@ -100,7 +91,7 @@ def test_a_refused_publish_stays_in_the_outbox_and_is_retried(
             (acl_broker.workdir / "acl").write_text(ACL.format(room="icu"))
             assert acl_broker.proc is not None
             acl_broker.proc.send_signal(signal.SIGHUP)
-            _wait(lambda: outbox.size() == 0, pump=pub)
+            wait_until(lambda: outbox.size() == 0, pump=pub)
             sub.wait_for(lambda m: set(ids) <= {e["event_id"] for e in sub.events()})
         finally:
             pub.stop()
@@ -117,7 +108,7 @@ def test_a_clean_stop_logs_no_paho_error(
             assert pub.wait_connected(10)
             if i % 2:
                 _add(outbox, pub, 3)
-                _wait(lambda: outbox.size() == 0, pump=pub)
+                wait_until(lambda: outbox.size() == 0, pump=pub)
             pub.stop()
         # What the race does, made certain: one more turn of paho's loop after the disconnect.
         pub._client.loop(0.01)
@@ -185,7 +176,7 @@ def _tls_publisher(tmp_path: Path, **kw: object) -> tuple[MqttPublisher, Outbox]
 def _first_error(pub: MqttPublisher, fatal: bool, timeout_s: float = 10.0) -> str:
     pub.start()
     try:
-        _wait(lambda: (pub.fatal_error if fatal else pub.last_error) is not None, timeout_s)
+        wait_until(lambda: (pub.fatal_error if fatal else pub.last_error) is not None, timeout_s)
         return str(pub.fatal_error if fatal else pub.last_error)
     finally:
         pub.stop()
@@ -244,7 +235,7 @@ def test_a_garbage_ca_file_is_one_clear_error(tmp_path: Path) -> None:
 def _run_daemon(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     wav = tmp_path / "quiet.wav"
     sf.write(wav, np.zeros(16000, np.float32), 16000)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    full = cryid_env()
     full.update(CRYID_STATE_DIR=str(tmp_path / "state"), CRYID_MQTT__RECONNECT_MIN_S="0.2",
                 CRYID_SERVICE__SHUTDOWN_TIMEOUT_S="10", **env)
     return subprocess.run([sys.executable, "-m", "cryid.daemon.cli", "run", "--source", str(wav)],

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cryid.models.config import DEFAULT_MODEL_DIR
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -58,7 +59,7 @@ def test_registry_deleted_and_recreated_under_a_running_daemon(
     tmp_path: Path, dac_dir: Path, mosquitto: object
 ) -> None:
     state = tmp_path / "state"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(
         CRYID_STATE_DIR=str(state),
         CRYID_MODEL=str(DEFAULT_MODEL_DIR),

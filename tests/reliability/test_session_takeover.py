@@ -20,6 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests import test_mosquitto_acl as acl
+from tests.fixtures.cli import cryid_env
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
@@ -111,7 +112,7 @@ def test_daemon_connects_and_its_last_will_still_works(
     dash = client("dashboard")
     assert dash.connected().value == 0
     dash.subscribe(f"cryid/{ROOM}/status")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -24,16 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _babies(state: Path, n: int) -> None:
     sha = model_sha256(DEFAULT_MODEL_DIR)
     rng = np.random.default_rng(1)
-    with Registry.open(state) as reg, reg.transaction() as conn:
+    with Registry.open(state) as reg, reg.write() as tx:
         for b in range(n):
-            Registry.insert_infant(conn, f"b{b:02d}", "", "nursery")
+            tx.insert_infant(f"b{b:02d}", "", "nursery")
             for _ in range(2):
                 emb = SampleEmbeddings(
                     sha, rng.normal(size=(3, 80)).astype(np.float32), (0, 10, 20), (5, 15, 25)
                 )
-                Registry.insert_sample(
-                    conn, f"b{b:02d}", NewSample("file", "x.wav", "birth", 3.0, 1.0, 3, emb)
-                )
+                tx.insert_sample(f"b{b:02d}", NewSample("file", "x.wav", "birth", 3.0, 1.0, 3, emb))
 
 
 def test_model_info_shows_no_build_machine_path(cryid) -> None:

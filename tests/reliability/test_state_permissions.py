@@ -4,7 +4,6 @@ the registry, the outbox and exports 0600 by the CLI too, whatever the umask (he
 
 from __future__ import annotations
 
-import os
 import shlex
 import stat
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cryid.models.config import DEFAULT_MODEL_DIR
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
@@ -24,7 +24,7 @@ def _mode(p: Path) -> int:
 
 
 def _as_user_with_umask_022(state: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env.update(CRYID_STATE_DIR=str(state), CRYID_MODEL=str(DEFAULT_MODEL_DIR))
     cmd = "umask 022; exec " + " ".join(shlex.quote(a) for a in argv)
     return subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=300)

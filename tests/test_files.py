@@ -1,0 +1,74 @@
+"""``cryid.models.files.atomic_write``: the one way cryid replaces a file (registry exports, the room's
+state, Home Assistant's roster, manifests, evaluation outputs, trained models)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryid.models.files import atomic_write, sha256_file
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_text_bytes_and_writer_replace_the_file_whole(tmp_path: Path, umask_022: None) -> None:
+    target = tmp_path / "a.json"
+    target.write_text("old", encoding="utf-8")
+    assert atomic_write(target, "néw") == target
+    assert target.read_text(encoding="utf-8") == "néw"
+    atomic_write(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    arrays = tmp_path / "b.npz"  # the writer gets a name that ends in .npz, so numpy adds nothing
+    atomic_write(arrays, lambda tmp: np.savez(tmp, x=np.arange(3)))
+    assert np.load(arrays)["x"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]  # no temporary file left
+
+
+def test_private_is_0600_whatever_the_umask_else_the_usual_mode(tmp_path: Path, umask_022: None) -> None:
+    atomic_write(tmp_path / "export.json", "{}", private=True)
+    atomic_write(tmp_path / "state.json", "{}")
+    atomic_write(tmp_path / "cache.npy", lambda tmp: np.save(tmp, np.ones(2)), private=True, fsync=False)
+    assert _mode(tmp_path / "export.json") == 0o600
+    assert _mode(tmp_path / "cache.npy") == 0o600
+    assert _mode(tmp_path / "state.json") == 0o644
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "manifest.json"
+    target.write_text("old", encoding="utf-8")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half", encoding="utf-8")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text(encoding="utf-8") == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_an_unwritable_folder_is_an_os_error_and_changes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "missing" / "x.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    data = os.urandom(3 << 20)  # more than one 1 MiB block
+    (tmp_path / "m.onnx").write_bytes(data)
+    assert sha256_file(tmp_path / "m.onnx") == hashlib.sha256(data).hexdigest()
