@@ -82,7 +82,7 @@ def model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def list_model_of(annotation: Any) -> type[BaseModel] | None:
-    """The item model of ``list[M]`` (or ``list[M] | None``); else None."""
+    """The item model of ``list[M]`` or ``dict[str, M]`` (or either ``| None``); else None."""
     args = _union_args(annotation)
     if args is not None:
         rest = [a for a in args if a is not type(None)]
@@ -90,6 +90,9 @@ def list_model_of(annotation: Any) -> type[BaseModel] | None:
     if typing.get_origin(annotation) in (list, tuple):
         items = typing.get_args(annotation)
         return model_of(items[0]) if items else None
+    if typing.get_origin(annotation) is dict:
+        items = typing.get_args(annotation)
+        return model_of(items[1]) if len(items) == 2 else None
     return None
 
 
