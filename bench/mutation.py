@@ -88,9 +88,14 @@ class Result:
         return self.killed + self.survived + self.timeout + self.suspicious
 
     @property
+    def caught(self) -> int:
+        """Killed by a failing test (``suspicious``: killed, but slowly; a busy machine) or a time-out."""
+        return self.killed + self.suspicious + self.timeout
+
+    @property
     def kill_rate(self) -> float | None:
-        """Killed (by a failing test or a time-out) over every mutant that was tested."""
-        return (self.killed + self.timeout) / self.tested if self.tested else None
+        """Caught over every mutant that was tested."""
+        return self.caught / self.tested if self.tested else None
 
 
 def scratch_copy(dest: Path) -> dict[str, str]:
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = "-" if r.kill_rate is None else f"{100 * r.kill_rate:.0f}%"
             print(
                 f"{module}: kill rate {rate} ({r.killed} killed, {r.timeout} timed out, {r.survived} "
-                f"survived, {r.suspicious} suspicious; {r.untested} not reached in {r.seconds:.0f} s; "
+                f"survived, {r.suspicious} killed slowly; {r.untested} not reached in {r.seconds:.0f} s; "
                 f"{r.sampled} of {r.total} mutants sampled)",
                 flush=True,
             )
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         rate = "-" if r.kill_rate is None else f"{100 * r.kill_rate:.0f}%"
         print(
-            f"{r.module} | {r.total} | {r.sampled} | {r.tested} | {r.killed + r.timeout} | {r.survived} | "
+            f"{r.module} | {r.total} | {r.sampled} | {r.tested} | {r.caught} | {r.survived} | "
             f"{r.untested} | {rate}"
         )
     if args.json:
