@@ -67,6 +67,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_enroll_cli.py",
     ],
 }
+PYTEST = "import sys, pytest; sys.exit(int(pytest.main(sys.argv[1:]) != 0))"
 PACKAGES = {"daemon": "daemon", "enrollment": "enrollment", "models": "models"}  # cryid.<name> -> folder
 
 
@@ -191,7 +192,9 @@ def run_module(work: Path, env: dict[str, str], module: str, budget_s: float, n:
             db.execute("DELETE FROM MiscData WHERE key = 'baseline_time_elapsed'")
         db.close()
     tests = " ".join(MODULES[module])
-    runner = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}"
+    # mutmut takes only exit status 1 as "killed": a mutant that breaks the import (pytest's 2, a
+    # collection error) would "survive". Any failure of the selection is exit status 1 here.
+    runner = f"{sys.executable} -c '{PYTEST}' -x -q -p no:cacheprovider {tests}"
     cmd = [
         sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", module, "--tests-dir", "tests",
         "--runner", runner, "--no-progress", "--simple-output",
