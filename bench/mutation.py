@@ -44,9 +44,13 @@ DATA = Path(os.environ.get("CRYID_TEST_DATA", REPO.parent / "shared" / "data" / 
 
 # module -> the tests that exercise it, fastest first (pytest stops at the first failure).
 MODULES: dict[str, list[str]] = {
-    "models/segmenter.py": ["tests/test_segmenter.py"],
-    "models/frontend.py": ["tests/test_frontend.py"],
-    "daemon/identifier.py": ["tests/test_identifier.py", "tests/test_decisions_mutants.py"],
+    "models/segmenter.py": ["tests/test_mutants_segmenter.py", "tests/test_segmenter.py"],
+    "models/frontend.py": ["tests/test_mutants_frontend.py", "tests/test_frontend.py"],
+    "daemon/identifier.py": [
+        "tests/test_identifier.py",
+        "tests/test_decisions_mutants.py",
+        "tests/test_mutants_identifier.py",
+    ],
     "daemon/outbox.py": [
         "tests/test_outbox.py",
         "tests/reliability/test_state_permissions.py",
