@@ -58,7 +58,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_no_loss.py",
         "tests/reliability/test_cli_errors.py::test_damaged_outbox_is_moved_aside_and_the_daemon_starts",
     ],
-    "daemon/mqtt.py": ["tests/test_mqtt.py", "tests/test_no_loss.py"],
+    "daemon/mqtt.py": [
+        "tests/test_mutants_mqtt.py",
+        "tests/test_mqtt.py",
+        "tests/reliability/test_mqtt_faults.py",
+        "tests/test_no_loss.py",
+    ],
     "enrollment/registry.py": [
         "tests/test_registry.py",
         "tests/reliability/test_registry_replaced.py",
