@@ -52,6 +52,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutants_identifier.py",
     ],
     "daemon/outbox.py": [
+        "tests/test_mutants_outbox.py",
+        "tests/reliability/test_disk_full.py::test_the_outbox_keeps_the_newest_events_in_memory_and_recovers",
         "tests/test_outbox.py",
         "tests/reliability/test_state_permissions.py",
         "tests/test_mqtt.py",
