@@ -73,6 +73,7 @@ MODULES: dict[str, list[str]] = {
         "tests/reliability/test_cli_errors.py",
     ],
     "enrollment/transfer.py": [
+        "tests/test_mutants_transfer.py",
         "tests/test_enroll_import.py",
         "tests/reliability/test_import_validation.py",
         "tests/test_enroll_cli.py",
