@@ -67,6 +67,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_no_loss.py",
     ],
     "enrollment/registry.py": [
+        "tests/test_mutants_registry.py",
         "tests/test_registry.py",
         "tests/reliability/test_registry_replaced.py",
         "tests/test_enroll_import.py",
