@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from datetime import datetime, timezone
 
 import numpy as np
@@ -149,3 +150,30 @@ def test_advance_closes_the_episode_one_sample_after_the_gap_by_default() -> Non
     (closed,) = ident.advance(2 * SR + 1)
     assert (closed.kind, closed.n_expirations, closed.match.best_baby_id) == ("episode", 1, "eve")
     assert ident.advance(10 * SR) == [] and ident.flush() == []
+
+
+def test_an_episode_reports_the_loudest_of_its_expirations_and_logs_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The episode's level is the loudest expiration's (each new episode starts from nothing, not
+    from the last one's); the closed episode is logged in one line with its decision."""
+    caplog.set_level(logging.INFO, logger="cryid.daemon.identifier")
+    ident = Identifier(IdentifierSettings(min_score=0.5, min_margin=0.1, episode_gap_s=1.0), ROOM, SR)
+    results = []
+    for start_s, level in ((0, -31.5), (1.2, -18.25), (2.4, -40.0)):
+        start = round(start_s * SR)
+        exp = Expiration(start, start + SR, np.zeros(SR, np.float32), level)
+        results += ident.process(EmbeddedExpiration(exp, ROOM["ben"]))
+    later = Expiration(20 * SR, 21 * SR, np.zeros(SR, np.float32), -50.0)
+    first, new = ident.process(EmbeddedExpiration(later, ROOM["ben"]))
+    assert new.kind == "expiration" and new.episode_id != first.episode_id
+    assert (first.kind, first.n_expirations, first.level_dbfs) == ("episode", 3, -18.25)
+    assert _payload(first)["level_dbfs"] == -18.25
+    (second,) = ident.flush()
+    assert (second.n_expirations, second.level_dbfs) == (1, -50.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("episode ")]
+    assert lines[0] == (
+        f"episode {first.episode_id[:8]}: identified ben (confidence None, score 1.0, 3 expirations, "
+        "5 candidates)"
+    )
+    assert len(lines) == 2
