@@ -99,3 +99,13 @@ def test_a_hangover_shorter_than_a_frame_is_one_frame(dac_dir: Path) -> None:
     assert len(zero) >= 10
     assert spans(30) == zero
     assert spans(60) != zero
+
+
+def test_an_expiration_reports_the_level_of_its_audio() -> None:
+    """``level_dbfs`` of an expiration is the energy mean of its frames: for a tone well above the
+    high-pass, the level of the audio it carries."""
+    found = segment(_bursts(2))
+    assert found
+    for e in found:
+        assert e.level_dbfs == pytest.approx(level_dbfs(e.audio), abs=0.5), (e.start_s, e.level_dbfs)
+        assert -30.0 < e.level_dbfs < -10.0
