@@ -109,3 +109,25 @@ def test_an_expiration_reports_the_level_of_its_audio() -> None:
     for e in found:
         assert e.level_dbfs == pytest.approx(level_dbfs(e.audio), abs=0.5), (e.start_s, e.level_dbfs)
         assert -30.0 < e.level_dbfs < -10.0
+
+
+def test_intermittent_hiss_stops_reaching_the_vad_within_seconds() -> None:
+    """Hiss above 4 kHz (-45 dBFS) in 1.5 s bursts with dropouts (digital silence) between them: the
+    gate is never open 2 s in a row (``steady_after_ms``), but once it has let through 1 s
+    (``noise_after_ms``) without a cry frame the floor climbs fast, so the hiss stops reaching the VAD
+    within about 2 s; with the slow climb alone it would take over 6 s."""
+    from scipy.signal import butter, lfilter
+
+    rng = np.random.default_rng(9)
+    b, a = butter(4, 4000 / (SR / 2), btype="high")
+
+    def hiss(seconds: float) -> np.ndarray:
+        x = lfilter(b, a, rng.normal(0, 1, int(seconds * SR)))
+        return (x / np.sqrt(np.mean(x**2)) * 10 ** (-45 / 20)).astype(np.float32)
+
+    gap = np.zeros(int(0.3 * SR), np.float32)
+    wav = np.concatenate([p for _ in range(10) for p in (hiss(1.5), gap)])
+    seg = Segmenter()
+    assert seg.process(wav) + seg.flush() == []
+    reached_s = seg.frames_vad * seg.settings.frame_ms / 1000
+    assert reached_s <= 3.0, f"the hiss reached the VAD for {reached_s:.1f} s"
