@@ -26,6 +26,7 @@ from cryid.daemon.config import MqttSettings
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
 from tests.fixtures.broker import Broker, Subscriber, free_port
+from tests.reliability.test_mqtt_faults import USERS, TlsBroker, acl_broker, tls_broker  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # starts mosquitto: not in `pytest -m "not slow"`
 
@@ -209,3 +210,62 @@ def test_paho_log_lines_with_a_cause_are_kept(caplog: pytest.LogCaptureFixture) 
     paho_log.error("failed to receive on socket: [Errno 104] Connection reset by peer")
     shown = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert shown == [("WARNING", "Caught exception in on_message: boom")]
+
+
+def test_a_refused_status_is_an_error_and_a_refused_event_a_warning(
+    acl_broker: Broker,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker's ACL does not let this user write the room (icu): the refused ``online`` probe is
+    logged as an error saying nothing will arrive; the first refused event as a warning saying it stays
+    in the outbox, with the back-off."""
+    caplog.set_level(logging.WARNING, logger="cryid.daemon.mqtt")
+    settings = _settings(
+        acl_broker.host, acl_broker.port, username="cryid-nursery", password=USERS["cryid-nursery"]
+    )
+    with Outbox.open(tmp_path) as outbox:
+        pub = MqttPublisher(settings, "icu", outbox)
+        pub.start()
+        try:
+            assert pub.wait_connected(10)
+            _wait(lambda: pub.refused >= 1)  # the status probe
+            outbox.add("e1", "episode", pub.event_topic("ada"), "{}")
+            _wait(lambda: pub.refused >= 2, pump=pub)
+        finally:
+            pub.stop()
+    refusals = [
+        (r.levelname, r.getMessage()) for r in caplog.records if "refused the publish" in r.getMessage()
+    ]
+    where = f"broker {acl_broker.host}:{acl_broker.port} refused the publish to"
+    tail = "user cryid-nursery may not publish under cryid/icu/; fix the broker's ACL or mqtt.username / room"
+    assert refusals[0] == (
+        "ERROR",
+        f"{where} cryid/icu/status (Not authorized): {tail}; nothing this daemon publishes will arrive",
+    )
+    assert refusals[1][0] == "WARNING"
+    assert re.fullmatch(
+        rf"{re.escape(where)} cryid/icu/baby/ada \(Not authorized\): {re.escape(tail)}; "
+        r"the event stays in the outbox \(2 refused so far\), retrying in \d+ s",
+        refusals[1][1],
+    ), refusals[1][1]
+
+
+def test_a_certificate_from_another_ca_is_fatal_and_logged_once_as_named(
+    tls_broker: TlsBroker,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cryid.daemon.mqtt")
+    settings = MqttSettings(host="localhost", port=tls_broker.tls_port, tls=True, ca_file=tls_broker.other_ca,
+                            reconnect_min_s=0.2, reconnect_max_s=0.5)  # fmt: skip
+    with Outbox.open(tmp_path) as outbox:
+        pub = MqttPublisher(settings, "ward1", outbox)
+        pub.start()
+        try:
+            _wait(lambda: pub.fatal_error is not None, timeout_s=10)
+        finally:
+            pub.stop()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors[0] == pub.fatal_error
+    assert pub.fatal_error.startswith(f"broker localhost:{tls_broker.tls_port}: certificate verify failed: ")
