@@ -63,6 +63,11 @@ def _sample(doc: dict[str, Any]) -> dict[str, Any]:
 WHERE = "infants[0] (baby ada)"
 
 
+def _garble(e: dict[str, Any]) -> None:
+    """One stray character in valid base64: lenient decoding would skip it and accept the file."""
+    e["vectors_f32le"] = e["vectors_f32le"][:8] + "*" + e["vectors_f32le"][8:]
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
@@ -78,7 +83,7 @@ WHERE = "infants[0] (baby ada)"
          f"{WHERE}.room: 'icu 2' is not a room name (1-64 letters, digits, '_', '-')"),
         (lambda d: d["infants"][0].update(samples={"0": {}}),
          f"{WHERE}.samples: must be a list of at most 1000 samples"),
-        (lambda d: _sample(d)["embeddings"].update(vectors_f32le="AAAA!AAA"),
+        (lambda d: _garble(_sample(d)["embeddings"]),
          f"{WHERE}.samples[0].embeddings.vectors_f32le: is not valid base64"),
     ],
     ids=["period", "embeddings", "span", "count", "room", "samples", "base64"],
