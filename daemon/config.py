@@ -144,7 +144,7 @@ class IdentifierSettings(StrictModel):
         description="Only for a model without calibration and min_margin unset: margin to name a baby.",
     )
     episode_gap_s: float = Field(
-        3.0, gt=0.0, le=600.0, description="Expirations closer than this belong to one crying episode."
+        3.0, gt=0.0, le=600.0, description="Expirations at most this far apart belong to one crying episode."
     )
     max_episode_s: float = Field(
         120.0, gt=0.0, le=3600.0, description="An episode is closed (final event) after this long at most."

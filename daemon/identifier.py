@@ -1,7 +1,7 @@
 """Identifier: embeddings of cry expirations -> which of the room's babies, per expiration and per episode.
 
 A plain synchronous stage. Each expiration's L2-normalised embedding joins the current crying episode
-(expirations less than ``episode_gap_s`` apart); a decision scores the re-normalised mean of the
+(expirations at most ``episode_gap_s`` apart); a decision scores the re-normalised mean of the
 episode's embeddings so far against the room's references (:class:`~cryid.models.scoring.ReferenceSet`):
 best, runner-up, margin, and, with a calibrated model, the probability that the best baby is the one
 crying given how many babies the room has (:class:`~cryid.models.calibration.Calibration`). A baby is
