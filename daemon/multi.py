@@ -48,14 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from cryid.daemon.config import Settings
 from cryid.daemon.events import SourceStats, Stats
 from cryid.daemon.flatness import FlatDetector
 from cryid.daemon.fusion import RoomPipeline
-from cryid.daemon.metrics import MetricsServer, MetricsSettings
+from cryid.daemon.metrics import MetricsServer, MetricsSettings, RoomsMetrics
 from cryid.daemon.mqtt import OFFLINE, ONLINE, MqttPublisher
 from cryid.daemon.outbox import Outbox
 from cryid.daemon.service import Notifier, RegistryLike, Service, load_embedder, reload_settings
@@ -375,62 +373,6 @@ def room_prefix(settings: Settings, room: str, several: bool) -> str:
     if several and settings.mqtt.topic_prefix:
         return f"{settings.mqtt.topic_prefix.rstrip('/')}/{room}"
     return settings.mqtt.prefix(room)
-
-
-PER_SOURCE = ("cryid_source_up", "cryid_source_flat", "cryid_mic_level_dbfs", "cryid_source_flats",
-              "cryid_source_reopens")  # fmt: skip
-"""Families reported per source (labels ``room``, ``source``) instead of per room."""
-
-
-class RoomsMetrics:
-    """``/metrics`` of several rooms: every room's registry with a ``room`` label, the source figures per
-    source. Collected at each scrape (a custom collector: one family per name, whatever the rooms)."""
-
-    def __init__(self, rooms: Sequence[RoomService]) -> None:
-        self.rooms = list(rooms)
-        self.registry = CollectorRegistry()
-        self.registry.register(self)  # type: ignore[arg-type]
-
-    def collect(self) -> list[Metric]:
-        families: dict[str, Metric] = {}
-        for r in self.rooms:
-            room = r.settings.room
-            for fam in r.plug.metrics.registry.collect():
-                if fam.name in PER_SOURCE:
-                    continue
-                out = families.get(fam.name)
-                if out is None:
-                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                for smp in fam.samples:
-                    labels = smp.labels if "room" in smp.labels else {"room": room, **smp.labels}
-                    out.add_sample(smp.name, labels, smp.value, smp.timestamp, smp.exemplar)
-        labels = ["room", "source"]
-        up = GaugeMetricFamily("cryid_source_up", "1 while the source delivers real audio.", labels=labels)
-        flat = GaugeMetricFamily("cryid_source_flat", "1 while the source is a flat line.", labels=labels)
-        level = GaugeMetricFamily(
-            "cryid_mic_level_dbfs", "RMS input level of the source's last second, dBFS.", labels=labels
-        )
-        flats = CounterMetricFamily(
-            "cryid_source_flats", "Times the source went flat (silence, constant, clipped).", labels=labels
-        )
-        reopens = CounterMetricFamily(
-            "cryid_source_reopens", "Times the source failed or went flat and was reopened.", labels=labels
-        )
-        for r in self.rooms:
-            for run in r.runners:
-                key = [r.settings.room, run.name]
-                works = run.failure() is None and not run.ended
-                up.add_metric(key, 1.0 if works and run.flat.state != "flat" else 0.0)
-                flat.add_metric(key, 1.0 if run.flat.state == "flat" else 0.0)
-                db = run.flat.level_dbfs()
-                if db is not None:
-                    level.add_metric(key, round(db, 1))
-                flats.add_metric(key, run.flats)
-                reopens.add_metric(key, run.outages)
-        return [*families.values(), up, flat, level, flats, reopens]
-
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class MultiService:
