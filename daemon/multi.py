@@ -441,7 +441,12 @@ class MultiService:
                 callback(event_id)
 
     def _changed(self) -> None:
+        """The client (dis)connected, failed for good, or freed a slot with events waiting: the daemon's loop
+        pumps the shared outbox and wakes the rooms when the connection changed (not at every PUBACK: one
+        pump serves every room, 64 rooms' loops woken per PUBACK cost more than their events)."""
         self._wake.set()
+
+    def _tell_rooms(self) -> None:
         for r in self.rooms:
             callback = r.publisher.on_change
             if callback is not None:
@@ -490,14 +495,20 @@ class MultiService:
             t.start()
         self.notifier.notify("READY=1")
         seen = 0
+        link: tuple[Any, ...] = ()
         next_dog = time.monotonic()
         while any(t.is_alive() for t in threads):
             self._wake.clear()
             if self._reload.is_set():
                 self._do_reload()
+            now_link = (self.publisher.connected, self.publisher.connects, self.publisher.fatal_error)
+            if now_link != link:
+                link = now_link
+                self._tell_rooms()
             if self.publisher.connected and self.publisher.connects != seen:
                 seen = self.publisher.connects
                 self._status(ONLINE)
+            self.publisher.pump()
             now = time.monotonic()
             if self.notifier.watchdog_s and now >= next_dog:
                 if all(now - r.counters.heartbeat < 10.0 for r in self.rooms):
