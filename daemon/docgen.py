@@ -313,7 +313,7 @@ def render_payloads() -> str:
     for t in topics:
         payload = _link(t.payload) if t.payload else "plain text: " + " / ".join(code(v) for v in t.values)
         retained = "yes" if t.retained else "no"
-        rows.append([code(f"<prefix>/{t.path}"), payload, retained, t.sent_by, t.meaning])
+        rows.append([code(t.name), payload, retained, t.sent_by, t.meaning])
     lines += table(["topic", "payload", "retained", "sent by", "meaning"], rows)
 
     order: list[type[BaseModel]] = []
@@ -324,7 +324,7 @@ def render_payloads() -> str:
                     order.append(m)
     lines += ["", "## Payloads"]
     for model in order:
-        on = [code(f"<prefix>/{t.path}") for t in topics if t.payload is model]
+        on = [code(t.name) for t in topics if t.payload is model]
         lines += ["", f"### {model.__name__}", ""]
         doc = markdown_of_docstring(model.__doc__)
         lines += [doc, ""] if doc else []

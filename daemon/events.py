@@ -193,6 +193,12 @@ class Topic:
     sent_by: str
     payload: type[BaseModel] | None = None  # a JSON payload; None: plain text, one of ``values``
     values: tuple[str, ...] = ()
+    full: str | None = None  # the whole topic, for one that is not under ``<prefix>/``
+
+    @property
+    def name(self) -> str:
+        """The topic as the reference writes it: ``<prefix>/<path>``, or its ``full`` name."""
+        return self.full or f"<prefix>/{self.path}"
 
 
 def topics() -> tuple[Topic, ...]:
@@ -200,8 +206,13 @@ def topics() -> tuple[Topic, ...]:
     from cryid.daemon.feedback import CommandResult, ConfirmCommand, RejectCommand, UndoCommand
 
     return (
-        Topic("status", "Availability of the daemon; `offline` is also its last will.", True, "daemon",
+        Topic("status", "Availability of the daemon; `offline` is also its last will (several rooms in one "
+              "daemon: `offline` at a clean stop, the last will is `<base>/status`).", True, "daemon",
               values=("online", "offline")),
+        Topic("status", "Several rooms in one daemon (`[[sources]]`) only: availability of the daemon "
+              "process and its connection's last will; `<base>` is `mqtt.topic_prefix`, else `cryid`. A room "
+              "is live while its `<prefix>/status` and this topic are both `online`.", True, "daemon",
+              values=("online", "offline"), full="<base>/status"),
         Topic("baby/<baby_id>", "A cry event for a cry identified as that baby (one topic per enrolled "
               "baby, so a dashboard can follow one infant).", False, "daemon", CryEvent),
         Topic("unknown", "A cry event for a cry that matches no enrolled baby of the room well enough; it "
@@ -233,6 +244,10 @@ def json_schemas() -> dict[str, Any]:
 
     return {
         "<prefix>/status": {"type": "string", "enum": ["online", "offline"], "description": "Retained."},
+        "<base>/status": {
+            "type": "string", "enum": ["online", "offline"],
+            "description": "Retained; several rooms in one daemon: the daemon's availability and last will.",
+        },
         "<prefix>/baby/<baby_id> and <prefix>/unknown": CryEvent.model_json_schema(),
         "<prefix>/stats": Stats.model_json_schema(),
         **command_schemas(),  # <prefix>/cmd/confirm|reject|undo (from nurses) and cmd/result

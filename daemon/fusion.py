@@ -13,6 +13,10 @@ microphone heard it at. A cry is decided once every source still delivering audi
 ``MAX_SKEW_S`` behind the others holds nothing back); a microphone that reports it after that is a late
 duplicate and is dropped (counted in :attr:`RoomPipeline.duplicates`). With one source nothing waits.
 
+Each expiration event carries its stage stamps (:mod:`cryid.daemon.stages`) from the chunk of the source
+that heard it; with several sources ``detected_to_embedded`` includes the wait for the room's other
+microphones (``same_cry_ms`` and their hang-over past the cry).
+
 Thread-free like :class:`LivePipeline`: the service feeds it from one thread, ``apply`` from any.
 """
 
@@ -31,6 +35,7 @@ import numpy as np
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.identifier import Identification
 from cryid.daemon.live import EmbedderLike, LivePipeline, Observer, Output, PipelineHealth
+from cryid.daemon.stages import StageStamps
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.config import SegmenterSettings
 from cryid.models.pipeline import EmbeddedExpiration
@@ -50,6 +55,7 @@ class _Heard:
     source: int
     expiration: Expiration  # in room samples
     snr_db: float  # level over the source's noise floor
+    stamps: StageStamps  # heard, read, detected (cryid.daemon.stages)
 
 
 @dataclass
@@ -115,9 +121,18 @@ class RoomPipeline(LivePipeline):
     def samples_of(self, i: int) -> int:
         return self._segs[i].samples_seen
 
-    def feed_from(self, i: int, samples: np.ndarray, room_start: int | None = None) -> list[Output]:
+    @property
+    def gate_shut_s(self) -> float:
+        """Seconds every source still delivering has had its gate shut: how long the room has been quiet."""
+        live = [seg.gate_shut_s for seg, ended in zip(self._segs, self._ended, strict=True) if not ended]
+        return min(live) if live else 0.0
+
+    def feed_from(
+        self, i: int, samples: np.ndarray, room_start: int | None = None, read_at: float | None = None
+    ) -> list[Output]:
         """A chunk of source ``i``; ``room_start``: the room sample its first sample is at (None: right
-        after the source's previous chunk)."""
+        after the source's previous chunk); ``read_at``: ``time.monotonic()`` when the source delivered it
+        (the events' stage stamps start there, as in :meth:`LivePipeline.feed`)."""
         self._drain()
         t0 = time.perf_counter()
         samples = np.asarray(samples, dtype=np.float32)
@@ -125,8 +140,15 @@ class RoomPipeline(LivePipeline):
         if room_start is not None:
             self._offset[i] = int(room_start) - seg.samples_seen
         bad = seg.nonfinite_samples
-        for exp in seg.process(samples):
-            self._heard(i, exp)
+        exps = seg.process(samples)
+        if exps:
+            detected = time.monotonic()
+            for exp in exps:
+                stamps = StageStamps(detected=detected)
+                if read_at is not None:  # the chunk ends at samples_seen: its last sample was heard then
+                    heard = read_at - (seg.samples_seen - exp.end_sample) / SAMPLE_RATE
+                    stamps = stamps.at(audio_end=heard, read=read_at)
+                self._heard(i, exp, stamps)
         bad = seg.nonfinite_samples - bad
         if bad:
             samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
@@ -147,7 +169,7 @@ class RoomPipeline(LivePipeline):
         if self._ended[i]:
             return []
         for exp in self._segs[i].flush():
-            self._heard(i, exp)
+            self._heard(i, exp, StageStamps(detected=time.monotonic()))
         self._ended[i] = True
         return self._decide()
 
@@ -157,7 +179,7 @@ class RoomPipeline(LivePipeline):
         for i in range(len(self._segs)):
             if not self._ended[i]:
                 for exp in self._segs[i].flush():
-                    self._heard(i, exp)
+                    self._heard(i, exp, StageStamps(detected=time.monotonic()))
                 self._ended[i] = True
         out = self._decide(everything=True)
         return out + self._outputs(self._identifier.flush())
@@ -166,10 +188,10 @@ class RoomPipeline(LivePipeline):
     def _window(self) -> int:
         return self.identifier_settings.same_cry_ms * SAMPLE_RATE // 1000
 
-    def _heard(self, i: int, exp: Expiration) -> None:
+    def _heard(self, i: int, exp: Expiration, stamps: StageStamps) -> None:
         off = self._offset[i]
         e = dataclasses.replace(exp, start_sample=exp.start_sample + off, end_sample=exp.end_sample + off)
-        heard = _Heard(i, e, float(exp.level_dbfs) - self._segs[i].noise_floor_dbfs)
+        heard = _Heard(i, e, float(exp.level_dbfs) - self._segs[i].noise_floor_dbfs, stamps)
         w = self._window()
         if len(self._segs) > 1 and any(c.near(e.start_sample, e.end_sample, w) for c in self._recent):
             self.duplicates += 1  # heard after the cry was decided without this microphone
@@ -237,14 +259,20 @@ class RoomPipeline(LivePipeline):
             except ValueError as exc:  # one bad expiration must not stop the ward's daemon
                 logger.error("expiration at %.2f s skipped: %s", exp.start_sample / SAMPLE_RATE, exc)
                 continue
+            stamps = h.stamps.at(embedded=time.monotonic())
             self.health.expiration()
             if self.observer is not None:
                 self.observer.embedded(time.perf_counter() - t0)
-            out += self._outputs(self._identifier.process(EmbeddedExpiration(exp, emb)), levels)
+            out += self._outputs(self._identifier.process(EmbeddedExpiration(exp, emb)), stamps, levels)
         return out
 
-    def _outputs(self, results: list[Identification], levels: dict[str, float] | None = None) -> list[Output]:
-        out = super()._outputs(results)
+    def _outputs(
+        self,
+        results: list[Identification],
+        stamps: StageStamps | None = None,
+        levels: dict[str, float] | None = None,
+    ) -> list[Output]:
+        out = super()._outputs(results, stamps)
         if len(self._segs) == 1:
             return out
         fixed = []
@@ -257,5 +285,5 @@ class RoomPipeline(LivePipeline):
                 lv = levels
             else:
                 lv = self._levels.pop(ep, None)
-            fixed.append(Output(o.identification, o.event.model_copy(update={"levels_dbfs": lv})))
+            fixed.append(Output(o.identification, o.event.model_copy(update={"levels_dbfs": lv}), o.stamps))
         return fixed

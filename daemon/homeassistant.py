@@ -12,9 +12,11 @@ announces ``online`` on ``<discovery_prefix>/status`` (it lost its retained stat
   (``<prefix>/unknown``), ``sensor`` *microphone* (``ok``/``flat``/``down`` on ``<prefix>/status/source``)
   and ``sensor`` *level* (``input_level_dbfs`` of ``<prefix>/stats``).
 
-Every entity is available while ``<prefix>/status`` is ``online``. A baby that leaves the roster
-(removed, discharged, moved) has its configs deleted by an empty retained payload; the topics published
-are remembered in ``<state_dir>/homeassistant.json`` so this works across restarts too.
+Every entity is available while ``<prefix>/status`` is ``online`` (several rooms in one daemon: and the
+daemon's own ``status``, the connection's last will, see :mod:`cryid.daemon.multi`). A baby that leaves
+the roster (removed, discharged, moved) has its configs deleted by an empty retained payload; the topics
+published are remembered in ``<state_dir>/homeassistant.json`` (several rooms:
+``<state_dir>/rooms/<room>/``) so this works across restarts too.
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ class Discovery:
         episode_gap_s: float,
         state_dir: Path | None = None,
         sw_version: str = "",
+        daemon_status_topic: str | None = None,
     ) -> None:
         self.settings = settings
+        self.daemon_status_topic = daemon_status_topic  # several rooms: the daemon's status (its last will)
         self.room = room
         self.prefix = topic_prefix
         self.node = f"cryid_{room}"
@@ -94,15 +98,13 @@ class Discovery:
         return f"{self.settings.discovery_prefix}/{component}/{self.node}/{obj}/config"
 
     def _common(self, obj: str, name: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "unique_id": f"{self.node}_{obj}",
-            "device": self.device,
-            "availability_topic": f"{self.prefix}/status",
-            "payload_available": "online",
-            "payload_not_available": "offline",
-            "qos": 1,
-        }
+        common: dict[str, Any] = {"name": name, "unique_id": f"{self.node}_{obj}", "device": self.device}
+        if self.daemon_status_topic is None:
+            common["availability_topic"] = f"{self.prefix}/status"
+        else:  # available while the room and the daemon (whose last will it is) are both online
+            common["availability"] = [{"topic": f"{self.prefix}/status"}, {"topic": self.daemon_status_topic}]
+            common["availability_mode"] = "all"
+        return common | {"payload_available": "online", "payload_not_available": "offline", "qos": 1}
 
     def baby_configs(self, baby_id: str) -> list[tuple[str, dict[str, Any]]]:
         obj = object_id(baby_id)

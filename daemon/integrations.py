@@ -70,8 +70,9 @@ class Integrations:
         self.discovery: Discovery | None = None
         if ha_settings.enabled:
             self.discovery = Discovery(
-                ha_settings, room, publisher.prefix, episode_gap_s, state_dir, sw_version=_version()
-            )
+                ha_settings, room, publisher.prefix, episode_gap_s, state_dir, sw_version=_version(),
+                daemon_status_topic=getattr(publisher, "daemon_status_topic", None),
+            )  # fmt: skip
         self.server: MetricsServer | None = None
         if metrics_settings.port is not None:
             self.server = MetricsServer(metrics_settings, self.metrics, self.health)

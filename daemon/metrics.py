@@ -12,6 +12,9 @@ Names (all ``cryid_``): counters ``expirations_total``, ``events_total{kind,deci
 ``publish_latency_seconds{kind}`` (end of the expiration's audio arriving from the source to its
 PUBLISH), ``embed_seconds`` (one expiration through the ONNX embedder) and ``stage_seconds{step}``
 (each step of an expiration event, from the moment its last sample was heard to the PUBACK).
+
+Several rooms in one daemon (:mod:`cryid.daemon.multi`): :class:`RoomsMetrics` serves every room's
+registry with a ``room`` label, and the source figures per source (labels ``room`` and ``source``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -32,6 +35,7 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import Field
 
 from cryid.models.errors import SettingsError
@@ -134,6 +138,62 @@ class Metrics:
         got = self._waiting.pop(event_id, None)
         if got is not None:
             self.latency.labels(got[0]).observe(max(0.0, now - got[1]))
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+PER_SOURCE = ("cryid_source_up", "cryid_source_flat", "cryid_mic_level_dbfs", "cryid_source_flats",
+              "cryid_source_reopens")  # fmt: skip
+"""Families reported per source (labels ``room``, ``source``) instead of per room."""
+
+
+class RoomsMetrics:
+    """``/metrics`` of several rooms: every room's registry with a ``room`` label, the source figures per
+    source. Collected at each scrape (a custom collector: one family per name, whatever the rooms)."""
+
+    def __init__(self, rooms: Sequence[Any]) -> None:  # cryid.daemon.multi.RoomService
+        self.rooms = list(rooms)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> list[Metric]:
+        families: dict[str, Metric] = {}
+        for r in self.rooms:
+            room = r.settings.room
+            for fam in r.plug.metrics.registry.collect():
+                if fam.name in PER_SOURCE:
+                    continue
+                out = families.get(fam.name)
+                if out is None:
+                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                for smp in fam.samples:
+                    labels = smp.labels if "room" in smp.labels else {"room": room, **smp.labels}
+                    out.add_sample(smp.name, labels, smp.value, smp.timestamp, smp.exemplar)
+        labels = ["room", "source"]
+        up = GaugeMetricFamily("cryid_source_up", "1 while the source delivers real audio.", labels=labels)
+        flat = GaugeMetricFamily("cryid_source_flat", "1 while the source is a flat line.", labels=labels)
+        level = GaugeMetricFamily(
+            "cryid_mic_level_dbfs", "RMS input level of the source's last second, dBFS.", labels=labels
+        )
+        flats = CounterMetricFamily(
+            "cryid_source_flats", "Times the source went flat (silence, constant, clipped).", labels=labels
+        )
+        reopens = CounterMetricFamily(
+            "cryid_source_reopens", "Times the source failed or went flat and was reopened.", labels=labels
+        )
+        for r in self.rooms:
+            for run in r.runners:
+                key = [r.settings.room, run.name]
+                works = run.failure() is None and not run.ended
+                up.add_metric(key, 1.0 if works and run.flat.state != "flat" else 0.0)
+                flat.add_metric(key, 1.0 if run.flat.state == "flat" else 0.0)
+                db = run.flat.level_dbfs()
+                if db is not None:
+                    level.add_metric(key, round(db, 1))
+                flats.add_metric(key, run.flats)
+                reopens.add_metric(key, run.outages)
+        return [*families.values(), up, flat, level, flats, reopens]
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

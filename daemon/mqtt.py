@@ -80,12 +80,14 @@ _paho_logger.addFilter(_PahoNoise())
 class MqttPublisher:
     """Publishes the outbox, availability and stats to one broker."""
 
-    def __init__(self, settings: MqttSettings, room: str, outbox: Outbox) -> None:
+    def __init__(
+        self, settings: MqttSettings, room: str, outbox: Outbox, status_topic: str | None = None
+    ) -> None:
         self.settings = settings
         self.room = room
         self.prefix = settings.prefix(room)
         self.outbox = outbox
-        self.status_topic = f"{self.prefix}/status"
+        self.status_topic = status_topic or f"{self.prefix}/status"  # online at connect, the last will
         self.stats_topic = f"{self.prefix}/stats"
         self.fatal_error: str | None = None
         self.ever_connected = False
@@ -113,7 +115,7 @@ class MqttPublisher:
         self.on_event_published: Callable[[str], None] | None = None  # first PUBLISH of a stored event
         self.on_event_acknowledged: Callable[[str], None] | None = None  # its PUBACK (paho's thread)
         self.on_change: Callable[[], None] | None = None  # connected, disconnected, fatal, more to pump
-        self._subscriptions: list[str] = []  # (re)subscribed on every connect (HA's status)
+        self._subscriptions: dict[str, list[Callable[[str, bytes], None]]] = {}  # topic -> callbacks
         self._fails = 0  # failed connection attempts in a row (for the log)
 
     # topics ---------------------------------------------------------------------------------
@@ -454,8 +456,23 @@ class MqttPublisher:
         return self._publish(topic, payload, 1, True, None)
 
     def subscribe(self, topic: str, callback: Callable[[str, bytes], None]) -> None:
-        """Subscribe (now and after every reconnect); ``callback(topic, payload)`` runs in paho's thread."""
-        self._subscriptions.append(topic)
-        self._client.message_callback_add(topic, lambda _c, _u, msg: callback(msg.topic, bytes(msg.payload)))
+        """Subscribe (now and after every reconnect); ``callback(topic, payload)`` runs in paho's thread.
+        Several callbacks of one topic (the rooms of one daemon each follow HA's status) all get every
+        message: paho keeps one callback per topic filter, so that one hands each message to them all."""
+        callbacks = self._subscriptions.get(topic)
+        if callbacks is not None:
+            callbacks.append(callback)
+            return
+        callbacks = self._subscriptions[topic] = [callback]
+
+        def dispatch(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            payload = bytes(msg.payload)
+            for cb in list(callbacks):
+                try:
+                    cb(msg.topic, payload)
+                except Exception:  # paho's thread: one room's callback must not starve the others
+                    logger.exception("handling a message on %s failed", msg.topic)
+
+        self._client.message_callback_add(topic, dispatch)
         if self._connected.is_set():
             self._client.subscribe(topic, qos=1)

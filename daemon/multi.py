@@ -9,8 +9,27 @@ room's :class:`~cryid.daemon.fusion.RoomPipeline` turns what the room's micropho
 identification per cry. The embedder (one onnxruntime session), the registry, the outbox and the MQTT
 client are shared by every room; each room publishes under its own prefix (``cryid/<room>``, or
 ``<mqtt.topic_prefix>/<room>`` when a prefix is set) through a :class:`RoomPublisher` view of the one
-client. The connection's last will marks the first room offline; the other rooms' ``status`` topics are
-published ``online`` at every connection and ``offline`` at a clean stop.
+client; the client's callbacks (PUBLISH handed, PUBACK, (dis)connected) reach every room.
+
+Availability: MQTT gives a connection one last will. With one room it is the room's ``status`` (as for
+``cryid run`` without ``[[sources]]``). With several rooms it is the daemon's own retained
+``<base>/status`` (``<base>``: ``mqtt.topic_prefix``, else ``cryid``; ``online`` at every connection,
+``offline`` at a clean stop and as the will); each room's ``<prefix>/status`` is published ``online`` at
+every connection and ``offline`` at a clean stop, and a room is live while both are ``online`` (Home
+Assistant's entities list both topics, ``availability_mode: all``). One connection per room, each with its
+own will, does not work with the shipped broker configuration, which ties client ids to users.
+
+Every room gets what the latency work gives the single-room daemon: its reader threads hand on when each
+chunk was read, so the events carry their stage stamps and the room's stats their ``stages``; the room's
+sources read ``source.quiet_chunk_ms`` blocks once every source's gate has been shut ``QUIET_AFTER_S``
+(and go back to chunks, cutting the blocks being read short, when one opens); the pipeline thread blocks
+on its queue and each room's main thread sleeps until something happens (an event stored, a PUBACK, a
+command, a signal) or a duty is due; each main thread fsyncs the shared outbox after its room's events.
+
+``metrics.port``: one server for the daemon; ``/metrics`` holds every room's figures with a ``room``
+label, and per source (``source`` label) ``cryid_source_up``, ``cryid_source_flat``,
+``cryid_mic_level_dbfs``, ``cryid_source_flats_total`` and ``cryid_source_reopens_total``; ``/healthz``
+is ``200 ok`` while every room is healthy, else ``503`` naming each room that is not.
 
 Faults stay local: a source that fails is reported (per source in the stats, ``status/source`` of the
 room when all its sources are down) and, for a microphone, reopened with back-off; a microphone that
@@ -34,11 +53,10 @@ from cryid.daemon.config import Settings
 from cryid.daemon.events import SourceStats, Stats
 from cryid.daemon.flatness import FlatDetector
 from cryid.daemon.fusion import RoomPipeline
-from cryid.daemon.metrics import MetricsSettings
+from cryid.daemon.metrics import MetricsServer, MetricsSettings, RoomsMetrics
 from cryid.daemon.mqtt import OFFLINE, ONLINE, MqttPublisher
 from cryid.daemon.outbox import Outbox
-from cryid.daemon.roomfeed import RoomFeed
-from cryid.daemon.service import Notifier, RegistryLike, Service, load_embedder
+from cryid.daemon.service import Notifier, RegistryLike, Service, load_embedder, reload_settings
 from cryid.daemon.sourcelist import ResolvedSource, SourcesError, resolve_sources, rooms_of
 from cryid.daemon.sources import AudioChunk, SourceSettings, SourceState, make_source
 from cryid.models.audio import SAMPLE_RATE
@@ -63,6 +81,7 @@ class SourceRunner:
         self.error: str | None = None  # the last exception of the source (None while it works)
         self.ended = False
         self.reopens = 0  # flat-line reopens (a MicSource counts its own failures in state.outages)
+        self.flats = 0  # times the source went flat
         self.offset: int | None = None  # room sample of the source's sample 0
 
     def failure(self) -> str | None:
@@ -95,6 +114,7 @@ class SourceRunner:
         after every further ``flat_timeout_s``)."""
         changed = self.flat.process(samples)
         if changed == "flat":
+            self.flats += 1
             logger.warning("source %s flat: %s", self.name, self.flat.describe())
         elif changed == "ok":
             logger.warning("source %s delivers sound again after a flat line", self.name)
@@ -138,6 +158,13 @@ class SourceGroup:
             self._state = SourceState(ok=len(down) < len(self.runners), message=message, outages=key[1])
         return self._state
 
+    def set_quiet(self, block_ms: int) -> None:
+        """The room is quiet (``block_ms`` > 0) or not (0): every source reads blocks, or chunks again."""
+        for r in self.runners:
+            set_quiet = getattr(r.source, "set_quiet", None)
+            if set_quiet is not None:
+                set_quiet(block_ms)
+
     def close(self) -> None:
         for r in self.runners:
             try:
@@ -157,24 +184,22 @@ class _QuietNotifier(Notifier):
 class RoomPublisher:
     """One room's view of the shared :class:`MqttPublisher`: its own prefix, topics and commands."""
 
-    def __init__(self, real: MqttPublisher, room: str, prefix: str) -> None:
+    def __init__(
+        self, real: MqttPublisher, room: str, prefix: str, daemon_status_topic: str | None = None
+    ) -> None:
         self._real = real
         self.room = room
         self.prefix = prefix
         self.status_topic = f"{prefix}/status"
         self.stats_topic = f"{prefix}/stats"
-        self.event_published: Callable[[str], None] | None = None
+        self.daemon_status_topic = daemon_status_topic  # several rooms: the connection's will is there
+        # the room's hooks; MultiService hands each of the shared client's calls to every room's
+        self.on_event_published: Callable[[str], None] | None = None
+        self.on_event_acknowledged: Callable[[str], None] | None = None
+        self.on_change: Callable[[], None] | None = None
 
     def __getattr__(self, name: str) -> Any:  # connected, fatal_error, pump, publish_retained, ...
         return getattr(self._real, name)
-
-    @property
-    def on_event_published(self) -> Callable[[str], None] | None:
-        return self.event_published
-
-    @on_event_published.setter
-    def on_event_published(self, callback: Callable[[str], None] | None) -> None:
-        self.event_published = callback
 
     def event_topic(self, baby_id: str | None) -> str:
         return f"{self.prefix}/baby/{baby_id}" if baby_id else f"{self.prefix}/unknown"
@@ -221,10 +246,13 @@ class RoomService(Service):
         self.pipeline = self.room_pipeline
         self.counters = self.pipeline.health
         self.notifier = _QuietNotifier()
-        room_dir = Path(settings.state_dir).expanduser() / "rooms" / settings.room
-        room_dir.mkdir(parents=True, exist_ok=True)
-        self.dashboard = RoomFeed(publisher, settings.room, settings.dashboard.crying_timeout_s, room_dir)  # type: ignore[arg-type]
         self._t0 = time.monotonic()
+
+    def _room_dir(self) -> Path:
+        """``<state_dir>/rooms/<room>``: each room's dashboard state and Home Assistant roster file."""
+        room_dir = Path(self.settings.state_dir).expanduser() / "rooms" / self.settings.room
+        room_dir.mkdir(parents=True, exist_ok=True)
+        return room_dir
 
     def _reader(self) -> None:
         self._t0 = time.monotonic()
@@ -256,15 +284,15 @@ class RoomService(Service):
                     continue
                 r.error = None
                 samples = chunk.samples * np.float32(r.gain) if r.gain != 1.0 else chunk.samples
-                room_start = r.anchor(chunk, time.monotonic() - self._t0)
-                self.plug.audio_arrived(AudioChunk(samples, room_start))
+                room_start = r.anchor(chunk, chunk.read_at - self._t0)
+                self.plug.audio_arrived(AudioChunk(samples, room_start, read_at=chunk.read_at))
                 r.check_flat(samples)
-                self._put((r.index, samples, room_start))
+                self._put((r.index, samples, room_start, chunk.read_at))
         finally:
             r.ended = True
-            self._put((r.index, None, None))
+            self._put((r.index, None, None, None))
 
-    def _put(self, item: tuple[int, np.ndarray | None, int | None]) -> None:
+    def _put(self, item: tuple[int, np.ndarray | None, int | None, float | None]) -> None:
         while True:
             try:
                 self.queue.put(item, timeout=0.2)
@@ -279,16 +307,15 @@ class RoomService(Service):
         ended = 0
         try:
             while ended < len(self.runners):
-                health.beat()
-                try:
-                    i, samples, room_start = self.queue.get(timeout=0.5)
-                except queue.Empty:
-                    continue
+                health.waiting()
+                i, samples, room_start, read_at = self.queue.get()  # no time-out: every reader ends with
+                health.beat()  # ... its (i, None, None, None)
                 if samples is None:
                     ended += 1
                     outputs = pipeline.end_of(i)
                 else:
-                    outputs = pipeline.feed_from(i, samples, room_start)
+                    outputs = pipeline.feed_from(i, samples, room_start, read_at)
+                self._quiet_reads()
                 t0 = time.perf_counter()
                 for out in outputs:
                     self._emit(out)
@@ -301,6 +328,7 @@ class RoomService(Service):
             self.fatal = f"pipeline of room {self.settings.room} failed: {exc}"
         finally:
             self._pipeline_done.set()
+            self._wake.set()
 
     def stats(self) -> Stats:
         pipeline = self.room_pipeline
@@ -335,6 +363,11 @@ class RoomService(Service):
         self.source.close()  # type: ignore[attr-defined]
 
 
+def daemon_status_topic(settings: Settings) -> str:
+    """``<base>/status`` of a daemon of several rooms (``<base>``: ``mqtt.topic_prefix``, else ``cryid``)."""
+    return f"{settings.mqtt.topic_prefix.rstrip('/') or 'cryid'}/status"
+
+
 def room_prefix(settings: Settings, room: str, several: bool) -> str:
     """``cryid/<room>``; with a ``mqtt.topic_prefix`` and several rooms, ``<topic_prefix>/<room>``."""
     if several and settings.mqtt.topic_prefix:
@@ -352,16 +385,28 @@ class MultiService:
         publisher: MqttPublisher,
         registry: Any,
         outbox: Outbox,
+        config_file: Path | None = None,
     ) -> None:
         self.settings = settings
         self.rooms = list(rooms)
         self.publisher = publisher
         self.registry = registry
         self.outbox = outbox
+        self.config_file = config_file
         self.notifier = Notifier()
         self.codes: dict[str, int] = {}
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._wake = threading.Event()  # a room ended, the broker (dis)connected, a signal
+        # several rooms: the client's status topic is the daemon's own (its last will), the rooms' are ours
+        self.room_status = len(self.rooms) > 1
+        self.metrics = RoomsMetrics(self.rooms)
+        self.server: MetricsServer | None = None
+        if settings.metrics.port is not None:
+            self.server = MetricsServer(settings.metrics, self.metrics, self.health)  # type: ignore[arg-type]
+        publisher.on_event_published = self._published
+        publisher.on_event_acknowledged = self._acknowledged
+        publisher.on_change = self._changed
 
     @property
     def fatal(self) -> str | None:
@@ -369,32 +414,68 @@ class MultiService:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         for r in self.rooms:
             r.request_stop()
 
     def request_reload(self) -> None:
-        for r in self.rooms:
-            r.request_reload()
+        self._reload.set()
+        self._wake.set()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
 
-    def _published(self, event_id: str) -> None:  # paho's or a room's thread: each room's latency metric
+    # the shared client's hooks, handed to every room (paho's thread, or whoever pumps) ----------------
+    def _published(self, event_id: str) -> None:
         for r in self.rooms:
             callback = r.publisher.on_event_published
             if callback is not None:
                 callback(event_id)
 
+    def _acknowledged(self, event_id: str) -> None:
+        for r in self.rooms:
+            callback = r.publisher.on_event_acknowledged
+            if callback is not None:
+                callback(event_id)
+
+    def _changed(self) -> None:
+        """The client (dis)connected, failed for good, or freed a slot with events waiting: the daemon's loop
+        pumps the shared outbox and wakes the rooms when the connection changed (not at every PUBACK: one
+        pump serves every room, 64 rooms' loops woken per PUBACK cost more than their events)."""
+        self._wake.set()
+
+    def _tell_rooms(self) -> None:
+        for r in self.rooms:
+            callback = r.publisher.on_change
+            if callback is not None:
+                callback()
+
+    def health(self) -> str | None:
+        """HTTP thread: None while every room is healthy, else each unhealthy room and why."""
+        bad = [f"room {r.settings.room}: {why}" for r in self.rooms if (why := r.plug.health()) is not None]
+        return "; ".join(bad) or None
+
     def _status(self, payload: str) -> None:
-        for r in self.rooms[1:]:  # the first room's status is the connection's own (and its last will)
-            self.publisher.publish_retained(r.publisher.status_topic, payload)
+        if self.room_status:
+            for r in self.rooms:
+                self.publisher.publish_retained(r.publisher.status_topic, payload)
+
+    def _do_reload(self) -> None:
+        """SIGHUP: read the configuration once, warn once, hand it to every room (registry re-read too)."""
+        self._reload.clear()
+        logger.info("SIGHUP: reloading configuration and registry")
+        new = reload_settings(self.config_file, self.settings) or self.settings
+        for r in self.rooms:
+            r.request_reload(new)
 
     def run(self) -> int:
         """Run every room until stopped or every source has ended; the worst room's exit status."""
-        self.publisher.on_event_published = self._published
         self.publisher.start()
+        if self.server is not None:
+            threading.Thread(target=self.server.serve_forever, name="cryid-metrics", daemon=True).start()
+            logger.info("metrics of %d rooms on http://%s/metrics", len(self.rooms), self.server.address)
         threads = []
         for r in self.rooms:
 
@@ -404,6 +485,8 @@ class MultiService:
                 except Exception:  # thread boundary: the other rooms go on; the exit status says it
                     logger.exception("room %s failed", room.settings.room)
                     self.codes[room.settings.room] = 1
+                finally:
+                    self._wake.set()
 
             threads.append(
                 threading.Thread(target=run_room, name=f"cryid-room-{r.settings.room}", daemon=True)
@@ -412,23 +495,37 @@ class MultiService:
             t.start()
         self.notifier.notify("READY=1")
         seen = 0
+        link: tuple[Any, ...] = ()
         next_dog = time.monotonic()
         while any(t.is_alive() for t in threads):
+            self._wake.clear()
+            if self._reload.is_set():
+                self._do_reload()
+            now_link = (self.publisher.connected, self.publisher.connects, self.publisher.fatal_error)
+            if now_link != link:
+                link = now_link
+                self._tell_rooms()
             if self.publisher.connected and self.publisher.connects != seen:
                 seen = self.publisher.connects
                 self._status(ONLINE)
+            self.publisher.pump()
             now = time.monotonic()
             if self.notifier.watchdog_s and now >= next_dog:
                 if all(now - r.counters.heartbeat < 10.0 for r in self.rooms):
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
-            time.sleep(0.2)
+            # sleep until a room ends, the broker (dis)connects, a signal, or the watchdog is due
+            self._wake.wait(max(0.0, next_dog - time.monotonic()) if self.notifier.watchdog_s else None)
         self.notifier.notify("STOPPING=1")
         self._status(OFFLINE)
         self.publisher.stop()
+        if self.server is not None:
+            self.server.close()
         return max(self.codes.values()) if len(self.codes) == len(self.rooms) else 1
 
     def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
         for part in [*self.rooms, self.registry, self.outbox]:
             try:
                 part.close()
@@ -470,19 +567,19 @@ def build_multi_service(settings: Settings, config_file: Path | None = None) -> 
         mqtt = settings.mqtt
         if several and mqtt.topic_prefix:
             mqtt = mqtt.model_copy(update={"topic_prefix": room_prefix(settings, first, True)})
-        publisher = MqttPublisher(mqtt, first, outbox)
+        daemon_status = daemon_status_topic(settings) if several else None
+        publisher = MqttPublisher(mqtt, first, outbox, status_topic=daemon_status)
         services = []
-        for n, room in enumerate(rooms):
-            view = RoomPublisher(publisher, room, room_prefix(settings, room, several))
-            room_settings = settings.model_copy(
-                update={"room": room, "metrics": settings.metrics if n == 0 else MetricsSettings()}
-            )  # one metrics port: the first room's
-            services.append(
+        for room in rooms:
+            view = RoomPublisher(publisher, room, room_prefix(settings, room, several), daemon_status)
+            room_settings = settings.model_copy(update={"room": room, "metrics": MetricsSettings()})
+            services.append(  # the daemon's one metrics server (MultiService) serves every room
                 RoomService(room_settings, runners[room], embedder, registry, outbox, view, config_file)
             )
+            opened.append(services[-1].plug)
             logger.info("room %s: sources %s, topics %s/...", room, services[-1].source.name, view.prefix)  # type: ignore[attr-defined]
+        return MultiService(settings, services, publisher, registry, outbox, config_file)
     except BaseException:
         for part in reversed(opened):
             part.close()
         raise
-    return MultiService(settings, services, publisher, registry, outbox)

@@ -157,6 +157,7 @@ class Service:
         self._stop = threading.Event()
         self._wake = threading.Event()  # wakes the main loop: an event stored, a PUBACK, a signal, ...
         self._reload = threading.Event()
+        self._reloaded: Settings | None = None  # read by whoever called request_reload (several rooms)
         self._pipeline_done = threading.Event()
         self._registry_version: int | None = None
         self._enrolled: list[str] = []
@@ -167,7 +168,7 @@ class Service:
         publisher.set_command_sink(COMMAND_VERBS, self.ward.command)
         publisher.on_change = self._wake.set  # (dis)connected, fatal, or a PUBACK with more events waiting
         # retained dashboard state: fed by the pipeline thread through a queue, kept by the main thread
-        state_dir = Path(settings.state_dir).expanduser()
+        state_dir = self._room_dir()
         self.dashboard = RoomFeed(publisher, settings.room, settings.dashboard.crying_timeout_s, state_dir)
         self.plug = Integrations(  # metrics and /healthz, flat mic, retained state, Home Assistant
             settings.metrics, settings.homeassistant, publisher, settings.room, SAMPLE_RATE,
@@ -185,9 +186,15 @@ class Service:
         self._stop.set()
         self._wake.set()
 
-    def request_reload(self) -> None:
+    def request_reload(self, settings: Settings | None = None) -> None:
+        """Re-read the configuration (SIGHUP); ``settings``: already read (and checked) by the caller."""
+        self._reloaded = settings
         self._reload.set()
         self._wake.set()
+
+    def _room_dir(self) -> Path:
+        """Where the room's own state lives (dashboard state, Home Assistant's roster file)."""
+        return Path(self.settings.state_dir).expanduser()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads (only possible from the main thread)."""
@@ -322,19 +329,11 @@ class Service:
 
     def _do_reload(self) -> None:
         self._reload.clear()
-        logger.info("SIGHUP: reloading configuration and registry")
-        try:
-            new = load_settings(self.config_file)
-        except Exception as exc:  # a bad edit must not kill a running daemon
-            logger.error("configuration not reloaded, keeping the running one: %s", exc)
-        else:
-            restart = [
-                name
-                for name in ("state_dir", "model", "segmenter", "embedder", "registry", "mqtt", "outbox")
-                if getattr(new, name) != getattr(self.settings, name)
-            ]
-            if restart:
-                logger.warning("changes to %s take effect after a restart", ", ".join(restart))
+        new, self._reloaded = self._reloaded, None
+        if new is None:
+            logger.info("SIGHUP: reloading configuration and registry")
+            new = reload_settings(self.config_file, self.settings)
+        if new is not None:
             self.pipeline.apply(NewIdentifierSettings(new.identifier))
             self.settings = self.settings.model_copy(
                 update={"identifier": new.identifier, "room": self.settings.room}
@@ -496,6 +495,27 @@ class Service:
                     close()
                 except Exception:  # closing must release the rest even if one part is broken
                     logger.exception("closing %s failed", type(part).__name__)
+
+
+RESTART_SECTIONS = (
+    "state_dir", "model", "segmenter", "embedder", "registry", "mqtt", "outbox", "room", "source", "sources",
+    "service", "metrics", "homeassistant", "dashboard",
+)  # fmt: skip
+"""Settings a SIGHUP cannot change in a running daemon (only ``identifier`` can)."""
+
+
+def reload_settings(config_file: Path | None, running: Settings) -> Settings | None:
+    """The configuration read again for SIGHUP (None: unreadable, the running one stays); warns once about
+    changes that need a restart."""
+    try:
+        new = load_settings(config_file)
+    except Exception as exc:  # a bad edit must not kill a running daemon
+        logger.error("configuration not reloaded, keeping the running one: %s", exc)
+        return None
+    restart = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(running, name)]
+    if restart:
+        logger.warning("changes to %s take effect after a restart", ", ".join(restart))
+    return new
 
 
 def load_embedder(settings: Settings) -> Any:

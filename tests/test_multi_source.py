@@ -10,7 +10,6 @@ hear); tests/test_virtual_mic.py holds the PulseAudio variant.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ import soundfile as sf
 from cryid.daemon import nursery
 from cryid.models.audio import load_audio
 from tests.fixtures.broker import Broker, Received, Subscriber
+from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import dac_rows
-from tests.fixtures.pulse import need_capture_stack
+from tests.fixtures.pulse import PulseServer
 
 pytestmark = pytest.mark.slow  # starts mosquitto and cryid run: not in `pytest -m "not slow"`
 
@@ -82,7 +82,7 @@ def _run(
         import shutil
 
         shutil.copytree(state, work)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env |= {
         "CRYID_STATE_DIR": str(work), "CRYID_MODEL": str(MODEL), "CRYID_MQTT__HOST": broker.host,
         "CRYID_MQTT__PORT": str(broker.port), "CRYID_MQTT__STATS_INTERVAL_S": "1",
@@ -254,7 +254,7 @@ def test_bad_source_lists_are_refused_with_one_line(
 ) -> None:
     cfg = tmp_path / "cryid.toml"
     cfg.write_text(toml)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     env |= {"CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL)}
     done = subprocess.run([*CRYID, *command, "--config", str(cfg)], env=env, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
@@ -271,7 +271,7 @@ def test_config_check_prints_the_sources_as_toml_again(tmp_path: Path) -> None:
     cfg.write_text('[[sources]]\nname = "a"\nroom = "r1"\ndevice = "USB"\ngain_db = 6.0\n'
                    'segmenter = { gate_margin_db = 10.0 }\n'
                    '[[sources]]\nname = "b"\nroom = "r2"\nfile = "x.wav"\n')  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env = cryid_env()
     done = subprocess.run([*CRYID, "config", "check", "--config", str(cfg)], env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -283,52 +283,19 @@ def test_config_check_prints_the_sources_as_toml_again(tmp_path: Path) -> None:
 
 
 # Two virtual microphones in one room -------------------------------------------------------------------
-ASOUNDRC = """
-pcm.{name} {{
-    type pulse
-    device "{sink}.monitor"
-    hint {{ show on description "cryid virtual microphone {name}" }}
-}}
-"""
-
-
 @pytest.fixture
 def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A private PulseAudio with null sinks ``cotA``, ``cotB`` (and ``quiet``, the default source); ALSA
     devices ``micA``/``micB`` (in the HOME's .asoundrc) record their monitors, so PortAudio lists two
-    microphones that hear what ``paplay --device=cotA|cotB`` plays. Yields PulseAudio's client environment."""
-    need_capture_stack()
-    runtime = tmp_path / "pulse-runtime"
-    runtime.mkdir(mode=0o700)
-    sock_path = runtime / "native"
-    (tmp_path / ".asoundrc").write_text(
-        ASOUNDRC.format(name="micA", sink="cotA") + ASOUNDRC.format(name="micB", sink="cotB")
-    )
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path), PULSE_SERVER=f"unix:{sock_path}")
-    env.pop("PULSE_COOKIE", None)
-    args = [
-        "pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "-n",
-        "--disable-shm=yes", "--log-target=stderr",
-        f"--load=module-native-protocol-unix auth-anonymous=1 socket={sock_path}",
-        "--load=module-null-sink sink_name=cotA rate=16000 channels=1",
-        "--load=module-null-sink sink_name=cotB rate=16000 channels=1",
-        "--load=module-null-sink sink_name=quiet rate=16000 channels=1",
-    ]  # fmt: skip
-    log = (tmp_path / "pulseaudio.log").open("w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    microphones that hear what ``paplay --device=cotA|cotB`` plays. Yields PulseAudio's client environment.
+    The default source, where PulseAudio moves the capture of a device that goes away, hears nothing."""
+    pulse = PulseServer(tmp_path, sinks=("cotA", "cotB", "quiet"), default="quiet",
+                        alsa={"micA": "cotA", "micB": "cotB"})  # fmt: skip
     try:
-        deadline = time.monotonic() + 15
-        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("PulseAudio cannot run here: " + (tmp_path / "pulseaudio.log").read_text()[-500:])
-            time.sleep(0.1)
-        # the default source, where PulseAudio moves the capture of a device that goes away, hears nothing
-        subprocess.run(["pactl", "set-default-source", "quiet.monitor"], env=env, check=True)
-        yield env
+        pulse.start()
+        yield pulse.env
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+        pulse.stop()
 
 
 def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
@@ -355,7 +322,7 @@ def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
         '[[sources]]\nname = "near"\nroom = "room1"\ndevice = "micA"\n\n'
         '[[sources]]\nname = "far"\nroom = "room1"\ndevice = "micB"\n'
     )
-    env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
+    env = cryid_env(two_virtual_mics)
     env |= {
         "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
         "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
@@ -428,7 +395,7 @@ def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_r
         '[[sources]]\nname = "b"\nroom = "room2"\ndevice = "micB"\n\n'
         "[source]\nflat_timeout_s = 2.0\nreopen_max_s = 1.0\n"
     )
-    env = {k: v for k, v in env_pa.items() if not k.startswith("CRYID_")}
+    env = cryid_env(env_pa)
     env |= {
         "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
         "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
@@ -499,7 +466,7 @@ def test_devices_prints_a_sources_table_per_microphone(
     ``cryid config check`` accepts once the rooms are set."""
     import tomllib
 
-    env = {k: v for k, v in two_virtual_mics.items() if not k.startswith("CRYID_")}
+    env = cryid_env(two_virtual_mics)
     done = subprocess.run([*CRYID, "devices"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     snippet = done.stdout.split("\n[[sources]]", 1)[1]
