@@ -121,3 +121,35 @@ def test_moving_a_baby_to_another_room(reg: Registry) -> None:
     with pytest.raises(RegistryError, match=r"^baby 'zed' is not enrolled"), reg.write() as tx:
         tx.set_room("zed", "icu")
     assert reg.get_infant("ada").room == "icu"
+
+
+def test_a_write_reads_a_babys_status(reg: Registry) -> None:
+    """What enrollment checks before it writes: active, discharged, or not enrolled (None)."""
+    with reg.write() as tx:
+        tx.insert_infant("ada", "", "ward1")
+        tx.insert_infant("ben", "", "ward1", status="discharged")
+        assert (tx.infant_status("ada"), tx.infant_status("ben"), tx.infant_status("zed")) == (
+            "active",
+            "discharged",
+            None,
+        )
+        assert tx.has_infant("ada") and not tx.has_infant("zed")
+
+
+def test_re_embedding_a_sample_replaces_its_vectors_and_cry_figures(reg: Registry) -> None:
+    """A new model's embeddings of a kept recording: its expiration count and cry time follow the new
+    segmentation; the old model's embeddings stay; a sample deleted meanwhile is reported, not created."""
+    with reg.write() as tx:
+        tx.insert_infant("ada", "", "ward1")
+        sample_id = tx.insert_sample("ada", _sample(n=2))
+    vectors = np.random.default_rng(9).normal(size=(3, 8)).astype(np.float32)
+    emb = SampleEmbeddings(OTHER, vectors, (0, 100, 200), (50, 150, 250))
+    with reg.write() as tx:
+        assert tx.reembed_sample(sample_id, emb, cry_s=2.5) is True
+        assert tx.reembed_sample(9999, emb, cry_s=1.0) is False
+    (info,) = reg.samples("ada")
+    assert (info.n_expirations, info.cry_s, sorted(info.models)) == (3, 2.5, [SHA, OTHER])
+    stored = reg.sample_embeddings(sample_id, OTHER)
+    np.testing.assert_array_equal(stored.vectors, vectors)
+    assert (stored.start_samples, stored.end_samples) == ((0, 100, 200), (50, 150, 250))
+    assert len(reg.sample_embeddings(sample_id, SHA).vectors) == 2
