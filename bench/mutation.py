@@ -39,8 +39,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import DATA_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CRYID_TEST_DATA", REPO.parent / "shared" / "data" / "donateacry-cc"))
+DATA = Path(os.environ.get("CRYID_TEST_DATA", DATA_DIR))
 
 # module -> the tests that exercise it, fastest first (pytest stops at the first failure).
 MODULES: dict[str, list[str]] = {

@@ -132,6 +132,12 @@ def test_a_broker_back_after_an_outage_clears_the_named_problem(
             mosquitto.stop()
             _wait(lambda: pub.last_error is not None and "unreachable" in pub.last_error)
             assert pub.last_error.endswith("retrying in 2 s"), pub.last_error
+            lost = [r.getMessage() for r in caplog.records if " lost " in r.getMessage()]
+            assert len(lost) == 1 and re.fullmatch(
+                rf"connection to broker {re.escape(mosquitto.host)}:{mosquitto.port} lost \(.+\); "
+                r"0 events wait in the outbox; reconnecting",
+                lost[0],
+            ), lost
             mosquitto.start()
             _wait(lambda: pub.connected, timeout_s=30)
             assert pub.last_error is None

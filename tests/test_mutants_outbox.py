@@ -126,3 +126,18 @@ def test_an_event_acknowledged_on_a_full_disk_is_removed_once(small_disk: SmallD
         ob.add("c", "episode", "t", "{}")
     with Outbox.open(state, settings) as ob:
         assert ob.event_ids() == ["b", "c"]
+
+
+def test_sync_says_false_when_the_outbox_files_are_gone(tmp_path: Path) -> None:
+    """``sync`` is True only when it fsynced a file: with the outbox's files removed behind its back
+    (an operator clearing the state folder) there is nothing to sync, and it says so."""
+    box = Outbox.open(tmp_path, OutboxSettings(fsync=True))
+    try:
+        box.add("e1", "expiration", "t", "{}")
+        for name in ("outbox.sqlite3-wal", "outbox.sqlite3"):
+            (tmp_path / name).unlink()
+        assert box.sync() is False
+        box.add("e2", "expiration", "t", "{}")
+        assert box.sync() is False
+    finally:
+        box.close()

@@ -131,3 +131,21 @@ def test_intermittent_hiss_stops_reaching_the_vad_within_seconds() -> None:
     assert seg.process(wav) + seg.flush() == []
     reached_s = seg.frames_vad * seg.settings.frame_ms / 1000
     assert reached_s <= 3.0, f"the hiss reached the VAD for {reached_s:.1f} s"
+
+
+def test_gate_shut_s_is_the_quiet_time_since_the_gate_last_opened() -> None:
+    """How long the room has been quiet (the daemon reads larger blocks after a while of it): it grows
+    with each shut frame, is 0 while an expiration is open, and starts again after a cry."""
+    rng = np.random.default_rng(7)
+    room = lambda s: rng.normal(0, 10 ** (-75 / 20), int(s * SR)).astype(np.float32)  # noqa: E731
+    seg = Segmenter()
+    assert seg.gate_shut_s == 0.0
+    seg.process(room(3.0))
+    assert seg.gate_shut_s == pytest.approx(3.0, abs=0.011)
+    seg.process(room(1.0))
+    assert seg.gate_shut_s == pytest.approx(4.0, abs=0.011)
+    seg.process(_harmonic_cry(0.8, f0=450.0))
+    assert seg.gate_shut_s == 0.0  # an expiration is open
+    expirations = seg.process(room(2.0))
+    assert len(expirations) == 1  # closed by the quiet after it
+    assert 1.5 <= seg.gate_shut_s <= 2.0  # counted from the cry's last loud frame, not from the start

@@ -32,12 +32,12 @@ DIM = 8
 def doc(tmp_path: Path) -> dict[str, Any]:
     """An export of one baby, ada, with one sample of two expirations."""
     with Registry.open(tmp_path / "source", RegistrySettings()) as reg:
-        with reg.transaction() as conn:
-            Registry.insert_infant(conn, "ada", "Ada", "ward1")
+        with reg.write() as tx:
+            tx.insert_infant("ada", "Ada", "ward1")
             vectors = np.random.default_rng(0).normal(size=(2, DIM)).astype(np.float32)
             emb = SampleEmbeddings(SHA, vectors, (0, 9000), (8000, 17000))
-            Registry.insert_sample(
-                conn, "ada",
+            tx.insert_sample(
+                "ada",
                 NewSample(source_kind="file", source="ada.wav", period="birth", duration_s=2.0, cry_s=1.0,
                           n_expirations=2, embeddings=emb),
             )  # fmt: skip
