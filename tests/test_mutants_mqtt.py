@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cryid.daemon.config import MqttSettings
 from cryid.daemon.mqtt import MqttPublisher
 from cryid.daemon.outbox import Outbox
-from tests.fixtures.broker import Broker, Subscriber, free_port
+from tests.fixtures.broker import Broker, Subscriber, free_port, wait_until
 from tests.reliability.test_mqtt_faults import USERS, TlsBroker, acl_broker, tls_broker  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # starts mosquitto: not in `pytest -m "not slow"`
@@ -33,16 +33,6 @@ pytestmark = pytest.mark.slow  # starts mosquitto: not in `pytest -m "not slow"`
 
 def _settings(host: str, port: int, **kw: Any) -> MqttSettings:
     return MqttSettings(host=host, port=port, **({"reconnect_min_s": 0.2, "reconnect_max_s": 1.0} | kw))
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 20.0, pump: MqttPublisher | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        if pump is not None:
-            pump.pump()
-        time.sleep(0.05)
 
 
 def _retained(broker: Broker, topic: str, qos: int = 1) -> list[mqtt.MQTTMessage]:
@@ -100,14 +90,14 @@ def test_pump_counts_exactly_what_it_published(
         pub.start()
         try:
             assert pub.wait_connected(10)
-            _wait(lambda: not pub.inflight_ids() and pub.pump() == 0)  # nothing waits: nothing sent
+            wait_until(lambda: not pub.inflight_ids() and pub.pump() == 0)  # nothing waits: nothing sent
             assert pub.published == 0
             ids = []
             for i in range(7):
                 eid = str(uuid.uuid4())
                 outbox.add(eid, "episode", pub.event_topic("ada"), json.dumps({"event_id": eid, "i": i}))
                 ids.append(eid)
-            _wait(lambda: outbox.size() == 0, pump=pub)
+            wait_until(lambda: outbox.size() == 0, pump=pub)
             sub.wait_for(lambda m: set(ids) <= {e["event_id"] for e in sub.events()})
             assert pub.published == 7 and pub.acknowledged == 7
             assert pub.pump() == 0 and pub.published == 7
@@ -130,7 +120,7 @@ def test_a_broker_back_after_an_outage_clears_the_named_problem(
             assert pub.wait_connected(10) and pub.ever_connected is True
             assert pub.last_error is None
             mosquitto.stop()
-            _wait(lambda: pub.last_error is not None and "unreachable" in pub.last_error)
+            wait_until(lambda: pub.last_error is not None and "unreachable" in pub.last_error)
             assert pub.last_error.endswith("retrying in 2 s"), pub.last_error
             lost = [r.getMessage() for r in caplog.records if " lost " in r.getMessage()]
             assert len(lost) == 1 and re.fullmatch(
@@ -139,7 +129,7 @@ def test_a_broker_back_after_an_outage_clears_the_named_problem(
                 lost[0],
             ), lost
             mosquitto.start()
-            _wait(lambda: pub.connected, timeout_s=30)
+            wait_until(lambda: pub.connected, timeout_s=30)
             assert pub.last_error is None
         finally:
             pub.stop()
@@ -156,13 +146,13 @@ def test_a_broker_that_never_answered_is_retried_as_paho_does(tmp_path: Path) ->
         )
         pub.start()
         try:
-            _wait(lambda: pub.last_error is not None, timeout_s=10)
+            wait_until(lambda: pub.last_error is not None, timeout_s=10)
             assert pub.last_error == (
                 f"broker 127.0.0.1:{port} unreachable (nothing accepts connections there, or the network is "
                 "down: is the broker running and mqtt.port right?), retrying in 2 s; "
                 "1 events wait in the outbox"
             )
-            _wait(lambda: "retrying in 1 s" in (pub.last_error or ""), timeout_s=10)
+            wait_until(lambda: "retrying in 1 s" in (pub.last_error or ""), timeout_s=10)
             assert pub.ever_connected is False and pub.fatal_error is None
         finally:
             pub.stop()
@@ -175,7 +165,7 @@ def test_an_unusual_connection_failure_is_named_with_its_cause(tmp_path: Path) -
         pub = MqttPublisher(_settings("255.255.255.255", 1883), "ward1", outbox)
         pub.start()
         try:
-            _wait(lambda: pub.last_error is not None, timeout_s=10)
+            wait_until(lambda: pub.last_error is not None, timeout_s=10)
             pattern = (
                 r"^broker 255\.255\.255\.255:1883: cannot connect \(\[Errno \d+\] .+\); retrying in \d+ s$"
             )
@@ -195,7 +185,7 @@ def test_a_bad_password_stays_the_named_problem(
         pub = MqttPublisher(settings, "ward1", outbox)
         pub.start()
         try:
-            _wait(lambda: pub.fatal_error is not None, timeout_s=10)
+            wait_until(lambda: pub.fatal_error is not None, timeout_s=10)
             time.sleep(0.5)  # the disconnect after the refused CONNACK
             expected = (
                 f"broker {mosquitto_auth.host}:{mosquitto_auth.port} refused the connection: bad username or "
@@ -235,9 +225,9 @@ def test_a_refused_status_is_an_error_and_a_refused_event_a_warning(
         pub.start()
         try:
             assert pub.wait_connected(10)
-            _wait(lambda: pub.refused >= 1)  # the status probe
+            wait_until(lambda: pub.refused >= 1)  # the status probe
             outbox.add("e1", "episode", pub.event_topic("ada"), "{}")
-            _wait(lambda: pub.refused >= 2, pump=pub)
+            wait_until(lambda: pub.refused >= 2, pump=pub)
         finally:
             pub.stop()
     refusals = [
@@ -269,7 +259,7 @@ def test_a_certificate_from_another_ca_is_fatal_and_logged_once_as_named(
         pub = MqttPublisher(settings, "ward1", outbox)
         pub.start()
         try:
-            _wait(lambda: pub.fatal_error is not None, timeout_s=10)
+            wait_until(lambda: pub.fatal_error is not None, timeout_s=10)
         finally:
             pub.stop()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
