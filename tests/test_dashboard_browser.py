@@ -120,6 +120,10 @@ class Probe:
         self.client.reconnect_delay_set(1, 2)
         self.client.connect(ward.broker.host, ward.broker.port)
         self.client.loop_start()
+        # As a daemon does when it starts: the microphone is fine. This also replaces the retained
+        # ``down`` that an earlier test's real daemon may have left on this module's broker when its
+        # file source ended (the banner would otherwise say DOWN whatever the stats say).
+        self.publish(f"{P}/status/source", "ok")
         assert ready.wait(10), f"probe {user} could not connect/subscribe"
 
     def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
