@@ -2,6 +2,9 @@
 
 - ``DATA_DIR``: the real cries, ``../shared/data/donateacry-cc`` beside the repository (never copied in);
 - ``Broker``: a real mosquitto on a free port, in a temporary directory (stoppable, restartable);
+- ``child_env``: the environment of a ``cryid run`` child (no inherited ``CRYID_*``, plus the given ones);
+- ``DaemonEvents``: a subscriber on ``cryid/#`` that records the daemon's events (with their arrival
+  time) and its stats payloads;
 - ``build_speechbrain_model_dir``: a seeded, randomly initialised ECAPA-TDNN in the Hugging Face layout.
   No pretrained ECAPA weights exist on the build machine (Hugging Face is unreachable), so benchmarks and
   tests use the published architecture (``speechbrain/spkrec-ecapa-voxceleb``: C=1024, 192-d) with
@@ -17,11 +20,17 @@ the tests (``tests/fixtures``) import it as ``bench._common``.
 from __future__ import annotations
 
 import getpass
+import json
+import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,6 +107,46 @@ class Broker:
     @property
     def running(self) -> bool:
         return self.proc is not None
+
+
+def child_env(**cryid: str) -> dict[str, str]:
+    """The environment for a ``cryid run`` child: this process's without any ``CRYID_*`` variable (so the
+    caller's settings do not leak in), plus ``cryid`` (``CRYID_STATE_DIR=...``, ...)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
+    env.update(cryid)
+    return env
+
+
+class DaemonEvents:
+    """A paho subscriber on ``cryid/#`` (QoS 1) that records what a daemon publishes.
+
+    ``arrivals``: (arrival time, payload) of each event (``.../baby/<id>`` other than ``.../state``, and
+    ``.../unknown``); ``stats``: each ``.../stats`` payload. Read them after ``stop()``.
+    """
+
+    def __init__(self, host: str, port: int, client_id: str) -> None:
+        self.arrivals: list[tuple[float, dict]] = []
+        self.stats: list[dict] = []
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
+        self._client.on_message = self._on_message
+        self._client.connect(host, port)
+        self._client.subscribe("cryid/#", qos=1)
+        self._client.loop_start()
+
+    def _on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        with self._lock:
+            if msg.topic.endswith("/stats"):
+                self.stats.append(json.loads(msg.payload))
+            elif ("/baby/" in msg.topic and not msg.topic.endswith("/state")) or msg.topic.endswith(
+                "/unknown"
+            ):
+                self.arrivals.append((now, json.loads(msg.payload)))
+
+    def stop(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
 
 
 N_FIXTURE_SPEAKERS = 8

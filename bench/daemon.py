@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -42,12 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import psutil
 import soundfile as sf
-from paho.mqtt.enums import CallbackAPIVersion
 
-from _common import DATA_DIR, Broker, free_port
+from _common import DATA_DIR, Broker, DaemonEvents, child_env, free_port
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
 from cryid.daemon.stages import STEPS
@@ -116,27 +113,9 @@ def _one_run(
     work: Path,
     run: int,
 ) -> dict[str, Any]:
-    arrivals: list[tuple[float, dict]] = []
-    stats: list[dict] = []
-    lock = threading.Lock()
+    sub = DaemonEvents(host, port, client_id=f"bench-sub-{run}")
 
-    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
-        now = time.time()
-        if msg.topic.endswith("/stats"):
-            with lock:
-                stats.append(json.loads(msg.payload))
-        elif ("/baby/" in msg.topic and not msg.topic.endswith("/state")) or msg.topic.endswith("/unknown"):
-            with lock:
-                arrivals.append((now, json.loads(msg.payload)))
-
-    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{run}")
-    sub.on_message = on_message
-    sub.connect(host, port)
-    sub.subscribe("cryid/#", qos=1)
-    sub.loop_start()
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
-    env.update(
+    env = child_env(
         CRYID_STATE_DIR=str(work / f"state{run}"),
         CRYID_MODEL=str(args.model),
         CRYID_MQTT__HOST=host,
@@ -163,8 +142,8 @@ def _one_run(
         time.sleep(0.25)
     drain.join(timeout=5)
     time.sleep(0.3)  # the last stats
-    sub.loop_stop()
-    sub.disconnect()
+    sub.stop()
+    arrivals, stats = sub.arrivals, sub.stats
     if proc.returncode != 0:
         print("".join(err_lines))
         sys.exit(f"bench: cryid run exited {proc.returncode}")

@@ -23,25 +23,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import psutil
 import soundfile as sf
-from paho.mqtt.enums import CallbackAPIVersion
 
-from _common import DATA_DIR, Broker
+from _common import DATA_DIR, Broker, DaemonEvents, child_env
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
 from cryid.models.audio import SAMPLE_RATE, load_audio
@@ -93,28 +89,9 @@ def step(n: int, streams: list[Path], host: str, port: int, work: Path, model: P
             for k in range(n)
         )
     )
-    arrivals: list[tuple[float, dict]] = []
-    stats: list[dict] = []
-    lock = threading.Lock()
-
-    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
-        now = time.time()
-        with lock:
-            if msg.topic.endswith("/stats"):
-                stats.append(json.loads(msg.payload))
-            elif ("/baby/" in msg.topic and not msg.topic.endswith("/state")) or msg.topic.endswith(
-                "/unknown"
-            ):
-                arrivals.append((now, json.loads(msg.payload)))
-
-    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"bench-rooms-{n}")
-    sub.on_message = on_message
-    sub.connect(host, port)
-    sub.subscribe("cryid/#", qos=1)
-    sub.loop_start()
+    sub = DaemonEvents(host, port, client_id=f"bench-rooms-{n}")
     state = work / f"state{n}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYID_")}
-    env.update(
+    env = child_env(
         CRYID_STATE_DIR=str(state), CRYID_MODEL=str(model), CRYID_MQTT__HOST=host, CRYID_MQTT__PORT=str(port),
         CRYID_MQTT__STATS_INTERVAL_S="2", CRYID_MQTT__CLIENT_ID=f"cryid-bench-{n}",
     )  # fmt: skip
@@ -134,8 +111,8 @@ def step(n: int, streams: list[Path], host: str, port: int, work: Path, model: P
         time.sleep(0.25)
     err = proc.stderr.read() if proc.stderr else ""
     time.sleep(0.5)
-    sub.loop_stop()
-    sub.disconnect()
+    sub.stop()
+    arrivals, stats = sub.arrivals, sub.stats
     shutil.rmtree(state, ignore_errors=True)
     if proc.returncode != 0:
         print(err[-3000:])
