@@ -2,7 +2,8 @@
 
 :func:`atomic_write` writes a temporary file beside the target (a fresh name, created exclusively),
 fsyncs it and renames it over the target, so a reader or a crash sees the old file or the new one,
-never a mix.
+never a mix. A replaced file keeps its mode (a model directory read by the service user stays readable);
+a private one is 0600.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,13 +24,17 @@ def atomic_write(path: Path, content: Content, *, private: bool = False, fsync: 
     ``content``: bytes, text (written as UTF-8), or a function that writes the temporary file it is
     given (``torch.save``, ``np.savez``, ``Figure.savefig``; the name ends in ``path``'s suffix, so
     numpy and matplotlib keep it). ``private``: the file is 0600 whatever the umask (it identifies
-    newborns); otherwise the mode any new file gets (0666 less the umask). ``fsync=False`` only for
-    what can be made again (a cache): the data is then not forced to disk before the rename.
+    newborns); otherwise the permissions of the file it replaces (an admin's umask does not hide a
+    model's manifest from the service user), or for a new file the mode any new file gets (0666 less
+    the umask). ``fsync=False`` only for what can be made again (a cache): the data is then not forced
+    to disk before the rename.
     On any error the temporary file is removed and the target left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+    keep = None if private else _mode_of(path)
+    # while being written, the temporary file is never more open than the file it replaces
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private or keep is not None else 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             if private:
@@ -37,6 +43,8 @@ def atomic_write(path: Path, content: Content, *, private: bool = False, fsync: 
                 fh.write(content.encode("utf-8") if isinstance(content, str) else content)
         if callable(content):
             content(tmp)
+        if keep is not None:
+            os.chmod(tmp, keep)
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -45,6 +53,14 @@ def atomic_write(path: Path, content: Content, *, private: bool = False, fsync: 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _mode_of(path: Path) -> int | None:
+    """The permissions (rwx bits) of ``path``, None when there is no such file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except FileNotFoundError:
+        return None
 
 
 def sha256_file(path: Path) -> str:

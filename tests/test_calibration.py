@@ -5,7 +5,9 @@ generated CryCeleb-layout set."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -275,8 +277,14 @@ def test_model_calibrate_round_trips_through_the_manifest(
     shutil.copytree(small_onnx_model_dir, model)
     onnx_before = (model / "model.onnx").read_bytes()
     assert load_manifest(model).calibration is None
-    code, out, err = _run(capsys, "model", "calibrate", str(model), "--data", str(calib_set), *CAL_ARGS)
+    (model / "manifest.json").chmod(0o644)
+    umask = os.umask(0o077)  # an admin's: the manifest must stay readable by the daemon's service user
+    try:
+        code, out, err = _run(capsys, "model", "calibrate", str(model), "--data", str(calib_set), *CAL_ARGS)
+    finally:
+        os.umask(umask)
     assert code == 0, err
+    assert stat.S_IMODE((model / "manifest.json").stat().st_mode) == 0o644
     assert "calibration written" in out and "recommended min_confidence" in out
     cal = load_manifest(model).calibration
     assert cal is not None and cal.room_size == 4 and cal.room_strangers == 1 and cal.rooms == 40

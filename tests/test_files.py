@@ -44,6 +44,38 @@ def test_private_is_0600_whatever_the_umask_else_the_usual_mode(tmp_path: Path, 
     assert _mode(tmp_path / "export.json") == 0o600
     assert _mode(tmp_path / "cache.npy") == 0o600
     assert _mode(tmp_path / "state.json") == 0o644
+    (tmp_path / "export.json").chmod(0o644)
+    atomic_write(tmp_path / "export.json", "{}", private=True)  # private tightens a replaced file
+    assert _mode(tmp_path / "export.json") == 0o600
+
+
+@pytest.mark.parametrize(
+    ("mode", "umask"),
+    [(0o644, 0o077), (0o640, 0o022), (0o600, 0o000)],
+    ids=["644-umask077", "640-umask022", "600-umask000"],
+)
+def test_a_replaced_file_keeps_its_mode_whatever_the_umask(tmp_path: Path, mode: int, umask: int) -> None:
+    """A model's manifest.json rewritten by an admin whose umask is 077 stays readable by the service
+    user; one that was 0600 is not opened up, not even while its replacement is being written."""
+    target = tmp_path / "manifest.json"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(mode)
+    while_written: list[int] = []
+
+    def writer(tmp: Path) -> None:
+        while_written.append(_mode(tmp))
+        tmp.write_text("newer", encoding="utf-8")
+
+    old = os.umask(umask)  # a new file would get 0o666 & ~umask, another mode
+    try:
+        atomic_write(target, "new")
+        assert _mode(target) == mode and target.read_text(encoding="utf-8") == "new"
+        atomic_write(target, writer)
+    finally:
+        os.umask(old)
+    assert _mode(target) == mode and target.read_text(encoding="utf-8") == "newer"
+    assert while_written == [0o600]
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
 def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:

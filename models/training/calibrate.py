@@ -316,4 +316,4 @@ def _write_manifest_atomic(manifest: Manifest, path: Path, before: bytes) -> Non
     Manifest.model_validate_json(text)  # what is written must load
     if path.read_bytes() != before:
         raise CalibrationError(f"{path}: changed while calibrating; run `cryid model calibrate` again")
-    atomic_write(path, text, private=True)
+    atomic_write(path, text)  # keeps the manifest's mode: the service user reads the model directory
