@@ -10,10 +10,12 @@ hear); tests/test_virtual_mic.py holds the PulseAudio variant.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,54 +74,86 @@ def _stream(path: Path, cry: np.ndarray, before_s: float, after_s: float, gain_d
     return path
 
 
-def _run(
-    config: str, state: Path, broker: Broker, tmp_path: Path, timeout_s: float = 240
-) -> subprocess.CompletedProcess[str]:
-    cfg = tmp_path / "cryid.toml"
-    cfg.write_text(config)
-    work = tmp_path / "state"
-    if not work.exists():
-        import shutil
+class Ward:
+    """One test's daemon set-up: a copy of ``ward_state`` in ``tmp_path/state``, a fresh mosquitto, a
+    subscriber on ``cryid/#`` (made before the daemon starts) and ``cryid run --config tmp_path/cryid.toml``
+    with the shipped model and stats every second."""
 
-        shutil.copytree(state, work)
-    env = cryid_env()
-    env |= {
-        "CRYID_STATE_DIR": str(work), "CRYID_MODEL": str(MODEL), "CRYID_MQTT__HOST": broker.host,
-        "CRYID_MQTT__PORT": str(broker.port), "CRYID_MQTT__STATS_INTERVAL_S": "1",
-    }  # fmt: skip
-    cmd = [*CRYID, "-v", "run", "--config", str(cfg)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    def __init__(self, tmp_path: Path, state: Path, broker: Broker, sub: Subscriber) -> None:
+        self.tmp_path, self.state, self.broker, self.sub = tmp_path, state, broker, sub
+        self.stderr = ""  # cryid run's, once stopped (``running``)
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``cryid_env(base)`` plus the state directory, the model and the broker."""
+        env = cryid_env(base)
+        env |= {
+            "CRYID_STATE_DIR": str(self.state), "CRYID_MODEL": str(MODEL),
+            "CRYID_MQTT__HOST": self.broker.host, "CRYID_MQTT__PORT": str(self.broker.port),
+            "CRYID_MQTT__STATS_INTERVAL_S": "1",
+        }  # fmt: skip
+        return env
+
+    def _command(self, config: str) -> list[str]:
+        cfg = self.tmp_path / "cryid.toml"
+        cfg.write_text(config)
+        return [*CRYID, "-v", "run", "--config", str(cfg)]
+
+    def run(self, config: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+        """``cryid run`` to the end of its file sources."""
+        return subprocess.run(
+            self._command(config), env=self.env(), capture_output=True, text=True, timeout=timeout_s
+        )
+
+    @contextmanager
+    def running(
+        self, config: str, pulse: dict[str, str], online_room: str
+    ) -> Iterator[subprocess.Popen[str]]:
+        """``cryid run`` (PulseAudio client environment ``pulse``) from ``online_room``'s online status on;
+        stopped with SIGTERM on leaving, its stderr then in ``self.stderr``."""
+        from tests.test_virtual_mic import _stop, _wait
+
+        daemon = subprocess.Popen(self._command(config), env=self.env(pulse), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            _wait(lambda: any(m.topic == f"cryid/{online_room}/status" and m.payload == b"online"
+                              for m in self.sub.messages), "online status", daemon, 120)  # fmt: skip
+            yield daemon
+        finally:
+            self.stderr = _stop(daemon)
+
+    def events(self, room: str) -> list[dict[str, Any]]:
+        return [e for e in self.sub.events() if e["_topic"].startswith(f"cryid/{room}/")]
+
+    def stats(self, room: str) -> list[dict[str, Any]]:
+        return [m.json() for m in self.sub.messages if m.topic == f"cryid/{room}/stats"]
 
 
-def _events(sub: Subscriber, room: str) -> list[dict[str, Any]]:
-    return [e for e in sub.events() if e["_topic"].startswith(f"cryid/{room}/")]
-
-
-def _stats(sub: Subscriber, room: str) -> list[dict[str, Any]]:
-    return [m.json() for m in sub.messages if m.topic == f"cryid/{room}/stats"]
+@pytest.fixture
+def ward(
+    ward_state: Path, mosquitto: Broker, subscriber_factory: Callable[..., Subscriber], tmp_path: Path
+) -> Ward:
+    state = tmp_path / "state"
+    shutil.copytree(ward_state, state)
+    return Ward(tmp_path, state, mosquitto, subscriber_factory(mosquitto, "cryid/#"))
 
 
 def test_two_rooms_each_publish_their_own_babies_on_their_own_topics(
-    ward_state: Path,
-    dac_dir: Path,
-    mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber],
-    tmp_path: Path,
+    ward: Ward, dac_dir: Path, tmp_path: Path
 ) -> None:
     cry1 = load_audio(_files(dac_dir, "dac0126", "D")[0])
     cry2 = load_audio(_files(dac_dir, "dac0136", "D")[0])
     a = _stream(tmp_path / "a.wav", cry1, 1.0, 1.0)
     b = _stream(tmp_path / "b.wav", cry2, 1.5, 1.0)
-    sub = subscriber_factory(mosquitto, "cryid/#")
-    done = _run(
+    done = ward.run(
         f'[[sources]]\nname = "cot-a"\nroom = "room1"\nfile = "{a}"\n\n'
-        f'[[sources]]\nname = "cot-b"\nroom = "room2"\nfile = "{b}"\n',
-        ward_state, mosquitto, tmp_path,
-    )  # fmt: skip
+        f'[[sources]]\nname = "cot-b"\nroom = "room2"\nfile = "{b}"\n'
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    sub.wait_for(lambda ms: sum(m.topic.endswith("/status") and m.payload == b"offline" for m in ms) >= 2, 30)
+    ward.sub.wait_for(
+        lambda ms: sum(m.topic.endswith("/status") and m.payload == b"offline" for m in ms) >= 2, 30
+    )
     for room, babies in ROOMS.items():
-        events = _events(sub, room)
+        events = ward.events(room)
         episodes = [e for e in events if e["kind"] == "episode"]
         assert len(episodes) == 1, (room, events)
         assert all(e["room"] == room for e in events)
@@ -127,12 +161,12 @@ def test_two_rooms_each_publish_their_own_babies_on_their_own_topics(
         assert all({c["baby_id"] for c in e["candidates"]} <= set(babies) for e in events), events
         assert episodes[0]["n_candidates"] == len(babies)
         assert all(e["levels_dbfs"] is None for e in events)  # one microphone in the room
-        (name,) = {s["name"] for st in _stats(sub, room) for s in st["sources"]}
+        (name,) = {s["name"] for st in ward.stats(room) for s in st["sources"]}
         assert name == ("cot-a" if room == "room1" else "cot-b")
-    ep1 = next(e for e in _events(sub, "room1") if e["kind"] == "episode")
+    ep1 = next(e for e in ward.events("room1") if e["kind"] == "episode")
     assert ep1["best_baby_id"] == "dac0126", ep1  # the held-back cry of dac0126 ranks it first
     assert ep1["_topic"] in ("cryid/room1/baby/dac0126", "cryid/room1/unknown")
-    statuses = [(m.topic, m.payload) for m in sub.messages if m.topic.endswith("/status")]
+    statuses = [(m.topic, m.payload) for m in ward.sub.messages if m.topic.endswith("/status")]
     for room in ROOMS:
         assert (f"cryid/{room}/status", b"online") in statuses and (
             f"cryid/{room}/status",
@@ -141,25 +175,19 @@ def test_two_rooms_each_publish_their_own_babies_on_their_own_topics(
 
 
 def test_two_microphones_of_one_room_hearing_one_cry_give_one_episode(
-    ward_state: Path,
-    dac_dir: Path,
-    mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber],
-    tmp_path: Path,
+    ward: Ward, dac_dir: Path, tmp_path: Path
 ) -> None:
     """The same cry reaches the far microphone 120 ms later and 12 dB quieter: one event per expiration,
     one episode, embedded from the near microphone, with both levels."""
     cry = load_audio(_files(dac_dir, "dac0126", "D")[0])
     near = _stream(tmp_path / "near.wav", cry, 1.0, 1.0)
     far = _stream(tmp_path / "far.wav", cry, 1.12, 0.88, gain_db=-12.0)
-    sub = subscriber_factory(mosquitto, "cryid/#")
-    done = _run(
+    done = ward.run(
         f'[[sources]]\nname = "near"\nroom = "room1"\nfile = "{near}"\n\n'
-        f'[[sources]]\nname = "far"\nroom = "room1"\nfile = "{far}"\n',
-        ward_state, mosquitto, tmp_path,
-    )  # fmt: skip
+        f'[[sources]]\nname = "far"\nroom = "room1"\nfile = "{far}"\n'
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    events = _events(sub, "room1")
+    events = ward.events("room1")
     episodes = [e for e in events if e["kind"] == "episode"]
     expirations = [e for e in events if e["kind"] == "expiration"]
     assert len(episodes) == 1, events
@@ -188,13 +216,7 @@ def _single_source_expirations(path: Path) -> int:
     return sum(o.identification.kind == "expiration" for o in outs)
 
 
-def test_a_failing_source_leaves_the_other_room_publishing(
-    ward_state: Path,
-    dac_dir: Path,
-    mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber],
-    tmp_path: Path,
-) -> None:
+def test_a_failing_source_leaves_the_other_room_publishing(ward: Ward, dac_dir: Path, tmp_path: Path) -> None:
     """room1's file is damaged 2 s in (the FLAC decoder loses sync: a real decoding error); room2's cry
     comes later and is still identified; room1 reports its source down with the reason."""
     rng = np.random.default_rng(3)
@@ -205,15 +227,13 @@ def test_a_failing_source_leaves_the_other_room_publishing(
     data[cut : cut + 20000] = b"\xaa" * 20000
     broken.write_bytes(bytes(data))
     good = _stream(tmp_path / "good.wav", load_audio(_files(dac_dir, "dac0136", "D")[0]), 4.0, 1.0)
-    sub = subscriber_factory(mosquitto, "cryid/#")
-    done = _run(
+    done = ward.run(
         f'[[sources]]\nname = "broken"\nroom = "room1"\nfile = "{broken}"\n\n'
-        f'[[sources]]\nname = "good"\nroom = "room2"\nfile = "{good}"\n',
-        ward_state, mosquitto, tmp_path,
-    )  # fmt: skip
+        f'[[sources]]\nname = "good"\nroom = "room2"\nfile = "{good}"\n'
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "source broken failed" in done.stderr and "cannot decode the audio" in done.stderr
-    msgs: list[Received] = list(sub.messages)
+    msgs: list[Received] = list(ward.sub.messages)
     down = next(
         i for i, m in enumerate(msgs)
         if m.topic == "cryid/room1/stats"
@@ -299,54 +319,33 @@ def two_virtual_mics(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
-    two_virtual_mics: dict[str, str],
-    ward_state: Path,
-    dac_dir: Path,
-    mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber],
-    tmp_path: Path,
+    two_virtual_mics: dict[str, str], ward: Ward, dac_dir: Path, tmp_path: Path
 ) -> None:
     """``cryid run`` records micA and micB (PortAudio, ALSA's pulse plugin) for room1; the same held-back
     cry is played into both at once, 12 dB quieter into micB: one episode, named from micA's audio,
     with both microphones' levels. Nothing is mocked."""
-    import shutil
-
-    from tests.test_virtual_mic import _stop, _wait
+    from tests.test_virtual_mic import _wait
 
     cry = load_audio(_files(dac_dir, "dac0126", "D")[0])
     loud = _stream(tmp_path / "loud.wav", cry, 0.2, 0.2)
     quiet = _stream(tmp_path / "quiet.wav", cry, 0.2, 0.2, gain_db=-12.0)
-    shutil.copytree(ward_state, tmp_path / "state")
-    cfg = tmp_path / "cryid.toml"
-    cfg.write_text(
+    config = (
         '[[sources]]\nname = "near"\nroom = "room1"\ndevice = "micA"\n\n'
         '[[sources]]\nname = "far"\nroom = "room1"\ndevice = "micB"\n'
     )
-    env = cryid_env(two_virtual_mics)
-    env |= {
-        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
-        "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
-        "CRYID_MQTT__STATS_INTERVAL_S": "1",
-    }  # fmt: skip
-    sub = subscriber_factory(mosquitto, "cryid/#")
-    daemon = subprocess.Popen([*CRYID, "-v", "run", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        _wait(lambda: any(m.topic == "cryid/room1/status" and m.payload == b"online" for m in sub.messages),
-              "online status", daemon, 120)  # fmt: skip
+    with ward.running(config, two_virtual_mics, online_room="room1") as daemon:
         time.sleep(1.0)  # both streams capture
         players = [
-            subprocess.Popen(["paplay", f"--device={sink}", str(wav)], env=env, stderr=subprocess.PIPE)
+            subprocess.Popen(["paplay", f"--device={sink}", str(wav)], env=ward.env(two_virtual_mics),
+                             stderr=subprocess.PIPE)
             for sink, wav in (("cotA", loud), ("cotB", quiet))
-        ]
+        ]  # fmt: skip
         for p in players:
             assert p.wait(timeout=60) == 0
-        _wait(lambda: any(e["kind"] == "episode" for e in sub.events()), "episode event", daemon, 120)
+        _wait(lambda: any(e["kind"] == "episode" for e in ward.sub.events()), "episode event", daemon, 120)
         time.sleep(2.0)  # a second episode (the other microphone's copy) would come within the gap
-    finally:
-        err = _stop(daemon)
-    assert daemon.returncode == 0, err[-3000:]
-    events = _events(sub, "room1")
+    assert daemon.returncode == 0, ward.stderr[-3000:]
+    events = ward.events("room1")
     episodes = [e for e in events if e["kind"] == "episode"]
     assert len(episodes) == 1, events
     ep = episodes[0]
@@ -358,17 +357,12 @@ def test_two_virtual_microphones_of_one_room_playing_one_cry_give_one_episode(
     for e in expirations:  # each expiration is near's (the far one may cut the cry differently)
         assert e["levels_dbfs"]["near"] > e["levels_dbfs"].get("far", -200.0) + 6.0, e["levels_dbfs"]
         assert e["level_dbfs"] <= e["levels_dbfs"]["near"] + 0.01
-    stats = _stats(sub, "room1")[-1]
+    stats = ward.stats("room1")[-1]
     assert {s["name"] for s in stats["sources"]} == {"near", "far"}
 
 
 def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_room_keeps_publishing(
-    two_virtual_mics: dict[str, str],
-    ward_state: Path,
-    dac_dir: Path,
-    mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber],
-    tmp_path: Path,
+    two_virtual_mics: dict[str, str], ward: Ward, dac_dir: Path, tmp_path: Path
 ) -> None:
     """micA hears room1, micB room2, both with quiet room noise playing into them.
 
@@ -377,9 +371,7 @@ def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_r
        default source, which hears nothing, so micB goes flat and is reopened, which fails while the device
        is gone: room2 reports its source down, and room1 still identifies a cry.
     3. The sink comes back: micB is reopened on its own and room2 hears a cry again."""
-    import shutil
-
-    from tests.test_virtual_mic import _stop, _wait
+    from tests.test_virtual_mic import _wait
 
     env_pa = two_virtual_mics
     cry = _stream(tmp_path / "cry.wav", load_audio(_files(dac_dir, "dac0126", "D")[0]), 0.2, 0.2)
@@ -388,23 +380,15 @@ def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_r
     sf.write(
         noise, nursery.room_noise(180.0, np.random.default_rng(5), level_dbfs=-70.0), SR, subtype="PCM_16"
     )
-    shutil.copytree(ward_state, tmp_path / "state")
-    cfg = tmp_path / "cryid.toml"
-    cfg.write_text(
+    config = (
         '[[sources]]\nname = "a"\nroom = "room1"\ndevice = "micA"\n\n'
         '[[sources]]\nname = "b"\nroom = "room2"\ndevice = "micB"\n\n'
         "[source]\nflat_timeout_s = 2.0\nreopen_max_s = 1.0\n"
     )
-    env = cryid_env(env_pa)
-    env |= {
-        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MODEL": str(MODEL),
-        "CRYID_MQTT__HOST": mosquitto.host, "CRYID_MQTT__PORT": str(mosquitto.port),
-        "CRYID_MQTT__STATS_INTERVAL_S": "1",
-    }  # fmt: skip
 
     def micb(**want: Any) -> Callable[[], bool]:
         def check() -> bool:
-            stats = _stats(sub, "room2")
+            stats = ward.stats("room2")
             got = stats[-1]["sources"][0] if stats else {}
             return bool(stats) and all(got[k] == v if not callable(v) else v(got[k]) for k, v in want.items())
 
@@ -419,44 +403,45 @@ def test_virtual_microphones_that_go_flat_or_vanish_are_reopened_and_the_other_r
         )
 
     players = {"cotA": room_noise("cotA"), "cotB": room_noise("cotB")}
-    sub = subscriber_factory(mosquitto, "cryid/#")
-    daemon = subprocess.Popen([*CRYID, "-v", "run", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        _wait(lambda: any(m.topic == "cryid/room2/status" and m.payload == b"online" for m in sub.messages),
-              "online status", daemon, 120)  # fmt: skip
-        _wait(micb(ok=True), "micB capturing", daemon, 30)
-        time.sleep(3.0)  # longer than flat_timeout_s: the room noise keeps both microphones from being flat
-        assert micb(ok=True, flat=False, reopens=0)()
-        # 1. flat
-        players["cotB"].kill()
-        _wait(micb(flat=True, reopens=lambda n: n >= 1), "micB flat and reopened", daemon, 30)
-        players["cotB"] = room_noise("cotB")
-        _wait(micb(flat=False, ok=True), "micB not flat", daemon, 30)
-        # 2. unplugged
-        modules = pactl("list", "short", "modules").splitlines()
-        pactl("unload-module", next(line.split()[0] for line in modules if "sink_name=cotB" in line))
-        _wait(micb(ok=False), "micB reported down", daemon, 30)
-        assert subprocess.run(["paplay", "--device=cotA", str(cry)], env=env_pa).returncode == 0
-        _wait(lambda: any(e["kind"] == "episode" for e in _events(sub, "room1")), "room1 episode", daemon, 60)
-        assert micb(ok=False)(), "micB came back while its sink was gone"
-        # 3. back
-        pactl("load-module", "module-null-sink", "sink_name=cotB", "rate=16000", "channels=1")
-        players["cotB"] = room_noise("cotB")
-        _wait(micb(ok=True), "micB reopened", daemon, 60)
-        time.sleep(1.0)
-        assert subprocess.run(["paplay", "--device=cotB", str(cry2)], env=env_pa).returncode == 0
-        _wait(lambda: any(e["kind"] == "episode" for e in _events(sub, "room2")), "room2 episode", daemon, 60)
+        with ward.running(config, env_pa, online_room="room2") as daemon:
+            _wait(micb(ok=True), "micB capturing", daemon, 30)
+            time.sleep(
+                3.0
+            )  # longer than flat_timeout_s: the room noise keeps both microphones from being flat
+            assert micb(ok=True, flat=False, reopens=0)()
+            # 1. flat
+            players["cotB"].kill()
+            _wait(micb(flat=True, reopens=lambda n: n >= 1), "micB flat and reopened", daemon, 30)
+            players["cotB"] = room_noise("cotB")
+            _wait(micb(flat=False, ok=True), "micB not flat", daemon, 30)
+            # 2. unplugged
+            modules = pactl("list", "short", "modules").splitlines()
+            pactl("unload-module", next(line.split()[0] for line in modules if "sink_name=cotB" in line))
+            _wait(micb(ok=False), "micB reported down", daemon, 30)
+            assert subprocess.run(["paplay", "--device=cotA", str(cry)], env=env_pa).returncode == 0
+            _wait(
+                lambda: any(e["kind"] == "episode" for e in ward.events("room1")), "room1 episode", daemon, 60
+            )
+            assert micb(ok=False)(), "micB came back while its sink was gone"
+            # 3. back
+            pactl("load-module", "module-null-sink", "sink_name=cotB", "rate=16000", "channels=1")
+            players["cotB"] = room_noise("cotB")
+            _wait(micb(ok=True), "micB reopened", daemon, 60)
+            time.sleep(1.0)
+            assert subprocess.run(["paplay", "--device=cotB", str(cry2)], env=env_pa).returncode == 0
+            _wait(
+                lambda: any(e["kind"] == "episode" for e in ward.events("room2")), "room2 episode", daemon, 60
+            )
     finally:
-        err = _stop(daemon)
         for p in players.values():
             p.kill()
             p.wait()
-    assert daemon.returncode == 0, err[-3000:]
-    assert "source b flat" in err and "cannot open microphone 'micB'" in err
-    assert _stats(sub, "room2")[-1]["sources"][0]["reopens"] >= 2
-    assert all({c["baby_id"] for c in e["candidates"]} <= set(ROOMS["room2"]) for e in _events(sub, "room2"))
-    assert [e["best_baby_id"] for e in _events(sub, "room1") if e["kind"] == "episode"] == ["dac0126"]
+    assert daemon.returncode == 0, ward.stderr[-3000:]
+    assert "source b flat" in ward.stderr and "cannot open microphone 'micB'" in ward.stderr
+    assert ward.stats("room2")[-1]["sources"][0]["reopens"] >= 2
+    assert all({c["baby_id"] for c in e["candidates"]} <= set(ROOMS["room2"]) for e in ward.events("room2"))
+    assert [e["best_baby_id"] for e in ward.events("room1") if e["kind"] == "episode"] == ["dac0126"]
 
 
 def test_devices_prints_a_sources_table_per_microphone(
