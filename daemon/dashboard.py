@@ -91,16 +91,32 @@ class DashboardSettings(StrictModel):
     )
 
 
+def page_rooms(settings: Settings, dash: DashboardSettings) -> list[dict[str, str]]:
+    """The rooms the page follows (``dashboard.rooms``, else this configuration's rooms), each with its
+    topic prefix; a room of this configuration's several-room daemon (``[[sources]]``) also names the
+    daemon's own status topic (its last will, docs/mqtt.md#availability) as ``daemon_status``."""
+    from cryid.daemon.multi import daemon_status_topic, room_prefix
+
+    own = list(dict.fromkeys(e.room for e in settings.sources or []))  # this daemon's rooms, in order
+    several = len(own) > 1
+    rooms = []
+    for r in dash.rooms or own or [settings.room]:
+        if r in own:
+            room = {"room": r, "prefix": room_prefix(settings, r, several)}
+            if several:
+                room["daemon_status"] = daemon_status_topic(settings)
+        else:
+            room = {"room": r, "prefix": settings.mqtt.prefix(r) if r == settings.room else f"cryid/{r}"}
+        rooms.append(room)
+    return rooms
+
+
 def page_config(settings: Settings, dash: DashboardSettings) -> dict[str, Any]:
     """What ``/config.json`` says: broker, user, rooms and display settings (a password only from a file)."""
-    rooms = dash.rooms or [settings.room]
     cfg: dict[str, Any] = {
         "broker_url": dash.broker_url,
         "username": dash.username,
-        "rooms": [
-            {"room": r, "prefix": settings.mqtt.prefix(r) if r == settings.room else f"cryid/{r}"}
-            for r in rooms
-        ],
+        "rooms": page_rooms(settings, dash),
         "alert_after_min": dash.alert_after_min,
         "uncertain_below": dash.uncertain_below,
         "silent_below_dbfs": dash.silent_below_dbfs,

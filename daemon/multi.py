@@ -31,6 +31,11 @@ label, and per source (``source`` label) ``cryid_source_up``, ``cryid_source_fla
 ``cryid_mic_level_dbfs``, ``cryid_source_flats_total`` and ``cryid_source_reopens_total``; ``/healthz``
 is ``200 ok`` while every room is healthy, else ``503`` naming each room that is not.
 
+systemd (``Type=notify``, ``NOTIFY_SOCKET``): the daemon says ``READY=1`` once every room has started
+(its threads run and its registry was read), ``WATCHDOG=1`` while every room's pipeline is alive, and a
+``STATUS=`` line naming the broker, each room's state and the outbox when it changes (looked at every
+``STATUS_CHECK_S``), e.g. ``connected, 2 rooms; ward1: listening; ward2: microphone down; outbox 0``.
+
 Faults stay local: a source that fails is reported (per source in the stats, ``status/source`` of the
 room when all its sources are down) and, for a microphone, reopened with back-off; a microphone that
 delivers a flat line for ``source.flat_timeout_s`` is reopened too. Other sources and rooms go on.
@@ -65,6 +70,7 @@ from cryid.models.errors import CryidError
 logger = logging.getLogger(__name__)
 
 REANCHOR_S = 1.0  # a source whose audio arrives this much later than its time line says lost audio
+STATUS_CHECK_S = 2.0  # under systemd: how often the rooms' state is looked at for STATUS= (sent on change)
 
 
 class SourceRunner:
@@ -174,11 +180,20 @@ class SourceGroup:
 
 
 class _QuietNotifier(Notifier):
-    """Rooms do not talk to systemd; :class:`MultiService` does."""
+    """Rooms do not talk to systemd; :class:`MultiService` does: a room's READY only marks it started
+    (:attr:`ready`) and calls :attr:`on_ready` (the daemon's loop, which says READY once every room is)."""
 
     def __init__(self) -> None:
         self._n = None
         self.watchdog_s = None
+        self.ready = threading.Event()
+        self.on_ready: Callable[[], None] | None = None
+
+    def notify(self, msg: str) -> None:
+        if msg == "READY=1":
+            self.ready.set()
+            if self.on_ready is not None:
+                self.on_ready()
 
 
 class RoomPublisher:
@@ -245,7 +260,8 @@ class RoomService(Service):
         )  # fmt: skip
         self.pipeline = self.room_pipeline
         self.counters = self.pipeline.health
-        self.notifier = _QuietNotifier()
+        self.startup = _QuietNotifier()  # .ready: the room's threads run and its registry was read
+        self.notifier = self.startup
         self._t0 = time.monotonic()
 
     def _room_dir(self) -> Path:
@@ -407,6 +423,9 @@ class MultiService:
         publisher.on_event_published = self._published
         publisher.on_event_acknowledged = self._acknowledged
         publisher.on_change = self._changed
+        for r in self.rooms:
+            r.startup.on_ready = self._wake.set
+        self._threads: list[threading.Thread] = []
 
     @property
     def fatal(self) -> str | None:
@@ -457,6 +476,38 @@ class MultiService:
         bad = [f"room {r.settings.room}: {why}" for r in self.rooms if (why := r.plug.health()) is not None]
         return "; ".join(bad) or None
 
+    def room_state(self, i: int) -> str:
+        """One room in words for systemd's STATUS: listening, microphone(s) down or silent, failed, ..."""
+        r = self.rooms[i]
+        if r.fatal:
+            return "failed"
+        if i < len(self._threads) and not self._threads[i].is_alive():
+            return "stopped"
+        if not r.startup.ready.is_set():
+            return "starting"
+        down = [x.name for x in r.runners if x.failure() is not None]
+        flat = [x.name for x in r.runners if x.flat.state == "flat" and x.name not in down]
+        if len(down) == len(r.runners):
+            return "microphone down" if len(down) == 1 else "microphones down"
+        parts = [f"microphone {name} down" for name in down] + [f"microphone {name} silent" for name in flat]
+        if len(flat) == len(r.runners):
+            parts = ["microphone silent" if len(flat) == 1 else "microphones silent"]
+        return ", ".join(parts) or "listening"
+
+    def _all_started(self) -> bool:
+        """Every room has started (its threads run, its registry was read), or has ended already."""
+        rooms = zip(self.rooms, self._threads, strict=True)
+        return all(r.startup.ready.is_set() or not t.is_alive() for r, t in rooms)
+
+    def status_line(self) -> str:
+        """systemd's STATUS: the broker, every room's state, the outbox (as the single-room daemon's)."""
+        rooms = "; ".join(f"{r.settings.room}: {self.room_state(i)}" for i, r in enumerate(self.rooms))
+        line = (
+            f"{'connected' if self.publisher.connected else 'broker unreachable'}, {len(self.rooms)} rooms; "
+            f"{rooms}; outbox {self.outbox.size()}"
+        )
+        return line + (", DISK FULL" if self.outbox.disk_full else "")
+
     def _status(self, payload: str) -> None:
         if self.room_status:
             for r in self.rooms:
@@ -476,7 +527,7 @@ class MultiService:
         if self.server is not None:
             threading.Thread(target=self.server.serve_forever, name="cryid-metrics", daemon=True).start()
             logger.info("metrics of %d rooms on http://%s/metrics", len(self.rooms), self.server.address)
-        threads = []
+        threads = self._threads = []
         for r in self.rooms:
 
             def run_room(room: RoomService = r) -> None:
@@ -493,12 +544,16 @@ class MultiService:
             )
         for t in threads:
             t.start()
-        self.notifier.notify("READY=1")
+        ready = False
+        status = ""
         seen = 0
         link: tuple[Any, ...] = ()
-        next_dog = time.monotonic()
+        next_dog = next_status = time.monotonic()
         while any(t.is_alive() for t in threads):
             self._wake.clear()
+            if not ready and self._all_started():
+                ready = True  # every room has started (its threads run, its registry is read)
+                self.notifier.notify("READY=1")
             if self._reload.is_set():
                 self._do_reload()
             now_link = (self.publisher.connected, self.publisher.connects, self.publisher.fatal_error)
@@ -514,8 +569,17 @@ class MultiService:
                 if all(now - r.counters.heartbeat < 10.0 for r in self.rooms):
                     self.notifier.notify("WATCHDOG=1")
                 next_dog = now + self.notifier.watchdog_s
-            # sleep until a room ends, the broker (dis)connects, a signal, or the watchdog is due
-            self._wake.wait(max(0.0, next_dog - time.monotonic()) if self.notifier.watchdog_s else None)
+            if self.notifier.enabled and ready and now >= next_status:
+                line = self.status_line()
+                if line != status:
+                    status = line
+                    self.notifier.notify(f"STATUS={line}")
+                next_status = now + STATUS_CHECK_S
+            # sleep until a room ends or starts, the broker (dis)connects, a signal, the watchdog is due or
+            # (under systemd) the rooms' state is looked at again for STATUS
+            dues = [next_dog] if self.notifier.watchdog_s else []
+            dues += [next_status] if self.notifier.enabled else []
+            self._wake.wait(max(0.0, min(dues) - time.monotonic()) if dues else None)
         self.notifier.notify("STOPPING=1")
         self._status(OFFLINE)
         self.publisher.stop()

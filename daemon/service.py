@@ -113,6 +113,11 @@ class Notifier:
             if usec and usec.isdigit():
                 self.watchdog_s = int(usec) / 1e6 / 2
 
+    @property
+    def enabled(self) -> bool:
+        """True under systemd (``NOTIFY_SOCKET`` set)."""
+        return self._n is not None
+
     def notify(self, msg: str) -> None:
         if self._n is not None:
             self._n.notify(msg)

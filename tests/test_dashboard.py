@@ -237,6 +237,30 @@ def _ratio(a: str, b: str) -> float:
     return (la + 0.05) / (lb + 0.05)
 
 
+def test_rooms_of_a_several_room_daemon_name_its_own_status_topic() -> None:
+    """``[[sources]]`` of several rooms: the page follows those rooms (with the daemon's prefixes) and reads
+    the daemon's own status (its last will) for each; one room, or a room of another daemon: no such topic."""
+    from cryid.daemon.multi import daemon_status_topic, room_prefix
+
+    sources = [{"name": "m1", "room": "r1"}, {"name": "m2", "room": "r2"}, {"name": "m3", "room": "r1"}]
+    for prefix in ("", "cryid/nicu-1"):
+        settings = Settings(sources=sources, mqtt=MqttSettings(topic_prefix=prefix))
+        base = prefix or "cryid"
+        want = [{"room": r, "prefix": f"{base}/{r}", "daemon_status": f"{base}/status"} for r in ("r1", "r2")]
+        assert page_config(settings, DashboardSettings())["rooms"] == want
+        for r in want:  # as the daemon publishes them
+            assert r["prefix"] == room_prefix(settings, r["room"], True)
+            assert r["daemon_status"] == daemon_status_topic(settings)
+    settings = Settings(room="r1", sources=sources)
+    cfg = page_config(settings, DashboardSettings(rooms=["r2", "elsewhere"]))
+    assert cfg["rooms"] == [
+        {"room": "r2", "prefix": "cryid/r2", "daemon_status": "cryid/status"},
+        {"room": "elsewhere", "prefix": "cryid/elsewhere"},
+    ]
+    one = Settings(sources=[{"name": "m1", "room": "r1"}], mqtt=MqttSettings(topic_prefix="site/r1"))
+    assert page_config(one, DashboardSettings())["rooms"] == [{"room": "r1", "prefix": "site/r1"}]
+
+
 def test_text_colours_pass_wcag_aa() -> None:
     css = (STATIC_DIR / "dashboard.css").read_text()
     var = dict(re.findall(r"--([a-z-]+):\s*(#[0-9a-f]{6})", css))

@@ -63,13 +63,29 @@ CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 ROOM = "ward1"
 P = f"cryid/{ROOM}"
+ROOMS = (ROOM, "ward2")  # the rooms of one daemon with [[sources]] (its broker user cryid-wards)
 PASSWORDS = {"cryid-ward1": "d-pass", "dashboard": "r-pass", "nurse": "n-pass", "probe": "p-pass"}
+PASSWORDS["cryid-wards"] = "w-pass"
 SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
-# The shipped ACL, its example room (nursery) made this test's room, and a read-only test user ``probe``
-# (the broker ties a client id to its user name: concurrent test clients need users of their own).
-ACL = (SHIPPED / "acl").read_text().replace("cryid-nursery", f"cryid-{ROOM}").replace(
-    "cryid/nursery/", f"{P}/"
-).replace("cryid_nursery", f"cryid_{ROOM}") + "\nuser probe\ntopic read cryid/#\n"
+_SHIPPED_ACL = (SHIPPED / "acl").read_text()
+# The several-room daemon's user as the shipped ACL says: the lines of every room, plus cryid/status.
+_ROOM_LINES = [ln for ln in _SHIPPED_ACL.split("user cryid-nursery\n", 1)[1].split("\n\n", 1)[0].splitlines()
+               if ln.startswith("topic ")]  # fmt: skip
+_WARDS = (
+    "\nuser cryid-wards\n"
+    + "".join(ln.replace("nursery", r) + "\n" for r in ROOMS for ln in _ROOM_LINES)
+    + "topic write cryid/status\n"
+)
+# The shipped ACL, its example room (nursery) made this test's room, a read-only test user ``probe``
+# (the broker ties a client id to its user name: concurrent test clients need users of their own), and
+# the user of a daemon serving two rooms.
+ACL = (
+    _SHIPPED_ACL.replace("cryid-nursery", f"cryid-{ROOM}")
+    .replace("cryid/nursery/", f"{P}/")
+    .replace("cryid_nursery", f"cryid_{ROOM}")
+    + "\nuser probe\ntopic read cryid/#\n"
+    + _WARDS
+)
 
 
 @dataclass
@@ -793,3 +809,96 @@ def _stats(level: float | None, error: str | None = None) -> str:
         source_ok=error is None, source_error=error, expirations=0, episodes=0, enrolled=2,
         needs_reenrollment=[], model_sha256="0" * 64,
     ).model_dump_json()  # fmt: skip
+
+
+def test_a_dead_several_room_daemon_shows_every_room_offline(
+    ward: Ward, serve: Callable[[Settings], str], browser: Any, tmp_path: Path
+) -> None:
+    """One daemon serving two rooms ([[sources]]) has one connection and so one last will: its own
+    ``cryid/status``. Killed (SIGKILL), the broker publishes that ``offline`` while each room's retained
+    ``status`` still says ``online``: the page shows both rooms OFFLINE, with the banner; a single-room page
+    of the same room is not misled by another daemon's status; restarted, both rooms are ONLINE again."""
+    noise = []
+    for i, room in enumerate(ROOMS):
+        noise.append(tmp_path / f"{room}.wav")
+        sf.write(noise[-1], nursery.room_noise(300.0, np.random.default_rng(50 + i)), 16000)
+    sources = [{"name": f"mic-{r}", "room": r, "file": str(f)} for r, f in zip(ROOMS, noise, strict=True)]
+    cfg = tmp_path / "cryid.toml"
+    cfg.write_text("".join(f'[[sources]]\nname = "{e["name"]}"\nroom = "{e["room"]}"\nfile = "{e["file"]}"\n'
+                           for e in sources))  # fmt: skip
+    env = cryid_env() | {
+        "CRYID_STATE_DIR": str(tmp_path / "state"), "CRYID_MQTT__HOST": "127.0.0.1",
+        "CRYID_MQTT__PORT": str(ward.broker.port), "CRYID_MQTT__USERNAME": "cryid-wards",
+        "CRYID_MQTT__PASSWORD": PASSWORDS["cryid-wards"], "CRYID_MQTT__RECONNECT_MIN_S": "0.2",
+    }  # fmt: skip
+    log = (tmp_path / "daemon.log").open("w")
+
+    def start_daemon() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "cryid.daemon.cli", "-v", "run", "--config", str(cfg)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    pw = tmp_path / "dashboard.pw"
+    pw.write_text(PASSWORDS["dashboard"] + "\n")
+    dash = DashboardSettings(
+        broker_url=f"ws://127.0.0.1:{ward.ws_port}/", username="dashboard", password_file=pw
+    )
+    settings = Settings(room=ROOM, sources=sources, dashboard=dash)
+    assert [r.get("daemon_status") for r in page_config(settings, dash)["rooms"]] == ["cryid/status"] * 2
+    url = serve(settings)
+    single = serve(_settings(ward, username="dashboard", password_file=pw))  # one room, as before
+    probe = Probe(ward, "probe", "cryid/#")
+    live = "return document.getElementById('conn').dataset.conn === 'connected'"
+
+    def daemon_shown(room: str) -> str:
+        return browser.execute_script(text_of(f'.room[data-room="{room}"] .f-daemon'))
+
+    def all_shown(word: str, rooms: int = len(ROOMS)) -> str:
+        return "return [...document.querySelectorAll('.room .f-daemon')].map(e => e.innerText).join() === " \
+               f"'{','.join([word] * rooms)}'"  # fmt: skip
+
+    def retained(topic: str) -> bytes:
+        return [m[2] for m in probe.messages if m[1] == topic][-1]
+
+    daemon = start_daemon()
+    try:
+        browser.get(url)
+        wait_js(browser, live, "Live")
+        shown = [e.get_attribute("data-room") for e in browser.find_elements(By.CSS_SELECTOR, ".room")]
+        assert shown == list(ROOMS)
+        wait_js(browser, all_shown("ONLINE"), "both rooms ONLINE", 120)
+        assert browser.execute_script(
+            "return [...document.querySelectorAll('.b-offline')].every(b => b.hidden)"
+        )
+
+        daemon.kill()  # no clean stop: only the broker's will says it
+        daemon.wait(timeout=30)
+        wait_js(browser, all_shown("OFFLINE"), "both rooms OFFLINE after the daemon died", 60)
+        for room in ROOMS:
+            banner = f'.room[data-room="{room}"] .b-offline'
+            assert browser.execute_script(f"return !document.querySelector('{banner}').hidden"), room
+            assert f"Room {room}: the cryid daemon is OFFLINE" in browser.execute_script(text_of(banner))
+            assert retained(f"cryid/{room}/status") == b"online"  # the rooms' own topics did not say it
+        probe.wait(lambda m: m[1] == "cryid/status" and m[2] == b"offline")
+        shot(browser, "daemon-dead")
+
+        # a single-room page (its room's daemon has no daemon-level status) reads only the room's status
+        browser.get(single)
+        wait_js(browser, live, "Live on the single-room page")
+        wait_js(browser, all_shown("ONLINE", 1), "the room's own status")
+        # back on the ward's page, from the retained messages alone
+        browser.get(url)
+        wait_js(browser, all_shown("OFFLINE"), "both rooms OFFLINE on a fresh page", 30)
+
+        daemon = start_daemon()
+        wait_js(browser, all_shown("ONLINE"), "both rooms ONLINE after the restart", 120)
+        assert daemon_shown(ROOMS[1]) == "ONLINE"
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+        wait_js(browser, all_shown("OFFLINE"), "both rooms OFFLINE after a clean stop", 30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        probe.close()
+        log.close()
+        print((tmp_path / "daemon.log").read_text()[-3000:])

@@ -9,6 +9,7 @@ room noise (``cryid.daemon.nursery``). Thread wake-ups are read from ``/proc/sel
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -302,3 +303,88 @@ def test_last_will_marks_the_daemon_offline_and_sighup_names_the_sources(
 
     kept = {m.topic: m.payload for m in retained(mosquitto, "ward7/status")}
     assert kept["ward7/status"] == b"offline", kept
+
+
+class _Unplugged:
+    """A microphone that was unplugged: every read fails (a MicSource reopens it, so it has ``reopen``).
+    The one stand-in here: a real unplugged device needs audio hardware (tests/test_virtual_mic.py)."""
+
+    name = "unplugged"
+    eof = False
+
+    def read(self, timeout_s: float | None = None) -> Any:
+        time.sleep(0.05)
+        raise OSError("device unplugged")
+
+    def reopen(self, why: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_systemd_hears_ready_once_every_room_started_a_status_per_room_and_the_watchdog(
+    shipped_model_dir: Path, mosquitto: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd (``Type=notify``, ``WatchdogSec=``), as the single-room daemon: ``READY=1`` once every
+    room has started (here room ``sb`` takes 1.5 s to read its registry), a ``STATUS=`` line naming each
+    room's state (``sb``'s microphone is unplugged), ``WATCHDOG=1`` and ``STOPPING=1``."""
+    import tempfile
+
+    from tests.test_virtual_mic import NotifySocket
+
+    noise = [_noise(tmp_path / f"n{i}.wav", 60.0, seed=40 + i) for i in range(2)]
+    settings = _settings(
+        tmp_path / "state", shipped_model_dir, mosquitto,
+        [SourceEntry(name="a1", room="sa", file=noise[0]), SourceEntry(name="b1", room="sb", file=noise[1])],
+    )  # fmt: skip
+    sock_dir = Path(tempfile.mkdtemp(prefix="sdn-"))  # a unix socket's path has at most 107 bytes
+    notify = NotifySocket(sock_dir / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WATCHDOG=1 every 0.5 s
+    service = build_multi_service(settings)
+    slow = service.rooms[1]
+    poll = slow._poll_registry
+    first: list[float] = []
+
+    def slow_poll() -> None:
+        if not first:
+            first.append(time.monotonic())
+            time.sleep(1.5)
+        poll()
+
+    slow._poll_registry = slow_poll  # type: ignore[method-assign]
+    slow.runners[0].source.close()
+    slow.runners[0].source = _Unplugged()
+    received: list[tuple[float, str]] = []
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(service.run()))
+    t0 = time.monotonic()
+    runner.start()
+    try:
+
+        def seen() -> list[str]:
+            while len(received) < len(notify.messages):
+                received.append((time.monotonic(), notify.messages[len(received)]))
+            return [m for _t, m in received]
+
+        _wait(lambda: "READY=1" in seen(), "READY=1", 60)
+        ready_at = next(t for t, m in received if m == "READY=1")
+        assert ready_at - t0 >= 1.5, f"READY=1 after {ready_at - t0:.2f} s, before room sb had started"
+        want = "connected, 2 rooms; sa: listening; sb: microphone down; outbox 0"
+        try:
+            _wait(lambda: f"STATUS={want}" in seen(), f"STATUS={want}", 30)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got {[m for m in seen() if m.startswith('STATUS')]}") from None
+        _wait(lambda: seen().count("WATCHDOG=1") >= 3, "three WATCHDOG=1", 10)
+    finally:
+        service.request_stop()
+        runner.join(timeout=60)
+        service.close()
+        notify.close()
+    messages = notify.messages
+    assert codes and messages.count("READY=1") == 1, messages
+    assert messages.index("READY=1") < messages.index(f"STATUS={want}") < messages.index("STOPPING=1")
+    statuses = [m for m in messages if m.startswith("STATUS=")]
+    assert all(a != b for a, b in itertools.pairwise(statuses)), statuses  # sent when it changes
+    assert all("2 rooms; sa: " in m for m in statuses), statuses

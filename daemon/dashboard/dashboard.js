@@ -5,6 +5,8 @@
  *   P/stats (daemon health)               P/babies (retained roster)
  *   P/baby/<id>/state (retained)          P/baby/<id>, P/unknown (cry events)
  *   P/cmd/confirm, P/cmd/reject (nurse commands, published here)   P/cmd/result (their answers)
+ * and, for a room of a daemon serving several rooms (config.json's rooms[].daemon_status, e.g. cryid/status),
+ * the daemon's own status (online|offline, retained, its last will): the room is OFFLINE when either says so.
  * Payload fields that an older daemon does not send (confidence, candidates) are optional here.
  */
 "use strict";
@@ -91,13 +93,14 @@
   const isNurse = () => !!S.user && (S.cfg.nurse_users || []).includes(S.user);
 
   // ------------------------------------------------------------------ rooms and tiles
-  function makeRoom(name, prefix) {
+  function makeRoom(name, prefix, daemonStatus) {
     const node = $("room-template").content.firstElementChild.cloneNode(true);
     node.dataset.room = name;
     node.querySelector(".room-name").textContent = `Room ${name}`;
     $("rooms").append(node);
     return {
       name, prefix, node,
+      daemonTopic: daemonStatus || null, daemon: null,  // several rooms: the daemon's own status topic
       status: null, source: null, stats: null, statsAt: 0, lastEventAt: null,
       roster: new Map(), states: new Map(), tiles: new Map(), uncertain: [],
     };
@@ -154,10 +157,12 @@
 
   function renderRoomFacts(room) {
     const f = (c) => room.node.querySelector(c);
-    const online = room.status === "online";
-    set(f(".f-daemon"), room.status === null ? "no news yet" : online ? "ONLINE" : "OFFLINE");
+    // a several-room daemon's will is its own status: dead, it leaves its rooms' statuses "online"
+    const offline = room.status === "offline" || room.daemon === "offline";
+    const online = room.status === "online" && !offline;
+    set(f(".f-daemon"), offline ? "OFFLINE" : room.status === null ? "no news yet" : online ? "ONLINE" : "OFFLINE");
     const off = f(".b-offline");
-    off.hidden = room.status !== "offline";
+    off.hidden = !offline;
     set(off, `Room ${room.name}: the cryid daemon is OFFLINE. Cries are not being identified.`);
     const st = room.stats;
     const level = st && st.input_level_dbfs !== null && st.input_level_dbfs !== undefined
@@ -336,6 +341,9 @@
   // ------------------------------------------------------------------ MQTT
   function onMessage(topic, payload) {
     for (const room of S.rooms.values()) {
+      if (room.daemonTopic === topic) { room.daemon = parse(payload); renderRoomFacts(room); }
+    }
+    for (const room of S.rooms.values()) {
       if (!topic.startsWith(room.prefix + "/")) continue;
       const sub = topic.slice(room.prefix.length + 1);
       const data = parse(payload);
@@ -400,7 +408,8 @@
       if (!mine()) return;
       connectedAt = Date.now();
       setConn("connected", `Live${user ? "" : " (anonymous)"}`);
-      client.subscribe([...S.rooms.values()].map((r) => `${r.prefix}/#`), { qos: 1 });
+      const daemons = [...S.rooms.values()].filter((r) => r.daemonTopic).map((r) => r.daemonTopic);
+      client.subscribe([...new Set([...S.rooms.values()].map((r) => `${r.prefix}/#`).concat(daemons))], { qos: 1 });
     });
     client.on("reconnect", () => { if (mine()) setConn("reconnecting", "Reconnecting…"); });
     client.on("offline", () => { if (mine()) setConn("reconnecting", "Offline, reconnecting…"); });
@@ -524,7 +533,7 @@
       $("banner-broker").textContent = `The page could not load config.json (${e.message}); ask the ward's IT.`;
       return;
     }
-    for (const r of S.cfg.rooms) S.rooms.set(r.prefix, makeRoom(r.room, r.prefix));
+    for (const r of S.cfg.rooms) S.rooms.set(r.prefix, makeRoom(r.room, r.prefix, r.daemon_status));
     renderLog();
     start();
     setInterval(() => {
