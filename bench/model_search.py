@@ -34,7 +34,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cryid.models.training.backend import BackendSettings, fit_backend
+from cryid.models.training.gmm_branch import cepstra, fit_ubm
 from search_parts import (
+    COMPONENTS,
+    N_CEPS,
+    StatContext,
     apply_channel,
     dev_periods,
     feature_sets,
@@ -67,13 +71,14 @@ def build_stats(data: Path, cache: Path) -> dict[str, np.ndarray]:
     periods = dev_periods(rows)
     chans = [random_channel(s) for s in range(N_CHANNELS)]
     ward = ward_channel(7)
+    ctx = stat_context(fb, gmean, [wavs[r["file_id"]] for r in train])
     rng = np.random.default_rng(1)
     out: dict[str, list[np.ndarray]] = {}
     onnx: dict[str, list[np.ndarray]] = {"train": [], "period": [], "ward": []}
     t0 = time.time()
 
     def add(unit: str, wav: np.ndarray) -> None:
-        for name, v in feature_sets(fb.log_mel(wav), gmean).items():
+        for name, v in feature_sets(fb.log_mel(wav), gmean, wav, ctx).items():
             out.setdefault(f"{unit}/{name}", []).append(v.astype(np.float32))
         if unit in onnx:
             onnx[unit].append(emb.embed(wav))
@@ -101,6 +106,25 @@ def build_stats(data: Path, cache: Path) -> dict[str, np.ndarray]:
     return res
 
 
+def stat_context(fb: object, gmean: np.ndarray, train_wavs: list[np.ndarray]) -> StatContext:
+    """The 150-mel front end and per-band means, and the UBM (64 components, 100 frames of every training
+    recording), all from the training split."""
+    from cryid.models.frontend import Fbank
+
+    t0 = time.time()
+    fb150 = Fbank(n_mels=150)
+    lm150 = [fb150.log_mel(w) for w in train_wavs]
+    gmean150 = np.concatenate(lm150).mean(axis=0).astype(np.float32)
+    rng = np.random.default_rng(0)
+    frames = []
+    for w in train_wavs:
+        c = cepstra(fb.log_mel(w) - gmean, N_CEPS)
+        frames.append(c[rng.choice(len(c), min(100, len(c)), replace=False)])
+    ubm = fit_ubm(np.concatenate(frames), COMPONENTS)
+    logger.info("150-mel means and UBM on %d frames (%.0f s)", sum(map(len, frames)), time.time() - t0)
+    return StatContext(gmean=gmean, fb150=fb150, gmean150=gmean150, ubm=ubm)
+
+
 @dataclass(frozen=True)
 class Variant:
     feats: str
@@ -120,8 +144,20 @@ def _lnorm(z: np.ndarray) -> np.ndarray:
 class Scorer:
     """A fitted back-end + scoring rule: ``scores(enrol, test)`` on raw statistics."""
 
-    def __init__(self, v: Variant, x: np.ndarray, y: np.ndarray, cohort: np.ndarray) -> None:
-        if v.backend == "-":
+    def __init__(
+        self, v: Variant, x: np.ndarray, y: np.ndarray, cohort: np.ndarray, parts: list[int] | None = None
+    ) -> None:
+        if v.backend.startswith("fuse"):  # one LDA per statistic set; equal-weight sum of their cosines
+            cuts = np.cumsum([0, *(parts or [])])
+            bes = [
+                fit_backend(x[:, a:b], y, BackendSettings(kind="lda", dims=int(d)))
+                for a, b, d in zip(cuts[:-1], cuts[1:], v.backend[4:].split(","), strict=True)
+            ]
+            spans = list(zip(bes, cuts[:-1], cuts[1:], strict=True))
+            self.f = lambda z: np.concatenate(
+                [_lnorm(be.apply(z[:, a:b]).astype(np.float64)) for be, a, b in spans], axis=1
+            )
+        elif v.backend == "-":
             self.f = lambda a: np.asarray(a, dtype=np.float64)
         else:
             kind = "wccn" if v.backend == "wccn" else "lda"
@@ -160,6 +196,20 @@ class Scorer:
         return s
 
 
+def part_dims(v: Variant, st: dict[str, np.ndarray]) -> list[int] | None:
+    """Column counts of the statistic sets that a fused variant (``a&b``) concatenates."""
+    names = v.feats.split("&")
+    return [st[f"train/{n}"].shape[1] for n in names] if len(names) > 1 else None
+
+
+def add_fused(st: dict[str, np.ndarray], feats: str) -> None:
+    """Concatenate the statistic sets of ``a&b`` for every unit (train, aug, devfile, period, ward)."""
+    names = feats.split("&")
+    for unit in ("train", "aug", "devfile", "period", "ward"):
+        if all(f"{unit}/{n}" in st for n in names):
+            st[f"{unit}/{feats}"] = np.concatenate([st[f"{unit}/{n}"] for n in names], axis=1)
+
+
 def weighted_eer(s: np.ndarray, same: np.ndarray, w: np.ndarray) -> float:
     """EER with a weight per trial (1 for the plain EER; bootstrap counts for the CI)."""
     if not (w[same] > 0).any() or not (w[~same] > 0).any():
@@ -186,7 +236,11 @@ def train_cv(v: Variant, st: dict[str, np.ndarray]) -> float:
         if "dev" in v.data:
             xs.append(st[f"devfile/{v.feats}"])
             ys.append(st["devfile_y"])
-        sc = Scorer(v, np.concatenate(xs), np.concatenate(ys), x[fold != f]) if v.backend != "-" else None
+        sc = (
+            Scorer(v, np.concatenate(xs), np.concatenate(ys), x[fold != f], part_dims(v, st))
+            if v.backend != "-"
+            else None
+        )
         held = np.where(fold == f)[0]
         first: dict[str, int] = {}
         for i in held:
@@ -229,7 +283,7 @@ def dev_cv(v: Variant, st: dict[str, np.ndarray], repeats: int, rooms: int) -> d
                     m = np.isin(st["devfile_y"], fit_babies)
                     xs.append(st[f"devfile/{v.feats}"][m])
                     ys.append(st["devfile_y"][m])
-                cache[fit_babies] = Scorer(v, np.concatenate(xs), np.concatenate(ys), x_tr)
+                cache[fit_babies] = Scorer(v, np.concatenate(xs), np.concatenate(ys), x_tr, part_dims(v, st))
             sc = cache[fit_babies]
             s = sc.scores(per[b_rows[held]], per[d_rows[held]])  # (B of held, D of held)
             sw = sc.scores(ward[b_rows[held]], ward[d_rows[held]])
@@ -258,7 +312,7 @@ def one_look(v: Variant, st: dict[str, np.ndarray]) -> dict[str, float]:
     if "aug" in v.data:
         xs.append(st[f"aug/{v.feats}"])
         ys.append(st["aug_y"])
-    sc = Scorer(v, np.concatenate(xs), np.concatenate(ys), st[f"train/{v.feats}"])
+    sc = Scorer(v, np.concatenate(xs), np.concatenate(ys), st[f"train/{v.feats}"], part_dims(v, st))
     per = st[f"period/{v.feats}"]
     s = sc.scores(per[b], per[d])
     same = np.eye(30, dtype=bool)
@@ -313,6 +367,17 @@ def variants() -> list[Variant]:
                 Variant(feats, f"lda{dims}", data, "asnorm"),
                 Variant(feats, f"lda{dims}", data, "plda"),
             ]
+    # Second round (stop 22): the i-vector family's GMM supervectors, the leaderboard winner's wider
+    # Fbank (150 mels) and score fusion of the shipped statistics with the reference.
+    for feats, dims in (("gmm_sv", 80), ("gmm_sv", 160), ("fbank150_ms", 20), ("fbank150_ms", 40)):
+        vs += [Variant(feats, f"lda{dims}", d, "cos") for d in ("train", "train+aug")]
+    vs += [Variant("shipped_stats150", f"lda{d}", "train", "cos") for d in (80, 160)]
+    vs += [
+        Variant("shipped_stats&fbank_ms", "fuse80,20", "train", "cos"),
+        Variant("shipped_stats&gmm_sv", "fuse80,80", "train", "cos"),
+        Variant("shipped_stats&gmm_sv", "fuse80,80", "train", "asnorm"),
+        Variant("shipped_stats150&gmm_sv", "fuse80,80", "train", "cos"),
+    ]
     return vs
 
 
@@ -365,6 +430,9 @@ def main() -> int:
     boots = np.random.default_rng(5).multinomial(30, np.ones(30) / 30, size=args.boot).astype(float)
     vs = [v for v in variants() if not args.only or any(o in v.name for o in args.only)]
     vs = [v for v in variants() if v.name in (REF, SHIPPED) or v in vs]
+    for v in vs:
+        if "&" in v.feats:
+            add_fused(st, v.feats)
     summ: dict[str, dict[str, np.ndarray]] = {}
     rows = []
     hdr = (

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cryid.models.training.gmm_branch import UBM, cepstra
+
 SR = 16000
 
 
@@ -170,8 +172,27 @@ def loud_frames(lm: np.ndarray, below_db: float = 20.0) -> np.ndarray:
     return lm[keep] if keep.sum() >= 10 else lm
 
 
-def feature_sets(lm: np.ndarray, gmean: np.ndarray) -> dict[str, np.ndarray]:
-    """All statistic sets of one recording (raw log-mel `lm`, training split's per-band mean `gmean`)."""
+# --- GMM supervectors (cryid.models.training.gmm_branch: the product's own code) ----------------------
+
+N_CEPS, RELEVANCE, COMPONENTS = 20, 16.0, 64
+
+
+@dataclass(frozen=True)
+class StatContext:
+    """What the statistic sets need beyond one recording: the training split's per-band means (80 and
+    150 mels), the 150-mel front end and the UBM (all fitted on train only)."""
+
+    gmean: np.ndarray
+    fb150: object
+    gmean150: np.ndarray
+    ubm: UBM
+
+
+def feature_sets(
+    lm: np.ndarray, gmean: np.ndarray, wav: np.ndarray | None = None, ctx: StatContext | None = None
+) -> dict[str, np.ndarray]:
+    """All statistic sets of one recording (raw log-mel `lm`, training split's per-band mean `gmean`);
+    with the recording itself and a `StatContext`, also the 150-mel and GMM-supervector sets."""
     x = lm - gmean
     loud = loud_frames(lm) - gmean
     sent_loud = loud - loud.mean(axis=0, keepdims=True)  # sentence norm: long-term spectrum removed
@@ -187,7 +208,7 @@ def feature_sets(lm: np.ndarray, gmean: np.ndarray) -> dict[str, np.ndarray]:
     )
     ship = shipped_stats(x)
     ship_loud = shipped_stats(loud)
-    return {
+    out = {
         "fbank_ms": _ms(lm),
         "fbank_ms_loud": _ms(loud),
         "shipped_stats": ship,
@@ -196,3 +217,9 @@ def feature_sets(lm: np.ndarray, gmean: np.ndarray) -> dict[str, np.ndarray]:
         "shipped_loud+inv": np.concatenate([ship_loud, inv]),
         "shipped+loud_ms": np.concatenate([ship, _ms(loud)]),
     }
+    if ctx is not None and wav is not None:
+        lm150 = ctx.fb150.log_mel(wav)
+        out["fbank150_ms"] = _ms(lm150)
+        out["shipped_stats150"] = shipped_stats(lm150 - ctx.gmean150)
+        out["gmm_sv"] = ctx.ubm.supervector(cepstra(x, N_CEPS), RELEVANCE).astype(np.float32)
+    return out

@@ -105,6 +105,19 @@ class BackendInfo(BaseModel):
     kind: str | None = Field(None, description="What the back-end is (e.g. LDA), if backend.npz says.")
 
 
+class BranchInfo(BaseModel):
+    """A GMM-supervector branch computed from the same features inside the ONNX graph and fused with the
+    back-end's output: the embedding is ``[a / |a|, b / |b|] / sqrt(2)`` (a: back-end output, b: branch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(description="Path of the gmm_branch.npz that was appended.")
+    sha256: str = Field(description="sha256 of gmm_branch.npz.")
+    components: int = Field(ge=1, description="Components of the universal background model.")
+    cepstra: int = Field(ge=1, description="Cepstral coefficients per frame (and as many deltas).")
+    output_dim: int = Field(ge=1, description="Branch embedding size (its LDA's output).")
+
+
 class TrainingInfo(BaseModel):
     """From SRC's ``train_info.json``: how the source model was trained."""
 
@@ -132,6 +145,9 @@ class Manifest(BaseModel):
     parity: ParityReport = Field(description="Export parity figures against speechbrain.")
     quantization: QuantizationReport | None = Field(None, description="int8 details; null for fp32.")
     backend: BackendInfo | None = Field(None, description="Learned back-end inside the graph; null if none.")
+    branch: BranchInfo | None = Field(
+        None, description="GMM-supervector branch fused with the back-end inside the graph; null if none."
+    )
     training: TrainingInfo | None = Field(None, description="From SRC's train_info.json, if present.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics (e.g. dev EER).")
     versions: dict[str, str] = Field(default_factory=dict, description="Library versions used to export.")

@@ -110,6 +110,54 @@ def test_backend_and_train_info_are_appended(
         assert cosine(emb.embed(clip), (ref - mean) @ transform) >= 0.9999
 
 
+def test_gmm_branch_is_fused_inside_the_graph(src_copy: Path, tmp_path: Path) -> None:
+    """A gmm_branch.npz beside the back-end: the graph returns [a/|a|, b/|b|]/sqrt(2), equal to speechbrain
+    + back-end fused with the NumPy branch, in batches too; the manifest names the branch."""
+    from cryid.models.frontend import Fbank
+    from cryid.models.training.gmm_branch import fit_branch, fuse, load_branch
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
+
+    rng = np.random.default_rng(6)
+    mean = rng.standard_normal(192).astype(np.float32)
+    transform = rng.standard_normal((192, 12)).astype(np.float32)
+    np.savez(src_copy / "backend.npz", mean=mean, transform=transform, kind=np.array("lda"))
+    fb = Fbank()
+    clips = [
+        (0.1 * rng.standard_normal(int(16000 * rng.uniform(0.6, 1.5)))).astype(np.float32) for _ in range(16)
+    ]
+    feats = [fb.log_mel(c) - 50.0 for c in clips]
+    fit_branch(feats, [str(i % 4) for i in range(16)], components=4, dims=3, n_ceps=10).save(src_copy)
+    out = tmp_path / "fused"
+    assert cryid_main(["model", "export", str(src_copy), "--out", str(out)]) == 0
+    m = load_manifest(out)
+    assert m.branch is not None and (m.branch.components, m.branch.cepstra, m.branch.output_dim) == (4, 10, 3)
+    assert m.embedding_dim == 15 and m.parity.min_cosine >= 0.9999 and "GMM branch" in m.parity.reference
+    emb = Embedder(out)
+    clf = load_encoder_classifier(str(src_copy))
+    branch = load_branch(src_copy)
+    frontend = Fbank(m.frontend)
+    import torch
+
+    for clip in check_clips(durations_s=(0.9, 2.2)):
+        with torch.no_grad():
+            ref = clf.encode_batch(torch.from_numpy(clip)[None], normalize=False)[0, 0].numpy()
+        want = fuse((ref - mean) @ transform, branch.embed(frontend.features(clip)))[0]
+        got = emb.embed(clip)
+        assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-4)
+        assert cosine(got, want) >= 0.9999
+
+
+def test_a_branch_without_a_back_end_is_refused(src_copy: Path, tmp_path: Path, capsys) -> None:
+    from cryid.models.training.gmm_branch import fit_branch
+
+    rng = np.random.default_rng(7)
+    feats = [rng.standard_normal((60, 80)).astype(np.float32) for _ in range(8)]
+    fit_branch(feats, [str(i % 2) for i in range(8)], components=2, dims=1, n_ceps=4).save(src_copy)
+    out = tmp_path / "no-backend"
+    assert "no back-end" in cli_error(capsys, ["model", "export", str(src_copy), "--out", str(out)])
+    _nothing_written(out)
+
+
 def test_refuses_a_model_that_disagrees_with_speechbrain(
     src_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

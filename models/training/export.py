@@ -28,6 +28,7 @@ from cryid.models.manifest import (
     MANIFEST_NAME,
     ONNX_NAME,
     BackendInfo,
+    BranchInfo,
     FrontendParams,
     Manifest,
     ModelError,
@@ -38,6 +39,7 @@ from cryid.models.manifest import (
 )
 from cryid.models.scoring import cosine_rows
 from cryid.models.training.backend import BACKEND_NAME, load_backend
+from cryid.models.training.gmm_branch import BRANCH_NAME, GmmBranch, fuse, load_branch
 
 if TYPE_CHECKING:
     import torch
@@ -109,11 +111,18 @@ def frontend_params(clf: Any, src: str) -> FrontendParams:
     raise ModelError(f"{src}: mean_var_norm norm_type {norm.norm_type!r} is not supported (sentence, global)")
 
 
-def _graph_module(embedding_model: torch.nn.Module, backend: tuple[np.ndarray, np.ndarray] | None) -> Any:
+def _graph_module(
+    embedding_model: torch.nn.Module,
+    backend: tuple[np.ndarray, np.ndarray] | None,
+    branch: GmmBranch | None = None,
+    n_mels: int = 80,
+) -> Any:
     import torch
 
+    from cryid.models.training.gmm_branch import torch_module
+
     class OnnxEncoder(torch.nn.Module):
-        """features (B, T, n_mels) -> embedding (B, D): ECAPA (+ back-end)."""
+        """features (B, T, n_mels) -> embedding (B, D): ECAPA (+ back-end) (+ fused GMM branch)."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -122,6 +131,7 @@ def _graph_module(embedding_model: torch.nn.Module, backend: tuple[np.ndarray, n
             if backend is not None:
                 self.register_buffer("bk_mean", torch.from_numpy(backend[0]))
                 self.register_buffer("bk_transform", torch.from_numpy(backend[1]))
+            self.branch = torch_module(branch, n_mels) if branch is not None else None
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
             # Explicit full lengths: with lengths=None speechbrain builds torch.ones(batch), which
@@ -130,6 +140,11 @@ def _graph_module(embedding_model: torch.nn.Module, backend: tuple[np.ndarray, n
             emb = self.ecapa(features, lengths).squeeze(1)
             if self.has_backend:
                 emb = torch.matmul(emb - self.bk_mean, self.bk_transform)
+            if self.branch is not None:
+                b = self.branch(features)
+                a = emb / torch.linalg.vector_norm(emb, dim=1, keepdim=True).clamp_min(1e-12)
+                b = b / torch.linalg.vector_norm(b, dim=1, keepdim=True).clamp_min(1e-12)
+                emb = torch.cat([a, b], dim=1) * (0.5**0.5)
             return emb
 
     return OnnxEncoder().eval()
@@ -246,6 +261,10 @@ def export_model(
         backend = src_dir / BACKEND_NAME
     bk = load_backend(Path(backend)) if backend is not None else None
     affine = None if bk is None else (bk.mean, bk.transform)  # appended inside the graph
+    branch_path = src_dir / BRANCH_NAME
+    branch = load_branch(branch_path) if branch_path.is_file() else None
+    if branch is not None and bk is None:
+        raise ModelError(f"{src}: {BRANCH_NAME} is fused with a back-end's output, but there is no back-end")
     training = _read_train_info(src_dir)
 
     clf = load_encoder_classifier(str(src_dir))
@@ -262,6 +281,8 @@ def export_model(
                 f"but the model gives {ref.shape[1]}-d"
             )
         ref = (ref - bk.mean) @ bk.transform
+    if branch is not None:
+        ref = fuse(ref, np.stack([branch.embed(f) for f in feats]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -274,7 +295,7 @@ def export_model(
 
         fast = convs_as_conv2d(clf.mods.embedding_model)
         try:
-            _onnx_export(_graph_module(fast, affine), n_mels, fp32_path)
+            _onnx_export(_graph_module(fast, affine, branch, n_mels), n_mels, fp32_path)
         except Exception as exc:  # the tracer/exporter raises many types; report one line
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             raise ModelError(
@@ -286,7 +307,8 @@ def export_model(
         cos = cosine_rows(fp32, ref)
         parity = ParityReport(
             reference="speechbrain EncoderClassifier.encode_batch(wav, normalize=False)"
-            + (" + back-end" if bk is not None else ""),
+            + (" + back-end" if bk is not None else "")
+            + (" + GMM branch (NumPy)" if branch is not None else ""),
             clips_s=[round(len(c) / params.sample_rate, 3) for c in clips],
             min_cosine=float(cos.min()),
             max_abs_diff=float(np.abs(fp32 - ref).max()),
@@ -309,7 +331,7 @@ def export_model(
             if mm is None:
                 fp32_path.rename(pre_path)
             else:
-                _onnx_export(_graph_module(mm, affine), n_mels, pre_path)
+                _onnx_export(_graph_module(mm, affine, branch, n_mels), n_mels, pre_path)
                 fp32_path.unlink()
             quantize_int8(pre_path, tmp / ONNX_NAME)
             int8 = _onnx_embed(_session(tmp / ONNX_NAME), feats)
@@ -348,6 +370,15 @@ def export_model(
                 input_dim=bk.input_dim,
                 output_dim=bk.output_dim,
                 kind=bk.kind,
+            ),
+            branch=None
+            if branch is None
+            else BranchInfo(
+                file=str(branch_path),
+                sha256=sha256_file(branch_path),
+                components=branch.components,
+                cepstra=branch.n_ceps,
+                output_dim=branch.output_dim,
             ),
             training=training,
             metrics=dict(training.metrics) if training is not None else {},

@@ -94,6 +94,16 @@ class TrainSettings(StrictModel):
         description="Also fit the back-end on 8 kHz band-limited copies of the training files "
         "(on donateacry-cc such copies hurt the dev EER; see bench/train_experiments.py).",
     )
+    gmm_components: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Also fit a GMM-supervector branch with a UBM of this many diagonal components on "
+        "cepstra "
+        "of the normalised log-mel (cryid.models.training.gmm_branch), fused with the back-end's output "
+        "inside the exported graph; 0: no branch. Needs --backend lda.",
+    )
+    gmm_dims: int = Field(80, ge=1, le=1024, description="LDA output dimensions of the GMM branch.")
     seed: int = Field(0, ge=0, description="Random seed (weights, chunks, augmentation).")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     threads: int | None = Field(

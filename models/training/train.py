@@ -30,6 +30,7 @@ import numpy as np
 from cryid.models.audio import SAMPLE_RATE, load_audio
 from cryid.models.training.backend import BackendSettings, cross_validated_eer, fit_backend
 from cryid.models.training.checkpoint import STATE_NAME, RunState, load_checkpoint, save_checkpoint
+from cryid.models.training.gmm_branch import BRANCH_NAME, GmmBranch, fit_branch, fuse
 from cryid.models.training.settings import TrainSettings
 from cryid.models.training.train_parts import (
     GLOBAL_NORM_LOADABLE,
@@ -226,7 +227,22 @@ def _fit_backend(run: TrainRun) -> tuple[Any, np.ndarray, tuple[np.ndarray, list
     return backend, embs, (x, y)
 
 
-def _validate_with_backend(run: TrainRun, backend: Any) -> dict[str, float]:
+def _fit_gmm_branch(run: TrainRun) -> GmmBranch:
+    """The GMM-supervector branch, fitted on the normalised features the network sees of every training
+    file (each infant a class)."""
+    import torch
+
+    files = [(it.baby_id, f) for it in run.items for f in it.files]
+    feats = []
+    with torch.no_grad():
+        for _, f in files:
+            x = torch.from_numpy(load_audio(f))[None].to(run.device)
+            feats.append(features(run.hp, x, torch.ones(1, device=run.device), run.keep)[0].cpu().numpy())
+    s = run.settings
+    return fit_branch(feats, [b for b, _ in files], s.gmm_components, s.gmm_dims, seed=s.seed)
+
+
+def _validate_with_backend(run: TrainRun, backend: Any, branch: GmmBranch | None = None) -> dict[str, float]:
     """Dev metrics of embedding + back-end (the exported model's view)."""
     model = run.hp["embedding_model"]
 
@@ -243,8 +259,10 @@ def _validate_with_backend(run: TrainRun, backend: Any) -> dict[str, float]:
         def __call__(self, feats: Any) -> Any:
             import torch
 
-            e = model(feats)[0, 0].cpu().numpy()
-            return torch.from_numpy(backend.apply(e))[None, None]
+            e = backend.apply(model(feats)[0, 0].cpu().numpy())
+            if branch is not None:
+                e = fuse(e, branch.embed(feats[0].cpu().numpy()))[0]
+            return torch.from_numpy(e)[None, None]
 
     view = dict(run.hp)
     view["embedding_model"] = _WithBackend()
@@ -298,6 +316,11 @@ def prepare_run(settings: TrainSettings, data_dir: Path, out_dir: Path, init: st
 
     if settings.chunk_min_s > settings.chunk_max_s:
         raise TrainError(f"--chunk-min-s {settings.chunk_min_s} exceeds --chunk-max-s {settings.chunk_max_s}")
+    if settings.gmm_components and settings.backend != "lda":
+        raise TrainError(
+            f"--gmm-components {settings.gmm_components} needs --backend lda (the branch is fused with the "
+            f"LDA's output), not --backend {settings.backend}"
+        )
     device = resolve_device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -376,6 +399,7 @@ MODEL_FILES = (
     "classifier.ckpt",
     "label_encoder.txt",
     "backend.npz",
+    BRANCH_NAME,
 )
 
 
@@ -394,13 +418,18 @@ def _end_of_epoch(run: TrainRun, record: dict[str, Any], emb_mean: np.ndarray | 
         record["train_cv_eer"] = cross_validated_eer(
             x[:n], y[:n], BackendSettings(kind=kind, dims=settings.backend_dims)
         )
+    branch = _fit_gmm_branch(run) if settings.gmm_components else None
     mean = train_embs if train_embs is not None else emb_mean[None]
     save_speechbrain_dir(run.hp, run.text, run.labels, cand, mean)
     if backend is not None:
         backend.save(cand / "backend.npz")
+    if branch is not None:
+        branch.save(cand / BRANCH_NAME)
     if settings.val_split is not None:
         record["val_raw"] = validate(run.hp, run.ds, settings.val_split, run.device, run.keep)
-        record["val"] = _validate_with_backend(run, backend) if backend is not None else record["val_raw"]
+        record["val"] = (
+            _validate_with_backend(run, backend, branch) if backend is not None else record["val_raw"]
+        )
 
 
 def _promote(out: Path) -> None:
