@@ -1,4 +1,5 @@
-"""The shipped model (``models/default``): its ONNX graph against its speechbrain source.
+"""The shipped model (``models/default``): its ONNX graph against its speechbrain source (and, where it
+has one, its GMM-supervector branch's NumPy reference).
 
 The source folder is not in the repository (the manifest names where it was made), so the test
 rebuilds it with the training command the manifest records (a statistics-initialised network,
@@ -63,13 +64,18 @@ def test_shipped_onnx_matches_its_speechbrain_source(
 ):
     import torch
 
+    from cryid.models.frontend import Fbank
     from cryid.models.training.backend import load_backend
+    from cryid.models.training.gmm_branch import BRANCH_NAME, fuse, load_branch
     from cryid.models.training.speechbrain_io import load_encoder_classifier
 
     manifest = json.loads((shipped_model_dir / "manifest.json").read_text())
     clf = load_encoder_classifier(shipped_source)
     backend = load_backend(shipped_source)
+    branch = load_branch(shipped_source) if (shipped_source / BRANCH_NAME).is_file() else None
+    assert (branch is None) == (manifest.get("branch") is None), "the source and the manifest disagree"
     embedder = Embedder(shipped_model_dir)
+    frontend = Fbank(embedder.manifest.frontend)
     rows = dac_rows("dev")[::15]
     assert len(rows) >= 5
     cos = []
@@ -78,6 +84,8 @@ def test_shipped_onnx_matches_its_speechbrain_source(
             wav = load_audio(dac_dir / r["file_name"])
             ref = clf.encode_batch(torch.from_numpy(wav)[None], normalize=False)[0, 0].numpy()
             ref = backend.apply(ref)
+            if branch is not None:  # the GMM branch's NumPy reference on the daemon's own features
+                ref = fuse(ref, branch.embed(frontend.features(wav)))[0]
             got = embedder.embed(wav)
             assert got.shape == ref.shape == (manifest["embedding_dim"],)
             cos.append(cosine(ref, got))

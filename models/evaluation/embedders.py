@@ -41,11 +41,15 @@ class SpeechbrainEmbedder:
 
     One clip per call (no padding), exactly as Ubenwa's evaluate notebook embeds a concatenation.
     A ``backend.npz`` in SRC (a learned back-end from ``cryid model train``) is applied after the
-    network, as ``cryid model export`` puts it inside the ONNX graph, so both embedders score alike.
+    network, and a ``gmm_branch.npz`` is fused with it, as ``cryid model export`` puts both inside the
+    ONNX graph, so both embedders score alike.
     """
 
     def __init__(self, src: str) -> None:
+        from cryid.models.frontend import Fbank
         from cryid.models.training.backend import BACKEND_NAME, load_backend
+        from cryid.models.training.export import frontend_params
+        from cryid.models.training.gmm_branch import BRANCH_NAME, load_branch
         from cryid.models.training.speechbrain_io import load_encoder_classifier, resolve_source
 
         local = resolve_source(src)
@@ -53,7 +57,7 @@ class SpeechbrainEmbedder:
         self.classifier = load_encoder_classifier(src)
         self.sample_rate = 16000
         digest = hashlib.sha256()
-        for name in ("hyperparams.yaml", "embedding_model.ckpt", BACKEND_NAME):
+        for name in ("hyperparams.yaml", "embedding_model.ckpt", BACKEND_NAME, BRANCH_NAME):
             if (local / name).is_file():
                 digest.update(sha256_file(local / name).encode())
         self.sha256 = digest.hexdigest()
@@ -62,6 +66,12 @@ class SpeechbrainEmbedder:
             backend = load_backend(local / BACKEND_NAME)
             self.backend = (backend.mean, backend.transform)
             logger.info("applying the learned back-end %s after the network", local / BACKEND_NAME)
+        self.branch = load_branch(local / BRANCH_NAME) if (local / BRANCH_NAME).is_file() else None
+        if self.branch is not None:
+            if self.backend is None:
+                raise ModelError(f"{src}: {BRANCH_NAME} is fused with a back-end's output, but there is none")
+            self.frontend = Fbank(frontend_params(self.classifier, src))
+            logger.info("fusing the GMM branch %s with the back-end's output", local / BRANCH_NAME)
 
     def embed(self, wav: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
         import torch
@@ -75,6 +85,10 @@ class SpeechbrainEmbedder:
         out = emb.reshape(-1).cpu().numpy().astype(np.float32)
         if self.backend is not None:
             out = ((out - self.backend[0]) @ self.backend[1]).astype(np.float32)
+        if self.branch is not None:
+            from cryid.models.training.gmm_branch import fuse
+
+            out = fuse(out, self.branch.embed(self.frontend.features(wav)))[0]
         return out
 
     def embed_batch(self, wavs: Sequence[np.ndarray], sample_rate: int = 16000) -> np.ndarray:
