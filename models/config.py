@@ -79,6 +79,12 @@ class SegmenterSettings(StrictModel):
         description="Expirations whose frame levels span less (10th to 90th percentile) are steady noise "
         "(a cry swells and fades; 1.7% of real expirations span under 2 dB, white noise 0.6 dB).",
     )
+    min_voiced_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Expirations with a smaller share of voiced cry frames (pitched: f0 50-1000 Hz, YIN "
+        "aperiodicity under 0.3) are dropped as bursts of noise (a door, a cart, clatter, unvoiced "
+        "speech), which WebRTC VAD takes for voice; 0 turns the check off.",
+    )
     pre_roll_ms: int = Field(60, ge=0, le=1000, description="Audio kept before the first cry frame.")
     post_roll_ms: int = Field(60, ge=0, le=1000, description="Audio kept after the last cry frame.")
     hangover_ms: int = Field(

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "default"
 CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 SR = 16000
-ROOMS = {"room1": ["dac0126", "dac0118"], "room2": ["dac0136", "dac0320"]}  # enrolled per room
+ROOMS = {"room1": ["dac0126", "dac0084"], "room2": ["dac0136", "dac0256"]}  # enrolled per room
 
 
 def _files(dac_dir: Path, baby: str, period: str) -> list[Path]:
@@ -45,7 +45,7 @@ def _files(dac_dir: Path, baby: str, period: str) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ward_state(tmp_path_factory: pytest.TempPathFactory, dac_dir: Path) -> Path:
-    """A registry with dac0126 and dac0118 in room1, dac0136 and dac0320 in room2 (birth recordings)."""
+    """A registry with dac0126 and dac0084 in room1, dac0136 and dac0256 in room2 (birth recordings)."""
     from cryid.enrollment import enroll
     from cryid.enrollment.config import RegistrySettings
     from cryid.enrollment.registry import Registry

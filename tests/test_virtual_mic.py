@@ -37,10 +37,11 @@ ROOM = "virtmic-test"
 
 
 # Real cries: four dev infants enrolled from their birth (B) recordings; the discharge (D) recording
-# of the first, never enrolled, is played. The shipped model scores it 0.78 against its own baby and
-# below -0.17 against the three others, so the decision under the daemon's default settings is not at
-# chance and is asserted (not only the ranking).
-REAL_BABIES = ["dac0126", "dac0118", "dac0136", "dac0320"]
+# of the first, never enrolled, is played. The shipped model scores it (centroid against centroid) 0.70
+# against its own baby and below -0.14 against the three others, so the decision under the daemon's
+# default settings is not at chance and is asserted (not only the ranking). (dac0118 and dac0320, here
+# before, have birth recordings without a pitched cry, which the segmenter no longer takes for one.)
+REAL_BABIES = ["dac0126", "dac0084", "dac0136", "dac0256"]
 
 
 def _real_babies(dac_dir: Path) -> tuple[list[tuple[str, list[Path]]], Path]:

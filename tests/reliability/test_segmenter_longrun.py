@@ -34,7 +34,8 @@ def test_hours_of_looped_crying_give_the_same_count_every_loop(dac_dir: Path) ->
         for i in range(0, wav.size, chunk):
             n += len(seg.process(wav[i : i + chunk]))
         counts.append(n)
-    assert counts[0] >= 400, f"the comparison needs real crying: {counts[0]} expirations in one loop"
+    # 439 expirations per loop before the pitch check (min_voiced_fraction), 376 with it
+    assert counts[0] >= 300, f"the comparison needs real crying: {counts[0]} expirations in one loop"
     print(f"\n[segmenter] expirations per loop over {HOURS:g} h: {counts}")
     worst = max(abs(c - counts[0]) for c in counts)
     assert worst <= 0.01 * counts[0], f"expirations per loop drift over {HOURS:g} h: {counts}"
