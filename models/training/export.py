@@ -337,7 +337,9 @@ def export_model(
             int8 = _onnx_embed(_session(tmp / ONNX_NAME), feats)
             qcos = cosine_rows(int8, fp32)
             quant = QuantizationReport(
-                scheme=SCHEME if mm is not None else "onnxruntime quantize_dynamic, QInt8 weights per tensor",
+                scheme=SCHEME
+                if mm is not None
+                else "onnxruntime quantize_dynamic, QInt8 weights (7-bit range) per tensor",
                 min_cosine_to_fp32=float(qcos.min()),
                 mean_cosine_to_fp32=float(qcos.mean()),
                 fp32_sha256=sha256_file(pre_path),
