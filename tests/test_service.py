@@ -75,7 +75,7 @@ def _stream(tmp_path: Path, bout_s: float = 3.0, gap_s: float = 6.0) -> tuple[Pa
 
 # These tests check the daemon's plumbing, which needs a name for each clear cry. The shipped calibration
 # is fitted on real cross-session cries and gives these clear generated voices a confidence of about 0.8,
-# under the ward's default (0.96: few names, few wrong ones), so they decide at 0.7; the default operating
+# under the ward's default (0.94: few names, few wrong ones), so they decide at 0.7; the default operating
 # point is chosen by `cryid model calibrate` and its rule is tested in test_identifier/test_calibration.
 PLUMBING_MIN_CONFIDENCE = 0.7
 
