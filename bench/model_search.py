@@ -52,7 +52,7 @@ logger = logging.getLogger("model_search")
 N_AUG, N_CHANNELS, REF, SHIPPED = 2, 40, "fbank_ms lda20 train cos", "shipped_onnx - - cos"
 
 
-def build_stats(data: Path, cache: Path) -> dict[str, np.ndarray]:
+def build_stats(data: Path, cache: Path, ubm: dict | None = None) -> dict[str, np.ndarray]:
     path = cache / "stats.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -71,7 +71,7 @@ def build_stats(data: Path, cache: Path) -> dict[str, np.ndarray]:
     periods = dev_periods(rows)
     chans = [random_channel(s) for s in range(N_CHANNELS)]
     ward = ward_channel(7)
-    ctx = stat_context(fb, gmean, [wavs[r["file_id"]] for r in train])
+    ctx = stat_context(fb, gmean, [wavs[r["file_id"]] for r in train], **(ubm or {}))
     rng = np.random.default_rng(1)
     out: dict[str, list[np.ndarray]] = {}
     onnx: dict[str, list[np.ndarray]] = {"train": [], "period": [], "ward": []}
@@ -106,21 +106,33 @@ def build_stats(data: Path, cache: Path) -> dict[str, np.ndarray]:
     return res
 
 
-def stat_context(fb: object, gmean: np.ndarray, train_wavs: list[np.ndarray]) -> StatContext:
+def stat_context(
+    fb: object,
+    gmean: np.ndarray,
+    train_wavs: list[np.ndarray],
+    ubm_from: Path | None = None,
+    ubm_seed: int = 0,
+    ubm_frames: int = 100,
+) -> StatContext:
     """The 150-mel front end and per-band means, and the UBM (64 components, 100 frames of every training
-    recording), all from the training split."""
+    recording, or the UBM of a `cryid model train --gmm-components` run's gmm_branch.npz), all from the
+    training split."""
     from cryid.models.frontend import Fbank
+    from cryid.models.training.gmm_branch import load_branch
 
     t0 = time.time()
     fb150 = Fbank(n_mels=150)
     lm150 = [fb150.log_mel(w) for w in train_wavs]
     gmean150 = np.concatenate(lm150).mean(axis=0).astype(np.float32)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(ubm_seed)
     frames = []
     for w in train_wavs:
         c = cepstra(fb.log_mel(w) - gmean, N_CEPS)
-        frames.append(c[rng.choice(len(c), min(100, len(c)), replace=False)])
-    ubm = fit_ubm(np.concatenate(frames), COMPONENTS)
+        frames.append(c[rng.choice(len(c), min(ubm_frames, len(c)), replace=False)] if ubm_frames else c)
+    if ubm_from:
+        ubm = load_branch(ubm_from).ubm
+    else:
+        ubm = fit_ubm(np.concatenate(frames), COMPONENTS, seed=ubm_seed)
     logger.info("150-mel means and UBM on %d frames (%.0f s)", sum(map(len, frames)), time.time() - t0)
     return StatContext(gmean=gmean, fb150=fb150, gmean150=gmean150, ubm=ubm)
 
@@ -418,6 +430,14 @@ def main() -> int:
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--ubm-from", type=Path, default=None,
+        help="gmm_branch.npz (or its run folder) whose UBM the gmm_sv statistics use (with a fresh --cache)",
+    )  # fmt: skip
+    ap.add_argument("--ubm-seed", type=int, default=0, help="UBM frames and start seed (fresh --cache)")
+    ap.add_argument(
+        "--ubm-frames", type=int, default=100, help="frames per training recording for the UBM; 0: all"
+    )
     ap.add_argument("--table-from", type=Path, default=None, help="print a --json result as markdown; no run")
     args = ap.parse_args()
     if args.table_from:
@@ -426,7 +446,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("cryid.models.training.backend").setLevel(logging.WARNING)
     args.cache.mkdir(parents=True, exist_ok=True)
-    st = build_stats(args.data, args.cache)
+    ubm = {"ubm_from": args.ubm_from, "ubm_seed": args.ubm_seed, "ubm_frames": args.ubm_frames}
+    st = build_stats(args.data, args.cache, ubm)
     boots = np.random.default_rng(5).multinomial(30, np.ones(30) / 30, size=args.boot).astype(float)
     vs = [v for v in variants() if not args.only or any(o in v.name for o in args.only)]
     vs = [v for v in variants() if v.name in (REF, SHIPPED) or v in vs]
