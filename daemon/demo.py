@@ -87,6 +87,9 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         self._broker = Broker(config, loop=self._loop)
+        # amqtt warns "Received PUBACK for unknown pending message" when a client acknowledges a message it
+        # sent again while the demo shuts down its connections: broker chatter, not the demo's news.
+        logging.getLogger("amqtt.mqtt.protocol.handler").setLevel(logging.ERROR)
         self._thread = threading.Thread(target=self._run, name="amqtt", daemon=True)
         self._started = threading.Event()
         self._error: BaseException | None = None
