@@ -102,7 +102,8 @@ class MqttSettings(StrictModel):
 
 class IdentifierSettings(StrictModel):
     """Decision rules. With a calibrated model (``manifest.calibration``) a baby is named when the
-    calibrated probability that the best-matching baby is the one crying is at least ``min_confidence``;
+    calibrated probability that the best-matching baby is the one crying is at least ``min_confidence``
+    (``min_confidence_unconfirmed`` while none of that baby's cries has been confirmed by a nurse);
     ``min_score`` and ``min_margin`` are expert overrides that must then ALSO be met. A model without a
     calibration falls back to cosine thresholds: ``min_score``/``min_margin`` when set, else
     ``fallback_min_score``/``fallback_min_margin`` (``cryid model calibrate`` fixes that)."""
@@ -117,6 +118,18 @@ class IdentifierSettings(StrictModel):
         le=1.0,
         description="Calibrated probability that the best-matching baby is the one crying, needed to "
         "name it (a wrong name sends a nurse to the wrong cot; unnamed cries still list candidates).",
+    )
+    # 1.0: from birth recordings alone the shipped model names few cries and most of those wrongly. Dev rooms
+    # of 8 through `cryid run` (../shared/tools/ward_rooms.py, 6 enrolled + 2 strangers, 5 rooms, ~90
+    # episodes): at 0.94 2 cries named, both wrong; at 0.96 1 named, wrong; at 0.98 none. Cross-validated
+    # (`cryid model calibrate`, K=0): 0.35% of cries named at 0.9, 30% of those wrong.
+    min_confidence_unconfirmed: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Calibrated confidence needed to name a best-matching baby none of whose cries a nurse "
+        "has confirmed yet (birth recordings only); 1.0: such a baby is never named, its cries list it "
+        "among the candidates until a nurse confirms one. Babies with confirmed cries use min_confidence.",
     )
     min_score: float | None = Field(
         None,

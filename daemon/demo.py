@@ -257,6 +257,10 @@ def _decision_rule(settings: Settings, calibration: Any) -> str:
             f"min_margin {min_margin}); fix: `cryid model calibrate {settings.model} --data DIR`"
         )
     rule = f"a baby is named when its calibrated confidence >= min_confidence {ident.min_confidence}"
+    if ident.min_confidence_unconfirmed >= 1.0:
+        rule += " once a nurse has confirmed one of its cries (never from birth recordings alone)"
+    else:
+        rule += f" (min_confidence_unconfirmed {ident.min_confidence_unconfirmed} until a cry is confirmed)"
     extra = [f"{k} {getattr(ident, k)}" for k in ("min_score", "min_margin") if getattr(ident, k) is not None]
     fitted = calibration.data or "unknown data"
     if calibration.fitted_at:

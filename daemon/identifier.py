@@ -5,7 +5,8 @@ A plain synchronous stage. Each expiration's L2-normalised embedding joins the c
 episode's embeddings so far against the room's references (:class:`~cryid.models.scoring.ReferenceSet`):
 best, runner-up, margin, and, with a calibrated model, the probability that the best baby is the one
 crying given how many babies the room has (:class:`~cryid.models.calibration.Calibration`). A baby is
-named (``identified``) when that probability is at least ``min_confidence`` and any expert
+named (``identified``) when that probability is at least ``min_confidence`` (``min_confidence_unconfirmed``,
+by default never, while no cry of the best baby has been confirmed by a nurse) and any expert
 ``min_score``/``min_margin`` override is met too. A model without a calibration decides on cosine
 thresholds (``min_score``/``min_margin``, else ``fallback_min_score``/``fallback_min_margin``) and reports
 no confidence. Unnamed decisions still carry the three likeliest candidates.
@@ -210,7 +211,9 @@ class Identifier:
             ranked = cal.candidates(refs.ids, scores, top=TOP_CANDIDATES, confirmed=refs.confirmed_ids)
             candidates = tuple(MatchCandidate(c.baby_id, c.score, c.probability) for c in ranked)
             confidence = ranked[0].probability
-            ok = confidence >= s.min_confidence
+            confirmed = bool(refs.has_confirmed[int(order[0])])
+            need = s.min_confidence if confirmed else s.min_confidence_unconfirmed
+            ok = need < 1.0 and confidence >= need  # 1.0: never (no calibrated probability is certain)
             if s.min_score is not None:
                 ok = ok and best >= s.min_score
             if s.min_margin is not None:

@@ -90,6 +90,11 @@ class ReferenceSet:
         return int(self._birth.shape[1]) if self.ids else None
 
     @property
+    def has_confirmed(self) -> np.ndarray:
+        """Per baby (order of ``ids``): whether it has a confirmed-cry reference."""
+        return self._has
+
+    @property
     def confirmed_ids(self) -> list[str]:
         return [i for i, h in zip(self.ids, self._has, strict=True) if h]
 

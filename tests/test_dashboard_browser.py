@@ -308,6 +308,7 @@ def run_daemon(ward: Ward, state: Path, stream: Path) -> subprocess.Popen[str]:
         CRYID_MQTT__PASSWORD=PASSWORDS["cryid-ward1"],
         CRYID_MQTT__RECONNECT_MIN_S="0.2",
         CRYID_IDENTIFIER__MIN_CONFIDENCE="1e-9",  # name every cry after its best match: accuracy is not
+        CRYID_IDENTIFIER__MIN_CONFIDENCE_UNCONFIRMED="1e-9",
         CRYID_IDENTIFIER__MIN_SCORE="-1",  # tested here (the shipped default names few cries)
         CRYID_IDENTIFIER__MIN_MARGIN="0",
     )

@@ -75,13 +75,19 @@ def _stream(tmp_path: Path, bout_s: float = 3.0, gap_s: float = 6.0) -> tuple[Pa
 
 # These tests check the daemon's plumbing, which needs a name for each clear cry. The shipped calibration
 # is fitted on real cross-session cries and gives these clear generated voices a confidence of about 0.8,
-# under the ward's default (0.94: few names, few wrong ones), so they decide at 0.7; the default operating
-# point is chosen by `cryid model calibrate` and its rule is tested in test_identifier/test_calibration.
+# under the ward's defaults (0.94 with a confirmed cry, never without: few names, few wrong ones), so they
+# decide at 0.7 either way; the default operating point is chosen by `cryid model calibrate` and its rule
+# is tested in test_identifier/test_calibration.
 PLUMBING_MIN_CONFIDENCE = 0.7
 
 
 def _settings(state: Path, model: Path, broker: Broker, **kw: object) -> Settings:
-    kw.setdefault("identifier", IdentifierSettings(min_confidence=PLUMBING_MIN_CONFIDENCE))
+    kw.setdefault(
+        "identifier",
+        IdentifierSettings(
+            min_confidence=PLUMBING_MIN_CONFIDENCE, min_confidence_unconfirmed=PLUMBING_MIN_CONFIDENCE
+        ),
+    )
     return Settings(
         room="ward1",
         state_dir=state,
@@ -104,6 +110,7 @@ def _env(state: Path, model: Path, broker: Broker, **extra: str) -> dict[str, st
         CRYID_MQTT__RECONNECT_MAX_S="1",
         CRYID_SERVICE__SHUTDOWN_TIMEOUT_S="30",
         CRYID_IDENTIFIER__MIN_CONFIDENCE=str(PLUMBING_MIN_CONFIDENCE),
+        CRYID_IDENTIFIER__MIN_CONFIDENCE_UNCONFIRMED=str(PLUMBING_MIN_CONFIDENCE),
     )
     env.update(extra)
     return env
