@@ -222,6 +222,8 @@ def topics() -> tuple[Topic, ...]:
         Topic("baby/<baby_id>/state", "That baby now: crying, crying since, last cry, episodes and minutes "
               "of crying in 24 h; an empty retained message deletes it (a baby discharged, purged or moved).",
               True, "daemon", BabyState),
+        Topic("pending", "The room's latest unnamed final episodes (at most 10, last 24 h), newest first, "
+              "for a dashboard that connects later.", True, "daemon", PendingCries),
         Topic("status/source", "The audio source: `ok`, `flat` (digital silence, a constant or a clipped "
               "flat line for `source.flat_timeout_s`) or `down` (the device failed and is being reopened, "
               "or the source ended).", True, "daemon", values=("ok", "flat", "down")),
@@ -253,6 +255,7 @@ def json_schemas() -> dict[str, Any]:
         **command_schemas(),  # <prefix>/cmd/confirm|reject|undo (from nurses) and cmd/result
         "<prefix>/babies": Roster.model_json_schema(),
         "<prefix>/baby/<baby_id>/state": BabyState.model_json_schema(),
+        "<prefix>/pending": PendingCries.model_json_schema(),
     }
 
 
@@ -277,6 +280,20 @@ class Roster(StrictModel):
     room: str = Field(..., description="Ward room of the microphone.")
     updated_at: datetime = Field(..., description="UTC time of this roster.")
     babies: list[RosterBaby] = Field(..., description="Active babies of the room, by id.")
+
+
+class PendingCries(StrictModel):
+    """Retained: the room's latest final episodes that named no baby, so a dashboard opened or reloaded later
+    still lists the cries waiting for a nurse's Confirm (the events themselves are not retained)."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
+    room: str = Field(..., description="Ward room of the microphone.")
+    updated_at: datetime = Field(..., description="UTC time of this list.")
+    episodes: list[CryEvent] = Field(
+        ...,
+        description="Final `unknown` episode events as published on `<prefix>/unknown`, newest first: at "
+        "most the last 10, from the last 24 h (kept while the daemon runs; empty after a restart).",
+    )
 
 
 class BabyState(StrictModel):

@@ -10,6 +10,8 @@ totals slide. Each call returns the retained messages to publish, only those who
 - ``<prefix>/baby/<id>/state``: :class:`~cryid.daemon.events.BabyState`.
 - An empty payload for ``<prefix>/baby/<id>/state`` of a baby discharged, removed or moved to another
   room: an empty retained message deletes the broker's retained copy.
+- ``<prefix>/pending``: :class:`~cryid.daemon.events.PendingCries`, the latest final episodes that named
+  no baby (at most ``PENDING_MAX``, last 24 h): what a nurse may still confirm, for a page opened later.
 
 Crying: a baby cries from the first provisional event that names it to the final ``episode`` event of
 that episode (whoever the final decision names). The 24 h totals count final episodes attributed to
@@ -29,12 +31,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby
+from cryid.daemon.events import BabyState, CryEvent, PendingCries, Roster, RosterBaby
 from cryid.models.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
 WINDOW = timedelta(hours=24)
+PENDING_MAX = 10
 
 
 class InfantLike(Protocol):
@@ -84,6 +87,8 @@ class RoomState:
         self._roster: dict[str, RosterBaby] = {}
         self._cleared: set[str] = set()  # babies whose state topic was cleared (or never published)
         self._sent: dict[str, str] = {}  # topic -> content last published, without its time stamp
+        self.pending_topic = f"{self.prefix}/pending"
+        self._pending: deque[CryEvent] = deque(maxlen=PENDING_MAX)  # newest first
 
     def state_topic(self, baby_id: str) -> str:
         return f"{self.prefix}/baby/{baby_id}/state"
@@ -138,6 +143,9 @@ class RoomState:
         out: list[Retained] = []
         for baby_id in sorted(touched):
             out += self._state(baby_id, now)
+        if event.kind == "episode" and event.decision == "unknown":
+            self._pending.appendleft(event)
+            out += self._pending_list(now)
         return out
 
     def tick(self, now: datetime) -> list[Retained]:
@@ -149,7 +157,7 @@ class RoomState:
                 b.crying, b.crying_since = False, None
         for baby_id in self._roster:
             out += self._state(baby_id, now)
-        return out
+        return out + (self._pending_list(now) if self._pending else [])  # an episode ages out of 24 h
 
     def stop(self, now: datetime) -> list[Retained]:
         """The daemon stops: nobody is heard crying any more."""
@@ -203,7 +211,7 @@ class RoomState:
         """
         self._sent.clear()
         clears = [Retained(self.state_topic(baby_id), "") for baby_id in sorted(self._cleared)]
-        return clears + self._roster_and_states(now)
+        return clears + self._roster_and_states(now) + self._pending_list(now)
 
     # outputs --------------------------------------------------------------------------------
     def baby_state(self, baby_id: str, now: datetime) -> BabyState:
@@ -235,7 +243,14 @@ class RoomState:
         st = self.baby_state(baby_id, now)
         return self._changed(self.state_topic(baby_id), st.model_dump_json(exclude={"updated_at"}), st)
 
-    def _changed(self, topic: str, key: str, model: Roster | BabyState) -> list[Retained]:
+    def _pending_list(self, now: datetime) -> list[Retained]:
+        while self._pending and now - self._pending[-1].ended_at > WINDOW:
+            self._pending.pop()
+        msg = PendingCries(room=self.room, updated_at=now, episodes=list(self._pending))
+        key = ",".join(e.event_id for e in self._pending)
+        return self._changed(self.pending_topic, key, msg)
+
+    def _changed(self, topic: str, key: str, model: Roster | BabyState | PendingCries) -> list[Retained]:
         if self._sent.get(topic) == key:
             return []
         self._sent[topic] = key

@@ -159,7 +159,7 @@ def test_discharged_and_purged_babies_are_cleared(tmp_path: Path) -> None:
     # were dropped: the daemon publishes retained state only while connected)
     snap = _by_topic(st.snapshot(T0))
     gone = {f"{P}/baby/{b}/state" for b in ("ben", "cy", "old")}
-    assert set(snap) == {f"{P}/babies", f"{P}/baby/ada/state"} | gone
+    assert set(snap) == {f"{P}/babies", f"{P}/baby/ada/state", f"{P}/pending"} | gone  # pending: empty
     assert all(snap[t] == "" for t in gone)
     reg.close()
 
@@ -262,3 +262,36 @@ def test_daemon_publishes_retained_state_and_clears_a_discharged_baby(
     # the 24 h totals go on across the restart (dashboard-state.json): the second run heard ada again
     assert BabyState.model_validate_json(got["cryid/ward1/baby/ada/state"]).episodes_24h == 2
     assert (state / "dashboard-state.json").is_file()
+
+
+def test_pending_lists_the_latest_unnamed_episodes_for_a_page_opened_later() -> None:
+    """Final ``unknown`` episodes go into the retained ``<prefix>/pending`` list, newest first, at most
+    PENDING_MAX of them and none older than 24 h; provisional events and named episodes do not; an unchanged
+    list is not republished; a reconnect's snapshot carries it."""
+    from cryid.daemon.events import PendingCries
+    from cryid.daemon.state import PENDING_MAX
+
+    st = RoomState("cryid/ward1", "ward1", crying_timeout_s=30)
+    t0 = datetime(2026, 12, 7, 8, 0, tzinfo=timezone.utc)
+    st.roster([], t0)
+
+    def unknown(i: int, kind: str = "episode", baby: str | None = None) -> CryEvent:
+        return _event(kind, baby, f"e{i}", t0 + timedelta(minutes=i))
+
+    def pending(msgs: list) -> list[str] | None:
+        got = [m for m in msgs if m.topic == "cryid/ward1/pending"]
+        if not got:
+            return None
+        return [e.episode_id for e in PendingCries.model_validate_json(got[-1].payload).episodes]
+
+    assert pending(st.observe(unknown(1, kind="expiration"), t0)) is None  # provisional: not listed
+    assert pending(st.observe(unknown(1), t0)) == ["e1"]
+    assert pending(st.observe(unknown(2, baby="x"), t0)) is None  # named: not listed
+    for i in range(2, PENDING_MAX + 3):
+        out = st.observe(unknown(i), t0 + timedelta(minutes=i))
+    newest = [f"e{i}" for i in range(PENDING_MAX + 2, 2, -1)]
+    assert pending(out) == newest  # newest first, at most PENDING_MAX
+    assert pending(st.tick(t0 + timedelta(minutes=30))) is None  # unchanged: nothing republished
+    assert pending(st.snapshot(t0 + timedelta(minutes=30))) == newest
+    late = t0 + timedelta(hours=24, minutes=PENDING_MAX + 1, seconds=30)
+    assert pending(st.tick(late)) == [f"e{PENDING_MAX + 2}"]  # the others ended over 24 h ago

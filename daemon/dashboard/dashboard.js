@@ -354,6 +354,10 @@
         room.roster = new Map(((data && data.babies) || []).map((b) => [b.baby_id, b]));
         renderTiles(room); renderFilter(); renderUncertain(room);
       } else if (sub === "unknown") onEvent(room, data);
+      else if (sub === "pending") {  // retained: the unnamed episodes a page opened later has not seen
+        const eps = (data && Array.isArray(data.episodes)) ? data.episodes : [];
+        for (const ev of eps.slice().reverse()) onEvent(room, ev);
+      }
       else if (sub === "cmd/result") onResult(data);
       else {
         const m = /^baby\/([^/]+)(\/state)?$/.exec(sub);
