@@ -3,7 +3,8 @@ the baby, ``remove`` makes the same recording come out ``unknown``; the daemon i
 
 Everything is real: donateacry-cc cries, the shipped model (``models/default``, no torch needed),
 ``cryid run --source -`` as a subprocess, ``cryid enroll`` subprocesses, mosquitto, and the daemon's
-default decision settings. The babies are chosen so that the shipped model separates them by far
+default decision settings (``min_confidence``, also for babies without a nurse-confirmed cry). The
+babies are chosen so that the shipped model separates them by far
 (the D recording scores about 0.8 against its own B centroid and below 0 against the others; the
 test checks that first, on the same audio, pipeline and centroids, in a scratch registry): what the
 test checks is the registry-to-daemon path, not the model's accuracy. The daemon must pick up the
@@ -117,6 +118,9 @@ def test_enroll_identify_remove_unknown_without_restart(
         CRYID_MODEL=str(shipped_model_dir),
         CRYID_MQTT__HOST=mosquitto.host,
         CRYID_MQTT__PORT=str(mosquitto.port),
+        # No nurse confirms a cry here, and by default a baby without a confirmed cry is never named: the
+        # ward's min_confidence applies to it instead, so what is checked is the registry-to-daemon path.
+        CRYID_IDENTIFIER__MIN_CONFIDENCE_UNCONFIRMED=str(Settings().identifier.min_confidence),
     )
     sub = subscriber_factory(mosquitto, "cryid/ward1/#")
     daemon = subprocess.Popen(
