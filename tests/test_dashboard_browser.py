@@ -136,9 +136,7 @@ class Probe:
         self.client.reconnect_delay_set(1, 2)
         self.client.connect(ward.broker.host, ward.broker.port)
         self.client.loop_start()
-        # As a daemon does when it starts: the microphone is fine. This also replaces the retained
-        # ``down`` that an earlier test's real daemon may have left on this module's broker when its
-        # file source ended (the banner would otherwise say DOWN whatever the stats say).
+        # As a daemon does when it starts: the microphone is fine.
         self.publish(f"{P}/status/source", "ok")
         assert ready.wait(10), f"probe {user} could not connect/subscribe"
 
@@ -611,10 +609,14 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         shot(browser, "nurse-answered")
 
         # the microphone: silent, then down, each with a banner in words
+        # (a working microphone's retained source status first, as a daemon publishes it: the page must not
+        # keep a `down` left on this module's broker by an earlier test's daemon whose file source ended)
         daemon.publish(f"{P}/status", "online")
+        daemon.publish(f"{P}/status/source", "ok")
         daemon.publish(f"{P}/stats", _stats(level=-95.0), retain=False)
-        wait_js(browser, "return !document.querySelector('.b-mic').hidden", "the silent-microphone banner")
-        assert "SILENT" in browser.execute_script(text_of(".b-mic"))
+        silent = "const b = document.querySelector('.b-mic');"
+        silent += "return !b.hidden && b.innerText.includes('SILENT')"
+        wait_js(browser, silent, "the silent-microphone banner")
         assert "SILENT (-95 dBFS)" in browser.execute_script(text_of(".f-mic"))
         daemon.publish(f"{P}/stats", _stats(level=None, error="device unplugged"), retain=False)
         wait_js(browser, "return document.querySelector('.b-mic').innerText.includes('DOWN')", "mic down")
