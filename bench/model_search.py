@@ -23,6 +23,7 @@ Nothing here writes into the repository.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -38,6 +39,7 @@ from cryid.models.training.gmm_branch import cepstra, fit_ubm
 from search_parts import (
     COMPONENTS,
     N_CEPS,
+    RELEVANCE,
     StatContext,
     apply_channel,
     dev_periods,
@@ -106,6 +108,52 @@ def build_stats(data: Path, cache: Path, ubm: dict | None = None) -> dict[str, n
     return res
 
 
+def build_ensemble(data: Path, cache: Path, k: int, frames: int = 100) -> dict[str, np.ndarray]:
+    """``gmm_ens{k}``: the supervectors of k UBMs (seeds 0..k-1, each drawn and started as `stat_context`
+    draws seed s: seed 0 is the `gmm_sv` UBM) side by side, for train, dev files, dev periods and the ward
+    channel (no augmented copies). A UBM's EM starts from random frames, and one UBM's room-of-8 top-1 moved
+    by 8 points between draws (model card, round 2): averaging the cosines of several is the usual cure."""
+    path = cache / f"gmm_ens{k}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {x: z[x] for x in z.files}
+    from cryid.models.embedder import Embedder
+    from cryid.models.frontend import Fbank
+
+    repo = Path(__file__).resolve().parent.parent
+    gmean = np.asarray(Embedder(repo / "models" / "default").manifest.frontend.global_mean, dtype=np.float32)
+    fb = Fbank()
+    rows = read_rows(data)
+    wavs = load_wavs(data, rows)
+    ward = ward_channel(7)
+    ceps: dict[str, list[np.ndarray]] = {
+        "train": [wavs[r["file_id"]] for r in rows if r["split"] == "train"],
+        "devfile": [wavs[r["file_id"]] for r in rows if r["split"] == "dev"],
+    }
+    periods = [np.concatenate([wavs[r["file_id"]] for r in v]) for v in dev_periods(rows).values()]
+    ceps["period"] = periods
+    ceps["ward"] = [apply_channel(w, ward, noise_seed=99_000 + j) for j, w in enumerate(periods)]
+    t0 = time.time()
+    ceps = {u: [cepstra(fb.log_mel(w) - gmean, N_CEPS) for w in ws] for u, ws in ceps.items()}
+    ubms = []
+    for seed in range(k):
+        rng = np.random.default_rng(seed)
+        sample = [
+            c[rng.choice(len(c), min(frames, len(c)), replace=False)] if frames else c for c in ceps["train"]
+        ]
+        ubms.append(fit_ubm(np.concatenate(sample), COMPONENTS, seed=seed))
+        logger.info("UBM %d/%d (%.0f s)", seed + 1, k, time.time() - t0)
+    res = {
+        f"{u}/gmm_ens{k}": np.stack(
+            [np.concatenate([m.supervector(c, RELEVANCE) for m in ubms]).astype(np.float32) for c in cs]
+        )
+        for u, cs in ceps.items()
+    }
+    np.savez(path, **res)
+    logger.info("%d UBMs' supervectors cached in %s (%.0f s)", k, path, time.time() - t0)
+    return res
+
+
 def stat_context(
     fb: object,
     gmean: np.ndarray,
@@ -160,15 +208,24 @@ class Scorer:
         self, v: Variant, x: np.ndarray, y: np.ndarray, cohort: np.ndarray, parts: list[int] | None = None
     ) -> None:
         if v.backend.startswith("fuse"):  # one LDA per statistic set; equal-weight sum of their cosines
+            # A part "DxK" (an ensemble, e.g. gmm_ens4 = 4 UBMs' supervectors side by side) is K equal
+            # column blocks with one LDA D each, whose cosines are averaged inside the part.
             cuts = np.cumsum([0, *(parts or [])])
-            bes = [
-                fit_backend(x[:, a:b], y, BackendSettings(kind="lda", dims=int(d)))
-                for a, b, d in zip(cuts[:-1], cuts[1:], v.backend[4:].split(","), strict=True)
-            ]
-            spans = list(zip(bes, cuts[:-1], cuts[1:], strict=True))
-            self.f = lambda z: np.concatenate(
-                [_lnorm(be.apply(z[:, a:b]).astype(np.float64)) for be, a, b in spans], axis=1
-            )
+            spans = []
+            for a, b, spec in zip(cuts[:-1], cuts[1:], v.backend[4:].split(","), strict=True):
+                d, _, k = spec.partition("x")
+                sub = np.linspace(a, b, int(k or 1) + 1).astype(int)
+                bes = [
+                    (fit_backend(x[:, s:e], y, BackendSettings(kind="lda", dims=int(d))), s, e)
+                    for s, e in itertools.pairwise(sub)
+                ]
+                spans.append(bes)
+
+            def part(z: np.ndarray, bes: list) -> np.ndarray:
+                u = [_lnorm(be.apply(z[:, s:e]).astype(np.float64)) for be, s, e in bes]
+                return np.concatenate(u, axis=1) / np.sqrt(len(u))
+
+            self.f = lambda z: np.concatenate([part(z, bes) for bes in spans], axis=1)
         elif v.backend == "-":
             self.f = lambda a: np.asarray(a, dtype=np.float64)
         else:
@@ -278,6 +335,7 @@ def dev_cv(v: Variant, st: dict[str, np.ndarray], repeats: int, rooms: int) -> d
     x_tr, y_tr = st[f"train/{v.feats}"], st["train_y"]
     per, ward = st[f"period/{v.feats}"], st[f"ward/{v.feats}"]
     trials, hits8, app8, hit10 = [], np.zeros(30), np.zeros(30), np.zeros(30)
+    fold_room8: list[float] = []
     cache: dict[tuple[str, ...], Scorer] = {}
     rng_room = np.random.default_rng(123)
     per_fold_rooms = max(1, rooms // (3 * repeats))
@@ -302,16 +360,30 @@ def dev_cv(v: Variant, st: dict[str, np.ndarray], repeats: int, rooms: int) -> d
             for a in range(10):
                 for c in range(10):
                     cm = codec[b_rows[held[a]]] == codec[d_rows[held[c]]]
-                    trials.append((held[a], held[c], s[a, c], a == c, cm, sw[a, c]))
+                    trials.append((held[a], held[c], s[a, c], a == c, cm, sw[a, c], 3 * r + f))
             hit10[held] += np.argmax(s, axis=0) == np.arange(10)
+            fold_hits = 0
             for _ in range(per_fold_rooms):
                 room = np.sort(rng_room.choice(10, 8, replace=False))
                 ok = np.argmax(s[np.ix_(room, room)], axis=0) == np.arange(8)
                 hits8[held[room]] += ok
                 app8[held[room]] += 1
+                fold_hits += int(ok.sum())
+            fold_room8.append(fold_hits / (8 * per_fold_rooms))
     t = np.array(trials, dtype=float)
     del bi
-    return {"trials": t, "hits8": hits8, "app8": app8, "hit10": hit10 / repeats}
+    return {"trials": t, "hits8": hits8, "app8": app8, "hit10": hit10 / repeats, "fold_room8": fold_room8}
+
+
+def fold_figures(res: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out fold (3 x repeats): channel-matched EER and room-of-8 top-1 (the same rooms for every
+    variant: the room draws are seeded), for the "consistently over the CV folds" half of the ship rule."""
+    t = res["trials"]
+    cm = []
+    for k in range(len(res["fold_room8"])):
+        m = (t[:, 6] == k) & (t[:, 4] > 0)
+        cm.append(weighted_eer(t[m, 2], t[m, 3] > 0, np.ones(int(m.sum()))))
+    return np.array(cm), np.array(res["fold_room8"])
 
 
 def one_look(v: Variant, st: dict[str, np.ndarray]) -> dict[str, float]:
@@ -438,6 +510,10 @@ def main() -> int:
     ap.add_argument(
         "--ubm-frames", type=int, default=100, help="frames per training recording for the UBM; 0: all"
     )
+    ap.add_argument(
+        "--ubm-ensemble", type=int, nargs="*", default=[],
+        help="K...: add gmm_ensK (K UBMs' supervectors, seeds 0..K-1) and its variants",
+    )  # fmt: skip
     ap.add_argument("--table-from", type=Path, default=None, help="print a --json result as markdown; no run")
     args = ap.parse_args()
     if args.table_from:
@@ -448,13 +524,22 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     ubm = {"ubm_from": args.ubm_from, "ubm_seed": args.ubm_seed, "ubm_frames": args.ubm_frames}
     st = build_stats(args.data, args.cache, ubm)
+    extra = []
+    for k in args.ubm_ensemble:
+        st.update(build_ensemble(args.data, args.cache, k, args.ubm_frames))
+        extra += [
+            Variant(f"gmm_ens{k}", f"fuse80x{k}", "train", "cos"),
+            Variant(f"shipped_stats&gmm_ens{k}", f"fuse80,80x{k}", "train", "cos"),
+        ]
     boots = np.random.default_rng(5).multinomial(30, np.ones(30) / 30, size=args.boot).astype(float)
-    vs = [v for v in variants() if not args.only or any(o in v.name for o in args.only)]
-    vs = [v for v in variants() if v.name in (REF, SHIPPED) or v in vs]
+    every = variants() + extra
+    vs = [v for v in every if not args.only or any(o in v.name for o in args.only)]
+    vs = [v for v in every if v.name in (REF, SHIPPED) or v in vs]
     for v in vs:
         if "&" in v.feats:
             add_fused(st, v.feats)
     summ: dict[str, dict[str, np.ndarray]] = {}
+    folds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rows = []
     hdr = (
         f"{'variant':44s} {'trainCV':>7s} | {'devCV EER':>17s} {'devCV cm EER':>17s} {'ward EER':>17s} "
@@ -464,8 +549,10 @@ def main() -> int:
     print(hdr, flush=True)
     for v in vs:
         tcv = train_cv(v, st) if v.feats != "shipped_onnx" else float("nan")
-        sm = summarise(dev_cv(v, st, args.repeats, args.rooms), boots)
+        res = dev_cv(v, st, args.repeats, args.rooms)
+        sm = summarise(res, boots)
         summ[v.name] = sm
+        folds[v.name] = fold_figures(res)
         ref = summ.get(REF, sm)
         d_cm, d_r8 = sm["eer_cm"] - ref["eer_cm"], sm["room8"] - ref["room8"]
         look = one_look(v, st) if "dev" not in v.data else None
@@ -477,6 +564,14 @@ def main() -> int:
             for k, key in (("eer_cm", "d_cm_vs_shipped"), ("room8", "d_room8_vs_shipped")):
                 dd = sm[k] - summ[SHIPPED][k]
                 row[key] = [float(dd[0]), *np.nanpercentile(dd[1:], [2.5, 97.5]).tolist()]
+        for other, tag in ((REF, "ref"), (SHIPPED, "shipped")):
+            if other in folds and other != v.name:  # folds where this variant is better / worse
+                (cm_o, r8_o), (cm_v, r8_v) = folds[other], folds[v.name]
+                row[f"folds_vs_{tag}"] = {
+                    "cm_lower": int(np.sum(cm_v < cm_o)), "cm_higher": int(np.sum(cm_v > cm_o)),
+                    "room8_higher": int(np.sum(r8_v > r8_o)), "room8_lower": int(np.sum(r8_v < r8_o)),
+                    "folds": len(cm_v),
+                }  # fmt: skip
         rows.append(row)
         if args.json:  # after every row: a stopped run keeps what it measured
             args.json.write_text(json.dumps(rows, indent=1))
@@ -488,6 +583,14 @@ def main() -> int:
             f"{100 * sm['top1_10'][0]:5.1f}% {_ci(sm['room8'])} {_ci(d_cm)} {_ci(d_r8)} | {lk}",
             flush=True,
         )
+        for tag in ("ref", "shipped"):
+            if f := row.get(f"folds_vs_{tag}"):
+                print(
+                    f"{'':44s} folds vs {tag}: channel-matched EER lower in {f['cm_lower']}/{f['folds']} "
+                    f"(higher {f['cm_higher']}), room-of-8 top-1 higher in {f['room8_higher']}/{f['folds']} "
+                    f"(lower {f['room8_lower']})",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
