@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryid.models.training.gmm_branch import UBM, cepstra
+from cryid.models.training.gmm_branch import UBM, cepstra, delta
 
 SR = 16000
 
@@ -148,16 +148,11 @@ def _ms(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(0), np.sqrt(np.maximum(x.var(0), 1e-5))])
 
 
-def _delta(x: np.ndarray) -> np.ndarray:
-    p = np.concatenate([x[1:2], x, x[-2:-1]])  # reflect padding, as the ECAPA's convolution
-    return p[2:] - p[:-2]
-
-
 def shipped_stats(x: np.ndarray) -> np.ndarray:
     """The shipped network's 1120 statistics of globally normalised log-mel x (`stats_init` with
     level -100; frame-gain -100/-10/0/10; delta -5/5), in NumPy: a -100 dB threshold is x + 100."""
     shape = x - x.mean(axis=1, keepdims=True)
-    d = _delta(x)
+    d = delta(x)
     chans = [x + 100.0, shape + 100.0] + [np.maximum(shape - t, 0) for t in (-10.0, 0.0, 10.0)]
     chans += [np.maximum(d - t, 0) for t in (-5.0, 5.0)]
     c = np.concatenate(chans, axis=1)
@@ -202,8 +197,8 @@ def feature_sets(
             np.sqrt(np.maximum(loud.var(0), 1e-5)),  # per-band spread (a fixed EQ does not change it)
             np.percentile(sent_loud, 90, axis=0) - np.percentile(sent_loud, 10, axis=0),
             _ms(np.maximum(sent_shape, 0))[:80],
-            _ms(np.abs(_delta(loud)))[:80],
-            np.sqrt(np.maximum(_delta(loud).var(0), 1e-5)),
+            _ms(np.abs(delta(loud)))[:80],
+            np.sqrt(np.maximum(delta(loud).var(0), 1e-5)),
         ]
     )
     ship = shipped_stats(x)

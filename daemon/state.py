@@ -246,8 +246,10 @@ class RoomState:
     def _pending_list(self, now: datetime) -> list[Retained]:
         while self._pending and now - self._pending[-1].ended_at > WINDOW:
             self._pending.pop()
-        msg = PendingCries(room=self.room, updated_at=now, episodes=list(self._pending))
         key = ",".join(e.event_id for e in self._pending)
+        if self._sent.get(self.pending_topic) == key:
+            return []  # unchanged (most ticks): the payload is not even built
+        msg = PendingCries(room=self.room, updated_at=now, episodes=list(self._pending))
         return self._changed(self.pending_topic, key, msg)
 
     def _changed(self, topic: str, key: str, model: Roster | BabyState | PendingCries) -> list[Retained]:

@@ -3,7 +3,7 @@
 :func:`atomic_write` writes a temporary file beside the target (a fresh name, created exclusively),
 fsyncs it and renames it over the target, so a reader or a crash sees the old file or the new one,
 never a mix. A replaced file keeps its mode (a model directory read by the service user stays readable);
-a private one is 0600.
+a private one is 0600. :func:`save_npz` writes a dict of arrays that way.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 Content = bytes | str | Callable[[Path], object]
 
@@ -53,6 +55,16 @@ def atomic_write(path: Path, content: Content, *, private: bool = False, fsync: 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Replace ``path`` with an ``.npz`` of ``arrays``, atomically (see :func:`atomic_write`); returns it."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file, so numpy adds no ".npz" to the name
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)
 
 
 def _mode_of(path: Path) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryid.models.files import atomic_write, sha256_file
+from cryid.models.files import atomic_write, save_npz, sha256_file
 
 
 def _mode(p: Path) -> int:
@@ -96,6 +96,26 @@ def test_an_unwritable_folder_is_an_os_error_and_changes_nothing(tmp_path: Path)
     with pytest.raises(OSError):
         atomic_write(tmp_path / "missing" / "x.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_npz_loads_back_and_keeps_a_replaced_files_mode(tmp_path: Path) -> None:
+    """Trained backends and GMM branches are written this way: the arrays come back as written, the
+    name gets no second ".npz", and a replaced file keeps its mode, as with atomic_write."""
+    target = tmp_path / "backend.npz"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    arrays = {"mean": np.arange(3, dtype=np.float32), "kind": np.array("lda")}
+    old = os.umask(0o077)
+    try:
+        assert save_npz(target, arrays) == target
+    finally:
+        os.umask(old)
+    assert _mode(target) == 0o640
+    with np.load(target) as z:
+        assert sorted(z.files) == ["kind", "mean"]
+        assert z["mean"].dtype == np.float32 and z["mean"].tolist() == [0.0, 1.0, 2.0]
+        assert str(z["kind"]) == "lda"
+    assert [p.name for p in tmp_path.iterdir()] == ["backend.npz"]
 
 
 def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path: Path) -> None:

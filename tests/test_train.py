@@ -213,6 +213,38 @@ def test_cv_selection_and_resume_with_other_settings_is_refused(tiny_set: Path, 
         train(settings.model_copy(update={"lr": 0.5}), tiny_set, tmp_path / "run", progress=False)
 
 
+def test_gmm_branch_is_fitted_on_the_networks_features_of_every_training_file(
+    tiny_set: Path, tmp_path: Path
+) -> None:
+    """``--gmm-components``: the saved branch is the one fitted on the chosen model's normalised features of
+    every training recording (recomputed here from the saved speechbrain model), each infant a class."""
+    import torch
+
+    from cryid.models.audio import load_audio
+    from cryid.models.training.gmm_branch import fit_branch, load_branch
+    from cryid.models.training.speechbrain_io import load_encoder_classifier
+    from cryid.models.training.train import features, kept_mel_bins, read_items, train
+
+    settings = _settings(1).model_copy(update={"gmm_components": 4, "gmm_dims": 3})
+    train(settings, tiny_set, tmp_path / "run", progress=False)
+    branch = load_branch(tmp_path / "run")
+    assert (branch.components, branch.output_dim) == (4, 3)
+
+    items, _ = read_items(tiny_set, "train")
+    mods = load_encoder_classifier(tmp_path / "run").mods
+    hp = {"compute_features": mods.compute_features, "mean_var_norm": mods.mean_var_norm}
+    feats, labels = [], []
+    with torch.no_grad():
+        for it in items:
+            for f in it.files:
+                x = torch.from_numpy(load_audio(f))[None]
+                feats.append(features(hp, x, torch.ones(1), kept_mel_bins(4000))[0].numpy())
+                labels.append(it.baby_id)
+    again = fit_branch(feats, labels, 4, 3, seed=settings.seed)
+    np.testing.assert_allclose(branch.ubm.means, again.ubm.means, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(branch.lda.transform, again.lda.transform, rtol=1e-3, atol=1e-4)
+
+
 def test_cli_rejects_bad_channels(tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cryid.daemon.cli import main
 

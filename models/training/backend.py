@@ -22,7 +22,7 @@ from pydantic import Field
 from scipy import linalg
 
 from cryid.models.errors import CryidError
-from cryid.models.files import atomic_write
+from cryid.models.files import save_npz
 from cryid.models.strict import StrictModel
 
 logger = logging.getLogger(__name__)
@@ -101,12 +101,7 @@ class Backend:
         }
         if self.kind is not None:
             arrays["kind"] = np.array(self.kind)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:  # a file, so numpy adds no ".npz" to the name
-                np.savez(fh, **arrays)
-
-        return atomic_write(path, write)
+        return save_npz(path, arrays)
 
 
 def load_backend(path: Path) -> Backend:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cryid.models.files import atomic_write
+from cryid.models.files import save_npz
 from cryid.models.training.backend import Backend, BackendError, BackendSettings, fit_backend
 
 logger = logging.getLogger(__name__)
@@ -147,12 +147,7 @@ class GmmBranch:
             "n_ceps": np.array(self.n_ceps),
             "relevance": np.array(self.relevance),
         }
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-
-        return atomic_write(path, write)
+        return save_npz(path, arrays)
 
 
 def load_branch(path: Path) -> GmmBranch:

@@ -203,15 +203,20 @@ def _better(record: dict[str, Any], best: dict[str, Any] | None, select: str) ->
     return record.get("val", {}).get("eer", 1.0) < best.get("eer", 1.0)
 
 
-def _fit_backend(run: TrainRun) -> tuple[Any, np.ndarray, tuple[np.ndarray, list[str]]]:
+def _training_files(run: TrainRun) -> tuple[list[np.ndarray], list[str]]:
+    """Every training file's audio and its infant, read once for the back-end and the GMM branch."""
+    files = [(it.baby_id, f) for it in run.items for f in it.files]
+    return [load_audio(f) for _, f in files], [b for b, _ in files]
+
+
+def _fit_backend(
+    run: TrainRun, wavs: list[np.ndarray], labels: list[str]
+) -> tuple[Any, np.ndarray, tuple[np.ndarray, list[str]]]:
     """Embed every training file (and band-limited copies) and fit the configured back-end on them."""
     import torch
     import torchaudio.functional as taf
 
-    hp, items, settings, device, keep = run.hp, run.items, run.settings, run.device, run.keep
-    files = [(it.baby_id, f) for it in items for f in it.files]
-    wavs = [load_audio(f) for _, f in files]
-    labels = [b for b, _ in files]
+    hp, settings, device, keep = run.hp, run.settings, run.device, run.keep
     embs = embed_waves(hp, wavs, device, keep)
     x, y = embs, labels
     if settings.backend == "none":
@@ -227,19 +232,18 @@ def _fit_backend(run: TrainRun) -> tuple[Any, np.ndarray, tuple[np.ndarray, list
     return backend, embs, (x, y)
 
 
-def _fit_gmm_branch(run: TrainRun) -> GmmBranch:
+def _fit_gmm_branch(run: TrainRun, wavs: list[np.ndarray], labels: list[str]) -> GmmBranch:
     """The GMM-supervector branch, fitted on the normalised features the network sees of every training
     file (each infant a class)."""
     import torch
 
-    files = [(it.baby_id, f) for it in run.items for f in it.files]
     feats = []
     with torch.no_grad():
-        for _, f in files:
-            x = torch.from_numpy(load_audio(f))[None].to(run.device)
+        for wav in wavs:
+            x = torch.from_numpy(wav)[None].to(run.device)
             feats.append(features(run.hp, x, torch.ones(1, device=run.device), run.keep)[0].cpu().numpy())
     s = run.settings
-    return fit_branch(feats, [b for b, _ in files], s.gmm_components, s.gmm_dims, seed=s.seed)
+    return fit_branch(feats, labels, s.gmm_components, s.gmm_dims, seed=s.seed)
 
 
 def _validate_with_backend(run: TrainRun, backend: Any, branch: GmmBranch | None = None) -> dict[str, float]:
@@ -410,15 +414,17 @@ def _end_of_epoch(run: TrainRun, record: dict[str, Any], emb_mean: np.ndarray | 
     if cand.exists():
         shutil.rmtree(cand)
     cand.mkdir()
-    backend, train_embs = (None, None)
+    backend, train_embs, branch = (None, None, None)
     if settings.backend != "none" or emb_mean is None or settings.select == "cv":
-        backend, train_embs, (x, y) = _fit_backend(run)
+        wavs, labels = _training_files(run)
+        backend, train_embs, (x, y) = _fit_backend(run, wavs, labels)
         kind = "center" if settings.backend == "none" else settings.backend
         n = len(train_embs)  # originals only: a band-limited copy of an enrolled file is no fair trial
         record["train_cv_eer"] = cross_validated_eer(
             x[:n], y[:n], BackendSettings(kind=kind, dims=settings.backend_dims)
         )
-    branch = _fit_gmm_branch(run) if settings.gmm_components else None
+        if settings.gmm_components:  # needs --backend lda (prepare_run), so always in this branch
+            branch = _fit_gmm_branch(run, wavs, labels)
     mean = train_embs if train_embs is not None else emb_mean[None]
     save_speechbrain_dir(run.hp, run.text, run.labels, cand, mean)
     if backend is not None:
