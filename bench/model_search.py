@@ -178,7 +178,7 @@ def stat_context(
         c = cepstra(fb.log_mel(w) - gmean, N_CEPS)
         frames.append(c[rng.choice(len(c), min(ubm_frames, len(c)), replace=False)] if ubm_frames else c)
     if ubm_from:
-        ubm = load_branch(ubm_from).ubm
+        ubm = load_branch(ubm_from).ubms[0]
     else:
         ubm = fit_ubm(np.concatenate(frames), COMPONENTS, seed=ubm_seed)
     logger.info("150-mel means and UBM on %d frames (%.0f s)", sum(map(len, frames)), time.time() - t0)
@@ -268,7 +268,7 @@ class Scorer:
 def part_dims(v: Variant, st: dict[str, np.ndarray]) -> list[int] | None:
     """Column counts of the statistic sets that a fused variant (``a&b``) concatenates."""
     names = v.feats.split("&")
-    return [st[f"train/{n}"].shape[1] for n in names] if len(names) > 1 else None
+    return [st[f"train/{n}"].shape[1] for n in names] if v.backend.startswith("fuse") else None
 
 
 def add_fused(st: dict[str, np.ndarray], feats: str) -> None:

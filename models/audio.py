@@ -71,8 +71,9 @@ def record(seconds: float, device: int | str | None = None, sample_rate: int = S
     try:
         import sounddevice as sd
 
-        data = sd.rec(round(seconds * sample_rate), samplerate=sample_rate, channels=1,
-                      dtype="float32", device=device)
+        data = sd.rec(
+            round(seconds * sample_rate), samplerate=sample_rate, channels=1, dtype="float32", device=device
+        )
         sd.wait()
     except Exception as exc:  # PortAudio raises its own error types (no device, busy device, ...)
         raise AudioError(

@@ -358,8 +358,11 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[Reliabilit
     for b in range(bins):
         m = idx == b
         if m.any():
-            out.append(ReliabilityBin(float(edges[b]), float(edges[b + 1]), int(m.sum()),
-                                      float(p[m].mean()), float(y[m].mean())))
+            out.append(
+                ReliabilityBin(
+                    float(edges[b]), float(edges[b + 1]), int(m.sum()), float(p[m].mean()), float(y[m].mean())
+                )
+            )
     return out
 
 

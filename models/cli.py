@@ -35,8 +35,16 @@ def _add_calibrate_options(p: argparse.ArgumentParser, prefix: str = "") -> None
     from cryid.models.training.settings import CalibrateSettings
 
     fields = CalibrateSettings.model_fields
-    for name, typ in (("split", str), ("room_size", int), ("room_strangers", int), ("rooms", int),
-                      ("seed", int), ("folds", int), ("target_wrong_rate", float), ("bootstrap", int)):
+    for name, typ in (
+        ("split", str),
+        ("room_size", int),
+        ("room_strangers", int),
+        ("rooms", int),
+        ("seed", int),
+        ("folds", int),
+        ("target_wrong_rate", float),
+        ("bootstrap", int),
+    ):
         flag = f"--{prefix}{name.replace('_', '-')}"
         help_text = f"{fields[name].description} (default: {fields[name].default})".replace("%", "%%")
         p.add_argument(flag, dest=f"cal_{name}", type=typ, default=None, help=help_text)
@@ -58,8 +66,12 @@ def _run_calibration(model_dir: object, data: object, args: argparse.Namespace, 
     except ValidationError as exc:
         raise _option_error(exc) from None
     result = calibrate_model(
-        Path(str(model_dir)), Path(str(data)), cal_settings, settings.segmenter,  # type: ignore[attr-defined]
-        settings.embedder, default_cache_dir(),  # type: ignore[attr-defined]
+        Path(str(model_dir)),
+        Path(str(data)),
+        cal_settings,
+        settings.segmenter,  # type: ignore[attr-defined]
+        settings.embedder,
+        default_cache_dir(),  # type: ignore[attr-defined]
     )
     for line in calibration_lines(result):
         print(line)
@@ -78,13 +90,23 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     p.add_argument("src", metavar="SRC", help="speechbrain model directory or Hugging Face hub id")
     p.add_argument("--out", type=Path, required=True, help="model directory to write (must not exist)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="write an int8 model (dynamic quantisation)")
-    p.add_argument("--backend", type=Path, default=None,
-                   help="back-end .npz (mean, transform) to append; default: SRC/backend.npz if present")
+    p.add_argument(
+        "--quantize", choices=["int8"], default=None, help="write an int8 model (dynamic quantisation)"
+    )
+    p.add_argument(
+        "--backend",
+        type=Path,
+        default=None,
+        help="back-end .npz (mean, transform) to append; default: SRC/backend.npz if present",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calibrate-data", type=Path, default=None, metavar="DIR",
-                   help="after export, calibrate on this CryCeleb-layout data (as `cryid model calibrate`)")
+    p.add_argument(
+        "--calibrate-data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after export, calibrate on this CryCeleb-layout data (as `cryid model calibrate`)",
+    )
     _add_calibrate_options(p, prefix="calibrate-")
 
     def handler(args: argparse.Namespace, settings: object) -> int:
@@ -96,12 +118,23 @@ def _register_export(msub: argparse._SubParsersAction) -> None:  # type: ignore[
         parts += ["--quantize", args.quantize] if args.quantize else []
         parts += ["--backend", str(args.backend)] if args.backend else []
         command = " ".join(shlex.quote(x) for x in parts)
-        m = export_model(args.src, args.out, quantize=args.quantize, backend=args.backend,
-                         command=command, overwrite=args.force)
-        extra = (f", int8 vs fp32 min cosine {m.quantization.min_cosine_to_fp32:.4f}"
-                 if m.quantization is not None else "")
-        print(f"{args.out}: {m.embedding_dim}-d embedding, parity min cosine {m.parity.min_cosine:.6f}"
-              f"{extra}, sha256 {m.onnx_sha256[:12]}")
+        m = export_model(
+            args.src,
+            args.out,
+            quantize=args.quantize,
+            backend=args.backend,
+            command=command,
+            overwrite=args.force,
+        )
+        extra = (
+            f", int8 vs fp32 min cosine {m.quantization.min_cosine_to_fp32:.4f}"
+            if m.quantization is not None
+            else ""
+        )
+        print(
+            f"{args.out}: {m.embedding_dim}-d embedding, parity min cosine {m.parity.min_cosine:.6f}"
+            f"{extra}, sha256 {m.onnx_sha256[:12]}"
+        )
         if args.calibrate_data is not None:
             _run_calibration(args.out, args.calibrate_data, args, settings)
         else:
@@ -126,11 +159,20 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """cryid model info [DIR] [--json]"""
     from pathlib import Path
 
-    p = msub.add_parser("info", help="print a model directory's manifest",
-                        description="Prints the manifest of DIR (default: the configured model) and "
-                        "checks that model.onnx matches its sha256.")
-    p.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=None,
-                   help="model directory (default: the configured model, CRYID_MODEL)")
+    p = msub.add_parser(
+        "info",
+        help="print a model directory's manifest",
+        description="Prints the manifest of DIR (default: the configured model) and "
+        "checks that model.onnx matches its sha256.",
+    )
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="model directory (default: the configured model, CRYID_MODEL)",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     def handler(args: argparse.Namespace, settings: object) -> int:
@@ -151,17 +193,34 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
             ("source", _source_shown(m.source)),
             ("created", m.created_at),
             ("embedding", f"{m.embedding_dim}-d, input {m.input_name!r} (batch, frames, {fe.n_mels})"),
-            ("front end", f"{fe.sample_rate} Hz, n_fft {fe.n_fft}, hop {fe.hop_length}, {fe.n_mels} mels "
-                          f"{fe.f_min_hz:g}-{fe.f_max_hz:g} Hz, top_db {fe.top_db:g}, {fe.normalization}"),
-            ("onnx", f"{onnx_path.stat().st_size / 1e6:.1f} MB, opset {m.opset}, "
-                     f"sha256 {m.onnx_sha256} (verified, loads)"),
-            ("parity", f"min cosine {m.parity.min_cosine:.6f}, max abs diff {m.parity.max_abs_diff:.2e} "
-                       f"on {len(m.parity.clips_s)} clips vs {m.parity.reference}"),
-            ("quantization", "none (fp32)" if m.quantization is None else
-             f"{m.quantization.scheme}; vs fp32 min cosine {m.quantization.min_cosine_to_fp32:.4f}"),
-            ("back-end", "none" if m.backend is None else
-             f"{m.backend.kind or 'linear'} {m.backend.input_dim}->{m.backend.output_dim} "
-             f"({m.backend.file})"),
+            (
+                "front end",
+                f"{fe.sample_rate} Hz, n_fft {fe.n_fft}, hop {fe.hop_length}, {fe.n_mels} mels "
+                f"{fe.f_min_hz:g}-{fe.f_max_hz:g} Hz, top_db {fe.top_db:g}, {fe.normalization}",
+            ),
+            (
+                "onnx",
+                f"{onnx_path.stat().st_size / 1e6:.1f} MB, opset {m.opset}, "
+                f"sha256 {m.onnx_sha256} (verified, loads)",
+            ),
+            (
+                "parity",
+                f"min cosine {m.parity.min_cosine:.6f}, max abs diff {m.parity.max_abs_diff:.2e} "
+                f"on {len(m.parity.clips_s)} clips vs {m.parity.reference}",
+            ),
+            (
+                "quantization",
+                "none (fp32)"
+                if m.quantization is None
+                else f"{m.quantization.scheme}; vs fp32 min cosine {m.quantization.min_cosine_to_fp32:.4f}",
+            ),
+            (
+                "back-end",
+                "none"
+                if m.backend is None
+                else f"{m.backend.kind or 'linear'} {m.backend.input_dim}->{m.backend.output_dim} "
+                f"({m.backend.file})",
+            ),
             ("trained by", m.training.command if m.training is not None and m.training.command else "-"),
             ("calibration", _calibration_row(m.calibration)),
             ("metrics", ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.metrics.items())) or "-"),
@@ -214,8 +273,13 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
             nargs = "+" if Ellipsis in args else len(args)
             p.add_argument(flag, type=float, nargs=nargs, default=None, metavar="X", help=help_text)
         else:
-            p.add_argument(flag, type=lambda v, t=ann: None if v.lower() == "none" else t(v), default=None,
-                           metavar=getattr(ann, "__name__", "V").upper(), help=help_text)
+            p.add_argument(
+                flag,
+                type=lambda v, t=ann: None if v.lower() == "none" else t(v),
+                default=None,
+                metavar=getattr(ann, "__name__", "V").upper(),
+                help=help_text,
+            )
 
     def handler(args: argparse.Namespace, settings: object) -> int:
         import shlex
@@ -234,8 +298,10 @@ def _register_train(msub: argparse._SubParsersAction) -> None:  # type: ignore[t
         result = train(config, args.data, args.out, init=args.init, command=command, progress=not args.quiet)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
         print(f"{result.out_dir}: best epoch {result.best_epoch}" + (f" ({figures})" if figures else ""))
-        print(f"next: cryid model export {result.out_dir} --out MODEL_DIR --calibrate-data {args.data} "
-              "(export, then fit the score-to-probability map on infants not trained on)")
+        print(
+            f"next: cryid model export {result.out_dir} --out MODEL_DIR --calibrate-data {args.data} "
+            "(export, then fit the score-to-probability map on infants not trained on)"
+        )
         return 0
 
     p.set_defaults(func=handler)
@@ -257,8 +323,12 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--split", required=True, choices=["dev", "test"], help="split to evaluate")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", type=Path, default=None, help="cryid model directory (default CRYID_MODEL)")
-    which.add_argument("--speechbrain", metavar="SRC", default=None,
-                       help="speechbrain model directory or hub id: the reference (train extra)")
+    which.add_argument(
+        "--speechbrain",
+        metavar="SRC",
+        default=None,
+        help="speechbrain model directory or hub id: the reference (train extra)",
+    )
     p.add_argument("--protocol", choices=["pairs", "ward", "both"], default=None, help="protocols to run")
     p.add_argument("--tta", type=int, default=None, help="average the scores of N seeded shuffled orders")
     p.add_argument("--seed", type=int, default=None, help="seed of the --tta orders")
@@ -268,13 +338,27 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--room-size", type=int, default=None, help="ward protocol in seeded rooms of N babies")
     p.add_argument("--room-strangers", type=int, default=None, help="babies per room not enrolled")
     p.add_argument("--rooms", type=int, default=None, help="number of rooms with --room-size")
-    p.add_argument("--confirm", type=int, default=None, metavar="K",
-                   help="confirm K D files per enrolled baby, identify the rest")
-    p.add_argument("--min-confidence", type=float, default=None,
-                   help="operating point (default: the model calibration's recommendation)")
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=None,
+        metavar="K",
+        help="confirm K D files per enrolled baby, identify the rest",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="operating point (default: the model calibration's recommendation)",
+    )
     p.add_argument("--bootstrap", type=int, default=None, help="infant resamples for the 95%% intervals")
-    p.add_argument("--ward-channel", type=int, default=None, metavar="SEED",
-                   help="pass every recording through one simulated ward channel (pyroomacoustics)")
+    p.add_argument(
+        "--ward-channel",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="pass every recording through one simulated ward channel (pyroomacoustics)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON (fractions 0-1)")
     p.add_argument("--plot", type=Path, default=None, help="score histogram PNG (needs matplotlib)")
     p.add_argument("--submission", type=Path, default=None, help="CSV id,score for every pair")
@@ -288,8 +372,21 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         from cryid.models.evaluation.embedders import default_cache_dir, load_eval_embedder
         from cryid.models.evaluation.evaluate import EvalOptions, run_evaluation
 
-        names = ("protocol", "tta", "seed", "score_norm", "cohort", "cohort_top_k", "room_size",
-                 "room_strangers", "rooms", "confirm", "min_confidence", "bootstrap", "ward_channel")
+        names = (
+            "protocol",
+            "tta",
+            "seed",
+            "score_norm",
+            "cohort",
+            "cohort_top_k",
+            "room_size",
+            "room_strangers",
+            "rooms",
+            "confirm",
+            "min_confidence",
+            "bootstrap",
+            "ward_channel",
+        )
         given = {k: getattr(args, k) for k in names}
         try:
             options = EvalOptions(split=args.split, **{k: v for k, v in given.items() if v is not None})
@@ -299,8 +396,10 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             try:
                 import pyroomacoustics  # noqa: F401
             except ImportError:
-                raise UsageError("--ward-channel needs pyroomacoustics, which is not installed; "
-                                 "pip install 'cryid[train]' (or pyroomacoustics)") from None
+                raise UsageError(
+                    "--ward-channel needs pyroomacoustics, which is not installed; "
+                    "pip install 'cryid[train]' (or pyroomacoustics)"
+                ) from None
         if args.submission is not None and options.protocol == "ward":
             raise UsageError("--submission needs the paper protocol; drop --protocol ward")
         for option, path in (("--json", args.json), ("--plot", args.plot), ("--submission", args.submission)):
@@ -310,7 +409,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             outputs.require_matplotlib()
         model_dir = args.model if args.model is not None else settings.model  # type: ignore[attr-defined]
         embedder = load_eval_embedder(
-            None if args.speechbrain else model_dir, args.speechbrain, settings.embedder  # type: ignore[attr-defined]
+            None if args.speechbrain else model_dir,
+            args.speechbrain,
+            settings.embedder,  # type: ignore[attr-defined]
         )
         report = run_evaluation(
             args.data,
@@ -341,9 +442,11 @@ def _calibration_row(cal: object) -> str:
     if cal is None:
         return "none: decisions need one (cryid model calibrate DIR --data DIR)"
     rec = cal.recommended_min_confidence  # type: ignore[attr-defined]
-    return (f"{cal.method}, recommended min_confidence {rec if rec is not None else '-'}, "  # type: ignore[attr-defined]
-            f"confirmed_weight {cal.confirmed_weight:g}, fitted {cal.fitted_at or '-'} on "  # type: ignore[attr-defined]
-            f"{cal.data or '-'}")  # type: ignore[attr-defined]
+    return (
+        f"{cal.method}, recommended min_confidence {rec if rec is not None else '-'}, "  # type: ignore[attr-defined]
+        f"confirmed_weight {cal.confirmed_weight:g}, fitted {cal.fitted_at or '-'} on "  # type: ignore[attr-defined]
+        f"{cal.data or '-'}"
+    )  # type: ignore[attr-defined]
 
 
 def _register_calibrate(msub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -107,7 +107,8 @@ class BackendInfo(BaseModel):
 
 class BranchInfo(BaseModel):
     """A GMM-supervector branch computed from the same features inside the ONNX graph and fused with the
-    back-end's output: the embedding is ``[a / |a|, b / |b|] / sqrt(2)`` (a: back-end output, b: branch)."""
+    back-end's output: the embedding is ``[a / |a|, b] / sqrt(2)`` (a: back-end output, b: the branch's
+    unit-length output, ``[b_1 / |b_1|, ..., b_K / |b_K|] / sqrt(K)`` over its K UBMs)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -115,7 +116,10 @@ class BranchInfo(BaseModel):
     sha256: str = Field(description="sha256 of gmm_branch.npz.")
     components: int = Field(ge=1, description="Components of the universal background model.")
     cepstra: int = Field(ge=1, description="Cepstral coefficients per frame (and as many deltas).")
-    output_dim: int = Field(ge=1, description="Branch embedding size (its LDA's output).")
+    output_dim: int = Field(ge=1, description="Branch embedding size (its LDAs' outputs side by side).")
+    members: int = Field(
+        1, ge=1, description="UBMs in the branch, each with its own LDA; their cosines are averaged."
+    )
 
 
 class TrainingInfo(BaseModel):

@@ -15,7 +15,7 @@ import pytest
 from cryid.models.evaluation.metrics import eer
 from cryid.models.frontend import Fbank
 from cryid.models.training.backend import BackendError
-from cryid.models.training.gmm_branch import BRANCH_NAME, fit_branch, fuse, load_branch
+from cryid.models.training.gmm_branch import BRANCH_NAME, GmmBranch, fit_branch, fuse, load_branch
 
 SR = 16000
 F0S = (300.0, 360.0, 430.0, 520.0, 620.0, 740.0)
@@ -89,7 +89,7 @@ def test_saved_branch_gives_the_same_embeddings_and_bad_files_are_refused(data, 
         load_branch(bad)
     with np.load(tmp_path / BRANCH_NAME) as z:
         arrays = {k: z[k] for k in z.files}
-    short = {"lda_mean": arrays["lda_mean"][:-1], "lda_transform": arrays["lda_transform"][:-1]}
+    short = {"lda_mean": arrays["lda_mean"][:, :-1], "lda_transform": arrays["lda_transform"][:, :-1]}
     np.savez(tmp_path / "short.npz", **{**arrays, **short})
     with pytest.raises(BackendError, match="LDA expects"):
         load_branch(tmp_path / "short.npz")
@@ -116,3 +116,44 @@ def test_torch_module_equals_the_numpy_branch(data) -> None:
         got = module(torch.from_numpy(batch)).numpy()
     want = np.stack([branch.embed(x_te[0]), branch.embed(x_te[1])])
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_several_ubms_average_their_cosines_and_survive_save_load_and_torch(data, tmp_path: Path) -> None:
+    x_tr, y_tr, x_te, _ = data
+    branch = fit_branch(x_tr, y_tr, components=4, dims=3, n_ceps=8, members=3)
+    assert (branch.members, branch.output_dim) == (3, 9)
+    assert len({float(u.means.sum()) for u in branch.ubms}) == 3  # three different draws, not one copied
+    e0, e1 = branch.embed(x_te[0]), branch.embed(x_te[1])
+    assert np.linalg.norm(e0) == pytest.approx(1.0, abs=1e-6)
+    single = [
+        GmmBranch((u,), (lda,), branch.n_ceps, branch.relevance)
+        for u, lda in zip(branch.ubms, branch.ldas, strict=True)
+    ]
+    mean_cos = np.mean([float(b.embed(x_te[0]) @ b.embed(x_te[1])) for b in single])
+    assert float(e0 @ e1) == pytest.approx(mean_cos, abs=1e-6)
+    branch.save(tmp_path)
+    np.testing.assert_array_equal(load_branch(tmp_path).embed(x_te[0]), e0)
+    with pytest.raises(BackendError, match="at least one UBM"):
+        fit_branch(x_tr, y_tr, components=4, dims=3, n_ceps=8, members=0)
+
+
+def test_a_one_ubm_file_without_the_members_axis_still_loads(data, tmp_path: Path) -> None:
+    x_tr, y_tr, x_te, _ = data
+    branch = fit_branch(x_tr, y_tr, components=4, dims=3, n_ceps=8)
+    branch.save(tmp_path)
+    with np.load(tmp_path / BRANCH_NAME) as z:
+        old = {k: (z[k][0] if z[k].ndim > 0 else z[k]) for k in z.files}  # the layout before members
+    np.savez(tmp_path / "old.npz", **old)
+    np.testing.assert_array_equal(load_branch(tmp_path / "old.npz").embed(x_te[0]), branch.embed(x_te[0]))
+
+
+def test_torch_module_equals_the_numpy_branch_with_several_ubms(data) -> None:
+    torch = pytest.importorskip("torch", reason="the export graph needs the `train` extra")
+    from cryid.models.training.gmm_branch import torch_module
+
+    x_tr, y_tr, x_te, _ = data
+    branch = fit_branch(x_tr, y_tr, components=8, dims=5, n_ceps=12, members=2)
+    with torch.no_grad():
+        got = torch_module(branch, 80)(torch.from_numpy(np.stack([x_te[0], x_te[1]]))).numpy()
+    want = np.stack([branch.embed(x_te[0]), branch.embed(x_te[1])])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

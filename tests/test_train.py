@@ -225,10 +225,10 @@ def test_gmm_branch_is_fitted_on_the_networks_features_of_every_training_file(
     from cryid.models.training.speechbrain_io import load_encoder_classifier
     from cryid.models.training.train import features, kept_mel_bins, read_items, train
 
-    settings = _settings(1).model_copy(update={"gmm_components": 4, "gmm_dims": 3})
+    settings = _settings(1).model_copy(update={"gmm_components": 4, "gmm_dims": 3, "gmm_ubms": 2})
     train(settings, tiny_set, tmp_path / "run", progress=False)
     branch = load_branch(tmp_path / "run")
-    assert (branch.components, branch.output_dim) == (4, 3)
+    assert (branch.components, branch.members, branch.output_dim) == (4, 2, 6)
 
     items, _ = read_items(tiny_set, "train")
     mods = load_encoder_classifier(tmp_path / "run").mods
@@ -240,9 +240,10 @@ def test_gmm_branch_is_fitted_on_the_networks_features_of_every_training_file(
                 x = torch.from_numpy(load_audio(f))[None]
                 feats.append(features(hp, x, torch.ones(1), kept_mel_bins(4000))[0].numpy())
                 labels.append(it.baby_id)
-    again = fit_branch(feats, labels, 4, 3, seed=settings.seed)
-    np.testing.assert_allclose(branch.ubm.means, again.ubm.means, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(branch.lda.transform, again.lda.transform, rtol=1e-3, atol=1e-4)
+    again = fit_branch(feats, labels, 4, 3, seed=settings.seed, members=2)
+    for k in range(2):
+        np.testing.assert_allclose(branch.ubms[k].means, again.ubms[k].means, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(branch.ldas[k].transform, again.ldas[k].transform, rtol=1e-3, atol=1e-4)
 
 
 def test_cli_rejects_bad_channels(tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,8 +42,17 @@ from cryid.models.evaluation.ward_eval import (
 )
 from cryid.models.scoring import cosine_matrix, l2_normalize
 
-__all__ = ["EvalOptions", "EvalReport", "PairReport", "WardReport", "concatenation_embeddings",
-           "file_expiration_embeddings", "pair_protocol", "run_evaluation", "ward_protocol"]
+__all__ = [
+    "EvalOptions",
+    "EvalReport",
+    "PairReport",
+    "WardReport",
+    "concatenation_embeddings",
+    "file_expiration_embeddings",
+    "pair_protocol",
+    "run_evaluation",
+    "ward_protocol",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -174,9 +174,7 @@ def ward_figures(
             else bootstrap_ci(n_infants, lambda counts, fn=fn: fn(counts[codes]), resamples, seed)
         )
     out["operating_curve"] = (
-        None
-        if calibration is None
-        else operating_curve(q, query_confidences(q, calibration))
+        None if calibration is None else operating_curve(q, query_confidences(q, calibration))
     )
     return out
 

@@ -381,6 +381,7 @@ def export_model(
                 components=branch.components,
                 cepstra=branch.n_ceps,
                 output_dim=branch.output_dim,
+                members=branch.members,
             ),
             training=training,
             metrics=dict(training.metrics) if training is not None else {},

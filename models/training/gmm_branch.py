@@ -10,9 +10,10 @@ GMM-SVM supervector ``sqrt(w_c) (m_c - mu_c) / sigma_c``, describe where in the 
 recording's frames sit, component by component. That is a finer picture of the cry's spectral envelope
 and its dynamics than one mean and one standard deviation per band.
 
-Fusion: the exported graph returns ``[a / |a|, b / |b|] / sqrt(2)`` (a: the ECAPA statistics after
-their LDA, b: the supervector after its LDA), so the cosine of two embeddings is the mean of the two
-branches' cosines, and the daemon scores it as any other embedding.
+Fusion: the exported graph returns ``[a / |a|, b] / sqrt(2)`` (a: the ECAPA statistics after their LDA,
+b: the branch's unit-length output, the supervector after its LDA, or with several UBMs each member's
+normalised LDA output side by side over sqrt(members)), so the cosine of two embeddings is the mean of the
+two branches' cosines, and the daemon scores it as any other embedding.
 
 Everything here is NumPy (fitting and the reference embedding for export parity); `torch_module`
 builds the same computation in torch for `cryid model export`, which appends it to the ONNX graph.
@@ -112,65 +113,100 @@ def fit_ubm(frames: np.ndarray, components: int, iters: int = 20, seed: int = 0)
 
 @dataclass(frozen=True)
 class GmmBranch:
-    """UBM + the supervectors' LDA: normalised log-mel features -> (dims,) branch embedding."""
+    """One or more UBMs, each with its supervectors' LDA: normalised log-mel features -> branch embedding.
 
-    ubm: UBM
-    lda: Backend
+    With several UBMs (fitted from different random starts and frame draws), the branch embedding is each
+    member's LDA output, length-normalised, side by side and divided by sqrt(members): its cosine is the
+    mean of the members' cosines. One UBM's EM lands in a different local optimum with every start, and
+    in the model search the room-of-8 top-1 of a single draw moved by 8 points between draws; averaging
+    members removes most of that luck."""
+
+    ubms: tuple[UBM, ...]
+    ldas: tuple[Backend, ...]
     n_ceps: int
     relevance: float
 
     @property
     def components(self) -> int:
-        return int(self.ubm.weights.shape[0])
+        return int(self.ubms[0].weights.shape[0])
+
+    @property
+    def members(self) -> int:
+        return len(self.ubms)
 
     @property
     def output_dim(self) -> int:
-        return self.lda.output_dim
-
-    def supervector(self, features: np.ndarray) -> np.ndarray:
-        return self.ubm.supervector(cepstra(features, self.n_ceps), self.relevance)
+        return sum(lda.output_dim for lda in self.ldas)
 
     def embed(self, features: np.ndarray) -> np.ndarray:
-        """The branch embedding (after its LDA, before normalisation) of one clip's features."""
-        return self.lda.apply(self.supervector(features))
+        """The branch embedding (unit length) of one clip's features."""
+        c = cepstra(features, self.n_ceps)
+        outs = [
+            lda.apply(u.supervector(c, self.relevance)).astype(np.float64)
+            for u, lda in zip(self.ubms, self.ldas, strict=True)
+        ]
+        outs = [o / max(float(np.linalg.norm(o)), 1e-12) for o in outs]
+        return (np.concatenate(outs) / np.sqrt(len(outs))).astype(np.float32)
 
     def save(self, path: Path) -> Path:
+        """``gmm_branch.npz``: every array with a leading axis over the members."""
         path = Path(path)
         if path.is_dir():
             path = path / BRANCH_NAME
-        arrays = {
-            "ubm_weights": self.ubm.weights.astype(np.float64),
-            "ubm_means": self.ubm.means.astype(np.float64),
-            "ubm_variances": self.ubm.variances.astype(np.float64),
-            "lda_mean": self.lda.mean.astype(np.float32),
-            "lda_transform": self.lda.transform.astype(np.float32),
-            "n_ceps": np.array(self.n_ceps),
-            "relevance": np.array(self.relevance),
-        }
-        return save_npz(path, arrays)
+        stack = lambda arrays, dtype: np.stack([np.asarray(a, dtype=dtype) for a in arrays])  # noqa: E731
+        return save_npz(
+            path,
+            {
+                "ubm_weights": stack([u.weights for u in self.ubms], np.float64),
+                "ubm_means": stack([u.means for u in self.ubms], np.float64),
+                "ubm_variances": stack([u.variances for u in self.ubms], np.float64),
+                "lda_mean": stack([lda.mean for lda in self.ldas], np.float32),
+                "lda_transform": stack([lda.transform for lda in self.ldas], np.float32),
+                "n_ceps": np.array(self.n_ceps),
+                "relevance": np.array(self.relevance),
+            },
+        )
 
 
 def load_branch(path: Path) -> GmmBranch:
-    """Read ``gmm_branch.npz`` (or the one inside a directory); ``BackendError`` names what is wrong."""
+    """Read ``gmm_branch.npz`` (or the one inside a directory); ``BackendError`` names what is wrong. A file
+    of one UBM without the members axis (written before members existed) reads as one member."""
     path = Path(path)
     if path.is_dir():
         path = path / BRANCH_NAME
     try:
         with np.load(path, allow_pickle=False) as z:
             a = {k: z[k] for k in z.files}
-        ubm = UBM(a["ubm_weights"], a["ubm_means"], a["ubm_variances"])
-        lda = Backend(mean=a["lda_mean"], transform=a["lda_transform"], kind="lda")
-        branch = GmmBranch(ubm, lda, int(a["n_ceps"]), float(a["relevance"]))
-    except (OSError, KeyError, ValueError) as exc:
-        raise BackendError(f"{path}: not a readable GMM branch ({type(exc).__name__}: {exc})") from exc
-    c, d = ubm.means.shape
-    if ubm.weights.shape != (c,) or ubm.variances.shape != (c, d) or d != 2 * branch.n_ceps:
-        raise BackendError(
-            f"{path}: UBM shapes disagree (weights {ubm.weights.shape}, means {ubm.means.shape})"
+        if a["ubm_weights"].ndim == 1:
+            a = {k: v[None] if k not in ("n_ceps", "relevance") else v for k, v in a.items()}
+        k = len(a["ubm_weights"])
+        ubms = tuple(UBM(a["ubm_weights"][i], a["ubm_means"][i], a["ubm_variances"][i]) for i in range(k))
+        ldas = tuple(
+            Backend(mean=a["lda_mean"][i], transform=a["lda_transform"][i], kind="lda") for i in range(k)
         )
-    if lda.input_dim != c * d + c:
-        raise BackendError(f"{path}: LDA expects {lda.input_dim}-d supervectors, the UBM gives {c * d + c}")
-    if not all(np.isfinite(v).all() for v in a.values() if v.dtype.kind == "f") or (ubm.variances <= 0).any():
+        branch = GmmBranch(ubms, ldas, int(a["n_ceps"]), float(a["relevance"]))
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise BackendError(f"{path}: not a readable GMM branch ({type(exc).__name__}: {exc})") from exc
+    c, d = a["ubm_means"].shape[1:]
+    if (
+        a["ubm_weights"].shape != (k, c)
+        or a["ubm_variances"].shape != (k, c, d)
+        or d != 2 * branch.n_ceps
+        or len(a["lda_mean"]) != k
+        or len(a["lda_transform"]) != k
+    ):
+        raise BackendError(
+            f"{path}: UBM shapes disagree (weights {a['ubm_weights'].shape}, means {a['ubm_means'].shape}, "
+            f"{len(a['lda_transform'])} LDAs)"
+        )
+    if any(lda.input_dim != c * d + c for lda in ldas):
+        raise BackendError(
+            f"{path}: LDA expects {ldas[0].input_dim}-d supervectors, the UBM gives {c * d + c}"
+        )
+    if (
+        not all(np.isfinite(v).all() for v in a.values() if v.dtype.kind == "f")
+        or (a["ubm_variances"] <= 0).any()
+    ):
         raise BackendError(f"{path}: GMM branch holds NaN, infinite or non-positive variance values")
     return branch
 
@@ -184,22 +220,29 @@ def fit_branch(
     relevance: float = 16.0,
     frames_per_clip: int = 100,
     seed: int = 0,
+    members: int = 1,
 ) -> GmmBranch:
-    """Fit the UBM on up to ``frames_per_clip`` random frames of every clip, then the LDA of the clips'
-    supervectors (each label a class)."""
+    """For each of ``members`` UBMs (seeds ``seed``, ``seed + 1``, ...): fit it on up to
+    ``frames_per_clip`` random frames of every clip, then the LDA of the clips' supervectors (each label
+    a class)."""
     if len(features) != len(labels):
         raise BackendError(f"{len(features)} clips but {len(labels)} labels")
-    rng = np.random.default_rng(seed)
+    if members < 1:
+        raise BackendError(f"a GMM branch needs at least one UBM, got {members}")
     ceps = [cepstra(f, n_ceps) for f in features]
-    sample = np.concatenate(
-        [c[rng.choice(len(c), min(frames_per_clip, len(c)), replace=False)] for c in ceps]
-    )
-    ubm = fit_ubm(sample, components, seed=seed)
-    sv = np.stack([ubm.supervector(c, relevance) for c in ceps])
-    lda = fit_backend(sv, np.asarray(labels), BackendSettings(kind="lda", dims=dims))
-    logger.info("GMM branch: UBM %d x %d on %d frames, LDA %d -> %d", components, 2 * n_ceps, len(sample),
-                sv.shape[1], lda.output_dim)  # fmt: skip
-    return GmmBranch(ubm, lda, n_ceps, relevance)
+    ubms, ldas = [], []
+    for k in range(members):
+        rng = np.random.default_rng(seed + k)
+        sample = np.concatenate(
+            [c[rng.choice(len(c), min(frames_per_clip, len(c)), replace=False)] for c in ceps]
+        )
+        ubm = fit_ubm(sample, components, seed=seed + k)
+        sv = np.stack([ubm.supervector(c, relevance) for c in ceps])
+        ubms.append(ubm)
+        ldas.append(fit_backend(sv, np.asarray(labels), BackendSettings(kind="lda", dims=dims)))
+        logger.info("GMM branch UBM %d/%d: %d x %d on %d frames, LDA %d -> %d", k + 1, members, components,
+                    2 * n_ceps, len(sample), sv.shape[1], ldas[-1].output_dim)  # fmt: skip
+    return GmmBranch(tuple(ubms), tuple(ldas), n_ceps, relevance)
 
 
 def fuse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -216,14 +259,15 @@ def torch_module(branch: GmmBranch, n_mels: int) -> Any:
     a batch is unpadded (the daemon batches clips of one length), so the frame count is T for all."""
     import torch
 
-    class Branch(torch.nn.Module):
-        def __init__(self) -> None:
+    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+
+    class Member(torch.nn.Module):
+        """One UBM and its LDA: cepstral frames (B, T, D) -> unit-length LDA output (B, dims)."""
+
+        def __init__(self, ubm: UBM, lda: Backend) -> None:
             super().__init__()
-            ubm = branch.ubm
             prec = 1.0 / ubm.variances
-            f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
             self.relevance = float(branch.relevance)
-            self.register_buffer("dct", f32(dct_matrix(n_mels, branch.n_ceps).T))  # (n_mels, n_ceps)
             self.register_buffer("neg_half_prec", f32(-0.5 * prec.T))  # (D, C)
             self.register_buffer("mean_prec", f32((ubm.means * prec).T))  # (D, C)
             self.register_buffer(
@@ -234,20 +278,33 @@ def torch_module(branch: GmmBranch, n_mels: int) -> Any:
             self.register_buffer(
                 "scale", f32(np.sqrt(ubm.weights)[:, None] / np.sqrt(ubm.variances))
             )  # (C, D)
-            self.register_buffer("lda_mean", f32(branch.lda.mean))
-            self.register_buffer("lda_transform", f32(branch.lda.transform))
+            self.register_buffer("lda_mean", f32(lda.mean))
+            self.register_buffer("lda_transform", f32(lda.transform))
 
-        def forward(self, features: torch.Tensor) -> torch.Tensor:
-            c = torch.matmul(features, self.dct)  # (B, T, n_ceps)
-            p = torch.cat([c[:, 1:2], c, c[:, -2:-1]], dim=1)
-            f = torch.cat([c, 0.5 * (p[:, 2:] - p[:, :-2])], dim=2)  # (B, T, D)
+        def forward(self, f: torch.Tensor) -> torch.Tensor:
             ll = torch.matmul(f * f, self.neg_half_prec) + torch.matmul(f, self.mean_prec) + self.const
             g = torch.softmax(ll, dim=2)  # (B, T, C)
             n = g.sum(dim=1)  # (B, C)
             first = torch.matmul(g.transpose(1, 2), f) - n.unsqueeze(2) * self.means  # (B, C, D)
             sv = first / (n + self.relevance).unsqueeze(2) * self.scale
-            frames = torch.ones_like(features[:, :, 0]).sum(dim=1, keepdim=True)  # (B, 1)
+            frames = torch.ones_like(f[:, :, 0]).sum(dim=1, keepdim=True)  # (B, 1)
             sv = torch.cat([sv.flatten(1), n / frames], dim=1)
-            return torch.matmul(sv - self.lda_mean, self.lda_transform)
+            out = torch.matmul(sv - self.lda_mean, self.lda_transform)
+            return out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    class Branch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("dct", f32(dct_matrix(n_mels, branch.n_ceps).T))  # (n_mels, n_ceps)
+            self.members = torch.nn.ModuleList(
+                Member(u, lda) for u, lda in zip(branch.ubms, branch.ldas, strict=True)
+            )
+            self.norm = float(np.sqrt(branch.members))
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            c = torch.matmul(features, self.dct)  # (B, T, n_ceps)
+            p = torch.cat([c[:, 1:2], c, c[:, -2:-1]], dim=1)
+            f = torch.cat([c, 0.5 * (p[:, 2:] - p[:, :-2])], dim=2)  # (B, T, D)
+            return torch.cat([m(f) for m in self.members], dim=1) / self.norm
 
     return Branch().eval()

@@ -104,6 +104,14 @@ class TrainSettings(StrictModel):
         "inside the exported graph; 0: no branch. Needs --backend lda.",
     )
     gmm_dims: int = Field(80, ge=1, le=1024, description="LDA output dimensions of the GMM branch.")
+    gmm_ubms: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="UBMs in the GMM branch, each from its own random start with its own LDA; their cosines "
+        "are averaged (one UBM's figures depend on its draw). The branch embedding has gmm_ubms x gmm_dims "
+        "dimensions.",
+    )
     seed: int = Field(0, ge=0, description="Random seed (weights, chunks, augmentation).")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     threads: int | None = Field(

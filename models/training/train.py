@@ -243,7 +243,7 @@ def _fit_gmm_branch(run: TrainRun, wavs: list[np.ndarray], labels: list[str]) ->
             x = torch.from_numpy(wav)[None].to(run.device)
             feats.append(features(run.hp, x, torch.ones(1, device=run.device), run.keep)[0].cpu().numpy())
     s = run.settings
-    return fit_branch(feats, labels, s.gmm_components, s.gmm_dims, seed=s.seed)
+    return fit_branch(feats, labels, s.gmm_components, s.gmm_dims, seed=s.seed, members=s.gmm_ubms)
 
 
 def _validate_with_backend(run: TrainRun, backend: Any, branch: GmmBranch | None = None) -> dict[str, float]:
