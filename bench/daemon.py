@@ -219,7 +219,7 @@ def main() -> int:
         broker.start()
         host, port, stop_broker = broker.host, broker.port, broker.stop
     else:
-        from cryid.daemon.demo import EmbeddedBroker
+        from cryid.daemon.demo_mqtt import EmbeddedBroker
 
         port = free_port()
         eb = EmbeddedBroker(port)

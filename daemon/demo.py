@@ -1,44 +1,47 @@
 """``cryid demo``: the main job end to end on a fresh machine, nothing set up, no ward touched.
 
 1. A temporary state directory (or ``--keep DIR``); the configured model (default: the shipped one) with
-   its calibration and the configured ``identifier.min_confidence``: the demo decides exactly as the
-   daemon would, it invents no threshold.
+   its calibration and the configured ``identifier`` thresholds: the demo decides exactly as the daemon
+   would, it invents no threshold.
 2. Enrolls a few babies through ``cryid.enrollment`` in the demo's own room ``demo``: real cries from
    ``donateacry-cc`` when it is present (``--data DIR``, else ``CRYID_DEMO_DATA``, else
    ``../shared/data/donateacry-cc`` from the working directory, a fresh clone's folder): each
-   baby is enrolled from its first recording session and cries in the stream from a later session, and
-   all come from one recording channel, as on a ward with one microphone; else generated cries.
-3. Builds a nursery stream: a bout of each enrolled baby and of one baby nobody enrolled, with room
-   noise between them, and remembers who cried when.
-4. Starts its own MQTT broker (embedded amqtt) on a free port, or uses ``--broker HOST:PORT``; publishes
+   baby is enrolled from its first recording session and cries in the streams from a later session, and
+   all come from one recording channel, as on a ward with one microphone; else generated cries. A baby's
+   later cries are split in two (:func:`cryid.daemon.nursery.split_later`): the first part cries in act 1,
+   the rest in act 2.
+3. Starts its own MQTT broker (embedded amqtt) on a free port, or uses ``--broker HOST:PORT``; publishes
    only under ``cryid-demo/demo`` with its own client ids, so it never touches a live ward's topics or
-   session, subscribes, replays the stream through the daemon's own ``Service`` and prints each
-   decision as it is published (confidence; the likeliest candidates), then compares every final
-   episode decision with the ground truth: named right, named wrong, not named.
+   session, and prints each decision as it is published (confidence; the likeliest candidates).
+4. Act 1: a nursery stream (a bout of each enrolled baby and of one baby nobody enrolled, room noise
+   between them) replayed through the daemon's own ``Service``; no cry is confirmed yet, so with the
+   default ``identifier.min_confidence_unconfirmed`` nobody is named. Every final episode decision is
+   compared with the ground truth: named right, named wrong, not named.
+5. The nurse: for each enrolled baby, the first act-1 episode that was truly that baby's is confirmed
+   through :func:`cryid.enrollment.feedback.confirm`, the call behind ``cryid enroll confirm``, on the
+   episode the daemon kept in the registry.
+6. Act 2: a second stream of other later cries of the same babies (and of the baby nobody enrolled),
+   replayed by a fresh daemon run on the same state directory; a confirmed baby can now be named at
+   ``identifier.min_confidence``. The same honest summary follows.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import json
 import logging
 import os
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import soundfile as sf
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
+from cryid.daemon.demo_mqtt import EmbeddedBroker, Printer, describe, free_port, parse_broker
 from cryid.daemon.service import ServiceError
 from cryid.models.audio import SAMPLE_RATE
 from cryid.models.errors import UsageError
@@ -54,163 +57,17 @@ DEMO_PREFIX = "cryid-demo/demo"  # never cryid/<room>: a live ward's daemon and 
 # instead of babies, and a baby nobody enrolled is then confidently "found" as the one enrolled baby
 # with its phone type. The demo's room therefore takes its babies from one channel.
 DEMO_CHANNEL = "ios-ima4-16k"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def parse_broker(spec: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``: port 1883) of ``--broker``."""
-    host, _, port = spec.rpartition(":") if ":" in spec else (spec, "", "1883")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise UsageError(f"--broker {spec!r}: give HOST:PORT, e.g. 127.0.0.1:1883")
-    return host, int(port)
-
-
-class EmbeddedBroker:
-    """amqtt on localhost in a background asyncio loop (anonymous, QoS 1 works with paho 2)."""
-
-    def __init__(self, port: int, ws_port: int | None = None) -> None:
-        from amqtt.broker import Broker
-
-        self.port = port
-        self.ws_port = ws_port  # a websockets listener too, for the dashboard (`cryid demo --dashboard`)
-        self._loop = asyncio.new_event_loop()
-        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}
-        if ws_port is not None:
-            listeners["ws"] = {"type": "ws", "bind": f"127.0.0.1:{ws_port}"}
-        config = {
-            "listeners": listeners,
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
-        self._broker = Broker(config, loop=self._loop)
-        # amqtt warns "Received PUBACK for unknown pending message" when a client acknowledges a message it
-        # sent again while the demo shuts down its connections: broker chatter, not the demo's news.
-        logging.getLogger("amqtt.mqtt.protocol.handler").setLevel(logging.ERROR)
-        self._thread = threading.Thread(target=self._run, name="amqtt", daemon=True)
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._broker.start())
-        except BaseException as exc:  # reported to the caller of start()
-            self._error = exc
-            self._started.set()
-            return
-        self._started.set()
-        self._loop.run_forever()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._started.wait(10)
-        if self._error is not None or not self._started.is_set():
-            raise ServiceError(f"could not start the embedded MQTT broker on port {self.port}: {self._error}")
-
-    def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
-        try:
-            fut.result(5)
-        except (TimeoutError, concurrent.futures.TimeoutError):
-            logger.info("the embedded broker took over 5 s to shut down; stopping its loop")
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-
-
-def _probability(c: dict[str, Any]) -> str:
-    """A candidate's probability, or its cosine score when the model has no calibration."""
-    return f" cos {c['score']:.2f}" if c.get("probability") is None else f" {c['probability']:.2f}"
-
-
-def describe(ev: dict[str, Any]) -> str:
-    """One line for an event: the decision, its confidence, and the likeliest candidates."""
-    conf = "-" if ev.get("confidence") is None else f"{ev['confidence']:.2f}"
-    cands = ", ".join(f"{c['baby_id']}{_probability(c)}" for c in ev.get("candidates") or [])
-    if ev["baby_id"]:
-        return f"{ev['baby_id']:<10} named      confidence {conf}  (candidates {cands or '-'})"
-    return f"{'-':<10} not named  confidence {conf}  probably {cands or 'nobody enrolled'}"
-
-
-class Printer:
-    """Subscribes to the demo's topics and prints each identification as it arrives."""
-
-    def __init__(self, host: str, port: int, prefix: str) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.prefix = prefix
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._retained: set[str] = set()  # topics that arrived retained with a payload
-        self._last_message = time.monotonic()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"cryid-demo-viewer-{os.getpid()}"
-        )
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/#", qos=1)
-        self.client.on_subscribe = lambda *_: self._ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
-        if not self._ready.wait(10):
-            raise ServiceError(f"the demo could not subscribe at {host}:{port}")
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self._last_message = time.monotonic()
-            if msg.retain and msg.payload:
-                self._retained.add(msg.topic)
-        is_event = "/baby/" in msg.topic or msg.topic.endswith("/unknown")
-        if msg.retain or msg.topic.endswith("/state") or not is_event:
-            return
-        ev = json.loads(msg.payload)
-        with self._lock:
-            if any(e["event_id"] == ev["event_id"] for e in self.events):
-                return  # at-least-once delivery: de-duplicate by event_id
-            self.events.append(ev)
-        tag = "EPISODE   " if ev["kind"] == "episode" else "expiration"
-        print(
-            f"  {ev['stream_offset_s']:7.2f} s  {tag}  {describe(ev)}  n={ev['n_expirations']}"
-            f"  -> {msg.topic}",
-            flush=True,
-        )
-
-    def clear_retained(self, quiet_s: float = 0.5, limit_s: float = 5.0) -> list[str]:
-        """Remove every retained topic the demo left under its prefix (status, roster, baby states) from a
-        broker that outlives the demo: subscribe again (the broker resends what it retains), then clear
-        each with an empty retained message. Returns the cleared topics."""
-        with self._lock:
-            self._retained.clear()
-            self._last_message = time.monotonic()
-        self._ready.clear()
-        self.client.subscribe(f"{self.prefix}/#", qos=1)
-        self._ready.wait(5)
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if time.monotonic() - self._last_message >= quiet_s:
-                    break
-            time.sleep(0.05)
-        with self._lock:
-            topics = sorted(self._retained)
-        for topic in topics:
-            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-        return topics
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+NURSE = "demo nurse"  # who confirms the cries between the acts (`--by` of `cryid enroll confirm`)
 
 
 @dataclass(frozen=True)
 class DemoBaby:
-    """A baby of the demo: enrollment recordings and the bout it cries in the stream."""
+    """A baby of the demo: enrollment recordings and the bouts it cries in act 1 and act 2 (other cries)."""
 
     baby_id: str
     enrollment: list[np.ndarray]
     bout: np.ndarray
+    bout2: np.ndarray
 
 
 def demo_data(data: Path | None = None) -> Path:
@@ -230,7 +87,7 @@ def _cries(babies: int, synthetic: bool, seed: int | None, data: Path) -> tuple[
     and where their cries come from."""
     if not synthetic and (data / "metadata.csv").is_file():
         out = [
-            DemoBaby(b.baby_id, b.birth, np.concatenate(b.later))
+            DemoBaby(b.baby_id, b.birth, *nursery.split_later(b.later))
             for b in nursery.real_cries(data, babies + 8, seed, channel=DEMO_CHANNEL)
         ]
         if len(out) > babies:
@@ -241,7 +98,12 @@ def _cries(babies: int, synthetic: bool, seed: int | None, data: Path) -> tuple[
             )
     voices = nursery.voices(babies + 1, seed=1 if seed is None else seed)
     out = [
-        DemoBaby(f"baby{i + 1}", [nursery.bout(v, 6.0, seed=100 + i)], nursery.bout(v, 3.0, seed=200 + i))
+        DemoBaby(
+            f"baby{i + 1}",
+            [nursery.bout(v, 6.0, seed=100 + i)],
+            nursery.bout(v, 3.0, seed=200 + i),
+            nursery.bout(v, 3.0, seed=300 + i),
+        )
         for i, v in enumerate(voices)
     ]
     return out, "generated cry-like audio (one voice per baby)"
@@ -279,10 +141,8 @@ def run_demo(
     dashboard: bool = False,
     data: Path | None = None,
 ) -> int:
-    """Run the demo; returns 0 when the pipeline ran (the summary says how well it identified)."""
-    from cryid.daemon.service import build_service, load_embedder
-    from cryid.enrollment.enroll import EnrollmentError
-    from cryid.enrollment.registry import Registry
+    """Run the demo; returns 0 when the pipeline ran (the summaries say how well it identified)."""
+    from cryid.daemon.service import load_embedder
 
     if not 2 <= babies <= 8:
         raise UsageError(f"--babies {babies}: choose 2 to 8")
@@ -301,30 +161,10 @@ def run_demo(
         candidates, what = _cries(babies, synthetic, seed, data_dir)
         print(f"enrolling {babies} babies in room {DEMO_ROOM!r} from {what} ...")
         demo_settings = settings.model_copy(update={"room": DEMO_ROOM, "state_dir": state})
-        bouts: list[tuple[str | None, np.ndarray]] = []
-        with Registry.open(state, settings.registry) as registry:
-            for baby in candidates:
-                if len(bouts) == babies:
-                    bouts.append((None, baby.bout))  # the next baby cries but is not enrolled
-                    print(f"  {baby.baby_id}: not enrolled (plays the baby nobody enrolled)")
-                    break
-                try:
-                    res = nursery.enroll(
-                        registry, embedder, demo_settings, baby.baby_id, baby.enrollment, DEMO_ROOM
-                    )
-                except EnrollmentError as exc:
-                    print(f"  {baby.baby_id}: skipped ({exc})")
-                    continue
-                print(f"  {baby.baby_id}: {res.n_expirations} expirations, {res.cry_s:.1f} s of cry")
-                bouts.append((baby.baby_id, baby.bout))
-        if len(bouts) != babies + 1:
-            raise ServiceError("not enough usable cries for the demo; try `cryid demo --synthetic`")
-        wav, truth = nursery.nursery_stream(bouts, gap_s=6.0, seed=7)
-        stream = state / "nursery.wav"
-        sf.write(stream, wav, SAMPLE_RATE)
+        enrolled, stranger = _enroll(demo_settings, embedder, candidates, babies)
         if broker is None:
-            port = _free_port()
-            embedded = EmbeddedBroker(port, ws_port=_free_port() if dashboard else None)
+            port = free_port()
+            embedded = EmbeddedBroker(port, ws_port=free_port() if dashboard else None)
             embedded.start()
             print(f"started the demo's own MQTT broker on {host}:{port}")
         else:
@@ -333,9 +173,15 @@ def run_demo(
             update={
                 "mqtt": settings.mqtt.model_copy(
                     update={
-                        "host": host, "port": port, "username": None, "password": None,
-                        "password_file": None, "tls": False, "ca_file": None,
-                        "client_id": f"cryid-demo-{os.getpid()}", "topic_prefix": DEMO_PREFIX,
+                        "host": host,
+                        "port": port,
+                        "username": None,
+                        "password": None,
+                        "password_file": None,
+                        "tls": False,
+                        "ca_file": None,
+                        "client_id": f"cryid-demo-{os.getpid()}",
+                        "topic_prefix": DEMO_PREFIX,
                     }
                     | ({"protocol": "3.1.1"} if embedded is not None else {}),  # amqtt has no MQTT 5
                 ),
@@ -346,20 +192,27 @@ def run_demo(
         printer = Printer(host, port, DEMO_PREFIX)
         if dashboard:
             web = _start_dashboard(run_settings, embedded)
+
+        cast = [*enrolled, stranger]
+        print(f"\nact 1: each baby cries once; no cry is confirmed yet{_act1_rule(settings, calibration)}")
+        act1 = [(b.baby_id if b is not stranger else None, b.bout) for b in cast]
+        events, truth = _act(run_settings, state / "nursery.wav", act1, 7, realtime, printer)
+        summary(events, truth, "act 1")
+
         print(
-            f"replaying {wav.size / SAMPLE_RATE:.0f} s of nursery audio ({stream})"
-            f"{' at real speed' if realtime else ''}:"
+            "\nthe nurse picks each crying baby up and confirms one of its cries "
+            "(`cryid enroll confirm EPISODE_ID BABY_ID`):"
         )
-        service = build_service(run_settings, str(stream), realtime=realtime)
-        try:
-            code = service.run()
-        finally:
-            service.close()
-        if code:
-            raise ServiceError(service.fatal or "the daemon stopped with an error")
+        nurse_confirms(run_settings, embedder, events, truth, [b.baby_id for b in enrolled])
+
+        print(
+            "\nact 2: other later cries of the same babies, heard by a fresh daemon run on the same registry"
+        )
+        act2 = [(b.baby_id if b is not stranger else None, b.bout2) for b in reversed(cast)]
+        events2, truth2 = _act(run_settings, state / "nursery-2.wav", act2, 8, realtime, printer)
+        summary(events2, truth2, "act 2")
         if embedded is None:
             printer.clear_retained()
-        summary(printer.events, truth)
         if web is not None:
             _wait_for_ctrl_c()
         return 0
@@ -375,18 +228,125 @@ def run_demo(
             tmp.cleanup()
 
 
+def _act1_rule(settings: Settings, calibration: Any) -> str:
+    unconfirmed = settings.identifier.min_confidence_unconfirmed
+    if calibration is None:
+        return " (an uncalibrated model names on cosine thresholds, confirmed or not)"
+    if unconfirmed >= 1.0:
+        return ", so the daemon names nobody: it lists the likeliest babies"
+    return f", so a baby is named only at min_confidence_unconfirmed {unconfirmed}"
+
+
+def _enroll(
+    settings: Settings, embedder: Any, candidates: list[DemoBaby], babies: int
+) -> tuple[list[DemoBaby], DemoBaby]:
+    """Enroll the first ``babies`` candidates that enroll well; the next one plays the baby nobody
+    enrolled. Returns (enrolled, stranger)."""
+    from cryid.enrollment.enroll import EnrollmentError
+    from cryid.enrollment.registry import Registry
+
+    enrolled: list[DemoBaby] = []
+    with Registry.open(settings.state_dir, settings.registry) as registry:
+        for baby in candidates:
+            if len(enrolled) == babies:
+                print(f"  {baby.baby_id}: not enrolled (plays the baby nobody enrolled)")
+                return enrolled, baby
+            try:
+                res = nursery.enroll(registry, embedder, settings, baby.baby_id, baby.enrollment, DEMO_ROOM)
+            except EnrollmentError as exc:
+                print(f"  {baby.baby_id}: skipped ({exc})")
+                continue
+            print(f"  {baby.baby_id}: {res.n_expirations} expirations, {res.cry_s:.1f} s of cry")
+            enrolled.append(baby)
+    raise ServiceError("not enough usable cries for the demo; try `cryid demo --synthetic`")
+
+
+def _act(
+    settings: Settings,
+    stream: Path,
+    bouts: list[tuple[str | None, np.ndarray]],
+    seed: int,
+    realtime: bool,
+    printer: Printer,
+) -> tuple[list[dict[str, Any]], list[nursery.Truth]]:
+    """One act: a nursery stream of ``bouts`` written to ``stream`` and replayed by a daemon run of its
+    own (the state directory, registry and outbox are the demo's); returns the events and the truth."""
+    from cryid.daemon.service import build_service
+
+    wav, truth = nursery.nursery_stream(bouts, gap_s=6.0, seed=seed)
+    sf.write(stream, wav, SAMPLE_RATE)
+    print(
+        f"replaying {wav.size / SAMPLE_RATE:.0f} s of nursery audio ({stream})"
+        f"{' at real speed' if realtime else ''}:"
+    )
+    service = build_service(settings, str(stream), realtime=realtime)
+    try:
+        code = service.run()
+    finally:
+        service.close()
+    if code:
+        raise ServiceError(service.fatal or "the daemon stopped with an error")
+    return printer.take(), truth
+
+
+def nurse_confirms(
+    settings: Settings,
+    embedder: Any,
+    events: list[dict[str, Any]],
+    truth: list[nursery.Truth],
+    baby_ids: list[str],
+) -> list[Any]:
+    """The nurse between the acts: for each of ``baby_ids``, the first final episode whose ground truth is
+    that baby is confirmed as it, through :func:`cryid.enrollment.feedback.confirm` (what ``cryid enroll
+    confirm EPISODE_ID BABY_ID`` calls) on the episode the daemon kept in the registry. Returns the
+    confirmations (:class:`cryid.enrollment.episodes.Feedback`)."""
+    from cryid.enrollment import feedback
+    from cryid.enrollment.registry import Registry
+
+    episodes = sorted((e for e in events if e["kind"] == "episode"), key=lambda e: e["stream_offset_s"])
+    done = []
+    with Registry.open(settings.state_dir, settings.registry) as registry:
+        for baby_id in baby_ids:
+            ev = next((e for e in episodes if getattr(_truth_of(e, truth), "baby_id", None) == baby_id), None)
+            if ev is None:
+                print(f"  no cry of {baby_id} was heard in act 1: nothing to confirm, it stays unconfirmed")
+                continue
+            f = feedback.confirm(
+                registry, ev["episode_id"], baby_id, settings.registry, by=NURSE, via="cli", room=DEMO_ROOM
+            )
+            print(
+                f"  nurse confirms the cry at {ev['stream_offset_s']:.1f} s as baby {baby_id} "
+                f"(confirmation {f.confirmation_id}: `cryid enroll confirm {ev['episode_id']} {baby_id}`, "
+                f"{f.n_expirations} expiration{'s' if f.n_expirations != 1 else ''})"
+            )
+            done.append(f)
+        _, confirmed = registry.references(embedder.sha256, DEMO_ROOM, getattr(embedder, "dim", None))
+    rule = (
+        f"can name those babies at min_confidence {settings.identifier.min_confidence}"
+        if embedder.manifest.calibration is not None
+        else "names on cosine thresholds (the model has no calibration)"
+    )
+    print(
+        f"registry: confirmed references for {', '.join(sorted(confirmed)) or 'no baby'}; the daemon scores "
+        f"them beside the birth references and {rule}"
+    )
+    return done
+
+
 def _truth_of(ev: dict[str, Any], truth: list[nursery.Truth]) -> nursery.Truth | None:
     return next((t for t in truth if t.start_s - 0.5 <= ev["stream_offset_s"] <= t.end_s), None)
 
 
-def summary(events: list[dict[str, Any]], truth: list[nursery.Truth]) -> dict[str, int]:
+def summary(
+    events: list[dict[str, Any]], truth: list[nursery.Truth], title: str = "summary"
+) -> dict[str, int]:
     """Print every final episode decision against the ground truth; returns the counts."""
     episodes = sorted((e for e in events if e["kind"] == "episode"), key=lambda e: e["stream_offset_s"])
     counts = dict.fromkeys(
         ("named right", "named wrong", "not named", "not named (nobody enrolled)", "not named (no cry)"), 0
     )
     first = 0  # unnamed cries of enrolled babies whose likeliest candidate was the right baby
-    print("\nsummary (final episode decisions vs ground truth):")
+    print(f"\n{title} (final episode decisions vs ground truth):")
     for ev in episodes:
         t = _truth_of(ev, truth)
         who = "no cry" if t is None else (t.baby_id or "not enrolled")
@@ -416,7 +376,6 @@ def summary(events: list[dict[str, Any]], truth: list[nursery.Truth]) -> dict[st
         f"the likeliest candidate of {first} of the {counts['not named']} unnamed cries of enrolled babies"
     )
     return counts
-
 
 
 def _start_dashboard(settings: Settings, broker: EmbeddedBroker | None) -> Any:

@@ -164,6 +164,25 @@ def real_cries(
     ]
 
 
+def split_later(recordings: list[np.ndarray], frame_ms: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """A baby's later cries in two parts that share no recording where it can: the first recording and
+    the rest; a single recording is cut in two at the quietest frame of its middle third (a pause
+    between expirations), so no expiration is in both parts."""
+    if not recordings:
+        raise ValueError("split_later: no recordings")
+    if len(recordings) > 1:
+        return recordings[0], np.concatenate(recordings[1:])
+    wav = recordings[0]
+    frame = max(1, int(SAMPLE_RATE * frame_ms / 1000))
+    n = wav.size // frame
+    if n < 3:
+        raise ValueError(f"split_later: a recording of {wav.size} samples is too short to cut in two")
+    rms = np.sqrt(np.mean(np.square(wav[: n * frame].reshape(n, frame), dtype=np.float64), axis=1))
+    lo, hi = n // 3, max(n // 3 + 1, 2 * n // 3)
+    cut = (lo + int(np.argmin(rms[lo:hi]))) * frame + frame // 2
+    return wav[:cut], wav[cut:]
+
+
 def enroll(
     registry: Any, embedder: Any, settings: Any, baby_id: str, recordings: list[np.ndarray], room: str
 ) -> Any:

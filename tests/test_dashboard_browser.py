@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -50,6 +51,7 @@ from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
 from tests.fixtures.broker import Broker, free_port
 from tests.fixtures.cli import cryid_env
+from tests.fixtures.demo_output import acts, check_confirmations, check_summary
 from tests.fixtures.registry import tamper
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
@@ -768,7 +770,8 @@ def sign_in(browser: Any, user: str, password: str) -> None:
 
 
 def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
-    """``cryid demo --dashboard``, no broker around: amqtt with a websockets listener, the page beside it."""
+    """``cryid demo --dashboard``, no broker around: amqtt with a websockets listener, the page beside it,
+    opened once both acts are over."""
     env = cryid_env()
     env.update(CRYID_MQTT__HOST="127.0.0.1", CRYID_MQTT__PORT=str(free_port()), CRYID_DASHBOARD__PORT="0")
     proc = subprocess.Popen(
@@ -790,14 +793,26 @@ def test_demo_dashboard_on_the_embedded_broker(browser: Any) -> None:
         browser.get(url)
         wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
         wait_js(browser, "return document.querySelectorAll('.tile').length === 2", "the demo's two babies")
-        # Nobody confirmed a cry in the demo, so the daemon names no baby (min_confidence_unconfirmed): every
-        # episode is listed as unknown with its likeliest babies, and the room shows its last cry.
-        n_items = "return document.querySelectorAll('.uncertain-list li').length >= 3"
-        wait_js(browser, n_items, "3 unknown cries")
+        # The page opens after both acts, so it shows what act 2's daemon left retained: the cries it did
+        # not name (pending; the list of act 1 went with act 1's daemon), each with its likeliest babies,
+        # and a last cry on the tile of each baby it named (the nurse had confirmed one of its act-1 cries)
+        act1, nurse, act2 = acts(out)
+        assert len(check_confirmations(act1, nurse)) == 2
+        rows = check_summary(act2)
+        unnamed = sum(named == "-" for _, _, named, _ in rows)
+        n_items = "return document.querySelectorAll('.uncertain-list li').length"
+        wait_js(browser, f"{n_items} === {unnamed}", f"{unnamed} unknown cries")
         items = browser.execute_script(
             "return [...document.querySelectorAll('.uncertain-list li')].map((e) => e.innerText)"
         )
         assert all("Unknown cry" in t and "probably baby" in t for t in items), items
+        named = Counter(named for _, _, named, _ in rows if named != "-")
+        for baby in ("baby1", "baby2"):
+            where, want = (".t-last", "No cry heard yet")
+            if named[baby]:
+                where, want = ".t-totals", f"24 h: {named[baby]} episode"
+            shown = f"const e = document.querySelector(\".tile[data-baby='{baby}'] {where}\");"
+            wait_js(browser, f"{shown} return !!e && e.innerText.startsWith('{want}');", f"{baby}: {want}")
         assert browser.execute_script(text_of(".f-last")) != "none yet"
         assert "OFFLINE" in browser.execute_script(text_of(".f-daemon"))  # the replay is over
         shot(browser, "demo")

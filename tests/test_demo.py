@@ -1,5 +1,7 @@
 """`cryid demo` end to end: enrollment, nursery stream, the daemon's MQTT path, decisions from the model's
-calibration, candidates for unnamed episodes, the honest summary, and no trace on a live ward's broker.
+calibration, candidates for unnamed episodes, the honest summary, the nurse's confirmations between the two
+acts (through the registry, as `cryid enroll confirm`) and the second act that uses them, and no trace on a
+live ward's broker.
 
 The demo runs as a user runs it: with the shipped model (models/default). Until the shipped model carries
 a calibration, the tests use a copy of it with a stand-in calibration fitted here with ``fit_calibration``
@@ -28,7 +30,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cryid.daemon import nursery
 from cryid.daemon.config import IdentifierSettings
-from cryid.daemon.demo import DEMO_PREFIX, summary
+from cryid.daemon.demo import DEMO_PREFIX, NURSE, summary
+from cryid.enrollment.config import RegistrySettings
+from cryid.enrollment.registry import Registry
 from cryid.models.audio import load_audio
 from cryid.models.calibration import fit_calibration
 from cryid.models.config import DEFAULT_MODEL_DIR, SegmenterSettings
@@ -39,10 +43,16 @@ from cryid.models.scoring import ReferenceSet, l2_normalize
 from tests.fixtures.broker import Broker, Subscriber
 from tests.fixtures.cli import cryid_env
 from tests.fixtures.data import REPO_ROOT
+from tests.fixtures.demo_output import (
+    COUNTS_LINE,
+    EPISODE_LINE,
+    acts,
+    check_confirmations,
+    check_summary,
+)
 
 pytestmark = pytest.mark.slow  # starts mosquitto, a browser or subprocesses: not in `pytest -m "not slow"`
 
-EPISODE_LINE = re.compile(r"^ +[0-9.]+ s  EPISODE +(.*)$", re.M)
 MIN_CONFIDENCE = IdentifierSettings().min_confidence  # the configured default: the demo invents none
 UNCONFIRMED = IdentifierSettings().min_confidence_unconfirmed
 
@@ -94,7 +104,12 @@ def _fit_stand_in(model_dir: Path, dac_dir: Path) -> dict[str, object]:
             score_rows.append(scores)
             true_index.append(refs.ids.index(crying))
     cal = fit_calibration(
-        np.array(best), np.array(margin), np.array(n_cands), np.array(correct), score_rows, true_index,
+        np.array(best),
+        np.array(margin),
+        np.array(n_cands),
+        np.array(correct),
+        score_rows,
+        true_index,
         data="stand-in (tests/test_demo.py): donateacry-cc dev B->D, rooms of 2-8, 25% strangers",
     )
     return json.loads(cal.model_dump_json())
@@ -145,9 +160,15 @@ def test_demo_on_real_cries_uses_the_calibration_and_never_touches_the_ward(
     session = WardDaemonSession(mosquitto, "cryid-nursery")
     try:
         done = _demo(
-            "--broker", f"127.0.0.1:{mosquitto.port}", "--keep", str(tmp_path / "demo"),
-            CRYID_MODEL=str(demo_model), CRYID_ROOM="nursery", CRYID_MQTT__CLIENT_ID="cryid-nursery",
-            CRYID_MQTT__TOPIC_PREFIX="cryid/nursery", CRYID_MQTT__HOST="127.0.0.1",
+            "--broker",
+            f"127.0.0.1:{mosquitto.port}",
+            "--keep",
+            str(tmp_path / "demo"),
+            CRYID_MODEL=str(demo_model),
+            CRYID_ROOM="nursery",
+            CRYID_MQTT__CLIENT_ID="cryid-nursery",
+            CRYID_MQTT__TOPIC_PREFIX="cryid/nursery",
+            CRYID_MQTT__HOST="127.0.0.1",
             CRYID_MQTT__PORT=str(mosquitto.port),
         )
         print(done.stdout)
@@ -163,31 +184,62 @@ def test_demo_on_real_cries_uses_the_calibration_and_never_touches_the_ward(
     rule = f"decisions: a baby is named when its calibrated confidence >= min_confidence {MIN_CONFIDENCE}"
     assert rule in out
     assert "NO calibration" not in out and "min_score" not in out
+    act1, nurse, act2 = acts(out)
     # every final episode is printed with its decision and confidence; unnamed ones with candidates
     episodes = EPISODE_LINE.findall(out)
-    assert len(episodes) >= 3
+    assert len(EPISODE_LINE.findall(act1)) >= 3 and len(EPISODE_LINE.findall(act2)) >= 3
     for line in episodes:
         assert re.search(r"confidence [01]\.\d\d", line), line
         if "not named" in line:
             assert re.search(r"probably (dac\d{4} [01]\.\d\d(, )?){2,3}", line), line
     assert any("not named" in line for line in episodes)  # real cries across sessions: some are not named
-    last = out.strip().splitlines()[-1]
-    counts = re.match(
-        r"(\d+) episodes: (\d+) named right, (\d+) named WRONG, (\d+) enrolled babies not named, "
-        r"(\d+) cries of the baby nobody enrolled not named, (\d+) other sounds not named",
-        last,
-    )
-    assert counts is not None, last
-    total, right, wrong, missed, stranger, other = map(int, counts.groups())
-    assert total == right + wrong + missed + stranger + other == len(episodes)
-    # what was printed is what was published, on the demo's own topics
+    assert COUNTS_LINE.match(out.strip().splitlines()[-1])  # the last line: act 2's counts
+    confirms = check_confirmations(act1, nurse)
+    check_summary(act2)
+    # what was printed is what was published, on the demo's own topics: act 1's episodes, then act 2's
     events = [e for e in demo_topics.events() if e["kind"] == "episode"]
     assert len(events) == len(episodes)
     for e in events:
         assert e["_topic"].startswith(f"{DEMO_PREFIX}/") and e["room"] == "demo" and e["schema_version"] == 2
         assert e["confidence"] is not None and 1 <= len(e["candidates"]) <= 3 and e["n_candidates"] == 3
-        # the demo confirms no cry: its babies are named only at min_confidence_unconfirmed (default never)
-        assert (e["baby_id"] is None) == (UNCONFIRMED >= 1.0 or e["confidence"] < UNCONFIRMED)
+    n1 = len(EPISODE_LINE.findall(act1))
+    first, second = events[:n1], events[n1:]
+    # the nurse's confirmations reached the registry through `cryid enroll confirm`'s call: live confirm rows
+    # of act-1 episodes, and confirmed references of those babies
+    with Registry.open(tmp_path / "demo", RegistrySettings()) as reg:
+        rows = [f for f in reg.feedback() if f.live]
+        _, confirmed = reg.references(events[0]["model_sha256"], "demo")
+    assert sorted((f.confirmation_id, f.episode_id, f.baby_id) for f in rows) == sorted(
+        (int(cid), episode, baby) for _, baby, cid, episode in confirms
+    )
+    assert all(
+        f.kind == "confirm" and f.via == "cli" and f.created_by == NURSE and f.room == "demo" for f in rows
+    )
+    assert {f.episode_id for f in rows} <= {e["episode_id"] for e in first}
+    assert set(confirmed) == {baby for _, baby, _, _ in confirms}
+    # the identifier took them as confirmed: each confidence is the calibration's with the best candidate's
+    # confirmed flag (act 1: nobody confirmed; act 2: the confirmed babies), and a baby is named only at
+    # min_confidence_unconfirmed (default never) in act 1, at min_confidence once confirmed in act 2
+    cal = load_manifest(demo_model).calibration
+    assert cal is not None and "best_confirmed" in cal.features
+    flipped = 0  # act-2 events whose confidence is not the one an unconfirmed best candidate would get
+    for act, known in ((first, set()), (second, set(confirmed))):
+        for e in act:
+            best = e["best_baby_id"] in known
+            others = [c["score"] for c in e["candidates"][1:]]
+            args = (e["score"], e["margin"], e["n_candidates"])
+            kw = {
+                "runner_confirmed": e["runner_up"]["baby_id"] in known,
+                "others_mean": float(np.mean(others)),
+            }
+            # the payload rounds scores and confidences to 5 decimals
+            want = cal.confidence(*args, best_confirmed=best, **kw)
+            assert e["confidence"] == pytest.approx(want, abs=1e-4), e
+            if best and e["confidence"] != pytest.approx(cal.confidence(*args, **kw), abs=1e-4):
+                flipped += 1
+            need = MIN_CONFIDENCE if best else UNCONFIRMED
+            assert (e["baby_id"] is None) == (need >= 1.0 or e["confidence"] < need), e
+    assert flipped >= 1
     # the demo's retained status was cleared: a new subscriber gets nothing retained
     late = subscriber_factory(mosquitto, "#")
     time.sleep(1.0)
@@ -201,7 +253,9 @@ def test_demo_without_a_broker_starts_its_own_and_ignores_the_wards(
     """The configured (ward) broker answers, yet the demo uses its own: nothing arrives on the ward's."""
     ward = subscriber_factory(mosquitto, "#")
     done = _demo(
-        "--synthetic", CRYID_MODEL=str(demo_model), CRYID_MQTT__HOST="127.0.0.1",
+        "--synthetic",
+        CRYID_MODEL=str(demo_model),
+        CRYID_MQTT__HOST="127.0.0.1",
         CRYID_MQTT__PORT=str(mosquitto.port),
     )
     print(done.stdout)
@@ -209,6 +263,14 @@ def test_demo_without_a_broker_starts_its_own_and_ignores_the_wards(
     own = re.search(r"started the demo's own MQTT broker on 127\.0\.0\.1:(\d+)", done.stdout)
     assert own is not None and int(own.group(1)) != mosquitto.port
     assert "EPISODE" in done.stdout and "named WRONG" in done.stdout.strip().splitlines()[-1]
+    # generated cries too: the nurse confirms a cry of each of the 3 babies, act 2 is summed up honestly
+    act1, nurse, act2 = acts(done.stdout)
+    assert len(check_confirmations(act1, nurse)) == 3
+    assert "registry: confirmed references for baby1, baby2, baby3" in nurse
+    check_summary(act2)
+    # act 2's daemon, connecting to the embedded broker after act 1 left retained topics there, got only
+    # its own subscriptions' messages (amqtt 0.12 sent it every client's; see demo_mqtt._broker_class)
+    assert "unexpected topic" not in done.stderr, done.stderr
     time.sleep(0.5)
     assert ward.messages == []
 
@@ -232,18 +294,30 @@ def test_summary_counts_right_wrong_and_not_named(capsys: pytest.CaptureFixture[
             {"baby_id": "x", "score": 0.4, "probability": 0.3},
         ]
         return {
-            "event_id": str(uuid.uuid4()), "kind": "episode", "stream_offset_s": at, "baby_id": baby,
-            "confidence": 0.6 if baby is None else 0.95, "candidates": cands, "n_expirations": 3,
+            "event_id": str(uuid.uuid4()),
+            "kind": "episode",
+            "stream_offset_s": at,
+            "baby_id": baby,
+            "confidence": 0.6 if baby is None else 0.95,
+            "candidates": cands,
+            "n_expirations": 3,
         }
 
     events = [
-        ep(0.2, "a", "a"), ep(3.0, None, "a"), ep(10.1, "a", "a"), ep(20.5, "b", "b"), ep(22.0, None, "b"),
+        ep(0.2, "a", "a"),
+        ep(3.0, None, "a"),
+        ep(10.1, "a", "a"),
+        ep(20.5, "b", "b"),
+        ep(22.0, None, "b"),
         ep(40.0, None, "a"),  # no one cried there (a false cry): not named, not counted against a baby
     ]
     counts = summary(events, truth)
     out = capsys.readouterr().out
     assert counts == {
-        "named right": 1, "named wrong": 2, "not named": 1, "not named (nobody enrolled)": 1,
+        "named right": 1,
+        "named wrong": 2,
+        "not named": 1,
+        "not named (nobody enrolled)": 1,
         "not named (no cry)": 1,
     }
     assert out.count("NAMED WRONG") == 2 and "probably a 0.60, x 0.30" in out
@@ -253,6 +327,24 @@ def test_summary_counts_right_wrong_and_not_named(capsys: pytest.CaptureFixture[
         "enrolled not named, 1 other sounds not named"
     )
     assert last.endswith("the likeliest candidate of 1 of the 1 unnamed cries of enrolled babies")
+
+
+def test_later_cries_split_in_two_parts_that_share_no_cry(dac_dir: Path) -> None:
+    """Act 1 and act 2 hear different cries: the first later recording and the rest, or the two sides of
+    a single recording cut in a pause of its middle third."""
+    one = load_audio(dac_dir / "audio/dev/dac0018/D/dac0018_D_000.flac")
+    a, b = nursery.split_later([one])
+    assert a.size and b.size and np.array_equal(np.concatenate([a, b]), one)
+    assert one.size / 3 <= a.size <= 2 * one.size / 3
+    frame = 320  # the cut lies in the quietest 20 ms frame of the middle third
+    quiet = np.sqrt(np.mean(np.square(one[a.size - frame // 2 : a.size + frame // 2], dtype=np.float64)))
+    loud = np.sqrt(np.mean(np.square(one[one.size // 3 : 2 * one.size // 3], dtype=np.float64)))
+    assert quiet < loud / 3
+    two = [one[:16000], one[16000:]]
+    a, b = nursery.split_later(two)
+    assert a is two[0] and np.array_equal(b, two[1])
+    with pytest.raises(ValueError, match="too short"):
+        nursery.split_later([one[:100]])
 
 
 def test_demo_broker_option_is_checked() -> None:
