@@ -154,6 +154,35 @@ def build_ensemble(data: Path, cache: Path, k: int, frames: int = 100) -> dict[s
     return res
 
 
+def build_candidate(data: Path, cache: Path, model: Path) -> dict[str, np.ndarray]:
+    """``candidate_onnx``: an exported model's own embeddings (the artifact the daemon would load, as
+    `shipped_onnx` is the shipped one's) of the train files, the dev baby-periods and the ward channel."""
+    from cryid.models.embedder import Embedder
+
+    emb = Embedder(model)
+    path = cache / f"candidate_{emb.sha256[:12]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {x: z[x] for x in z.files}
+    rows = read_rows(data)
+    wavs = load_wavs(data, rows)
+    periods = [np.concatenate([wavs[r["file_id"]] for r in v]) for v in dev_periods(rows).values()]
+    ward = ward_channel(7)
+    t0 = time.time()
+    res = {
+        "train/candidate_onnx": np.stack(
+            [emb.embed(wavs[r["file_id"]]) for r in rows if r["split"] == "train"]
+        ),
+        "period/candidate_onnx": np.stack([emb.embed(w) for w in periods]),
+        "ward/candidate_onnx": np.stack(
+            [emb.embed(apply_channel(w, ward, noise_seed=99_000 + j)) for j, w in enumerate(periods)]
+        ),
+    }
+    np.savez(path, **res)
+    logger.info("candidate %s (%s) embedded in %.0f s", model, emb.sha256[:12], time.time() - t0)
+    return res
+
+
 def stat_context(
     fb: object,
     gmean: np.ndarray,
@@ -514,6 +543,10 @@ def main() -> int:
         "--ubm-ensemble", type=int, nargs="*", default=[],
         help="K...: add gmm_ensK (K UBMs' supervectors, seeds 0..K-1) and its variants",
     )  # fmt: skip
+    ap.add_argument(
+        "--candidate", type=Path, default=None,
+        help="an exported model folder: its ONNX embeddings as the variant candidate_onnx",
+    )  # fmt: skip
     ap.add_argument("--table-from", type=Path, default=None, help="print a --json result as markdown; no run")
     args = ap.parse_args()
     if args.table_from:
@@ -531,6 +564,9 @@ def main() -> int:
             Variant(f"gmm_ens{k}", f"fuse80x{k}", "train", "cos"),
             Variant(f"shipped_stats&gmm_ens{k}", f"fuse80,80x{k}", "train", "cos"),
         ]
+    if args.candidate:
+        st.update(build_candidate(args.data, args.cache, args.candidate))
+        extra.append(Variant("candidate_onnx", "-", "-", "cos"))
     boots = np.random.default_rng(5).multinomial(30, np.ones(30) / 30, size=args.boot).astype(float)
     every = variants() + extra
     vs = [v for v in every if not args.only or any(o in v.name for o in args.only)]
@@ -548,7 +584,7 @@ def main() -> int:
     )
     print(hdr, flush=True)
     for v in vs:
-        tcv = train_cv(v, st) if v.feats != "shipped_onnx" else float("nan")
+        tcv = train_cv(v, st) if not v.feats.endswith("_onnx") else float("nan")
         res = dev_cv(v, st, args.repeats, args.rooms)
         sm = summarise(res, boots)
         summ[v.name] = sm
