@@ -499,6 +499,17 @@ def _ci(a: np.ndarray) -> str:
     return f"{100 * a[0]:4.1f} [{100 * lo:4.1f},{100 * hi:4.1f}]"
 
 
+def _folds(r: dict) -> str:
+    """ "a/n (b worse) / c/n (d worse)": held-out folds where the variant beats the reference."""
+    f = r.get("folds_vs_ref")
+    if not f:
+        return "-"
+    return (
+        f"{f['cm_lower']}/{f['folds']} ({f['cm_higher']} worse) / "
+        f"{f['room8_higher']}/{f['folds']} ({f['room8_lower']} worse)"
+    )
+
+
 def markdown(rows: list[dict]) -> str:
     """The results as the model card's table (figures in %, 95% CIs in brackets)."""
 
@@ -508,8 +519,9 @@ def markdown(rows: list[dict]) -> str:
     out = [
         "| statistics, back-end, fit data, scoring | train CV EER | dev-CV EER | dev-CV channel-matched EER "
         "| ward-channel EER | room-of-8 top-1 | channel-matched vs reference | room-of-8 vs reference "
+        "| folds better than the reference: ch.-matched / room-of-8 "
         "| dev one look: EER / ch.-matched / top-1 of 30 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lk = r["one_look"]
@@ -517,7 +529,8 @@ def markdown(rows: list[dict]) -> str:
         tcv = "-" if r["train_cv_eer"] != r["train_cv_eer"] else f"{100 * r['train_cv_eer']:.1f}"
         out.append(
             f"| {r['variant']} | {tcv} | {ci(r['eer'])} | {ci(r['eer_cm'])} | {ci(r['eer_ward'])} "
-            f"| {ci(r['room8'])} | {ci(r['d_cm_vs_ref'])} | {ci(r['d_room8_vs_ref'])} | {look} |"
+            f"| {ci(r['room8'])} | {ci(r['d_cm_vs_ref'])} | {ci(r['d_room8_vs_ref'])} "
+            f"| {_folds(r)} | {look} |"
         )
     return "\n".join(out)
 
