@@ -337,6 +337,11 @@ def _truth_of(ev: dict[str, Any], truth: list[nursery.Truth]) -> nursery.Truth |
     return next((t for t in truth if t.start_s - 0.5 <= ev["stream_offset_s"] <= t.end_s), None)
 
 
+def _n(count: int, one: str, many: str) -> str:
+    """``1 cry``, ``2 cries``."""
+    return f"{count} {one if count == 1 else many}"
+
+
 def summary(
     events: list[dict[str, Any]], truth: list[nursery.Truth], title: str = "summary"
 ) -> dict[str, int]:
@@ -367,13 +372,16 @@ def summary(
     for t in missed:
         print(f"  {t.start_s:6.1f} s  {t.baby_id or 'not enrolled':<12} -> no episode (no cry detected)")
     n_exp = sum(e["kind"] == "expiration" for e in events)
+    missed_enrolled = counts["not named"]
     print(
-        f"{len(episodes)} episodes: {counts['named right']} named right, "
+        f"{_n(len(episodes), 'episode', 'episodes')}: {counts['named right']} named right, "
         f"{counts['named wrong']} named WRONG, "
-        f"{counts['not named']} enrolled babies not named, {counts['not named (nobody enrolled)']} cries of "
-        f"the baby nobody enrolled not named, {counts['not named (no cry)']} other sounds not named "
-        f"({n_exp} provisional expiration events); the right baby was "
-        f"the likeliest candidate of {first} of the {counts['not named']} unnamed cries of enrolled babies"
+        f"{_n(missed_enrolled, 'cry', 'cries')} of enrolled babies not named, "
+        f"{_n(counts['not named (nobody enrolled)'], 'cry', 'cries')} of the baby nobody enrolled not named, "
+        f"{_n(counts['not named (no cry)'], 'other sound', 'other sounds')} not named "
+        f"({_n(n_exp, 'provisional expiration event', 'provisional expiration events')}); "
+        f"the right baby was the likeliest candidate of {first} of the "
+        f"{_n(missed_enrolled, 'unnamed cry', 'unnamed cries')} of enrolled babies"
     )
     return counts
 

@@ -7,7 +7,8 @@ best, runner-up, margin, and, with a calibrated model, the probability that the 
 crying given how many babies the room has (:class:`~cryid.models.calibration.Calibration`). A baby is
 named (``identified``) when that probability is at least ``min_confidence`` (``min_confidence_unconfirmed``,
 by default never, while no cry of the best baby has been confirmed by a nurse) and any expert
-``min_score``/``min_margin`` override is met too. A model without a calibration decides on cosine
+``min_score``/``min_margin`` override is met too: ``cryid.models.decision.names_best``, the one function
+``cryid eval`` applies as well. A model without a calibration decides on cosine
 thresholds (``min_score``/``min_margin``, else ``fallback_min_score``/``fallback_min_margin``) and reports
 no confidence. Unnamed decisions still carry the three likeliest candidates.
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.events import CandidateOut, CryEvent, RunnerUp
+from cryid.models.decision import names_best
 from cryid.models.scoring import ReferenceSet, l2_normalize
 
 if TYPE_CHECKING:
@@ -90,9 +92,7 @@ class Identification:
     level_dbfs: float
     embeddings: np.ndarray | None = field(default=None, compare=False, repr=False)
 
-    def to_event(
-        self, stream_start: datetime, sample_rate: int, model_sha256: str, room: str
-    ) -> CryEvent:
+    def to_event(self, stream_start: datetime, sample_rate: int, model_sha256: str, room: str) -> CryEvent:
         """The MQTT payload: sample indices become UTC times from ``stream_start`` and stream offsets."""
         start_s = self.start_sample / sample_rate
         end_s = self.end_sample / sample_rate
@@ -212,12 +212,7 @@ class Identifier:
             candidates = tuple(MatchCandidate(c.baby_id, c.score, c.probability) for c in ranked)
             confidence = ranked[0].probability
             confirmed = bool(refs.has_confirmed[int(order[0])])
-            need = s.min_confidence if confirmed else s.min_confidence_unconfirmed
-            ok = need < 1.0 and confidence >= need  # 1.0: never (no calibrated probability is certain)
-            if s.min_score is not None:
-                ok = ok and best >= s.min_score
-            if s.min_margin is not None:
-                ok = ok and margin >= s.min_margin
+            ok = bool(names_best(s, confidence, confirmed, best, margin))  # the rule cryid eval applies too
         else:
             candidates = tuple(
                 MatchCandidate(refs.ids[int(k)], float(scores[k]), None) for k in order[:TOP_CANDIDATES]

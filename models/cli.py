@@ -349,7 +349,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "--min-confidence",
         type=float,
         default=None,
-        help="operating point (default: the model calibration's recommendation)",
+        help="replace identifier.min_confidence for this run (default: the configuration's, as the daemon)",
     )
     p.add_argument("--bootstrap", type=int, default=None, help="infant resamples for the 95%% intervals")
     p.add_argument(
@@ -421,6 +421,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             model_label=str(args.speechbrain or model_dir),
             segmenter=settings.segmenter,  # type: ignore[attr-defined]
             cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+            rule=settings.identifier,  # type: ignore[attr-defined]  # the daemon's decision thresholds
         )
         for line in outputs.summary_lines(report):
             print(line)

@@ -8,12 +8,14 @@ import json
 import os
 import shutil
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cryid.daemon.cli import main
+from cryid.daemon.config import IdentifierSettings
 from cryid.models.calibration import (
     FEATURES,
     LEGACY_FEATURES,
@@ -22,6 +24,7 @@ from cryid.models.calibration import (
     fit_logistic,
     reliability,
 )
+from cryid.models.decision import NamingRule
 from cryid.models.evaluation.ward import (
     WardData,
     coverage,
@@ -78,7 +81,7 @@ def test_rooms_coverage_and_wrong_rate_have_the_known_answer() -> None:
     assert rooms == draw_rooms(ward, 8, 2, 60, seed=4)
     q = score_rooms(ward, rooms)
     sharp = Calibration(coef=(30.0, 0.0, 0.0), intercept=-15.0)  # named iff best score ~1
-    named = named_mask(q, sharp, 0.5)
+    named = named_mask(q, sharp, NamingRule(0.5, 0.5))  # no baby confirmed: one threshold for all
     # expected by hand: every enrolled baby's file is named (its own vector, or its look-alike's when
     # that one is enrolled: wrong); a stranger's file is named (wrong) only when its look-alike is enrolled
     exp_named_enrolled = exp_enrolled = exp_named = exp_wrong = 0
@@ -97,6 +100,30 @@ def test_rooms_coverage_and_wrong_rate_have_the_known_answer() -> None:
     assert 0 < wrong_rate(q, named) < 0.5
 
 
+def test_the_evaluations_decisions_are_the_daemons_rule() -> None:
+    """The eval names a query as the daemon's identifier would (``decision.names_best``): with the default
+    thresholds (0.94; 1.0 until a cry is confirmed) birth references alone name nobody, however sure the
+    map is; confirmed babies are named at min_confidence; the expert overrides apply too, with the margin
+    of a one-candidate room taken as the best score, as the identifier does."""
+    ward = _basis_ward(12, {10: 0, 11: 1})
+    rooms = draw_rooms(ward, 8, 2, 30, seed=4)
+    flag = Calibration(features=(*LEGACY_FEATURES, "best_confirmed"), coef=(0, 0, 0, 5.0), intercept=3.0)
+    daemon = IdentifierSettings()  # the daemon's defaults, read as the eval reads settings.identifier
+    k0, k1 = score_rooms(ward, rooms, 0), score_rooms(ward, rooms, 1, 1.0)
+    assert not named_mask(k0, flag, daemon).any()  # confidence 0.9526 >= 0.94, but nobody is confirmed
+    assert named_mask(k0, flag, NamingRule(0.94, 0.95)).all()  # lowered: every query named
+    assert not named_mask(k0, flag, NamingRule(0.94, 0.96)).any()
+    assert k1.best_confirmed.all() and named_mask(k1, flag, daemon).all()  # 0.99966 >= 0.94
+    assert not named_mask(k1, flag, NamingRule(0.9998, 1.0)).any()
+    sure = NamingRule(0.94, 0.94)
+    assert named_mask(k1, flag, NamingRule(0.94, 1.0, min_score=0.99)).sum() == np.sum(k1.best >= 0.99)
+    assert not named_mask(k1, flag, NamingRule(0.94, 1.0, min_margin=1.01)).any()  # basis: margin <= 1
+    one = score_rooms(ward, draw_rooms(ward, 2, 1, 10, seed=1))  # one enrolled baby: margin = best (1)
+    assert (one.n_candidates == 1).all() and (one.margin == 0).all()
+    assert np.array_equal(named_mask(one, flag, replace(sure, min_margin=0.9)), one.best >= 0.9)
+    assert named_mask(one, flag, replace(sure, min_margin=0.9)).any()
+
+
 def _random_ward(n: int, seed: int, permute: bool = False, same_birth: bool = False) -> WardData:
     """Babies with their own direction (B and D files near it); ``permute`` gives each baby's D files to
     another baby (a label-permuted control); ``same_birth`` makes every birth recording alike."""
@@ -104,13 +131,17 @@ def _random_ward(n: int, seed: int, permute: bool = False, same_birth: bool = Fa
     dirs = rng.normal(size=(n, 32))
     babies = [f"b{i:02d}" for i in range(n)]
     common = rng.normal(size=32)
-    b_files = {b: [(common if same_birth else dirs[i]) + 0.5 * rng.normal(size=(2, 32))]
-               for i, b in enumerate(babies)}
+    b_files = {
+        b: [(common if same_birth else dirs[i]) + 0.5 * rng.normal(size=(2, 32))]
+        for i, b in enumerate(babies)
+    }
     d_files = {b: [dirs[i] + 0.8 * rng.normal(size=(2, 32)) for _ in range(3)] for i, b in enumerate(babies)}
     if permute:
         d_files = {b: d_files[babies[(i + 1) % n]] for i, b in enumerate(babies)}
-    return WardData.build({b: [x.astype(np.float32) for x in v] for b, v in b_files.items()},
-                          {b: [x.astype(np.float32) for x in v] for b, v in d_files.items()})
+    return WardData.build(
+        {b: [x.astype(np.float32) for x in v] for b, v in b_files.items()},
+        {b: [x.astype(np.float32) for x in v] for b, v in d_files.items()},
+    )
 
 
 def test_label_permuted_control_is_chance_and_calibrates_to_the_base_rate() -> None:
@@ -125,7 +156,7 @@ def test_label_permuted_control_is_chance_and_calibrates_to_the_base_rate() -> N
     base = float(test_q.correct.mean())
     assert abs(base - 0.75 / 6) < 0.04
     assert abs(float(p.mean()) - base) < 0.03 and float(p.std()) < 0.05
-    assert not named_mask(test_q, cal, 0.5).any()  # nothing is ever named
+    assert not named_mask(test_q, cal, NamingRule(0.5, 0.5)).any()  # nothing is ever named
 
 
 def test_confirming_one_file_per_baby_uses_the_confirmed_reference() -> None:
@@ -298,14 +329,17 @@ def test_model_calibrate_round_trips_through_the_manifest(
     assert not list(model.glob(".manifest.json.*"))  # no temporary file left
     code, out, _ = _run(capsys, "model", "info", str(model))
     assert code == 0 and "recommended min_confidence" in out
-    # eval decides with it: coverage and wrong rate at the recommended operating point, with CIs
+    # eval decides with it, under the daemon's thresholds: coverage and wrong rate, with CIs
     out_json = tmp_path / "e.json"
     code, out, err = _run(capsys, "eval", "--data", str(calib_set), "--split", "dev", "--model", str(model),
                           "--protocol", "ward", "--room-size", "4", "--rooms", "30", "--bootstrap", "50",
                           "--json", str(out_json), "--plot", str(tmp_path / "p.png"))  # fmt: skip
     assert code == 0, err
     ident = json.loads(out_json.read_text())["identification"]
-    assert ident["calibrated"] and ident["min_confidence"] == cal.recommended_min_confidence
+    assert ident["calibrated"] and ident["recommended_min_confidence"] == cal.recommended_min_confidence
+    assert (
+        ident["min_confidence"] == IdentifierSettings().min_confidence
+    )  # the daemon's, not the recommendation
     assert ident["coverage"] is not None and ident["coverage_ci"] is not None
     assert ident["top1_ci"][0] <= ident["top1"] <= ident["top1_ci"][1]
     assert len(ident["operating_curve"]) > 50 and "coverage" in out
@@ -320,8 +354,13 @@ def test_model_calibrate_bad_input_is_one_line_and_leaves_the_manifest(
     model = tmp_path / "model"
     shutil.copytree(small_onnx_model_dir, model)
     data, extra = calib_set, list(CAL_ARGS)
-    expected = {"no_dir": "no such model directory", "bad_onnx": "sha256", "no_data": "metadata.csv",
-                "room_too_big": "at least 40", "bad_option": "--folds"}[problem]
+    expected = {
+        "no_dir": "no such model directory",
+        "bad_onnx": "sha256",
+        "no_data": "metadata.csv",
+        "room_too_big": "at least 40",
+        "bad_option": "--folds",
+    }[problem]
     if problem == "no_dir":
         model = tmp_path / "nowhere"
     elif problem == "bad_onnx":

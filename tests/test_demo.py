@@ -323,10 +323,10 @@ def test_summary_counts_right_wrong_and_not_named(capsys: pytest.CaptureFixture[
     assert out.count("NAMED WRONG") == 2 and "probably a 0.60, x 0.30" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith(
-        "6 episodes: 1 named right, 2 named WRONG, 1 enrolled babies not named, 1 cries of the baby nobody "
-        "enrolled not named, 1 other sounds not named"
+        "6 episodes: 1 named right, 2 named WRONG, 1 cry of enrolled babies not named, 1 cry of the baby "
+        "nobody enrolled not named, 1 other sound not named"
     )
-    assert last.endswith("the likeliest candidate of 1 of the 1 unnamed cries of enrolled babies")
+    assert last.endswith("the likeliest candidate of 1 of the 1 unnamed cry of enrolled babies")
 
 
 def test_later_cries_split_in_two_parts_that_share_no_cry(dac_dir: Path) -> None:

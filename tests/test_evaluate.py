@@ -262,12 +262,14 @@ def test_onnx_path_imports_neither_torch_nor_the_upper_layers(
         "from pathlib import Path\n"
         "from cryid.models.config import EmbedderSettings, SegmenterSettings\n"
         "from cryid.models.evaluation.embedders import load_eval_embedder\n"
+        "from cryid.models.decision import NamingRule\n"
         "from cryid.models.evaluation.evaluate import EvalOptions, run_evaluation\n"
         f"embedder = load_eval_embedder(Path({str(shipped_model_dir)!r}), None, EmbedderSettings())\n"
         f"data = Path({str(synthetic_cryceleb_dir)!r})\n"
         f"r = run_evaluation(data, EvalOptions(split='dev'), embedder, 'onnx', 'm', SegmenterSettings(),\n"
-        f"                   Path({str(cache_dir)!r}))\n"
+        f"                   Path({str(cache_dir)!r}), rule=NamingRule(0.94, 1.0))\n"
         "assert r.pairs.eer is not None and r.ward.top1 is not None\n"
+        "assert r.ward.named == 0 and r.ward.min_confidence_unconfirmed == 1.0  # nobody confirmed\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'speechbrain', 'torchaudio')\n"
         "             or m.startswith(('cryid.enrollment', 'cryid.daemon')))\n"
         "print('IMPORTED', bad)\n"
@@ -322,6 +324,90 @@ def test_ward_rooms_confirmations_and_intervals(
     assert code == 2 and "only 8 infants" in err and err.count("\n") == 1
     code, _, err = _eval(capsys, *args, "--room-size", "4", "--room-strangers", "4")
     assert code == 2 and "cannot hold 4 strangers" in err and err.count("\n") == 1
+
+
+@pytest.fixture()
+def flag_calibrated_model(shipped_model_dir: Path, tmp_path: Path) -> Path:
+    """The shipped ONNX with a hand-made map whose confidence is the confirmed flag alone, whatever the
+    scores: sigmoid(3) = 0.9526 for a best candidate without a confirmed cry, sigmoid(8) = 0.99966 with
+    one."""
+    from cryid.models.calibration import LEGACY_FEATURES, Calibration
+    from cryid.models.manifest import load_manifest, write_manifest
+
+    model = tmp_path / "flag-model"
+    model.mkdir()
+    (model / "model.onnx").symlink_to(shipped_model_dir / "model.onnx")  # same sha256: cached embeddings
+    cal = Calibration(features=(*LEGACY_FEATURES, "best_confirmed"), coef=(0, 0, 0, 5.0), intercept=3.0)
+    write_manifest(load_manifest(shipped_model_dir).model_copy(update={"calibration": cal}), model)
+    return model
+
+
+def test_ward_decisions_follow_the_daemons_rule_and_settings(
+    synthetic_cryceleb_dir: Path, flag_calibrated_model: Path, state: Path, cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Known answers (confidence 0.9526 without a confirmed cry, 0.99966 with one; rooms of 4: 3 enrolled,
+    1 stranger): with the default settings --confirm 0 names nobody, as the daemon (birth recordings alone:
+    identifier.min_confidence_unconfirmed 1.0), while the labelled what-if names every query; a config file
+    that lowers min_confidence_unconfirmed to 0.95 names every query, 0.96 none; --confirm 1 names every
+    query at identifier.min_confidence (0.94), and a config min_confidence above 0.99966 names none."""
+    out_json = state / "rule.json"
+    args = ["eval", "--data", str(synthetic_cryceleb_dir), "--split", "dev",
+            "--model", str(flag_calibrated_model), "--cache-dir", str(cache_dir), "--protocol", "ward",
+            "--room-size", "4", "--rooms", "10", "--bootstrap", "20", "--json", str(out_json)]  # fmt: skip
+
+    def run(*extra: str, config: str | None = None) -> tuple[dict, str]:
+        pre: list[str] = []
+        if config is not None:
+            (state / "cryid.toml").write_text(config)
+            pre = ["--config", str(state / "cryid.toml")]
+        code = main([*pre, *args, *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out_json.read_text())["identification"], out
+
+    def every_query_named(ident: dict, figures: dict | None = None) -> None:
+        got = ident if figures is None else figures
+        total = ident["queries"] + ident["unenrolled_queries"]  # strangers' cries named too: all wrong
+        assert got["named"] == total and got["coverage"] == 1.0
+        wrong = ident["queries"] * (1 - ident["top1"]) + ident["unenrolled_queries"]
+        assert got["wrong_rate"] == pytest.approx(wrong / total)
+
+    ident, out = run("--confirm", "0")
+    assert ident["named"] == 0 and ident["coverage"] == 0.0 and ident["wrong_rate"] is None
+    assert ident["calibrated"] and ident["queries"] == 60 and ident["unenrolled_queries"] == 20
+    assert (ident["min_confidence"], ident["min_confidence_unconfirmed"]) == (0.94, 1.0)
+    assert ident["min_confidence_from"] == "identifier.min_confidence"
+    assert all(c["named"] == 0 for c in ident["operating_curve"])  # no min_confidence names a birth-only baby
+    lines = out.splitlines()
+    assert (
+        "  no baby has a confirmed cry: the daemon names none (identifier.min_confidence_unconfirmed 1.0)"
+        in lines
+    )
+    what_if = ident["what_if_unconfirmed_at_min_confidence"]
+    assert "NOT the daemon's decision" in what_if["note"]
+    every_query_named(ident, what_if)
+    assert any(line.startswith("  what-if, NOT the daemon's decision") for line in lines)
+
+    ident, out = run("--confirm", "0", config="[identifier]\nmin_confidence_unconfirmed = 0.95\n")
+    assert ident["min_confidence_unconfirmed"] == 0.95
+    every_query_named(ident)
+    assert "names none" not in out and "what-if" not in out  # the what-if is the daemon's rule here
+    ident, _ = run("--confirm", "0", config="[identifier]\nmin_confidence_unconfirmed = 0.96\n")
+    assert ident["named"] == 0 and ident["what_if_unconfirmed_at_min_confidence"]["named"] == 80
+
+    ident, out = run("--confirm", "1")
+    assert ident["queries"] == 30 and ident["unenrolled_queries"] == 20
+    every_query_named(ident)  # every enrolled baby has a confirmed cry: min_confidence 0.94 applies
+    assert "names none" not in out and "as the daemon decides (identifier.min_confidence 0.94" in out
+    ident, _ = run("--confirm", "1", config="[identifier]\nmin_confidence = 0.9998\n")
+    assert ident["min_confidence"] == 0.9998 and ident["named"] == 0
+    ident, out = run(
+        "--confirm", "1", "--min-confidence", "0.99", config="[identifier]\nmin_confidence = 0.9998\n"
+    )
+    assert ident["min_confidence_from"] == "--min-confidence" and ident["min_confidence"] == 0.99
+    every_query_named(ident)
+    assert "as the daemon decides (--min-confidence 0.99" in out
 
 
 def _f0_only_set(root: Path, n_babies: int = 6) -> Path:

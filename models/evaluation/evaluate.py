@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cryid.models.config import SegmenterSettings
+from cryid.models.decision import NamingThresholds
 from cryid.models.evaluation.channel import WardChannel
 from cryid.models.evaluation.cryceleb import CryCelebError, CryCelebSet, Pair, Recording, load_cryceleb
 from cryid.models.evaluation.embedders import EmbeddingCache, EvalEmbedder, Throughput, file_fingerprint
@@ -325,12 +326,12 @@ def run_evaluation(
     model_label: str,
     segmenter: SegmenterSettings,
     cache_dir: Path | None,
+    rule: NamingThresholds | None = None,
 ) -> EvalReport:
-    (
-        """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries).
-    The ward protocol decides with the embedder's calibration (``embedder.manifest.calibration``), if any."""
-        ""
-    )
+    """Read the data set, run the chosen protocols, return the report (writes nothing but cache entries).
+    The ward protocol decides as the daemon does: with the embedder's calibration
+    (``embedder.manifest.calibration``), if any, under ``rule``, the daemon's thresholds
+    (``settings.identifier``); without a rule it reports no decisions."""
     data = load_cryceleb(data_dir)
     if not data.split_recordings(options.split):
         raise CryCelebError(
@@ -350,7 +351,16 @@ def run_evaluation(
         )
     if options.protocol in ("ward", "both"):
         ward_report = ward_protocol(
-            data, options.split, embedder, segmenter, cache, meters["ward"], options, calibration, channel
+            data,
+            options.split,
+            embedder,
+            segmenter,
+            cache,
+            meters["ward"],
+            options,
+            calibration,
+            channel,
+            rule,
         )
     return EvalReport(
         data=str(data.root),

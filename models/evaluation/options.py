@@ -55,10 +55,11 @@ class EvalOptions(StrictModel):
     )
     min_confidence: float | None = Field(
         None,
-        ge=0.0,
+        gt=0.0,
         le=1.0,
-        description="Operating point: a query is named when its calibrated confidence reaches this "
-        "(None: the value the model's calibration recommends).",
+        description="Replaces identifier.min_confidence for this run (a query whose best baby has a "
+        "confirmed cry is named when its calibrated confidence reaches it); None: identifier.min_confidence "
+        "of the configuration, as the daemon.",
     )
     bootstrap: int = Field(
         1000, ge=0, le=100_000, description="Resamples of the infants for the 95% intervals (0: none)."

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cryid.models.errors import CryidError
-from cryid.models.evaluation.evaluate import EvalReport, PairReport
+from cryid.models.evaluation.evaluate import EvalReport, PairReport, WardReport
 from cryid.models.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -187,12 +187,7 @@ def summary_lines(report: EvalReport) -> list[str]:
                 "  no calibration in the model: no decisions (cryid model calibrate MODEL --data DIR)"
             )
         else:
-            lines.append(
-                f"  at min_confidence {wr.min_confidence:g}: coverage "
-                f"{_pct(wr.coverage)}{_ci(wr.coverage_ci)} of enrolled babies' queries named, "
-                f"wrong baby {_pct(wr.wrong_rate)}{_ci(wr.wrong_rate_ci)} "
-                f"of {wr.named} named"
-            )
+            lines.extend(decision_lines(wr))
     for name, tp in report.throughput.items():
         rate = tp["audio_s_per_wall_s"]
         lines.append(
@@ -203,6 +198,42 @@ def summary_lines(report: EvalReport) -> list[str]:
         lines.append(
             f"cache: {report.cache['hits']} embeddings reused, {report.cache['misses']} computed "
             f"({report.cache['dir']})"
+        )
+    return lines
+
+
+def decision_lines(wr: WardReport) -> list[str]:
+    """The ward's decisions under the daemon's rule (and the labelled what-if) of a calibrated model."""
+    if wr.min_confidence is None or wr.min_confidence_unconfirmed is None:
+        return ["  no decision rule given: no coverage or wrong-baby rate"]
+    rule = f"{wr.min_confidence_from} {wr.min_confidence}, identifier.min_confidence_unconfirmed "
+    rule += f"{wr.min_confidence_unconfirmed}"
+    rule += "".join(
+        f", identifier.{k} {v}"
+        for k, v in (("min_score", wr.min_score), ("min_margin", wr.min_margin))
+        if v is not None
+    )
+    lines = [
+        f"  as the daemon decides ({rule}): coverage {_pct(wr.coverage)}{_ci(wr.coverage_ci)} of enrolled "
+        f"babies' queries named, wrong baby {_pct(wr.wrong_rate)}{_ci(wr.wrong_rate_ci)} of {wr.named} named"
+    ]
+    if wr.confirm == 0 and wr.min_confidence_unconfirmed >= 1.0:
+        lines.append(
+            "  no baby has a confirmed cry: the daemon names none "
+            f"(identifier.min_confidence_unconfirmed {wr.min_confidence_unconfirmed})"
+        )
+    rec = wr.recommended_min_confidence
+    if rec is not None and rec != wr.min_confidence:
+        lines.append(
+            f"  (the model's calibration recommends min_confidence {rec:g}; the daemon does not read it)"
+        )
+    what_if = wr.what_if_unconfirmed_at_min_confidence
+    if what_if is not None and what_if["named"] != wr.named:
+        lines.append(
+            f"  what-if, NOT the daemon's decision (babies without a confirmed cry named at min_confidence "
+            f"{wr.min_confidence} too): coverage {_pct(what_if['coverage'])}{_ci(what_if['coverage_ci'])}, "
+            f"wrong baby {_pct(what_if['wrong_rate'])}{_ci(what_if['wrong_rate_ci'])} "
+            f"of {what_if['named']} named"
         )
     return lines
 

@@ -10,9 +10,11 @@ reference) and only its other D files are queries.
 
 Figures (all optionally weighted per query, which the infant bootstrap uses):
 - top-1 / top-5 among the enrolled, over the enrolled babies' queries;
-- at ``min_confidence`` (a query is named when the calibrated probability of its best candidate reaches
-  it): **coverage**, the share of enrolled babies' queries that get a name, and the **wrong-baby rate**,
-  the share of named queries whose name is not the crying baby (every named stranger counts);
+- under the daemon's decision rule (``decision.names_best`` with the ``identifier.*`` thresholds: a query is
+  named when the calibrated probability of its best candidate reaches ``min_confidence`` if that baby has
+  a confirmed reference, else ``min_confidence_unconfirmed``): **coverage**, the share of enrolled babies'
+  queries that get a name, and the **wrong-baby rate**, the share of named queries whose name is not the
+  crying baby (every named stranger counts);
 - the open-set EER of every (query, enrolled baby) score.
 """
 
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
 from cryid.models.calibration import Calibration
+from cryid.models.decision import NamingRule, NamingThresholds, names_best
 from cryid.models.errors import UsageError
 from cryid.models.evaluation.metrics import eer, weighted_eer
 from cryid.models.scoring import ReferenceSet, centroid
@@ -340,18 +343,30 @@ def query_confidences(q: RoomQueries, calibration: Calibration) -> np.ndarray:
     )
 
 
-def named_mask(q: RoomQueries, calibration: Calibration, min_confidence: float) -> np.ndarray:
-    """Queries the daemon would name: calibrated confidence of the best candidate >= ``min_confidence``."""
-    p = query_confidences(q, calibration)
-    return (p >= min_confidence) & (q.n_candidates > 0)
+def daemon_margin(q: RoomQueries) -> np.ndarray:
+    """Best minus runner-up as the daemon's identifier takes it: the best score itself with one candidate."""
+    return np.where(q.n_candidates > 1, q.margin, q.best)
 
 
-def operating_curve(q: RoomQueries, p: np.ndarray) -> list[dict[str, float | None]]:
-    """Coverage and wrong-baby rate at every ``CURVE`` min_confidence, for confidences ``p``."""
+def named_mask(q: RoomQueries, calibration: Calibration, rule: NamingThresholds) -> np.ndarray:
+    """Queries the daemon would name under ``rule`` (``decision.names_best``: the best candidate's
+    calibrated confidence reaches ``min_confidence`` if it has a confirmed reference, else
+    ``min_confidence_unconfirmed``, and any ``min_score``/``min_margin`` is met)."""
+    return _named(q, query_confidences(q, calibration), rule)
+
+
+def _named(q: RoomQueries, p: np.ndarray, rule: NamingThresholds) -> np.ndarray:
+    return names_best(rule, p, q.best_confirmed, q.best, daemon_margin(q)) & (q.n_candidates > 0)
+
+
+def operating_curve(q: RoomQueries, p: np.ndarray, rule: NamingThresholds) -> list[dict[str, float | None]]:
+    """Coverage and wrong-baby rate with ``rule``'s min_confidence set to every ``CURVE`` value (its other
+    thresholds as they are), for confidences ``p``."""
     correct = q.correct
+    base = NamingRule.of(rule)
     out = []
     for t in CURVE:
-        named = p >= t
+        named = _named(q, p, replace(base, min_confidence=t))
         out.append(
             {
                 "min_confidence": t,

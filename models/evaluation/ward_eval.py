@@ -4,8 +4,13 @@ Each file is segmented and embedded exactly as enrollment and the daemon do (``p
 rooms, confirmations, scores and decisions come from ``cryid.models.evaluation.ward``. Without
 ``--room-size`` there is one room: every baby whose B files hold an expiration is enrolled, the others'
 D files are strangers.
-Decisions use the model's calibration (``manifest.calibration``) at ``--min-confidence`` (default: the
-value the calibration recommends); an uncalibrated model reports no coverage or wrong-baby rate.
+Decisions are the daemon's: the model's calibration (``manifest.calibration``) and the decision rule the
+identifier applies (``cryid.models.decision.names_best``) with the thresholds of the loaded configuration:
+``identifier.min_confidence`` (``--min-confidence`` replaces it for one run) for a best candidate with a
+confirmed cry, ``identifier.min_confidence_unconfirmed`` (by default: never named) for one without.
+``what_if_unconfirmed_at_min_confidence`` is labelled as what it is: the same figures were babies without a
+confirmed cry named at min_confidence too, which the daemon does not do unless configured to. An
+uncalibrated model reports no coverage or wrong-baby rate.
 Intervals are percentile bootstraps over infants (each resample draws infants with replacement and
 weighs each query by how often its crying infant was drawn).
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,7 @@ import numpy as np
 from cryid.models.audio import load_audio
 from cryid.models.calibration import Calibration
 from cryid.models.config import SegmenterSettings
+from cryid.models.decision import NamingRule, NamingThresholds
 from cryid.models.evaluation.channel import WardChannel
 from cryid.models.evaluation.cryceleb import CryCelebError, CryCelebSet, Recording
 from cryid.models.evaluation.embedders import EmbeddingCache, EvalEmbedder, Throughput, file_fingerprint
@@ -130,7 +136,13 @@ class WardReport:
     confirm: int
     confirmed_weight: float
     calibrated: bool
+    # the decision rule (None without a calibration): identifier.min_confidence (or --min-confidence), ...
     min_confidence: float | None
+    min_confidence_from: str | None  # "identifier.min_confidence" or "--min-confidence"
+    min_confidence_unconfirmed: float | None
+    min_score: float | None
+    min_margin: float | None
+    recommended_min_confidence: float | None  # the calibration's recommendation (the daemon does not read it)
     coverage: float | None
     wrong_rate: float | None
     named: int | None
@@ -141,41 +153,70 @@ class WardReport:
     wrong_rate_ci: Interval
     infants: int  # crying infants among the queries (the bootstrap's units)
     operating_curve: list[dict[str, float | None]] | None
+    # NOT the daemon's rule: babies without a confirmed cry named at min_confidence too (None: no decisions)
+    what_if_unconfirmed_at_min_confidence: dict[str, Any] | None
     target_scores: list[float] = field(repr=False)
     nontarget_scores: list[float] = field(repr=False)
 
 
-def ward_figures(
-    q: RoomQueries, calibration: Calibration | None, min_confidence: float | None, resamples: int, seed: int
+WHAT_IF_NOTE = (
+    "NOT the daemon's decision: babies without a confirmed cry named at min_confidence too "
+    "(the daemon needs identifier.min_confidence_unconfirmed for them)"
+)
+
+
+def _decision_figures(
+    q: RoomQueries, named: np.ndarray, codes: np.ndarray, n_infants: int, resamples: int, seed: int
 ) -> dict[str, Any]:
-    """Point figures, their bootstrap intervals and the operating curve of scored room queries."""
-    named = (
-        None if calibration is None or min_confidence is None else named_mask(q, calibration, min_confidence)
-    )
+    """Coverage and wrong-baby rate of the ``named`` queries, with their bootstrap intervals."""
+    out: dict[str, Any] = {"coverage": coverage(q, named), "wrong_rate": wrong_rate(q, named)}
+    out["named"] = int(named.sum())
+    stats = {
+        "coverage": lambda w: coverage(q, named, w),
+        "wrong_rate": lambda w: wrong_rate(q, named, w),
+    }
+    for name, fn in stats.items():
+        out[f"{name}_ci"] = (
+            None
+            if out[name] is None or not resamples
+            else bootstrap_ci(n_infants, lambda counts, fn=fn: fn(counts[codes]), resamples, seed)
+        )
+    return out
+
+
+def ward_figures(
+    q: RoomQueries, calibration: Calibration | None, rule: NamingRule | None, resamples: int, seed: int
+) -> dict[str, Any]:
+    """Point figures, their bootstrap intervals and the operating curve of scored room queries; the
+    decisions (coverage, wrong-baby rate, curve, what-if) only with a calibration and a rule."""
     stats = {
         "top1": lambda w: top_k(q, 1, w),
         "top5": lambda w: top_k(q, 5, w),
         "eer": lambda w: open_set_eer(q, w),
     }
-    if named is not None:
-        stats["coverage"] = lambda w: coverage(q, named, w)
-        stats["wrong_rate"] = lambda w: wrong_rate(q, named, w)
     out: dict[str, Any] = {k: fn(None) for k, fn in stats.items()}
-    out.setdefault("coverage", None)
-    out.setdefault("wrong_rate", None)
-    out["named"] = None if named is None else int(named.sum())
     codes, n_infants = infant_codes(q.infant)
     out["infants"] = n_infants
-    for name in ("top1", "top5", "eer", "coverage", "wrong_rate"):
-        fn = stats.get(name)
+    for name, fn in stats.items():
         out[f"{name}_ci"] = (
             None
-            if fn is None or out[name] is None or not resamples
+            if out[name] is None or not resamples
             else bootstrap_ci(n_infants, lambda counts, fn=fn: fn(counts[codes]), resamples, seed)
         )
-    out["operating_curve"] = (
-        None if calibration is None else operating_curve(q, query_confidences(q, calibration))
-    )
+    if calibration is None or rule is None:
+        none = ("coverage", "wrong_rate", "named", "coverage_ci", "wrong_rate_ci", "operating_curve")
+        out.update(dict.fromkeys(none))
+        out["what_if_unconfirmed_at_min_confidence"] = None
+        return out
+    p = query_confidences(q, calibration)
+    named = named_mask(q, calibration, rule)
+    out.update(_decision_figures(q, named, codes, n_infants, resamples, seed))
+    out["operating_curve"] = operating_curve(q, p, rule)
+    what_if = replace(rule, min_confidence_unconfirmed=rule.min_confidence)
+    out["what_if_unconfirmed_at_min_confidence"] = {
+        "note": WHAT_IF_NOTE,
+        **_decision_figures(q, named_mask(q, calibration, what_if), codes, n_infants, resamples, seed),
+    }
     return out
 
 
@@ -189,8 +230,10 @@ def ward_protocol(
     options: EvalOptions | None = None,
     calibration: Calibration | None = None,
     channel: WardChannel | None = None,
+    rule: NamingThresholds | None = None,
 ) -> WardReport:
-    """Enroll each baby from its B files, identify D files (see the module docstring)."""
+    """Enroll each baby from its B files, identify D files (see the module docstring). ``rule``: the
+    daemon's thresholds (``settings.identifier``); None: no decisions."""
     options = options or EvalOptions(split=split)  # type: ignore[arg-type]
     ward, per_file = split_ward_data(data, split, embedder, segmenter, cache, meter, channel)
     if not ward.birth:
@@ -218,13 +261,14 @@ def ward_protocol(
         logger.warning(
             "%s: no D file belongs to an enrolled baby (B and D ids differ?); no identification", split
         )
-    min_conf = options.min_confidence
-    if min_conf is None and calibration is not None:
-        min_conf = calibration.recommended_min_confidence
-        if min_conf is None:
-            min_conf = 0.5
-            logger.warning("the model's calibration recommends no min_confidence; using 0.5")
-    figures = ward_figures(q, calibration, min_conf, options.bootstrap, options.seed)
+    decide = None if calibration is None or rule is None else NamingRule.of(rule)
+    if decide is not None and options.min_confidence is not None:
+        decide = replace(decide, min_confidence=options.min_confidence)
+    source = "--min-confidence" if options.min_confidence is not None else "identifier.min_confidence"
+    source = None if decide is None else source
+    if calibration is not None and rule is None:
+        logger.warning("no decision rule given (the identifier settings): no coverage or wrong-baby rate")
+    figures = ward_figures(q, calibration, decide, options.bootstrap, options.seed)
     tgt, _, non, _ = q.targets
     groups = data.groups(split)
     return WardReport(
@@ -258,7 +302,12 @@ def ward_protocol(
         confirm=options.confirm,
         confirmed_weight=weight,
         calibrated=calibration is not None,
-        min_confidence=min_conf if calibration is not None else None,
+        min_confidence=None if decide is None else decide.min_confidence,
+        min_confidence_from=source,
+        min_confidence_unconfirmed=None if decide is None else decide.min_confidence_unconfirmed,
+        min_score=None if decide is None else decide.min_score,
+        min_margin=None if decide is None else decide.min_margin,
+        recommended_min_confidence=None if calibration is None else calibration.recommended_min_confidence,
         target_scores=[float(s) for s in tgt],
         nontarget_scores=[float(s) for s in non],
         **figures,
