@@ -12,7 +12,8 @@
    the rest in act 2.
 3. Starts its own MQTT broker (embedded amqtt) on a free port, or uses ``--broker HOST:PORT``; publishes
    only under ``cryid-demo/demo`` with its own client ids, so it never touches a live ward's topics or
-   session, and prints each decision as it is published (confidence; the likeliest candidates).
+   session, and prints each decision as it is published (confidence; for an unnamed one why, and the
+   likeliest candidates).
 4. Act 1: a nursery stream (a bout of each enrolled baby and of one baby nobody enrolled, room noise
    between them) replayed through the daemon's own ``Service``; no cry is confirmed yet, so with the
    default ``identifier.min_confidence_unconfirmed`` nobody is named. Every final episode decision is

@@ -113,13 +113,26 @@ def _probability(c: dict[str, Any]) -> str:
     return f" cos {c['score']:.2f}" if c.get("probability") is None else f" {c['probability']:.2f}"
 
 
+# Why an event names no baby (its ``reason``), in a few words; a reason not listed here is printed as sent.
+REASON_WORDS = {
+    "no_candidates": "no baby enrolled",
+    "not_confirmed": "no confirmed cry yet",
+    "below_min_confidence": "confidence below min_confidence",
+    "below_min_score": "score below min_score",
+    "below_min_margin": "margin below min_margin",
+}
+
+
 def describe(ev: dict[str, Any]) -> str:
-    """One line for an event: the decision, its confidence, and the likeliest candidates."""
+    """One line for an event: the decision (for an unnamed one, why), its confidence, and the likeliest
+    candidates."""
     conf = "-" if ev.get("confidence") is None else f"{ev['confidence']:.2f}"
     cands = ", ".join(f"{c['baby_id']}{_probability(c)}" for c in ev.get("candidates") or [])
     if ev["baby_id"]:
         return f"{ev['baby_id']:<10} named      confidence {conf}  (candidates {cands or '-'})"
-    return f"{'-':<10} not named  confidence {conf}  probably {cands or 'nobody enrolled'}"
+    reason = ev.get("reason")
+    why = f" ({REASON_WORDS.get(reason, reason)})" if reason else ""
+    return f"{'-':<10} not named{why}  confidence {conf}  probably {cands or 'nobody enrolled'}"
 
 
 class Printer:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -23,6 +23,12 @@ from cryid.daemon.stages import StepFigure
 from cryid.models.strict import StrictModel
 
 SCHEMA_VERSION = 2  # 2: confidence, candidates, n_candidates
+
+# Why a decision named no baby: the identifier's branches (cryid.daemon.identifier.Identifier.match).
+Reason = Literal[
+    "no_candidates", "below_min_confidence", "not_confirmed", "below_min_score", "below_min_margin"
+]
+REASONS: tuple[str, ...] = get_args(Reason)
 
 
 class RunnerUp(StrictModel):
@@ -43,6 +49,12 @@ class CandidateOut(StrictModel):
         le=1.0,
         description="Calibrated probability that the cry is this baby's; null with an uncalibrated model.",
     )
+    confirmed: bool = Field(
+        False,
+        description="True when a nurse had confirmed at least one cry of this baby (a live confirmed-cry "
+        "reference for this model) when the decision was made; while false, the baby is named only at "
+        "`identifier.min_confidence_unconfirmed` (default: never).",
+    )
 
 
 class CryEvent(StrictModel):
@@ -59,8 +71,8 @@ class CryEvent(StrictModel):
     schema_version: int = Field(
         SCHEMA_VERSION,
         description="Payload format version. Version 2 added `confidence`, `candidates` and "
-        "`n_candidates`; consumers of version 1 can ignore them. `levels_dbfs` (events) and `sources` "
-        "(stats) are optional additions to version 2.",
+        "`n_candidates`; consumers of version 1 can ignore them. `levels_dbfs`, `reason` and "
+        "`candidates[].confirmed` (events) and `sources` (stats) are optional additions to version 2.",
     )
     event_id: str = Field(
         ...,
@@ -77,7 +89,8 @@ class CryEvent(StrictModel):
         ...,
         description="`identified` when `confidence >= identifier.min_confidence` (and any expert "
         "`min_score`/`min_margin` override is met; uncalibrated models: score and margin thresholds); "
-        "otherwise `unknown`: `baby_id` is null and the event goes to `<prefix>/unknown`.",
+        "otherwise `unknown`: `baby_id` is null, `reason` says why, and the event goes to "
+        "`<prefix>/unknown`.",
     )
     baby_id: str | None = Field(..., description="The identified baby; null when unknown.")
     best_baby_id: str | None = Field(
@@ -105,9 +118,19 @@ class CryEvent(StrictModel):
         ...,
         max_length=3,
         description="The room's (up to) 3 likeliest babies, best score first; present in unknown events "
-        "too (\"probably 0003 or 0007\").",
+        'too ("probably 0003 or 0007").',
     )
     n_candidates: int = Field(..., ge=0, description="Enrolled babies of the room the cry was compared with.")
+    reason: Reason | None = Field(
+        None,
+        description="Why no baby was named; null when `identified`. `no_candidates`: no baby of the room "
+        "is enrolled for this model. `not_confirmed`: the best candidate reached `identifier.min_confidence` "
+        "(and any expert override) but none of its cries is confirmed yet, so "
+        "`identifier.min_confidence_unconfirmed` applied (default: never); confirming this cry as that "
+        "baby's lets the daemon name it. `below_min_confidence`: the confidence is below the threshold that "
+        "applied. `below_min_score` / `below_min_margin`: the expert `min_score` / `min_margin` "
+        "(uncalibrated model: the cosine thresholds) not met.",
+    )
     started_at: datetime = Field(..., description="UTC start (ISO 8601) of the expiration / episode.")
     ended_at: datetime = Field(..., description="UTC end (ISO 8601) of the expiration / episode.")
     stream_offset_s: float = Field(..., description="Start, in seconds from the start of the audio source.")
@@ -205,6 +228,7 @@ def topics() -> tuple[Topic, ...]:
     """Every topic under ``<prefix>``, in the order a reader meets them (the reference lists them so)."""
     from cryid.daemon.feedback import CommandResult, ConfirmCommand, RejectCommand, UndoCommand
 
+    # fmt: off
     return (
         Topic("status", "Availability of the daemon; `offline` is also its last will (several rooms in one "
               "daemon: `offline` at a clean stop, the last will is `<base>/status`).", True, "daemon",
@@ -238,6 +262,7 @@ def topics() -> tuple[Topic, ...]:
         Topic("cmd/result", "The daemon's answer to each command, with its `request_id`.", False, "daemon",
               CommandResult),
     )
+    # fmt: on
 
 
 def json_schemas() -> dict[str, Any]:
@@ -247,7 +272,8 @@ def json_schemas() -> dict[str, Any]:
     return {
         "<prefix>/status": {"type": "string", "enum": ["online", "offline"], "description": "Retained."},
         "<base>/status": {
-            "type": "string", "enum": ["online", "offline"],
+            "type": "string",
+            "enum": ["online", "offline"],
             "description": "Retained; several rooms in one daemon: the daemon's availability and last will.",
         },
         "<prefix>/baby/<baby_id> and <prefix>/unknown": CryEvent.model_json_schema(),

@@ -10,7 +10,8 @@ by default never, while no cry of the best baby has been confirmed by a nurse) a
 ``min_score``/``min_margin`` override is met too: ``cryid.models.decision.names_best``, the one function
 ``cryid eval`` applies as well. A model without a calibration decides on cosine
 thresholds (``min_score``/``min_margin``, else ``fallback_min_score``/``fallback_min_margin``) and reports
-no confidence. Unnamed decisions still carry the three likeliest candidates.
+no confidence. Unnamed decisions still carry the three likeliest candidates, each with whether a nurse has
+confirmed one of its cries, and the ``reason`` no baby was named (:data:`~cryid.daemon.events.REASONS`).
 
 ``process`` returns a provisional ``expiration`` result at once; the final ``episode`` result (with the
 episode's embeddings, so they can be kept for nurse confirmation) comes when the episode is over
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from cryid.daemon.config import IdentifierSettings
-from cryid.daemon.events import CandidateOut, CryEvent, RunnerUp
+from cryid.daemon.events import CandidateOut, CryEvent, Reason, RunnerUp
 from cryid.models.decision import names_best
 from cryid.models.scoring import ReferenceSet, l2_normalize
 
@@ -44,11 +45,13 @@ DEFAULT_CONFIRMED_WEIGHT = 0.75  # ReferenceSet's own default, for models withou
 
 @dataclass(frozen=True)
 class MatchCandidate:
-    """One of the likeliest babies: its score and, with a calibrated model, its probability."""
+    """One of the likeliest babies: its score, with a calibrated model its probability, and whether it had a
+    confirmed-cry reference when the decision was made."""
 
     baby_id: str
     score: float
     probability: float | None
+    confirmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Match:
     confidence: float | None = None
     candidates: tuple[MatchCandidate, ...] = ()
     n_candidates: int = 0
+    reason: Reason | None = None  # why ``unknown``; None when ``identified``
 
     @property
     def baby_id(self) -> str | None:
@@ -114,10 +118,16 @@ class Identification:
             margin=_r(m.margin),
             confidence=_r(m.confidence),
             candidates=[
-                CandidateOut(baby_id=c.baby_id, score=round(c.score, 5), probability=_r(c.probability))
+                CandidateOut(
+                    baby_id=c.baby_id,
+                    score=round(c.score, 5),
+                    probability=_r(c.probability),
+                    confirmed=c.confirmed,
+                )
                 for c in m.candidates
             ],
             n_candidates=m.n_candidates,
+            reason=m.reason,
             started_at=stream_start + timedelta(seconds=start_s),
             ended_at=stream_start + timedelta(seconds=end_s),
             stream_offset_s=round(start_s, 4),
@@ -196,7 +206,7 @@ class Identifier:
         refs = self._refs
         n = len(refs)
         if n == 0:
-            return Match("unknown", None, None, None, None, None)
+            return Match("unknown", None, None, None, None, None, reason="no_candidates")
         scores = refs.scores(embedding)  # a wrong embedding size is a ValueError naming the fix
         order = np.argsort(-scores.astype(np.float64), kind="stable")
         best_id, best = refs.ids[int(order[0])], float(scores[order[0]])
@@ -205,24 +215,48 @@ class Identifier:
             margin = best - ru_score
         else:
             ru_id, ru_score, margin = None, None, best
+        has = dict(zip(refs.ids, (bool(h) for h in refs.has_confirmed), strict=True))
         cal = self.calibration
         confidence: float | None
+        reason: Reason | None
         if cal is not None:
             ranked = cal.candidates(refs.ids, scores, top=TOP_CANDIDATES, confirmed=refs.confirmed_ids)
-            candidates = tuple(MatchCandidate(c.baby_id, c.score, c.probability) for c in ranked)
+            candidates = tuple(
+                MatchCandidate(c.baby_id, c.score, c.probability, has[c.baby_id]) for c in ranked
+            )
             confidence = ranked[0].probability
-            confirmed = bool(refs.has_confirmed[int(order[0])])
-            ok = bool(names_best(s, confidence, confirmed, best, margin))  # the rule cryid eval applies too
+            confirmed = has[best_id]
+            if names_best(s, confidence, confirmed, best, margin):  # the rule cryid eval applies too
+                reason = None
+            else:
+                # why not: the best baby would pass min_confidence but has no confirmed cry
+                # (min_confidence_unconfirmed), or a threshold was missed
+                need = s.min_confidence if confirmed else s.min_confidence_unconfirmed
+                sure = need < 1.0 and confidence >= need
+                unconfirmed_only = not confirmed and s.min_confidence < 1.0 and confidence >= s.min_confidence
+                if not sure and not unconfirmed_only:
+                    reason = "below_min_confidence"
+                elif s.min_score is not None and best < s.min_score:
+                    reason = "below_min_score"
+                elif s.min_margin is not None and margin < s.min_margin:
+                    reason = "below_min_margin"
+                else:
+                    reason = "not_confirmed"  # a confirmed cry of the best baby is all that is missing
         else:
             candidates = tuple(
-                MatchCandidate(refs.ids[int(k)], float(scores[k]), None) for k in order[:TOP_CANDIDATES]
+                MatchCandidate(refs.ids[int(k)], float(scores[k]), None, has[refs.ids[int(k)]])
+                for k in order[:TOP_CANDIDATES]
             )
             confidence = None
             min_score = s.fallback_min_score if s.min_score is None else s.min_score
             min_margin = s.fallback_min_margin if s.min_margin is None else s.min_margin
-            ok = best >= min_score and margin >= min_margin
+            score_ok, margin_ok = best >= min_score, margin >= min_margin
+            if score_ok and margin_ok:
+                reason = None
+            else:
+                reason = "below_min_score" if not score_ok else "below_min_margin"
         return Match(
-            "identified" if ok else "unknown",
+            "identified" if reason is None else "unknown",
             best_id,
             best,
             ru_id,
@@ -231,6 +265,7 @@ class Identifier:
             confidence,
             candidates,
             n,
+            reason,
         )
 
     def process(self, item: EmbeddedExpiration) -> list[Identification]:

@@ -115,11 +115,19 @@ def test_schema_prints_the_payload_schemas() -> None:
         "confidence",
         "candidates",
         "n_candidates",
+        "reason",
     ):
         assert key in event["properties"]
     assert SCHEMA_VERSION == 2 and event["properties"]["schema_version"]["default"] == 2
     candidate = schemas["<prefix>/baby/<baby_id> and <prefix>/unknown"]["$defs"]["CandidateOut"]
-    assert set(candidate["properties"]) == {"baby_id", "score", "probability"}
+    assert set(candidate["properties"]) == {"baby_id", "score", "probability", "confirmed"}
+    assert candidate["properties"]["confirmed"]["default"] is False
+    assert "confirmed" not in candidate["required"]
+    reasons = {r for branch in event["properties"]["reason"]["anyOf"] for r in branch.get("enum", [])}
+    assert reasons == {
+        "no_candidates", "below_min_confidence", "not_confirmed", "below_min_score", "below_min_margin"
+    }  # fmt: skip
+    assert "reason" not in event["required"]  # an optional addition to version 2
     assert event["properties"]["candidates"]["maxItems"] == 3
     assert "queue_depth" in schemas["<prefix>/stats"]["properties"]
 
@@ -132,7 +140,9 @@ def test_identifier_thresholds_in_config_check(tmp_path: Path) -> None:
     tomllib = pytest.importorskip("tomllib")
     assert tomllib.loads(done.stdout)["identifier"]["min_confidence"] == Settings().identifier.min_confidence
     done = _run(
-        "config", "check", "--json",
+        "config",
+        "check",
+        "--json",
         env_extra={"CRYID_IDENTIFIER__MIN_CONFIDENCE": "0.97", "CRYID_IDENTIFIER__MIN_SCORE": "0.4"},
     )
     ident = json.loads(done.stdout)["identifier"]

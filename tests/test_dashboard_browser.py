@@ -45,7 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cryid.daemon import nursery
 from cryid.daemon.config import Settings
 from cryid.daemon.dashboard import DashboardServer, DashboardSettings, page_config, page_weight
-from cryid.daemon.events import BabyState, CryEvent, Roster, RosterBaby, Stats
+from cryid.daemon.events import BabyState, CryEvent, PendingCries, Roster, RosterBaby, Stats
 from cryid.daemon.feedback import CommandResult
 from cryid.enrollment.registry import Registry
 from cryid.models.segmenter import segment
@@ -562,10 +562,11 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
             None,
             best=a,
             confidence=0.41,
-            candidates=[
-                {"baby_id": a, "probability": 0.41, "score": 0.62},
-                {"baby_id": b, "probability": 0.30, "score": 0.55},
+            candidates=[  # both with a confirmed cry: no "no confirmed cry yet" marks (tested below)
+                {"baby_id": a, "probability": 0.41, "score": 0.62, "confirmed": True},
+                {"baby_id": b, "probability": 0.30, "score": 0.55, "confirmed": True},
             ],
+            reason="below_min_confidence",
         )
         daemon.publish(f"{P}/baby/{a}", json.dumps(ident), retain=False)
         daemon.publish(f"{P}/unknown", json.dumps(unknown), retain=False)
@@ -635,6 +636,109 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
         assert browser.find_elements(By.CSS_SELECTOR, "button[data-action]") == []
     finally:
         commands.close()
+        daemon.close()
+
+
+def test_uncertain_list_marks_babies_without_a_confirmed_cry(
+    ward: Ward, serve: Callable[[Settings], str], browser: Any
+) -> None:
+    """Where a nurse decides (the unknown and uncertain cries, live or from the retained pending list), a
+    candidate the daemon has no confirmed cry of is marked "no confirmed cry yet", and a cry not named for
+    that reason alone says that confirming it teaches the system that baby. An older daemon's event (no
+    ``confirmed`` flags, no ``reason``) is shown as before, without marks."""
+    a, b = "dac9001", "dac9002"
+    url = serve(_settings(ward, username="nurse"))
+    daemon = DaemonLike(ward)
+    now = datetime.now(timezone.utc)
+    roster = Roster(
+        room=ROOM,
+        updated_at=now,
+        babies=[
+            RosterBaby(baby_id=a, display_name="Ada", enrolled_at=now),
+            RosterBaby(baby_id=b, display_name=None, enrolled_at=now),
+        ],
+    )
+    # not named only because Ada has no confirmed cry (0.97 >= min_confidence): on the retained pending list
+    waiting = _episode(
+        None, best=a, confidence=0.97, reason="not_confirmed",
+        candidates=[
+            {"baby_id": a, "probability": 0.97, "score": 0.81, "confirmed": False},
+            {"baby_id": b, "probability": 0.02, "score": 0.40, "confirmed": True},
+        ],
+    )  # fmt: skip
+    pending = PendingCries(room=ROOM, updated_at=now, episodes=[CryEvent.model_validate(waiting)])
+    # not sure enough, heard live; b has no confirmed cry
+    unsure = _episode(
+        None, best=a, confidence=0.41, reason="below_min_confidence",
+        candidates=[
+            {"baby_id": a, "probability": 0.41, "score": 0.62, "confirmed": True},
+            {"baby_id": b, "probability": 0.30, "score": 0.55, "confirmed": False},
+        ],
+    )  # fmt: skip
+    # an older daemon's event: neither the flags nor the reason
+    older = _episode(
+        None, best=a, confidence=0.41,
+        candidates=[
+            {"baby_id": a, "probability": 0.41, "score": 0.62},
+            {"baby_id": b, "probability": 0.30, "score": 0.55},
+        ],
+    )  # fmt: skip
+    del older["reason"]
+    for c in older["candidates"]:
+        del c["confirmed"]
+    try:
+        daemon.publish(f"{P}/babies", roster.model_dump_json())
+        daemon.publish(f"{P}/pending", pending.model_dump_json())
+        browser.get(url)
+        sign_in(browser, "nurse", PASSWORDS["nurse"])
+        wait_js(browser, "return document.getElementById('conn').dataset.conn === 'connected'", "Live")
+        daemon.publish(f"{P}/unknown", json.dumps(unsure), retain=False)
+        daemon.publish(f"{P}/unknown", json.dumps(older), retain=False)
+
+        def item(ev: dict[str, Any]) -> str:
+            return f'.uncertain-list li[data-event="{ev["event_id"]}"]'
+
+        for ev in (waiting, unsure, older):
+            wait_js(
+                browser,
+                f"return document.querySelector('{item(ev)} button[data-action=\"confirm\"]')",
+                "item",
+            )
+        marked = (  # per candidate of an item: its baby and the text of its mark (null: none)
+            "return [...document.querySelectorAll(arguments[0] + ' .candidate')].map((c) => "
+            "[c.dataset.baby, c.querySelector('.unconfirmed') && c.querySelector('.unconfirmed').innerText]);"
+        )
+        # the pending cry: Ada marked, with why it was not named and what confirming it does
+        assert browser.execute_script(marked, item(waiting)) == [[a, "no confirmed cry yet"], [b, None]]
+        text = browser.execute_script(text_of(item(waiting)))
+        assert "probably Ada (dac9001) 97%" in text and "Confirm Ada (dac9001)" in text, text
+        reason = browser.execute_script(text_of(f"{item(waiting)} .reason"))
+        assert reason == (
+            "Not named because Ada (dac9001) has no confirmed cry yet: confirming this cry teaches the "
+            "system Ada (dac9001)."
+        ), reason
+        # the live one: b marked; not named because not sure enough, nothing about teaching
+        assert browser.execute_script(marked, item(unsure)) == [[a, None], [b, "no confirmed cry yet"]]
+        assert browser.execute_script(text_of(f"{item(unsure)} .reason")) == (
+            "Not named: the system is not sure enough."
+        )
+        # the older daemon's: as before, no marks, no reason line
+        assert browser.execute_script(marked, item(older)) == [[a, None], [b, None]]
+        assert browser.execute_script(text_of(f"{item(older)} .reason")) == ""
+        assert f"probably Ada ({a}) 41% or {b} 30%" in browser.execute_script(text_of(item(older)))
+        # the list's hint says what the mark means; the mark is in words and a dashed box, not colour alone
+        hint = browser.execute_script(
+            "const h = document.querySelector('.uncertain-hint'); return h.hidden ? '' : h.innerText"
+        )
+        assert "only after a nurse has confirmed one of its cries" in hint, hint
+        style = browser.execute_script(
+            "const s = getComputedStyle(document.querySelector('.uncertain-list .unconfirmed'));"
+            "return [s.borderTopStyle, s.display];"
+        )
+        assert style == ["dashed", "inline-block"], style
+        shot(browser, "unconfirmed", at=item(waiting))
+    finally:
+        daemon.publish(f"{P}/pending", "")  # the module's broker: no stand-in episodes left for the next test
         daemon.close()
 
 

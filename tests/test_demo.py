@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cryid.daemon import nursery
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.demo import DEMO_PREFIX, NURSE, summary
+from cryid.daemon.demo_mqtt import describe
 from cryid.enrollment.config import RegistrySettings
 from cryid.enrollment.registry import Registry
 from cryid.models.audio import load_audio
@@ -239,7 +241,30 @@ def test_demo_on_real_cries_uses_the_calibration_and_never_touches_the_ward(
                 flipped += 1
             need = MIN_CONFIDENCE if best else UNCONFIRMED
             assert (e["baby_id"] is None) == (need >= 1.0 or e["confidence"] < need), e
+            # each candidate says whether the registry held a confirmed cry of it when the cry was decided
+            flags = {c["baby_id"]: c["confirmed"] for c in e["candidates"]}
+            assert flags == {baby: baby in known for baby in flags}, e
+            # and an unnamed cry why (the demo sets no expert override): its best candidate unconfirmed
+            # although min_confidence was reached, or not sure enough
+            if e["baby_id"] is None:
+                not_confirmed = not best and e["confidence"] >= MIN_CONFIDENCE
+                want_reason = "not_confirmed" if not_confirmed else "below_min_confidence"
+                assert e["reason"] == want_reason, e
+            else:
+                assert e["reason"] is None, e
     assert flipped >= 1
+    reasons = Counter(e["reason"] for e in events)
+    print("reasons of the final episodes, act 1 + act 2:", dict(reasons))
+    # the printed lines say it too
+    decision = re.compile(r" (named|not named(?: \([^)]*\))?)  confidence")
+    printed = Counter(decision.search(line)[1] for line in episodes)  # type: ignore[index]
+    assert printed == Counter(
+        {
+            "not named (no confirmed cry yet)": reasons["not_confirmed"],
+            "not named (confidence below min_confidence)": reasons["below_min_confidence"],
+            "named": reasons[None],
+        }
+    ), printed
     # the demo's retained status was cleared: a new subscriber gets nothing retained
     late = subscriber_factory(mosquitto, "#")
     time.sleep(1.0)
@@ -327,6 +352,24 @@ def test_summary_counts_right_wrong_and_not_named(capsys: pytest.CaptureFixture[
         "nobody enrolled not named, 1 other sound not named"
     )
     assert last.endswith("the likeliest candidate of 1 of the 1 unnamed cry of enrolled babies")
+
+
+def test_describe_says_why_a_cry_was_not_named() -> None:
+    """Each unnamed event's line gives its ``reason`` in a few words; an older daemon's event (no reason)
+    and a named one give none; a reason this demo does not know yet is printed as sent."""
+    cands = [{"baby_id": "a", "score": 0.81, "probability": 0.97, "confirmed": False}]
+    ev = {"baby_id": None, "confidence": 0.97, "candidates": cands}
+    line = describe(ev | {"reason": "not_confirmed"})
+    assert line == "-          not named (no confirmed cry yet)  confidence 0.97  probably a 0.97"
+    assert "not named (confidence below min_confidence)" in describe(ev | {"reason": "below_min_confidence"})
+    assert "not named (score below min_score)" in describe(ev | {"reason": "below_min_score"})
+    assert "not named (margin below min_margin)" in describe(ev | {"reason": "below_min_margin"})
+    nobody = describe({"baby_id": None, "confidence": None, "candidates": [], "reason": "no_candidates"})
+    assert nobody == "-          not named (no baby enrolled)  confidence -  probably nobody enrolled"
+    assert describe(ev | {"reason": "too_loud"}).startswith("-          not named (too_loud)  ")
+    assert describe(ev).startswith("-          not named  confidence 0.97")  # an older daemon: no reason
+    named = describe({"baby_id": "a", "confidence": 0.97, "candidates": cands, "reason": None})
+    assert named.startswith("a          named      confidence 0.97") and "(" not in named.split("  ")[0]
 
 
 def test_later_cries_split_in_two_parts_that_share_no_cry(dac_dir: Path) -> None:

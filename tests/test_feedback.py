@@ -73,7 +73,7 @@ def ward(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, dac_dir: 
                 samples = enroll.prepare_files(
                     files(dac_dir, extra, "B"), period="birth", segmenter=Settings().segmenter,
                     embedder_factory=lambda: embedder, keep_audio=False,
-                )
+                )  # fmt: skip
                 break
             except enroll.EnrollmentError:  # a recording in which the segmenter finds no cry
                 continue
@@ -102,7 +102,7 @@ def ward(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder, dac_dir: 
         assert reg.get_episode(eps["purged"]) is None and reg.get_episode(eps["old"]) is not None
     return {
         "state": state, "babies": babies, "discharged": extra, "eps": eps, "undone": undone.confirmation_id
-    }
+    }  # fmt: skip
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def test_bad_confirm_one_line_error_registry_byte_for_byte_unchanged(
     names = {k: v for k, v in ward["eps"].items()} | {
         "a": ward["babies"][0], "b": ward["babies"][1], "discharged": ward["discharged"],
         "undone": str(ward["undone"]), "new": str(uuid.uuid4()),
-    }
+    }  # fmt: skip
     args = [s.format(**names) for s in argv]
     before = file_digest(cryid.state_dir)
     rc, out, err = cryid("enroll", *args)
@@ -287,7 +287,7 @@ def _copy(reg: Registry, episode_id: str, at: datetime) -> Any:
     ep = reg.get_episode(episode_id)
     assert ep is not None
     return NewEpisode(str(uuid.uuid4()), ep.room, at, at, ep.model_sha256, "unknown", None, None, "{}",
-                      reg.episode_vectors(episode_id))  # type: ignore[arg-type]
+                      reg.episode_vectors(episode_id))  # type: ignore[arg-type]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- the running daemon
@@ -298,7 +298,7 @@ def live_ward(tmp_path: Path, embedder: Embedder, dac_dir: Path) -> tuple[Path, 
         babies = enroll_room(reg, embedder, dac_dir, ROOM)
         # an episode from three weeks ago, kept then: the daemon purges it when it starts
         keep(reg, embedder, files(dac_dir, babies[0], "D")[0], ROOM,
-             ended_at=datetime.now(timezone.utc) - timedelta(days=21))
+             ended_at=datetime.now(timezone.utc) - timedelta(days=21))  # fmt: skip
     return state, babies
 
 
@@ -334,8 +334,12 @@ def _confirm_over_mqtt(broker: Broker, sub: Subscriber, episode_id: str, baby_id
 
 @pytest.mark.parametrize("via", ["cli", "mqtt"])
 def test_running_daemon_uses_a_confirmation_without_restart(
-    live_ward: tuple[Path, list[str]], embedder: Embedder, dac_dir: Path, mosquitto: Broker,
-    subscriber_factory: Callable[..., Subscriber], via: str,
+    live_ward: tuple[Path, list[str]],
+    embedder: Embedder,
+    dac_dir: Path,
+    mosquitto: Broker,
+    subscriber_factory: Callable[..., Subscriber],
+    via: str,
 ) -> None:
     """A cry of baby X the daemon names wrong from the birth recordings; a nurse confirms another cry of
     X while the daemon runs (``cryid enroll confirm`` in another process, or ``cmd/confirm``); 2 s later
@@ -344,7 +348,9 @@ def test_running_daemon_uses_a_confirmation_without_restart(
     pad = room_noise(12.0, np.random.default_rng(7))
     case = find_teaching_case(embedder, dac_dir, babies, pad)
     settings = Settings(
-        room=ROOM, state_dir=state, model=DEFAULT_MODEL_DIR,
+        room=ROOM,
+        state_dir=state,
+        model=DEFAULT_MODEL_DIR,
         mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port, reconnect_min_s=0.2),
         identifier=IdentifierSettings(episode_gap_s=5.0),
     )
@@ -360,9 +366,21 @@ def test_running_daemon_uses_a_confirmation_without_restart(
             env = cryid_env()
             env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(DEFAULT_MODEL_DIR)}
             done = subprocess.run(
-                [sys.executable, "-m", "cryid.daemon.cli", "enroll", "confirm", taught["episode_id"],
-                 case.baby_id, "--by", "Nurse Joy"],
-                env=env, capture_output=True, text=True, timeout=120,
+                [
+                    sys.executable,
+                    "-m",
+                    "cryid.daemon.cli",
+                    "enroll",
+                    "confirm",
+                    taught["episode_id"],
+                    case.baby_id,
+                    "--by",
+                    "Nurse Joy",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             assert done.returncode == 0, done.stderr
         else:
@@ -377,6 +395,16 @@ def test_running_daemon_uses_a_confirmation_without_restart(
     print("before:", before["best_baby_id"], before["score"], "after:", after["best_baby_id"], after["score"])
     assert before["best_baby_id"] == case.wrong_before != case.baby_id
     assert after["best_baby_id"] == case.baby_id
+    # the payload says which candidates had a confirmed cry at the time: none before, X's after; and why an
+    # unnamed cry was not named (the shipped thresholds: never without a confirmed cry, else min_confidence)
+    min_confidence = settings.identifier.min_confidence
+    assert not any(c["confirmed"] for c in before["candidates"] + taught["candidates"])
+    unconfirmed = "not_confirmed" if before["confidence"] >= min_confidence else "below_min_confidence"
+    assert before["reason"] == unconfirmed
+    assert (after["candidates"][0]["baby_id"], after["candidates"][0]["confirmed"]) == (case.baby_id, True)
+    assert not any(c["confirmed"] for c in after["candidates"][1:])
+    assert after["reason"] == (None if after["confidence"] >= min_confidence else "below_min_confidence")
+    assert (after["baby_id"] is None) == (after["reason"] is not None)
     with Registry.open(state) as reg:
         kept = reg.episodes(room=ROOM)
         heard = {before["episode_id"], taught["episode_id"], after["episode_id"]}
@@ -386,4 +414,3 @@ def test_running_daemon_uses_a_confirmation_without_restart(
         stored = json.loads(reg.get_episode(after["episode_id"]).event_json)  # type: ignore[union-attr]
         assert stored["event_id"] == after["event_id"] and stored["best_baby_id"] == case.baby_id
         assert [(f.created_by, f.via) for f in reg.feedback(baby_id=case.baby_id)] == [("Nurse Joy", via)]
-

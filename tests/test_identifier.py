@@ -65,7 +65,12 @@ def _fit_calibration(seed: int = 11) -> Calibration:
             rows.append(sc)
             truth.append(k)
     return fit_calibration(
-        np.array(best), np.array(margin), np.array(n_cands), np.array(correct), rows, truth,
+        np.array(best),
+        np.array(margin),
+        np.array(n_cands),
+        np.array(correct),
+        rows,
+        truth,
         data="generated rooms (tests/test_identifier.py)",
     )
 
@@ -208,8 +213,18 @@ def test_event_payload_has_the_contract_fields_in_utc() -> None:
     ev = r.to_event(start, SR, "ab" * 32, "ward1")
     data = json.loads(ev.to_json())
     for key in (
-        "event_id", "kind", "decision", "baby_id", "score", "runner_up", "margin", "started_at",
-        "ended_at", "stream_offset_s", "n_expirations", "model_sha256",
+        "event_id",
+        "kind",
+        "decision",
+        "baby_id",
+        "score",
+        "runner_up",
+        "margin",
+        "started_at",
+        "ended_at",
+        "stream_offset_s",
+        "n_expirations",
+        "model_sha256",
     ):
         assert key in data
     assert data["stream_offset_s"] == 12.5 and data["duration_s"] == 0.75
@@ -240,7 +255,8 @@ def test_calibrated_decision_names_a_clear_cry_with_its_confidence_and_candidate
     assert ev["schema_version"] == SCHEMA_VERSION == 2
     assert ev["confidence"] == round(m.confidence, 5) and ev["n_candidates"] == 3
     assert [c["baby_id"] for c in ev["candidates"]] == [c.baby_id for c in m.candidates]
-    assert all(set(c) == {"baby_id", "score", "probability"} for c in ev["candidates"])
+    assert all(set(c) == {"baby_id", "score", "probability", "confirmed"} for c in ev["candidates"])
+    assert not any(c["confirmed"] for c in ev["candidates"]) and ev["reason"] is None
 
 
 def test_min_confidence_boundary_is_inclusive() -> None:
@@ -342,8 +358,10 @@ def test_uncalibrated_model_decides_on_fallback_thresholds_without_confidence() 
     # min_score, when set, replaces the fallback (and min_confidence is not used without calibration)
     low = IdentifierSettings(min_score=-1.0, min_margin=0.0, fallback_min_score=1.0, min_confidence=1.0)
     assert Identifier(low, dict(BASIS), SR).match(q).decision == "identified"
-    ev = Identifier(IdentifierSettings(), dict(BASIS), SR).process(_item(0.0, 0.5, q))[0].to_event(
-        datetime.now(timezone.utc), SR, "ab" * 32, "ward1"
+    ev = (
+        Identifier(IdentifierSettings(), dict(BASIS), SR)
+        .process(_item(0.0, 0.5, q))[0]
+        .to_event(datetime.now(timezone.utc), SR, "ab" * 32, "ward1")
     )
     assert ev.confidence is None and ev.candidates[0].probability is None
 

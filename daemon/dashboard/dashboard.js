@@ -7,7 +7,8 @@
  *   P/cmd/confirm, P/cmd/reject (nurse commands, published here)   P/cmd/result (their answers)
  * and, for a room of a daemon serving several rooms (config.json's rooms[].daemon_status, e.g. cryid/status),
  * the daemon's own status (online|offline, retained, its last will): the room is OFFLINE when either says so.
- * Payload fields that an older daemon does not send (confidence, candidates) are optional here.
+ * Payload fields that an older daemon does not send (confidence, candidates, candidates[].confirmed, reason) are
+ * optional here.
  */
 "use strict";
 
@@ -200,6 +201,37 @@
     }
     return "no baby enrolled";
   }
+  // The uncertain list, where a nurse decides: each candidate as its own element, marked when the daemon had
+  // no confirmed cry of it (candidates[].confirmed false; an older daemon sends no flag: no mark).
+  function candidatesLine(room, ev) {
+    const c = Array.isArray(ev.candidates) ? ev.candidates.slice(0, 3) : [];
+    if (!c.length) return el("span", { class: "candidates", text: candidatesText(room, ev) });
+    const line = el("span", { class: "candidates" }, "probably ");
+    c.forEach((x, i) => {
+      if (i) line.append(" or ");
+      const p = x.probability === null || x.probability === undefined ? "" : ` ${pct(x.probability)}`;
+      const flag = typeof x.confirmed === "boolean" ? String(x.confirmed) : null;
+      line.append(el("span", { class: "candidate", "data-baby": x.baby_id, "data-confirmed": flag },
+        `${babyLabel(room, x.baby_id)}${p}`,
+        x.confirmed === false ? el("span", { class: "unconfirmed", text: "no confirmed cry yet" }) : null));
+    });
+    return line;
+  }
+  // Why the daemon named no baby (the event's reason); null for a named event or a reason this page does
+  // not know (an older or newer daemon).
+  const REASONS = new Map([
+    ["not_confirmed", (best) =>
+      `Not named because ${best} has no confirmed cry yet: confirming this cry teaches the system ${best}.`],
+    ["below_min_confidence", () => "Not named: the system is not sure enough."],
+    ["below_min_score", () => "Not named: not similar enough to any enrolled baby."],
+    ["below_min_margin", () => "Not named: too close between two babies."],
+    ["no_candidates", () => "Not named: no baby is enrolled in this room."],
+  ]);
+  function reasonLine(room, ev) {
+    if (ev.baby_id || !REASONS.has(ev.reason)) return null;
+    const best = ev.best_baby_id ? babyLabel(room, ev.best_baby_id) : "the likeliest baby";
+    return el("span", { class: "reason", "data-reason": ev.reason, text: REASONS.get(ev.reason)(best) });
+  }
   function certainty(ev) {
     const parts = [];
     if (typeof ev.confidence === "number") parts.push(`confidence ${pct(ev.confidence)}`);
@@ -267,14 +299,17 @@
   function renderUncertain(room) {
     const box = room.node.querySelector(".uncertain");
     box.hidden = room.uncertain.length === 0;
-    room.node.querySelector(".uncertain-list").replaceChildren(...room.uncertain.map((ev) => {
+    const list = room.node.querySelector(".uncertain-list");
+    list.replaceChildren(...room.uncertain.map((ev) => {
       const head = ev.decision === "unknown" ? "Unknown cry" : `Uncertain: ${babyLabel(room, ev.baby_id)}?`;
-      return el("li", { "data-event": ev.event_id },
+      return el("li", { "data-event": ev.event_id, "data-reason": ev.baby_id ? null : ev.reason },
         el("strong", { text: `${clock(ev.started_at)} ${head}` }),
-        el("span", { text: candidatesText(room, ev) }),
+        candidatesLine(room, ev),
         el("span", { class: "muted", text: certainty(ev) }),
+        reasonLine(room, ev),
         actions(room, ev));
     }));
+    room.node.querySelector(".uncertain-hint").hidden = !list.querySelector(".unconfirmed");
   }
 
   // ------------------------------------------------------------------ nurse actions
