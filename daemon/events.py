@@ -246,8 +246,9 @@ def topics() -> tuple[Topic, ...]:
         Topic("baby/<baby_id>/state", "That baby now: crying, crying since, last cry, episodes and minutes "
               "of crying in 24 h; an empty retained message deletes it (a baby discharged, purged or moved).",
               True, "daemon", BabyState),
-        Topic("pending", "The room's latest unnamed final episodes (at most 10, last 24 h), newest first, "
-              "for a dashboard that connects later.", True, "daemon", PendingCries),
+        Topic("pending", "The room's latest unnamed final episodes no nurse has answered yet (at most 10, "
+              "last 24 h), newest first, for a dashboard that connects later; republished when a nurse "
+              "confirms or rejects one.", True, "daemon", PendingCries),
         Topic("status/source", "The audio source: `ok`, `flat` (digital silence, a constant or a clipped "
               "flat line for `source.flat_timeout_s`) or `down` (the device failed and is being reopened, "
               "or the source ended).", True, "daemon", values=("ok", "flat", "down")),
@@ -282,7 +283,7 @@ def json_schemas() -> dict[str, Any]:
         "<prefix>/babies": Roster.model_json_schema(),
         "<prefix>/baby/<baby_id>/state": BabyState.model_json_schema(),
         "<prefix>/pending": PendingCries.model_json_schema(),
-    }
+    }  # fmt: skip
 
 
 def schema_text() -> str:
@@ -309,8 +310,11 @@ class Roster(StrictModel):
 
 
 class PendingCries(StrictModel):
-    """Retained: the room's latest final episodes that named no baby, so a dashboard opened or reloaded later
-    still lists the cries waiting for a nurse's Confirm (the events themselves are not retained)."""
+    """Retained: the room's latest final episodes that named no baby and that no nurse has answered yet, so a
+    dashboard opened or reloaded later still lists the cries waiting for a nurse's Confirm (the events
+    themselves are not retained). Republished whenever the list changes: a new unnamed episode, a nurse's
+    confirmation or rejection of a listed one (over MQTT or with `cryid enroll`, within a second), an undo
+    that makes one wait again, an episode ageing out of 24 h."""
 
     schema_version: int = Field(SCHEMA_VERSION, description="Payload format version.")
     room: str = Field(..., description="Ward room of the microphone.")
@@ -318,7 +322,8 @@ class PendingCries(StrictModel):
     episodes: list[CryEvent] = Field(
         ...,
         description="Final `unknown` episode events as published on `<prefix>/unknown`, newest first: at "
-        "most the last 10, from the last 24 h (kept while the daemon runs; empty after a restart).",
+        "most the last 10 without a live confirmation or rejection, from the last 24 h (a restarted daemon "
+        "rebuilds the list from the episodes its registry keeps).",
     )
 
 

@@ -2,9 +2,11 @@
 
 The pipeline thread hands every published identification to :meth:`RoomFeed.observe` (a queue); the
 main thread calls :meth:`RoomFeed.update` every loop (the identifications, "crying now" time-outs once
-a second, everything again after a reconnection), :meth:`RoomFeed.roster` when the registry changed
-and :meth:`RoomFeed.stop` at the end. The last cries and 24 h totals are kept in
-``dashboard-state.json`` in the state directory after every final episode, so a restart goes on with them.
+a second, everything again after a reconnection), :meth:`RoomFeed.roster` and :meth:`RoomFeed.waiting`
+when the registry changed (also at start) and :meth:`RoomFeed.stop` at the end. The last cries and 24 h
+totals are kept in ``dashboard-state.json`` in the state directory after every final episode, so a
+restart goes on with them; the cries waiting for a nurse are read from the registry's kept episodes
+(:meth:`RoomFeed.waiting`), so a restart lists them again and an answer from anywhere removes one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from cryid.daemon.events import CryEvent
-from cryid.daemon.state import Retained, RoomState
+from cryid.daemon.state import PENDING_MAX, WINDOW, Retained, RoomState
+from cryid.models.errors import validation_message
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,41 @@ class RetainedPublisher(Protocol):
     def publish_retained(self, topic: str, payload: str) -> bool: ...
 
 
+class EpisodeSource(Protocol):
+    """What the feed reads of the registry (``cryid.enrollment.registry.Registry``)."""
+
+    def waiting_episodes(self, room: str, since: datetime, limit: int) -> list[Any]: ...  # Episode
+
+    def answered_episodes(self, room: str, since: datetime) -> set[str]: ...
+
+
+def read_waiting(
+    registry: EpisodeSource, room: str, now: datetime, unreadable: set[str] | None = None
+) -> tuple[list[CryEvent], set[str]]:
+    """For :meth:`RoomState.waiting`: the final events of the room's kept episodes of the last 24 h that
+    named no baby and have no answer (newest first, at most ``PENDING_MAX``), and the ids of those answered.
+
+    An episode whose stored event cannot be read (kept by another version, or damaged) is left out with
+    a warning (once: its id goes into ``unreadable``); the others still count."""
+    since = now - WINDOW
+    answered = registry.answered_episodes(room, since)
+    waiting: list[CryEvent] = []
+    for ep in registry.waiting_episodes(room, since, PENDING_MAX):
+        try:
+            waiting.append(CryEvent.model_validate_json(ep.event_json))
+        except ValidationError as exc:
+            if unreadable is not None:
+                if ep.episode_id in unreadable:
+                    continue
+                unreadable.add(ep.episode_id)
+            logger.warning(
+                "episode %s not listed as pending: its stored event is unreadable (%s)",
+                ep.episode_id,
+                validation_message(exc, where="event"),
+            )
+    return waiting, answered
+
+
 class RoomFeed:
     """Identifications in (any thread), retained dashboard messages out (main thread)."""
 
@@ -45,6 +85,7 @@ class RoomFeed:
         self._online = False
         self._next_tick = 0.0
         self._file = state_dir / "dashboard-state.json"
+        self._unreadable: set[str] = set()  # kept episodes whose stored event could not be read (warned)
         self.state.load(self._file, datetime.now(timezone.utc))
 
     def observe(self, ev: CryEvent) -> None:
@@ -54,6 +95,13 @@ class RoomFeed:
     def roster(self, infants: Iterable[Any]) -> None:
         """Main thread: the room's infants changed (or were read again)."""
         self._publish(self.state.roster(infants, datetime.now(timezone.utc)))
+
+    def waiting(self, registry: EpisodeSource) -> None:
+        """Main thread, at start and after every registry change: the room's cries still waiting for a
+        nurse (kept episodes of the last 24 h without an answer) and those answered meanwhile."""
+        now = datetime.now(timezone.utc)
+        waiting, answered = read_waiting(registry, self.state.room, now, self._unreadable)
+        self._publish(self.state.waiting(waiting, answered, now))
 
     def update(self, now: float) -> None:
         """Main thread: identifications, "crying now" time-outs, all again after a reconnect."""

@@ -30,7 +30,10 @@ thread on a bounded queue; the main thread applies them, answers on ``<prefix>/c
 reloads the references at once. The references are each baby's birth centroid and, once confirmed
 cries exist, their centroid as a separate reference (:class:`~cryid.models.scoring.ReferenceSet`,
 weighted by the model's ``calibration.confirmed_weight``). The dashboard's retained room state
-(:class:`cryid.daemon.roomfeed.RoomFeed`) is fed every published event the same way.
+(:class:`cryid.daemon.roomfeed.RoomFeed`) is fed every published event the same way, and at every
+registry change (a nurse's answer over MQTT or from ``cryid enroll confirm|reject|undo`` in another
+process, seen through ``data_version``) and at start the cries still waiting for a nurse from the kept
+episodes.
 """
 
 from __future__ import annotations
@@ -98,6 +101,10 @@ class RegistryLike(Protocol):
 
     def infants(self) -> list[Any]: ...
 
+    def waiting_episodes(self, room: str, since: datetime, limit: int) -> list[Any]: ...
+
+    def answered_episodes(self, room: str, since: datetime) -> set[str]: ...
+
 
 class Notifier:
     """systemd notify (READY, WATCHDOG, STATUS) when ``NOTIFY_SOCKET`` is set; otherwise nothing."""
@@ -152,7 +159,7 @@ class Service:
                 "confidence; fix: `cryid model calibrate %s --data DIR`",
                 settings.model, settings.identifier.fallback_min_score,
                 settings.identifier.fallback_min_margin, settings.model,
-            )
+            )  # fmt: skip
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.service.queue_chunks)
         self.stream_start = datetime.now(timezone.utc)
         self.started = time.monotonic()
@@ -307,6 +314,7 @@ class Service:
         self._needs_reenrollment = self.registry.needs_reenrollment(self.sha, room=self.settings.room)
         self.pipeline.apply(NewReferences(refs))  # taken before the pipeline's next chunk
         self.dashboard.roster(self.registry.infants())
+        self.dashboard.waiting(self.registry)  # answers from anywhere; at start, the cries still waiting
         logger.info(
             "registry: %d %s enrolled in room %s for model %s (added %s, removed %s), "
             "%d with confirmed cries",

@@ -11,7 +11,11 @@ totals slide. Each call returns the retained messages to publish, only those who
 - An empty payload for ``<prefix>/baby/<id>/state`` of a baby discharged, removed or moved to another
   room: an empty retained message deletes the broker's retained copy.
 - ``<prefix>/pending``: :class:`~cryid.daemon.events.PendingCries`, the latest final episodes that named
-  no baby (at most ``PENDING_MAX``, last 24 h): what a nurse may still confirm, for a page opened later.
+  no baby and no nurse has answered yet (at most ``PENDING_MAX``, last 24 h): what a nurse may still
+  confirm, for a page opened later. :meth:`RoomState.waiting` hands in the registry's view at start and
+  after every registry change (a nurse's answer over MQTT or on the command line, an undo): answered
+  episodes leave the list, and unanswered ones it lacks (heard before a restart, or an answer undone)
+  join it in their place by end time.
 
 Crying: a baby cries from the first provisional event that names it to the final ``episode`` event of
 that episode (whoever the final decision names). The 24 h totals count final episodes attributed to
@@ -25,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -89,6 +93,7 @@ class RoomState:
         self._sent: dict[str, str] = {}  # topic -> content last published, without its time stamp
         self.pending_topic = f"{self.prefix}/pending"
         self._pending: deque[CryEvent] = deque(maxlen=PENDING_MAX)  # newest first
+        self._answered: set[str] = set()  # episodes a nurse confirmed or rejected (registry, last 24 h)
 
     def state_topic(self, baby_id: str) -> str:
         return f"{self.prefix}/baby/{baby_id}/state"
@@ -143,10 +148,33 @@ class RoomState:
         out: list[Retained] = []
         for baby_id in sorted(touched):
             out += self._state(baby_id, now)
-        if event.kind == "episode" and event.decision == "unknown":
+        if event.kind == "episode" and event.decision == "unknown" and event.episode_id not in self._answered:
             self._pending.appendleft(event)
             out += self._pending_list(now)
         return out
+
+    def waiting(
+        self, waiting: Iterable[CryEvent], answered: Collection[str], now: datetime
+    ) -> list[Retained]:
+        """What the registry says of the cries waiting for a nurse (at start and after every change).
+
+        ``waiting``: the room's final episodes of the last 24 h that named no baby and have no live answer
+        (the registry's newest ``PENDING_MAX``); ``answered``: the ids of the room's episodes of the last
+        24 h with a live confirmation or rejection. Answered episodes leave the list (also one heard
+        later: the registry may know of an answer before the event reaches this stage); the others stay,
+        and the waiting ones join them; the newest ``PENDING_MAX`` by end time are kept.
+        """
+        self._answered = set(answered)
+        merged = {e.episode_id: e for e in self._pending}
+        for e in waiting:
+            merged.setdefault(e.episode_id, e)
+        listed = sorted(
+            (e for e in merged.values() if e.episode_id not in self._answered),
+            key=lambda e: e.ended_at,
+            reverse=True,
+        )
+        self._pending = deque(listed[:PENDING_MAX], maxlen=PENDING_MAX)
+        return self._pending_list(now)
 
     def tick(self, now: datetime) -> list[Retained]:
         """Time out "crying now" and slide the 24 h window."""

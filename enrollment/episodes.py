@@ -215,6 +215,29 @@ class EpisodeTables:
         )
         return [Episode(*r) for r in rows]
 
+    def waiting_episodes(self, room: str, since: datetime, limit: int) -> list[Episode]:
+        """The cries of ``room`` still waiting for a nurse, newest first: kept episodes that named no baby
+        (decision ``unknown``), ended at ``since`` or later, with no live confirmation or rejection (an
+        undone one does not count)."""
+        rows = self._query(
+            f"SELECT {_EPISODE_COLS} FROM episodes e WHERE e.room = ?1 AND e.decision = 'unknown' "
+            "AND e.ended_at >= ?2 AND NOT EXISTS (SELECT 1 FROM confirmations c "
+            "WHERE c.episode_id = e.episode_id AND c.undone_at IS NULL) "
+            "ORDER BY e.ended_at DESC, e.episode_id LIMIT ?3",
+            (room, iso_utc(since), int(limit)),
+        )
+        return [Episode(*r) for r in rows]
+
+    def answered_episodes(self, room: str, since: datetime) -> set[str]:
+        """Ids of the episodes of ``room`` that ended at ``since`` or later and have a live confirmation or
+        rejection (from the rows' copies: also of episodes purged meanwhile)."""
+        rows = self._query(
+            "SELECT DISTINCT episode_id FROM confirmations "
+            "WHERE room = ? AND undone_at IS NULL AND episode_ended_at >= ?",
+            (room, iso_utc(since)),
+        )
+        return {str(r[0]) for r in rows}
+
     def count_episodes(self) -> int:
         return int(self._query("SELECT count(*) FROM episodes")[0][0])
 
@@ -271,7 +294,7 @@ class EpisodeWrites:
                 ep.decision, ep.baby_id, ep.best_baby_id, ep.event_json, int(v.shape[0]), int(v.shape[1]),
                 _blob(v), iso_utc(created_at),
             ),
-        )
+        )  # fmt: skip
 
     def delete_episodes_before(self, cutoff: datetime) -> int:
         """Purge episodes that ended before ``cutoff``; confirmations keep their copied embeddings."""

@@ -295,3 +295,72 @@ def test_pending_lists_the_latest_unnamed_episodes_for_a_page_opened_later() -> 
     assert pending(st.snapshot(t0 + timedelta(minutes=30))) == newest
     late = t0 + timedelta(hours=24, minutes=PENDING_MAX + 1, seconds=30)
     assert pending(st.tick(late)) == [f"e{PENDING_MAX + 2}"]  # the others ended over 24 h ago
+
+
+def test_pending_follows_the_nurses_answers_kept_in_the_registry(tmp_path: Path) -> None:
+    """The pending list against a real registry (``read_waiting``, what the daemon reads at start and after
+    every registry change): a restart lists the room's unanswered unnamed episodes of the last 24 h, not an
+    old, named, other room's or unreadable one; a confirmation or rejection takes one off, an undo puts it
+    back in its place; an answer the registry holds before the event is observed keeps it off; an episode
+    heard but not kept stays; at most PENDING_MAX, newest first."""
+    import numpy as np
+
+    from cryid.daemon.events import PendingCries
+    from cryid.daemon.roomfeed import read_waiting
+    from cryid.daemon.state import PENDING_MAX
+    from cryid.enrollment import feedback
+    from cryid.enrollment.config import RegistrySettings
+    from cryid.enrollment.episodes import NewEpisode
+    from tests.fixtures.ward import final_event, keep_event
+
+    reg = _registry(tmp_path, ("ada", "", "ward1"), ("ben", "", "ward1"))
+    vectors = np.random.default_rng(3).normal(size=(2, 192)).astype(np.float32)  # numbers, as kept
+    now = datetime.now(timezone.utc)
+    rs = RegistrySettings()
+
+    def ago(minutes: float) -> datetime:
+        return now - timedelta(minutes=minutes)
+
+    def kept(ev: CryEvent) -> CryEvent:
+        keep_event(reg, ev, vectors)
+        return ev
+
+    st = RoomState(P, "ward1", crying_timeout_s=30)  # a restarted daemon: nothing in memory
+    e3, e1, e2 = (kept(final_event("ward1", ago(m))) for m in (50, 20, 10))
+    kept(final_event("ward1", now - timedelta(hours=24, minutes=1)))  # over 24 h ago
+    kept(final_event("ward1", ago(5), named="ada"))  # named: nothing to answer
+    kept(final_event("ward2", ago(5)))  # another room's
+    bad = final_event("ward1", ago(4))
+    feedback.keep_episode(
+        reg, NewEpisode(bad.episode_id, "ward1", bad.started_at, bad.ended_at, "0" * 64, "unknown", None,
+                        "ada", "{not json", vectors), rs, now=now,
+    )  # fmt: skip
+
+    def sync() -> list[str] | None:
+        out = st.waiting(*read_waiting(reg, "ward1", now), now)
+        got = [m for m in out if m.topic == f"{P}/pending"]
+        if not got:
+            return None
+        return [e.episode_id for e in PendingCries.model_validate_json(got[-1].payload).episodes]
+
+    assert sync() == [e2.episode_id, e1.episode_id, e3.episode_id]  # restored, newest first
+    assert sync() is None  # unchanged: not republished
+    c1 = feedback.confirm(reg, e1.episode_id, "ada", rs, by="Nurse Joy", now=now)
+    assert sync() == [e2.episode_id, e3.episode_id]
+    feedback.reject(reg, e2.episode_id, "ben", rs, by="Nurse Joy", via="mqtt", now=now)
+    assert sync() == [e3.episode_id]
+    feedback.undo(reg, c1.confirmation_id, by="Nurse Joy", now=now)
+    assert sync() == [e1.episode_id, e3.episode_id]  # back in its place
+
+    # answered before the daemon's own event reached the stage: it is not listed
+    e4 = kept(final_event("ward1", ago(2)))
+    feedback.confirm(reg, e4.episode_id, "ben", rs, by="Nurse Joy", now=now)
+    assert sync() is None  # answered before it was listed: the list is as it was
+    assert not [m for m in st.observe(e4, now) if m.topic == f"{P}/pending"]
+    # heard but not kept (the registry failed to keep it): listed, and it stays across registry changes
+    e5 = final_event("ward1", ago(1))
+    assert any(m.topic == f"{P}/pending" for m in st.observe(e5, now))
+    assert sync() is None
+    # more cries waiting than the list holds: the newest PENDING_MAX
+    more = [kept(final_event("ward1", ago(30 + i))).episode_id for i in range(PENDING_MAX)]
+    assert sync() == [e5.episode_id, e1.episode_id, *more[: PENDING_MAX - 2]]

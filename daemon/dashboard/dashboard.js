@@ -4,6 +4,7 @@
  *   P/status (online|offline, retained)   P/status/source (ok|flat|down, retained, when published)
  *   P/stats (daemon health)               P/babies (retained roster)
  *   P/baby/<id>/state (retained)          P/baby/<id>, P/unknown (cry events)
+ *   P/pending (retained: the unnamed episodes still waiting for a nurse)
  *   P/cmd/confirm, P/cmd/reject (nurse commands, published here)   P/cmd/result (their answers)
  * and, for a room of a daemon serving several rooms (config.json's rooms[].daemon_status, e.g. cryid/status),
  * the daemon's own status (online|offline, retained, its last will): the room is OFFLINE when either says so.
@@ -104,6 +105,7 @@
       daemonTopic: daemonStatus || null, daemon: null,  // several rooms: the daemon's own status topic
       status: null, source: null, stats: null, statsAt: 0, lastEventAt: null,
       roster: new Map(), states: new Map(), tiles: new Map(), uncertain: [],
+      listed: new Set(),  // episode ids of the daemon's last retained pending list
     };
   }
 
@@ -260,6 +262,30 @@
     renderLog();
   }
 
+  // Retained P/pending: the unnamed episodes waiting for a nurse, newest first. A page opened later has not
+  // seen them; one the daemon listed before and lists no more was answered (confirmed or rejected, from any
+  // screen or `cryid enroll`) or aged out: it leaves the box; one listed again (an answer undone) comes back.
+  function onPending(room, data) {
+    const eps = ((data && Array.isArray(data.episodes)) ? data.episodes : [])
+      .filter((ev) => ev && typeof ev === "object" && ev.event_id && ev.episode_id);
+    const now = new Set(eps.map((ev) => ev.episode_id));
+    const gone = (ev) => room.listed.has(ev.episode_id) && !now.has(ev.episode_id);
+    let changed = room.uncertain.some(gone);
+    room.uncertain = room.uncertain.filter((ev) => !gone(ev));
+    room.listed = now;
+    for (const ev of eps.slice().reverse()) {
+      if (!S.seen.has(ev.event_id)) { onEvent(room, ev); continue; }
+      if (room.uncertain.some((u) => u.episode_id === ev.episode_id)) continue;
+      ev._room = room;  // seen before and taken off: back in its place by end time
+      const end = (e) => Date.parse(e.ended_at) || 0;
+      const at = room.uncertain.findIndex((u) => end(u) < end(ev));
+      room.uncertain.splice(at < 0 ? room.uncertain.length : at, 0, ev);
+      room.uncertain.length = Math.min(room.uncertain.length, UNCERTAIN_MAX);
+      changed = true;
+    }
+    if (changed) renderUncertain(room);
+  }
+
   function logRow(ev) {
     const room = ev._room;
     const who = ev.baby_id ? babyLabel(room, ev.baby_id) : `Unknown (${candidatesText(room, ev)})`;
@@ -389,10 +415,7 @@
         room.roster = new Map(((data && data.babies) || []).map((b) => [b.baby_id, b]));
         renderTiles(room); renderFilter(); renderUncertain(room);
       } else if (sub === "unknown") onEvent(room, data);
-      else if (sub === "pending") {  // retained: the unnamed episodes a page opened later has not seen
-        const eps = (data && Array.isArray(data.episodes)) ? data.episodes : [];
-        for (const ev of eps.slice().reverse()) onEvent(room, ev);
-      }
+      else if (sub === "pending") onPending(room, data);
       else if (sub === "cmd/result") onResult(data);
       else {
         const m = /^baby\/([^/]+)(\/state)?$/.exec(sub);
