@@ -60,15 +60,17 @@ def main() -> int:
     ap.add_argument("--clips", type=int, default=4, help="clips per length")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    ap.add_argument("--no-int8", action="store_true",
-                    help="fp32 only (for a model int8 cannot represent: the shipped statistics ECAPA)")
+    ap.add_argument(
+        "--no-int8",
+        action="store_true",
+        help="fp32 only (for a model int8 cannot represent: the shipped statistics ECAPA)",
+    )
     args = ap.parse_args()
     variants = ["fp32"] if args.no_int8 else ["fp32", "int8"]
 
     import torch
 
-    from cryid.models.training.backend import BACKEND_NAME, load_backend
-    from cryid.models.training.speechbrain_io import load_encoder_classifier
+    from cryid.models.evaluation.embedders import SpeechbrainEmbedder
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="cryid-bench-"))
@@ -82,14 +84,9 @@ def main() -> int:
         export_model(src, work / v, quantize=None if v == "fp32" else v)
     settings = EmbedderSettings(intra_op_threads=args.threads, inter_op_threads=1)
     methods = {f"onnx-{v}": Embedder(work / v, settings).embed for v in variants}
-    clf = load_encoder_classifier(src)
-    # a learned back-end in SRC is inside the ONNX graph: the speechbrain side applies it too
-    backend = load_backend(Path(src)) if (Path(src) / BACKEND_NAME).is_file() else None
-
-    def sb_embed(wav: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            emb = clf.encode_batch(torch.from_numpy(wav)[None], normalize=False)[0, 0].numpy()
-        return emb if backend is None else backend.apply(emb)
+    # a learned back-end and a GMM branch in SRC are inside the ONNX graph: the speechbrain side applies
+    # them too (the embedder `cryid eval --speechbrain` uses)
+    sb_embed = SpeechbrainEmbedder(src).embed
 
     def sb_embed_1t(wav: np.ndarray) -> np.ndarray:
         # The same eager model with one torch thread: on a busy machine torch's 2-thread OpenMP pool
