@@ -147,7 +147,8 @@ def test_cli_info_prints_manifest(shipped_model_dir: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "parity" in out and "verified" in out
     assert cryid_main(["model", "info", str(shipped_model_dir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["embedding_dim"] == Embedder(shipped_model_dir).dim == 80
+    info = json.loads(capsys.readouterr().out)
+    assert info["embedding_dim"] == Embedder(shipped_model_dir).dim == 720  # LDA 80 + 8 GMM members x 80
 
 
 def test_missing_model_onnx(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
