@@ -108,10 +108,12 @@ class IdentifierSettings(StrictModel):
     calibration falls back to cosine thresholds: ``min_score``/``min_margin`` when set, else
     ``fallback_min_score``/``fallback_min_margin`` (``cryid model calibrate`` fixes that)."""
 
-    # 0.94: the lowest value at which the shipped model's cross-validated wrong-baby rate stays at or below
-    # 5% in dev rooms of 8, with and without a confirmed cry per baby, with the segmenter's voiced-frame check
-    # (`cryid model calibrate` stores it in the manifest as calibration.metrics.recommended_min_confidence;
-    # another model may need another value).
+    # 0.94: the lowest value at which the statistics-only model's cross-validated wrong-baby rate stayed at
+    # or below 5% in dev rooms of 8, with and without a confirmed cry per baby. The shipped model with the
+    # GMM branch recommends 0.92 (`cryid model calibrate` stores it in the manifest as
+    # calibration.metrics.recommended_min_confidence; another model may need another value); the default
+    # stays at 0.94, the safer side: with one confirmed cry per baby 14.1% of cries named, 0.6% wrongly
+    # (0.92: 17.2%, 0.5%; model card).
     min_confidence: float = Field(
         0.94,
         gt=0.0,
