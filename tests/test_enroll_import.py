@@ -28,14 +28,14 @@ CRYID = [sys.executable, "-m", "cryid.daemon.cli"]
 @pytest.fixture()
 def export_doc(shipped_model_dir: Path, tmp_path: Path) -> dict:
     """An export of two babies, ada (active) and ben (discharged), as a dict."""
-    sha = load_manifest(shipped_model_dir).onnx_sha256
+    sha, dim = load_manifest(shipped_model_dir).onnx_sha256, load_manifest(shipped_model_dir).embedding_dim
     rng = np.random.default_rng(0)
     with Registry.open(tmp_path / "source-state", RegistrySettings()) as reg:
         with reg.write() as tx:
             for baby, status in (("ada", "active"), ("ben", "discharged")):
                 tx.insert_infant(baby, baby.title(), "ward1", status)
                 emb = SampleEmbeddings(
-                    sha, rng.normal(size=(2, 80)).astype(np.float32), (0, 9000), (8000, 17000)
+                    sha, rng.normal(size=(2, dim)).astype(np.float32), (0, 9000), (8000, 17000)
                 )
                 tx.insert_sample(
                     baby,
