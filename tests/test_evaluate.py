@@ -111,7 +111,9 @@ def test_tta_and_asnorm(
         "plain": [],
         "tta": ["--tta", "3", "--seed", "5"],
         "tta_again": ["--tta", "3", "--seed", "5"],
-        "asnorm": ["--score-norm", "asnorm", "--cohort", "train", "--cohort-top-k", "4"],
+        # the whole cohort of 6: with the GMM branch, the top 4 of 6 synthetic infants made AS-norm's
+        # statistics too noisy for this 8-infant set (EER 9.8%; all 6: 0.9%, plain cosine: 0)
+        "asnorm": ["--score-norm", "asnorm", "--cohort", "train", "--cohort-top-k", "6"],
     }.items():
         code, _, err = _eval(capsys, *base, *extra, "--json", str(state / f"{name}.json"), "--submission",
                              str(state / f"{name}.csv"))  # fmt: skip
