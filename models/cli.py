@@ -221,6 +221,13 @@ def _register_info(msub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                 else f"{m.backend.kind or 'linear'} {m.backend.input_dim}->{m.backend.output_dim} "
                 f"({m.backend.file})",
             ),
+            (
+                "GMM branch",
+                "none"
+                if m.branch is None
+                else f"{m.branch.members} UBM(s) x {m.branch.components} components on {m.branch.cepstra} "
+                f"cepstra + deltas -> {m.branch.output_dim}-d, fused with the back-end ({m.branch.file})",
+            ),
             ("trained by", m.training.command if m.training is not None and m.training.command else "-"),
             ("calibration", _calibration_row(m.calibration)),
             ("metrics", ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.metrics.items())) or "-"),

@@ -148,6 +148,7 @@ def test_cli_info_prints_manifest(shipped_model_dir: Path, capsys: pytest.Captur
     assert cryid_main(["model", "info", str(shipped_model_dir)]) == 0
     out = capsys.readouterr().out
     assert "parity" in out and "verified" in out
+    assert "GMM branch    8 UBM(s) x 64 components on 20 cepstra + deltas -> 640-d" in out
     assert cryid_main(["model", "info", str(shipped_model_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["embedding_dim"] == Embedder(shipped_model_dir).dim == 720  # LDA 80 + 8 GMM members x 80
