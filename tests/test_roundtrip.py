@@ -3,7 +3,7 @@ the baby, ``remove`` makes the same recording come out ``unknown``; the daemon i
 
 Everything is real: donateacry-cc cries, the shipped model (``models/default``, no torch needed),
 ``cryid run --source -`` as a subprocess, ``cryid enroll`` subprocesses, mosquitto, and the daemon's
-default decision settings (``min_confidence``, also for babies without a nurse-confirmed cry). The
+calibrated decision (at 0.8, also for babies without a nurse-confirmed cry; see the environment). The
 babies are chosen so that the shipped model separates them by far
 (the D recording scores about 0.7 against its own B centroid and below 0 against the others; the
 test checks that first, on the same audio, pipeline and centroids, in a scratch registry): what the
@@ -118,9 +118,13 @@ def test_enroll_identify_remove_unknown_without_restart(
         CRYID_MODEL=str(shipped_model_dir),
         CRYID_MQTT__HOST=mosquitto.host,
         CRYID_MQTT__PORT=str(mosquitto.port),
-        # No nurse confirms a cry here, and by default a baby without a confirmed cry is never named: the
-        # ward's min_confidence applies to it instead, so what is checked is the registry-to-daemon path.
-        CRYID_IDENTIFIER__MIN_CONFIDENCE_UNCONFIRMED=str(Settings().identifier.min_confidence),
+        # No nurse confirms a cry here, and by default a baby without a confirmed cry is never named. What is
+        # checked is the registry-to-daemon path, not the operating point, so a baby is named here at 0.8,
+        # confirmed or not: the shipped model's confidence for this D recording among 3 babies is 0.954 here,
+        # too near the ward's 0.94 (it came out unknown in one CI run), while after the removal the best
+        # other baby scores below 0.2 (checked above), far from any name.
+        CRYID_IDENTIFIER__MIN_CONFIDENCE="0.8",
+        CRYID_IDENTIFIER__MIN_CONFIDENCE_UNCONFIRMED="0.8",
     )
     sub = subscriber_factory(mosquitto, "cryid/ward1/#")
     daemon = subprocess.Popen(
@@ -154,7 +158,11 @@ def test_enroll_identify_remove_unknown_without_restart(
         episodes = lambda: [e for e in sub.events() if e["kind"] == "episode"]  # noqa: E731
         sub.wait_for(lambda m: len(episodes()) >= 1, timeout_s=120)
         first = episodes()[0]
-        assert first["decision"] == "identified" and first["baby_id"] == TARGET, first
+        assert first["decision"] == "identified" and first["baby_id"] == TARGET, (
+            first["decision"],
+            first["confidence"],
+            first["candidates"],
+        )
         assert any(m.topic == f"cryid/ward1/baby/{TARGET}" for m in sub.messages)
 
         # 5. Remove (discharge) the baby; the running daemon picks it up ...
