@@ -7,11 +7,12 @@ best, runner-up, margin, and, with a calibrated model, the probability that the 
 crying given how many babies the room has (:class:`~cryid.models.calibration.Calibration`). A baby is
 named (``identified``) when that probability is at least ``min_confidence`` (``min_confidence_unconfirmed``,
 by default never, while no cry of the best baby has been confirmed by a nurse) and any expert
-``min_score``/``min_margin`` override is met too: ``cryid.models.decision.names_best``, the one function
-``cryid eval`` applies as well. A model without a calibration decides on cosine
-thresholds (``min_score``/``min_margin``, else ``fallback_min_score``/``fallback_min_margin``) and reports
-no confidence. Unnamed decisions still carry the three likeliest candidates, each with whether a nurse has
-confirmed one of its cries, and the ``reason`` no baby was named (:data:`~cryid.daemon.events.REASONS`).
+``min_score``/``min_margin`` override is met too: ``cryid.models.decision.names_best`` (and
+``why_not_named``), the one rule ``cryid eval`` applies as well. A model without a calibration decides on
+cosine thresholds (``min_score``/``min_margin``, else ``fallback_min_score``/``fallback_min_margin``) and
+reports no confidence. Unnamed decisions still carry the three likeliest candidates, each with whether a
+nurse has confirmed one of its cries, and the ``reason`` no baby was named
+(:data:`~cryid.daemon.events.REASONS`).
 
 ``process`` returns a provisional ``expiration`` result at once; the final ``episode`` result (with the
 episode's embeddings, so they can be kept for nurse confirmation) comes when the episode is over
@@ -24,13 +25,13 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
 from cryid.daemon.config import IdentifierSettings
 from cryid.daemon.events import CandidateOut, CryEvent, Reason, RunnerUp
-from cryid.models.decision import names_best
+from cryid.models.decision import why_not_named
 from cryid.models.scoring import ReferenceSet, l2_normalize
 
 if TYPE_CHECKING:
@@ -225,23 +226,8 @@ class Identifier:
                 MatchCandidate(c.baby_id, c.score, c.probability, has[c.baby_id]) for c in ranked
             )
             confidence = ranked[0].probability
-            confirmed = has[best_id]
-            if names_best(s, confidence, confirmed, best, margin):  # the rule cryid eval applies too
-                reason = None
-            else:
-                # why not: the best baby would pass min_confidence but has no confirmed cry
-                # (min_confidence_unconfirmed), or a threshold was missed
-                need = s.min_confidence if confirmed else s.min_confidence_unconfirmed
-                sure = need < 1.0 and confidence >= need
-                unconfirmed_only = not confirmed and s.min_confidence < 1.0 and confidence >= s.min_confidence
-                if not sure and not unconfirmed_only:
-                    reason = "below_min_confidence"
-                elif s.min_score is not None and best < s.min_score:
-                    reason = "below_min_score"
-                elif s.min_margin is not None and margin < s.min_margin:
-                    reason = "below_min_margin"
-                else:
-                    reason = "not_confirmed"  # a confirmed cry of the best baby is all that is missing
+            # named, or why not (the rule cryid eval applies too)
+            reason = cast("Reason | None", why_not_named(s, confidence, has[best_id], best, margin))
         else:
             candidates = tuple(
                 MatchCandidate(refs.ids[int(k)], float(scores[k]), None, has[refs.ids[int(k)]])

@@ -78,3 +78,24 @@ def names_best(
     if rule.min_margin is not None:
         ok = ok & (np.asarray(margin, dtype=np.float64) >= rule.min_margin)
     return np.asarray(ok, dtype=bool)
+
+
+def why_not_named(
+    rule: NamingThresholds, confidence: float, best_confirmed: bool, best_score: float, margin: float
+) -> str | None:
+    """One decision's reason for naming nobody (``None``: :func:`names_best` names the best baby), the
+    event's ``reason``: ``not_confirmed`` when the best baby would pass ``min_confidence`` and only a
+    nurse-confirmed cry of it is missing, else the first threshold missed (confidence, then the expert
+    ``min_score`` and ``min_margin``)."""
+    if names_best(rule, confidence, best_confirmed, best_score, margin):
+        return None
+    need = rule.min_confidence if best_confirmed else rule.min_confidence_unconfirmed
+    sure = need < 1.0 and confidence >= need
+    unconfirmed_only = not best_confirmed and rule.min_confidence < 1.0 and confidence >= rule.min_confidence
+    if not sure and not unconfirmed_only:
+        return "below_min_confidence"
+    if rule.min_score is not None and best_score < rule.min_score:
+        return "below_min_score"
+    if rule.min_margin is not None and margin < rule.min_margin:
+        return "below_min_margin"
+    return "not_confirmed"
