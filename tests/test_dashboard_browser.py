@@ -527,6 +527,18 @@ def _episode(baby: str | None, **extra: Any) -> dict[str, Any]:
     return json.loads(ev.to_json()) | extra
 
 
+def _roster(ada: str, other: str, now: datetime) -> Roster:
+    """The room's roster: ``ada`` with the display name Ada, ``other`` without a name."""
+    return Roster(
+        room=ROOM,
+        updated_at=now,
+        babies=[
+            RosterBaby(baby_id=ada, display_name="Ada", enrolled_at=now),
+            RosterBaby(baby_id=other, display_name=None, enrolled_at=now),
+        ],
+    )
+
+
 def test_nurse_signs_in_and_confirms_reassigns_rejects(
     ward: Ward, ward_state: tuple[Path, Path, list[str]], serve: Callable[[Settings], str], browser: Any
 ) -> None:
@@ -535,14 +547,7 @@ def test_nurse_signs_in_and_confirms_reassigns_rejects(
     url = serve(_settings(ward, username="dashboard"))  # no password file: the page asks
     daemon = DaemonLike(ward)
     now = datetime.now(timezone.utc)
-    roster = Roster(
-        room=ROOM,
-        updated_at=now,
-        babies=[
-            RosterBaby(baby_id=a, display_name="Ada", enrolled_at=now),
-            RosterBaby(baby_id=b, display_name=None, enrolled_at=now),
-        ],
-    )
+    roster = _roster(a, b, now)
     daemon.publish(f"{P}/babies", roster.model_dump_json())
     commands = Probe(ward, "probe", f"{P}/cmd/#")
     try:
@@ -650,14 +655,7 @@ def test_uncertain_list_marks_babies_without_a_confirmed_cry(
     url = serve(_settings(ward, username="nurse"))
     daemon = DaemonLike(ward)
     now = datetime.now(timezone.utc)
-    roster = Roster(
-        room=ROOM,
-        updated_at=now,
-        babies=[
-            RosterBaby(baby_id=a, display_name="Ada", enrolled_at=now),
-            RosterBaby(baby_id=b, display_name=None, enrolled_at=now),
-        ],
-    )
+    roster = _roster(a, b, now)
     # not named only because Ada has no confirmed cry (0.97 >= min_confidence): on the retained pending list
     waiting = _episode(
         None, best=a, confidence=0.97, reason="not_confirmed",

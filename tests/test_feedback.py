@@ -302,16 +302,6 @@ def live_ward(tmp_path: Path, embedder: Embedder, dac_dir: Path) -> tuple[Path, 
     return state, babies
 
 
-def _episode_event(sub: Subscriber, seen: set[str]) -> dict[str, Any]:
-    def new(_: Any) -> bool:
-        return any(e["kind"] == "episode" and e["episode_id"] not in seen for e in sub.events())
-
-    sub.wait_for(new, timeout_s=60)
-    ev = next(e for e in sub.events() if e["kind"] == "episode" and e["episode_id"] not in seen)
-    seen.add(ev["episode_id"])
-    return ev
-
-
 def _confirm_over_mqtt(broker: Broker, sub: Subscriber, episode_id: str, baby_id: str) -> dict[str, Any]:
     """Publish a confirm command as a nurse's client would; returns the daemon's answer."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"nurse-{uuid.uuid4().hex[:6]}")
@@ -359,9 +349,9 @@ def test_running_daemon_uses_a_confirmation_without_restart(
     seen: set[str] = set()
     try:
         daemon.play(np.concatenate([pad, load_audio(case.test), pad]))
-        before = _episode_event(sub, seen)
+        before = sub.next_episode(seen)
         daemon.play(np.concatenate([load_audio(case.taught), pad]))
-        taught = _episode_event(sub, seen)
+        taught = sub.next_episode(seen)
         if via == "cli":
             env = cryid_env()
             env |= {"CRYID_STATE_DIR": str(state), "CRYID_MODEL": str(DEFAULT_MODEL_DIR)}
@@ -388,7 +378,7 @@ def test_running_daemon_uses_a_confirmation_without_restart(
             assert answer["ok"] and answer["error"] is None and answer["baby_id"] == case.baby_id, answer
         time.sleep(2.0)  # the daemon polls the registry every second: the confirmation is in use by now
         daemon.play(np.concatenate([load_audio(case.test), pad]))
-        after = _episode_event(sub, seen)
+        after = sub.next_episode(seen)
     finally:
         code = daemon.stop()
     assert code == 0

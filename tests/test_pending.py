@@ -83,18 +83,6 @@ def _wait_listed(sub: Subscriber, want: list[str], timeout_s: float = 10.0) -> f
     return time.monotonic() - t0
 
 
-def _episode(sub: Subscriber, seen: set[str]) -> dict[str, Any]:
-    """The next final episode event the daemon published."""
-
-    def new(_: Any) -> bool:
-        return any(e["kind"] == "episode" and e["episode_id"] not in seen for e in sub.events())
-
-    sub.wait_for(new, timeout_s=60)
-    ev = next(e for e in sub.events() if e["kind"] == "episode" and e["episode_id"] not in seen)
-    seen.add(ev["episode_id"])
-    return ev
-
-
 class Nurse:
     """Answers cries as a nurse does: ``cmd/<verb>`` over MQTT (the dashboard's way) or ``cryid enroll
     confirm|reject|undo`` in another process; each returns the confirmation id."""
@@ -173,9 +161,9 @@ def test_an_answered_cry_leaves_the_pending_list_and_an_undo_puts_it_back(
     seen: set[str] = set()
     try:
         daemon.play(np.concatenate([pad, cries[0], pad]))
-        first = _episode(sub, seen)
+        first = sub.next_episode(seen)
         daemon.play(np.concatenate([cries[1], pad]))
-        second = _episode(sub, seen)
+        second = sub.next_episode(seen)
         assert first["decision"] == second["decision"] == "unknown", (first, second)
         e1, e2 = first["episode_id"], second["episode_id"]
         _wait_listed(sub, [e2, e1])
